@@ -1,0 +1,187 @@
+//! The one error type of ferrymq: a kind to match on, a message for humans, and the
+//! backend's own error as `source` where there is one.
+
+use std::fmt;
+
+/// Boxed error used for handler failures and backend sources.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Result alias used throughout ferrymq.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, in terms a caller can act on.
+///
+/// Match on the kind, not on the message text: messages are for people and may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The queue is at its configured bound; nothing was enqueued. Try again later.
+    QueueFull,
+    /// The message exceeds the backend's maximum size; nothing was enqueued.
+    TooLarge,
+    /// The message itself is malformed (for example an invalid header name or value);
+    /// nothing was enqueued.
+    InvalidMessage,
+    /// A URL or config value is wrong; the message names the parameter.
+    InvalidConfig,
+    /// The queue, topic or key does not exist.
+    NotFound,
+    /// The backend cannot do this (see [`Capabilities`](crate::Capabilities)).
+    Unsupported,
+    /// The producer or consumer was closed.
+    Closed,
+    /// The delivery was already acked or nacked through this handle.
+    AlreadyAcked,
+    /// The delivery's lease is gone: its visibility timeout passed and it was handed to
+    /// another consumer, so this handle may no longer settle it.
+    LeaseExpired,
+    /// The payload could not be decoded into the requested type.
+    Decode,
+    /// An operation did not complete in time.
+    Timeout,
+    /// The server could not be reached, or the connection broke.
+    Connection,
+    /// The server refused the credentials.
+    Auth,
+    /// A key or resource of the wrong type, or state the backend did not expect.
+    Backend,
+}
+
+impl ErrorKind {
+    /// Whether retrying the same operation later may succeed.
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::QueueFull | ErrorKind::Timeout | ErrorKind::Connection
+        )
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::QueueFull => "queue full",
+            ErrorKind::TooLarge => "message too large",
+            ErrorKind::InvalidMessage => "invalid message",
+            ErrorKind::InvalidConfig => "invalid config",
+            ErrorKind::NotFound => "not found",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Closed => "closed",
+            ErrorKind::AlreadyAcked => "already acked",
+            ErrorKind::LeaseExpired => "lease expired",
+            ErrorKind::Decode => "decode error",
+            ErrorKind::Timeout => "timed out",
+            ErrorKind::Connection => "connection error",
+            ErrorKind::Auth => "authentication failed",
+            ErrorKind::Backend => "backend error",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A ferrymq error: [`kind`](Error::kind) to match on, a message, an optional source.
+#[derive(Debug)]
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+    source: Option<BoxError>,
+}
+
+impl Error {
+    /// A new error of `kind` with a human-readable message.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// Attach the underlying cause.
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// The kind of failure.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The human-readable message (without the kind prefix).
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Shorthand for [`ErrorKind::InvalidConfig`] naming the offending parameter.
+    pub fn invalid_config(param: &str, why: impl fmt::Display) -> Self {
+        Error::new(ErrorKind::InvalidConfig, format!("`{param}`: {why}"))
+    }
+
+    /// Shorthand for [`ErrorKind::Closed`].
+    pub fn closed(what: &str) -> Self {
+        Error::new(ErrorKind::Closed, format!("{what} is closed"))
+    }
+
+    /// Shorthand for [`ErrorKind::Backend`] wrapping a source error.
+    pub fn backend(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Error::new(ErrorKind::Backend, message).with_source(source)
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)?;
+        if let Some(source) = &self.source {
+            write!(f, " ({source})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl From<serde_json::Error> for Error {
+    fn from(e: serde_json::Error) -> Self {
+        Error::new(ErrorKind::Decode, "JSON payload could not be (de)serialized").with_source(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_names_kind_message_and_source() {
+        let io = std::io::Error::other("boom");
+        let e = Error::new(ErrorKind::Connection, "redis at 127.0.0.1:1").with_source(io);
+        assert_eq!(e.kind(), ErrorKind::Connection);
+        assert_eq!(
+            e.to_string(),
+            "connection error: redis at 127.0.0.1:1 (boom)"
+        );
+        assert!(std::error::Error::source(&e).is_some());
+    }
+
+    #[test]
+    fn invalid_config_names_parameter() {
+        let e = Error::invalid_config("visibility", "expected a duration like 30s");
+        assert_eq!(e.kind(), ErrorKind::InvalidConfig);
+        assert!(e.to_string().contains("`visibility`"));
+    }
+
+    #[test]
+    fn transient_kinds() {
+        assert!(ErrorKind::QueueFull.is_transient());
+        assert!(!ErrorKind::TooLarge.is_transient());
+    }
+}

@@ -1,0 +1,303 @@
+//! The in-memory backend: a faithful queue, not a channel.
+//!
+//! It is the zero-setup default (`memory://NAME`) and the reference the conformance
+//! suite holds every other backend to, so it implements the full contract:
+//!
+//! - **visibility timeout**: an un-acked delivery comes back after the timeout, also
+//!   when the [`Delivery`] is dropped; [`extend`](crate::Delivery::extend) pushes the
+//!   deadline; [`nack`](crate::Delivery::nack) with a delay is not redelivered early;
+//! - **per-message delay** and **priority** (higher first among ready messages);
+//! - **per-key ordering**: while a message of key K is in flight, no later message of
+//!   K is delivered (SQS FIFO message-group semantics);
+//! - **dedup window** on [`Message::dedup_id`](crate::Message::dedup_id);
+//! - **attempt counting**, **max message size** (`TooLarge`), **bounded capacity**
+//!   (`QueueFull`), and **depth** counts.
+//!
+//! Queues are named and shared by every connection in the process. All timing uses
+//! tokio's clock, so tests can run with a paused clock.
+
+mod config;
+mod queue;
+mod registry;
+
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+pub use config::MemoryConfig;
+pub use registry::delete_queue;
+
+use crate::capabilities::{Capabilities, Ordering, Priority};
+use crate::delivery::{Ack, AckHandle, Delivery, DeliveryMeta};
+use crate::depth::Depth;
+use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::producer::{Producer, SendReceipt};
+use crate::Consumer;
+use queue::{Enqueued, Queue};
+
+fn capabilities(config: &MemoryConfig) -> Capabilities {
+    Capabilities {
+        backend: "memory",
+        ordering: Ordering::PerKey,
+        max_delay: Some(Duration::from_secs(365 * 24 * 3600)),
+        dedup_window: Some(config.dedup_window),
+        visibility_timeout: Some(config.visibility_timeout),
+        extend_visibility: true,
+        nack_delay: true,
+        priority: Priority::Exact,
+        max_message_size: config.max_message_size,
+        max_batch: 10_000,
+        attempts: true,
+        depth: true,
+        bounded: true,
+    }
+}
+
+/// Sends to a named in-memory queue.
+#[derive(Clone)]
+pub struct MemoryProducer {
+    queue: Arc<Queue>,
+    capabilities: Arc<Capabilities>,
+    closed: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for MemoryProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryProducer")
+            .field("queue", &self.queue.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryProducer {
+    pub(crate) fn new(queue: Arc<Queue>) -> Self {
+        MemoryProducer {
+            capabilities: Arc::new(capabilities(&queue.config)),
+            queue,
+            closed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(AtomicOrdering::Acquire) {
+            return Err(Error::closed("producer"));
+        }
+        Ok(())
+    }
+}
+
+fn receipt(enqueued: Enqueued) -> SendReceipt {
+    match enqueued {
+        Enqueued::New(seq) => SendReceipt::new(seq.to_string()),
+        Enqueued::Duplicate(seq) => SendReceipt::duplicate(seq.to_string()),
+    }
+}
+
+#[async_trait]
+impl Producer for MemoryProducer {
+    async fn send(&self, message: Message) -> Result<SendReceipt> {
+        self.check_open()?;
+        let enqueued = {
+            let mut state = self.queue.lock();
+            let now = Instant::now();
+            state.tick(now);
+            state.enqueue(message, &self.queue.config, now)?
+        };
+        self.queue.ready_signal.notify_waiters();
+        Ok(receipt(enqueued))
+    }
+
+    async fn send_batch(&self, messages: Vec<Message>) -> Result<Vec<Result<SendReceipt>>> {
+        self.check_open()?;
+        let results = {
+            let mut state = self.queue.lock();
+            let now = Instant::now();
+            state.tick(now);
+            messages
+                .into_iter()
+                .map(|m| state.enqueue(m, &self.queue.config, now).map(receipt))
+                .collect()
+        };
+        self.queue.ready_signal.notify_waiters();
+        Ok(results)
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.closed.store(true, AtomicOrdering::Release);
+        Ok(())
+    }
+
+    async fn depth(&self) -> Result<Depth> {
+        Ok(depth(&self.queue))
+    }
+
+    fn queue(&self) -> &str {
+        &self.queue.name
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.capabilities
+    }
+}
+
+fn depth(queue: &Queue) -> Depth {
+    let mut state = queue.lock();
+    state.tick(Instant::now());
+    state.depth()
+}
+
+/// Receives from a named in-memory queue.
+#[derive(Clone)]
+pub struct MemoryConsumer {
+    queue: Arc<Queue>,
+    capabilities: Arc<Capabilities>,
+    closed: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for MemoryConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryConsumer")
+            .field("queue", &self.queue.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryConsumer {
+    pub(crate) fn new(queue: Arc<Queue>) -> Self {
+        MemoryConsumer {
+            capabilities: Arc::new(capabilities(&queue.config)),
+            queue,
+            closed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn deliveries(&self, leased: Vec<queue::Leased>) -> Vec<Delivery> {
+        leased
+            .into_iter()
+            .map(|l| {
+                let meta = DeliveryMeta::new(
+                    l.seq.to_string(),
+                    l.attempt,
+                    l.enqueued_at,
+                    self.queue.name.clone(),
+                );
+                let acker = AckHandle::new(MemoryAck {
+                    queue: self.queue.clone(),
+                    seq: l.seq,
+                    receipt: l.receipt,
+                });
+                Delivery::new(l.message, meta, acker)
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Consumer for MemoryConsumer {
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        let deadline = Instant::now() + wait;
+        let max = max.max(1);
+        loop {
+            if self.closed.load(AtomicOrdering::Acquire) {
+                return Err(Error::closed("consumer"));
+            }
+            // Register for the wake-up before looking, so a send between the look and
+            // the wait is not missed.
+            let signal = self.queue.ready_signal.notified();
+            tokio::pin!(signal);
+            signal.as_mut().enable();
+            let now = Instant::now();
+            let (leased, next_event) = {
+                let mut state = self.queue.lock();
+                state.tick(now);
+                let leased = state.take(max, now, self.queue.config.visibility_timeout);
+                (leased, state.next_event())
+            };
+            if !leased.is_empty() {
+                return Ok(self.deliveries(leased));
+            }
+            if now >= deadline {
+                return Ok(Vec::new());
+            }
+            let wake_at = next_event.map_or(deadline, |at| at.min(deadline));
+            tokio::select! {
+                _ = &mut signal => {}
+                _ = tokio::time::sleep_until(wake_at) => {}
+            }
+        }
+    }
+
+    async fn depth(&self) -> Result<Depth> {
+        Ok(depth(&self.queue))
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.closed.store(true, AtomicOrdering::Release);
+        self.queue.ready_signal.notify_waiters();
+        Ok(())
+    }
+
+    fn queue(&self) -> &str {
+        &self.queue.name
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.capabilities
+    }
+}
+
+struct MemoryAck {
+    queue: Arc<Queue>,
+    seq: u64,
+    receipt: u64,
+}
+
+impl std::fmt::Debug for MemoryAck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryAck")
+            .field("queue", &self.queue.name)
+            .field("seq", &self.seq)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl Ack for MemoryAck {
+    async fn ack(&self) -> Result<()> {
+        let woke = {
+            let mut state = self.queue.lock();
+            state.tick(Instant::now());
+            state.ack(self.seq, self.receipt)?
+        };
+        // Acking the head of a key can make the next message of that key ready.
+        if woke {
+            self.queue.ready_signal.notify_waiters();
+        }
+        Ok(())
+    }
+
+    async fn nack(&self, redeliver_after: Option<Duration>) -> Result<()> {
+        {
+            let mut state = self.queue.lock();
+            let now = Instant::now();
+            state.tick(now);
+            state.nack(self.seq, self.receipt, now, redeliver_after)?;
+        }
+        self.queue.ready_signal.notify_waiters();
+        Ok(())
+    }
+
+    async fn extend(&self, by: Duration) -> Result<()> {
+        let mut state = self.queue.lock();
+        let now = Instant::now();
+        state.tick(now);
+        state.extend(self.seq, self.receipt, now, by)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,308 @@
+//! Deterministic tests of the in-memory queue on tokio's paused clock.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use super::*;
+use crate::ErrorKind;
+
+static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn config() -> MemoryConfig {
+    let n = NEXT.fetch_add(1, AtomicOrdering::Relaxed);
+    MemoryConfig::new(format!("memory-unit-{n}")).visibility_timeout(Duration::from_secs(10))
+}
+
+const NOW: Duration = Duration::ZERO;
+
+async fn one(c: &MemoryConsumer) -> Option<Delivery> {
+    c.receive(1, NOW).await.expect("receive").pop()
+}
+
+fn payload(d: &Delivery) -> String {
+    String::from_utf8_lossy(d.payload()).into_owned()
+}
+
+#[tokio::test(start_paused = true)]
+async fn visibility_timeout_redelivers_unacked_and_dropped() {
+    let (p, c) = config().connect().unwrap();
+    p.send(Message::new("a")).await.unwrap();
+    let d = one(&c).await.unwrap();
+    assert_eq!(d.attempt(), 1);
+    drop(d);
+    assert!(one(&c).await.is_none(), "leased message must stay invisible");
+    tokio::time::advance(Duration::from_secs(9)).await;
+    assert!(one(&c).await.is_none());
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let d = one(&c).await.expect("redelivered after the timeout");
+    assert_eq!(d.attempt(), 2);
+    d.ack().await.unwrap();
+    tokio::time::advance(Duration::from_secs(60)).await;
+    assert!(one(&c).await.is_none(), "acked message is gone");
+}
+
+#[tokio::test(start_paused = true)]
+async fn nack_delay_and_extend() {
+    let (p, c) = config().connect().unwrap();
+    p.send(Message::new("a")).await.unwrap();
+    let d = one(&c).await.unwrap();
+    d.nack(Some(Duration::from_secs(3))).await.unwrap();
+    tokio::time::advance(Duration::from_millis(2999)).await;
+    assert!(one(&c).await.is_none(), "not before the nack delay");
+    tokio::time::advance(Duration::from_millis(1)).await;
+    let d = one(&c).await.unwrap();
+    assert_eq!(d.attempt(), 2);
+
+    tokio::time::advance(Duration::from_secs(8)).await;
+    d.extend(Duration::from_secs(10)).await.unwrap();
+    tokio::time::advance(Duration::from_secs(9)).await;
+    assert!(one(&c).await.is_none(), "extend pushed the deadline");
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let again = one(&c).await.expect("back after the extended deadline");
+    assert_eq!(again.attempt(), 3);
+    // The old lease cannot settle or extend the message any more.
+    assert_eq!(d.ack().await.unwrap_err().kind(), ErrorKind::LeaseExpired);
+    again.ack().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn extend_after_expiry_is_lease_expired_but_ack_before_redelivery_works() {
+    let (p, c) = config().connect().unwrap();
+    p.send(Message::new("a")).await.unwrap();
+    let d = one(&c).await.unwrap();
+    tokio::time::advance(Duration::from_secs(11)).await;
+    assert_eq!(
+        d.extend(Duration::from_secs(5)).await.unwrap_err().kind(),
+        ErrorKind::LeaseExpired
+    );
+    // Like SQS: the old receipt still deletes while nobody received the message again.
+    d.ack().await.unwrap();
+    assert_eq!(c.depth().await.unwrap(), Depth::default());
+}
+
+#[tokio::test(start_paused = true)]
+async fn delay_and_priority() {
+    let (p, c) = config().connect().unwrap();
+    p.send(Message::new("late").delay(Duration::from_secs(5)).priority(100))
+        .await
+        .unwrap();
+    p.send(Message::new("low").priority(-1)).await.unwrap();
+    p.send(Message::new("plain")).await.unwrap();
+    p.send(Message::new("high").priority(10)).await.unwrap();
+    p.send(Message::new("plain2")).await.unwrap();
+    let got: Vec<_> = c.receive(10, NOW).await.unwrap().iter().map(payload).collect();
+    assert_eq!(got, ["high", "plain", "plain2", "low"]);
+    assert_eq!(c.depth().await.unwrap().delayed, 1);
+    tokio::time::advance(Duration::from_secs(5)).await;
+    assert_eq!(payload(&one(&c).await.unwrap()), "late");
+}
+
+#[tokio::test(start_paused = true)]
+async fn receive_waits_for_delayed_message_then_returns() {
+    let (p, c) = config().connect().unwrap();
+    p.send(Message::new("x").delay(Duration::from_secs(2))).await.unwrap();
+    let start = tokio::time::Instant::now();
+    let got = c.receive(10, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn receive_wakes_on_send_from_another_task() {
+    let (p, c) = config().connect().unwrap();
+    let start = tokio::time::Instant::now();
+    let sender = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        p.send(Message::new("x")).await.unwrap();
+    });
+    let got = c.receive(10, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(start.elapsed(), Duration::from_millis(300));
+    sender.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_key_order_blocks_key_while_in_flight() {
+    let (p, c) = config().connect().unwrap();
+    for (k, v) in [("a", "a1"), ("a", "a2"), ("b", "b1"), ("a", "a3"), ("b", "b2")] {
+        p.send(Message::new(v).key(k)).await.unwrap();
+    }
+    let first: Vec<_> = c.receive(10, NOW).await.unwrap();
+    let names: Vec<_> = first.iter().map(payload).collect();
+    assert_eq!(names, ["a1", "b1"], "one message per key in flight");
+    // Nack a1 with a delay: the key stays blocked, a2 must not overtake it.
+    first[0].nack(Some(Duration::from_secs(2))).await.unwrap();
+    first[1].ack().await.unwrap();
+    let b2 = c.receive(10, NOW).await.unwrap();
+    assert_eq!(b2.iter().map(payload).collect::<Vec<_>>(), ["b2"]);
+    b2[0].ack().await.unwrap();
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let d = one(&c).await.unwrap();
+    assert_eq!((payload(&d), d.attempt()), ("a1".into(), 2));
+    // A lease expiry also keeps the key's order.
+    drop(d);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let d = one(&c).await.unwrap();
+    assert_eq!((payload(&d), d.attempt()), ("a1".into(), 3));
+    d.ack().await.unwrap();
+    let rest: Vec<_> = c.receive(10, NOW).await.unwrap();
+    assert_eq!(rest.iter().map(payload).collect::<Vec<_>>(), ["a2"]);
+    rest[0].ack().await.unwrap();
+    assert_eq!(payload(&one(&c).await.unwrap()), "a3");
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_key_order_under_random_acks_and_nacks() {
+    let (p, c) = config().connect().unwrap();
+    let keys = 8;
+    let per_key = 50;
+    for i in 0..per_key {
+        let batch = (0..keys)
+            .map(|k| Message::new(format!("{i}")).key(format!("k{k}")))
+            .collect();
+        p.send_batch(batch).await.unwrap();
+    }
+    let mut next: HashMap<String, u32> = HashMap::new();
+    let mut round = 0u32;
+    loop {
+        let ds = c.receive(5, NOW).await.unwrap();
+        if ds.is_empty() {
+            if c.depth().await.unwrap().total() == 0 {
+                break;
+            }
+            tokio::time::advance(Duration::from_secs(1)).await;
+            continue;
+        }
+        for d in ds {
+            round += 1;
+            let key = d.key().unwrap().to_string();
+            let seq: u32 = payload(&d).parse().unwrap();
+            let expected = next.entry(key).or_default();
+            assert_eq!(seq, *expected, "key order broken");
+            match round % 5 {
+                0 => d.nack(None).await.unwrap(),
+                1 => d.nack(Some(Duration::from_millis(500))).await.unwrap(),
+                _ => {
+                    d.ack().await.unwrap();
+                    *expected += 1;
+                }
+            }
+        }
+    }
+    assert!(next.values().all(|n| *n == per_key));
+}
+
+#[tokio::test(start_paused = true)]
+async fn dedup_window() {
+    let cfg = config().dedup_window(Duration::from_secs(60));
+    let (p, c) = cfg.connect().unwrap();
+    let first = p.send(Message::new("1").dedup_id("x")).await.unwrap();
+    let second = p.send(Message::new("2").dedup_id("x")).await.unwrap();
+    assert!(!first.duplicate && second.duplicate);
+    assert_eq!(first.id, second.id);
+    let d = one(&c).await.unwrap();
+    d.ack().await.unwrap();
+    // Still deduplicated after delete, inside the window (like SQS FIFO).
+    assert!(p.send(Message::new("3").dedup_id("x")).await.unwrap().duplicate);
+    tokio::time::advance(Duration::from_secs(60)).await;
+    assert!(!p.send(Message::new("4").dedup_id("x")).await.unwrap().duplicate);
+    assert_eq!(payload(&one(&c).await.unwrap()), "4");
+}
+
+#[tokio::test(start_paused = true)]
+async fn too_large_and_queue_full_enqueue_nothing() {
+    let cfg = config().capacity(2).max_message_size(8);
+    let (p, c) = cfg.connect().unwrap();
+    let err = p.send(Message::new(vec![0u8; 9])).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TooLarge);
+    p.send(Message::new("1")).await.unwrap();
+    p.send(Message::new("2")).await.unwrap();
+    assert_eq!(
+        p.send(Message::new("3")).await.unwrap_err().kind(),
+        ErrorKind::QueueFull
+    );
+    let results = p
+        .send_batch(vec![Message::new("4"), Message::new("5")])
+        .await
+        .unwrap();
+    assert!(results.iter().all(|r| r.is_err()));
+    assert_eq!(c.depth().await.unwrap().waiting, 2);
+    one(&c).await.unwrap().ack().await.unwrap();
+    p.send(Message::new("6")).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn depth_counts_each_place() {
+    let (p, c) = config().connect().unwrap();
+    p.send(Message::new("a")).await.unwrap();
+    p.send(Message::new("b")).await.unwrap();
+    p.send(Message::new("c").delay(Duration::from_secs(5))).await.unwrap();
+    p.send(Message::new("k1").key("k")).await.unwrap();
+    p.send(Message::new("k2").key("k")).await.unwrap();
+    assert_eq!(
+        c.depth().await.unwrap(),
+        Depth { waiting: 4, in_flight: 0, delayed: 1, dead_lettered: 0 }
+    );
+    let _leased = c.receive(2, NOW).await.unwrap();
+    assert_eq!(
+        c.depth().await.unwrap(),
+        Depth { waiting: 2, in_flight: 2, delayed: 1, dead_lettered: 0 }
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn close_refuses_further_use_and_settling_still_works() {
+    let (p, c) = config().connect().unwrap();
+    p.send(Message::new("a")).await.unwrap();
+    let d = one(&c).await.unwrap();
+    p.close().await.unwrap();
+    c.close().await.unwrap();
+    assert_eq!(p.send(Message::new("b")).await.unwrap_err().kind(), ErrorKind::Closed);
+    assert_eq!(c.receive(1, NOW).await.unwrap_err().kind(), ErrorKind::Closed);
+    d.ack().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn close_wakes_a_waiting_receive() {
+    let (_p, c) = config().connect().unwrap();
+    let c2 = c.clone();
+    let waiting = tokio::spawn(async move { c2.receive(1, Duration::from_secs(3600)).await });
+    tokio::task::yield_now().await;
+    c.close().await.unwrap();
+    let err = waiting.await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Closed);
+}
+
+#[tokio::test]
+async fn named_queues_are_shared_and_settings_must_agree() {
+    let cfg = config();
+    let p = cfg.producer().unwrap();
+    let c = cfg.consumer().unwrap();
+    p.send(Message::new("shared")).await.unwrap();
+    assert_eq!(payload(&one(&c).await.unwrap()), "shared");
+    let err = cfg.clone().capacity(5).consumer().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+}
+
+#[test]
+fn url_config() {
+    let cfg = MemoryConfig::from_url("memory://orders?visibility=2s&capacity=10&dedup_window=1m")
+        .unwrap();
+    assert_eq!(cfg.queue, "orders");
+    assert_eq!(cfg.visibility_timeout, Duration::from_secs(2));
+    assert_eq!(cfg.capacity, 10);
+    assert_eq!(cfg.dedup_window, Duration::from_secs(60));
+    for (url, param) in [
+        ("memory://", "queue"),
+        ("memory://q?visibility=soon", "visibility"),
+        ("memory://q?capacity=-1", "capacity"),
+        ("memory://q?bogus=1", "bogus"),
+        ("memory://q/extra", "queue"),
+        ("redis://q", "scheme"),
+        ("not a url", "url"),
+    ] {
+        let err = MemoryConfig::from_url(url).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{url}");
+        assert!(err.to_string().contains(&format!("`{param}`")), "{url}: {err}");
+    }
+}

@@ -1,0 +1,49 @@
+//! # ferrymq
+//!
+//! One API for producing and consuming messages over AWS SQS, Apache Kafka, Redis and
+//! an in-process queue, with deduplication, retry-to-DLQ, visibility extension,
+//! backpressure and batching written once in [`ferrymq_core`] and proven by one
+//! conformance suite against every backend.
+//!
+//! A service picks its backend by configuration alone:
+//!
+//! ```
+//! use std::time::Duration;
+//! use ferrymq::{Consumer, Message, Producer};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> ferrymq::Result<()> {
+//! // memory://NAME works everywhere; redis://… etc. behind cargo features.
+//! let url = std::env::var("FERRYMQ_URL").unwrap_or_else(|_| "memory://facade-doc".into());
+//! let (producer, consumer) = ferrymq::connect(&url).await?;
+//! producer.send(Message::new("hello")).await?;
+//! for delivery in consumer.receive(10, Duration::from_secs(1)).await? {
+//!     delivery.ack().await?;
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+mod select;
+
+pub use select::Config;
+pub use ferrymq_core::*;
+
+/// Connect to the queue named by `url` and return a producer and a consumer on it.
+///
+/// The scheme selects the backend: `memory://NAME` always; others when their cargo
+/// feature is enabled. A malformed URL, unknown scheme, missing queue name or bad
+/// parameter is [`ErrorKind::InvalidConfig`] naming the parameter.
+pub async fn connect(url: &str) -> Result<(Box<dyn Producer>, Box<dyn Consumer>)> {
+    Config::from_url(url)?.connect().await
+}
+
+/// A producer for the queue named by `url` (see [`connect`]).
+pub async fn connect_producer(url: &str) -> Result<Box<dyn Producer>> {
+    Config::from_url(url)?.producer().await
+}
+
+/// A consumer for the queue named by `url` (see [`connect`]).
+pub async fn connect_consumer(url: &str) -> Result<Box<dyn Consumer>> {
+    Config::from_url(url)?.consumer().await
+}

@@ -28,7 +28,9 @@ pub mod depth;
 pub mod error;
 pub mod memory;
 pub mod message;
+pub mod middleware;
 pub mod producer;
+pub mod worker;
 
 pub use capabilities::{Capabilities, Ordering, Priority};
 pub use consumer::{into_stream, Consumer};
@@ -37,6 +39,7 @@ pub use depth::Depth;
 pub use error::{BoxError, Error, ErrorKind, Result};
 pub use message::{reserved, Headers, Message};
 pub use producer::{Producer, SendReceipt};
+pub use worker::{Worker, WorkerSummary};
 
 #[cfg(test)]
 mod send_sync {

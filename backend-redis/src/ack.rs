@@ -1,0 +1,212 @@
+//! Settling deliveries: batched acks, nack (now or later), extend.
+//!
+//! Every settle names the lease it belongs to — level, stream id and the entry's
+//! delivery counter at delivery time — and the scripts check that the entry is still
+//! pending with that counter. A redelivery (reclaim after the visibility timeout)
+//! bumps the counter, so a stale handle gets `LeaseExpired` instead of acking a
+//! message another consumer is working on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ferrymq_core::{Ack, Error, ErrorKind, Result};
+use redis::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::client::{Shared, MAX_BATCH};
+use crate::scripts::scripts;
+
+struct AckRequest {
+    level: usize,
+    stream_id: String,
+    deliveries: u64,
+    reply: oneshot::Sender<Result<bool>>,
+}
+
+/// Queue of acks flushed by one task: whatever arrived while the previous batch was
+/// on the wire (plus `ack_linger`, when set) goes out as one ACK script call — one
+/// `XACK` + `XDEL` per level. Each `ack()` returns only after its batch was applied
+/// on the server.
+#[derive(Debug, Clone)]
+pub(crate) struct AckBatcher {
+    tx: mpsc::UnboundedSender<AckRequest>,
+}
+
+impl AckBatcher {
+    pub(crate) fn spawn(shared: Arc<Shared>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(shared, rx));
+        AckBatcher { tx }
+    }
+
+    async fn ack(&self, level: usize, stream_id: &str, deliveries: u64) -> Result<bool> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(AckRequest {
+                level,
+                stream_id: stream_id.to_owned(),
+                deliveries,
+                reply,
+            })
+            .map_err(|_| Error::new(ErrorKind::Closed, "the ack task of this consumer stopped"))?;
+        rx.await
+            .map_err(|_| Error::new(ErrorKind::Closed, "the ack task of this consumer stopped"))?
+    }
+}
+
+async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AckRequest>) {
+    let linger = shared.config.ack_linger;
+    let mut batch: Vec<AckRequest> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        if linger.is_zero() {
+            // Let the task that sent this ack finish sending its siblings (a worker
+            // acking a batch concurrently) before draining: one call instead of two.
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(linger).await;
+        }
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(req) => batch.push(req),
+                Err(_) => break,
+            }
+        }
+        match flush(&shared, &batch).await {
+            Ok(flags) => {
+                for (req, ok) in batch.drain(..).zip(flags) {
+                    let _ = req.reply.send(Ok(ok));
+                }
+            }
+            Err(e) => {
+                for req in batch.drain(..) {
+                    let _ = req.reply.send(Err(Error::new(e.kind(), e.message())));
+                }
+            }
+        }
+    }
+}
+
+async fn flush(shared: &Shared, batch: &[AckRequest]) -> Result<Vec<bool>> {
+    let keys = &shared.keys;
+    let mut cmd = scripts().ack.call(2 + keys.ready.len());
+    cmd.arg(&keys.leases).arg(&keys.revoked);
+    for k in &keys.ready {
+        cmd.arg(k);
+    }
+    cmd.arg(&shared.config.group);
+    for req in batch {
+        cmd.arg(req.level).arg(&req.stream_id).arg(req.deliveries);
+    }
+    let reply = shared.eval(&scripts().ack, &cmd).await?;
+    let flags: Vec<i64> = redis::from_redis_value(reply)
+        .map_err(|e| Error::new(ErrorKind::Backend, format!("unexpected ack reply: {e}")))?;
+    if flags.len() != batch.len() {
+        return Err(Error::new(
+            ErrorKind::Backend,
+            "ack reply has the wrong length",
+        ));
+    }
+    Ok(flags.into_iter().map(|f| f == 1).collect())
+}
+
+fn lease_expired() -> Error {
+    Error::new(
+        ErrorKind::LeaseExpired,
+        "the visibility timeout passed and the message was redelivered, or it was settled through another delivery",
+    )
+}
+
+/// One delivery's lease on a Redis queue.
+pub(crate) struct RedisAck {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) batcher: AckBatcher,
+    pub(crate) level: usize,
+    pub(crate) stream_id: String,
+    pub(crate) deliveries: u64,
+}
+
+impl std::fmt::Debug for RedisAck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisAck")
+            .field("queue", &self.shared.queue)
+            .field("level", &self.level)
+            .field("stream_id", &self.stream_id)
+            .field("deliveries", &self.deliveries)
+            .finish()
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[async_trait]
+impl Ack for RedisAck {
+    async fn ack(&self) -> Result<()> {
+        if self
+            .batcher
+            .ack(self.level, &self.stream_id, self.deliveries)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(lease_expired())
+        }
+    }
+
+    async fn nack(&self, redeliver_after: Option<Duration>) -> Result<()> {
+        let shared = &self.shared;
+        let keys = &shared.keys;
+        let config = &shared.config;
+        let delay = redeliver_after.map_or(0, |d| if d.is_zero() { 0 } else { millis(d).max(1) });
+        let mut cmd = scripts().nack.call(6);
+        cmd.arg(&keys.delayed)
+            .arg(&keys.jobs)
+            .arg(&keys.leases)
+            .arg(&keys.dead)
+            .arg(&keys.revoked)
+            .arg(&keys.ready[self.level])
+            .arg(&config.group)
+            .arg(self.level)
+            .arg(&self.stream_id)
+            .arg(self.deliveries)
+            .arg(delay)
+            .arg(config.max_deliveries)
+            .arg(config.dlq_max_len)
+            .arg(millis(config.dlq_retention))
+            .arg(&*shared.queue);
+        let reply = shared.eval(&scripts().nack, &cmd).await?;
+        match reply {
+            Value::Int(0) => Err(lease_expired()),
+            Value::Int(2) => {
+                tracing::info!(
+                    queue = %shared.queue,
+                    stream_id = %self.stream_id,
+                    "ferrymq-redis: message dead-lettered after max_deliveries"
+                );
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn extend(&self, by: Duration) -> Result<()> {
+        let shared = &self.shared;
+        let keys = &shared.keys;
+        let mut cmd = scripts().extend.call(2);
+        cmd.arg(&keys.leases)
+            .arg(&keys.ready[self.level])
+            .arg(&shared.config.group)
+            .arg(self.level)
+            .arg(&self.stream_id)
+            .arg(self.deliveries)
+            .arg(millis(by))
+            .arg(millis(shared.config.visibility_timeout));
+        match shared.eval(&scripts().extend, &cmd).await? {
+            Value::Int(1) => Ok(()),
+            _ => Err(lease_expired()),
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! The connection state a producer and consumer share, startup checks, and the
+//! mapping of redis errors to ferrymq's typed errors.
+//!
+//! Two kinds of connection:
+//! - one multiplexed, self-reconnecting connection (`ConnectionManager`) for every
+//!   non-blocking command: sends, receive scripts, acks, depth. Concurrent callers
+//!   are pipelined on it, so no call waits for a pool checkout;
+//! - a `deadpool-redis` pool for blocking reads: `XREADGROUP … BLOCK` holds its
+//!   connection until data arrives, and would stall every command queued behind it
+//!   on a shared connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrymq_core::{Capabilities, Error, ErrorKind, Ordering, Priority, Result};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncConnectionConfig, Cmd, FromRedisValue, RedisError, Value};
+
+use crate::config::RedisConfig;
+use crate::keys::Keys;
+use crate::scripts::{scripts, Lua};
+
+/// Largest batch per call (send pipeline, receive, ack script).
+pub(crate) const MAX_BATCH: usize = 1000;
+
+pub(crate) struct Shared {
+    pub(crate) config: RedisConfig,
+    pub(crate) queue: Arc<str>,
+    pub(crate) keys: Keys,
+    pub(crate) conn: ConnectionManager,
+    pub(crate) blocking: deadpool_redis::Pool,
+    pub(crate) capabilities: Capabilities,
+    endpoint: String,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("queue", &self.queue)
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn capabilities(config: &RedisConfig) -> Capabilities {
+    let mut caps = Capabilities::minimal("redis");
+    caps.ordering = Ordering::None;
+    caps.max_delay = Some(Duration::from_secs(365 * 24 * 3600));
+    caps.dedup_window = Some(config.dedup_window);
+    caps.visibility_timeout = Some(config.visibility_timeout);
+    caps.extend_visibility = true;
+    caps.nack_delay = true;
+    caps.priority = if config.priority_levels > 1 {
+        Priority::Levels(config.priority_levels)
+    } else {
+        Priority::None
+    };
+    caps.max_message_size = config.max_message_size;
+    caps.max_batch = MAX_BATCH;
+    caps.attempts = true;
+    caps.depth = true;
+    caps.bounded = false;
+    caps
+}
+
+impl Shared {
+    pub(crate) async fn connect(config: RedisConfig) -> Result<Arc<Shared>> {
+        config.validate()?;
+        let endpoint = config.endpoint();
+        let url = config.client_url()?;
+        let client = redis::Client::open(url.as_str()).map_err(|e| open_error(e, &config))?;
+
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_response_timeout(Some(config.command_timeout))
+            .set_number_of_retries(3)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        let conn = match tokio::time::timeout(
+            config.connect_timeout,
+            ConnectionManager::new_with_config(client, manager_config),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(connect_error(e, &endpoint, config.connect_timeout)),
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorKind::Connection,
+                    format!(
+                        "redis at {endpoint} could not be reached within {:?} (connect_timeout)",
+                        config.connect_timeout
+                    ),
+                ))
+            }
+        };
+
+        let pool_manager = deadpool_redis::Manager::new_with_config(
+            url.as_str(),
+            AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(config.connect_timeout))
+                // Blocking reads wait longer than any response timeout; they are
+                // bounded by a timer of their own.
+                .set_response_timeout(None),
+        )
+        .map_err(|e| open_error(e, &config))?;
+        let blocking = deadpool_redis::Pool::builder(pool_manager)
+            .max_size(config.pool_size)
+            .runtime(deadpool_redis::Runtime::Tokio1)
+            .create_timeout(Some(config.connect_timeout))
+            .recycle_timeout(Some(config.command_timeout))
+            .wait_timeout(Some(config.command_timeout))
+            .build()
+            .map_err(|e| Error::new(ErrorKind::InvalidConfig, format!("connection pool: {e}")))?;
+
+        let shared = Arc::new(Shared {
+            queue: config.queue.as_str().into(),
+            keys: Keys::new(&config.queue, config.priority_levels),
+            capabilities: capabilities(&config),
+            conn,
+            blocking,
+            endpoint,
+            config,
+        });
+        shared.startup_checks().await?;
+        Ok(shared)
+    }
+
+    /// PING (an unauthenticated connection fails here with `Auth`), the eviction
+    /// policy warning, key types, and script loading — in one round trip.
+    async fn startup_checks(&self) -> Result<()> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("PING");
+        pipe.cmd("CONFIG").arg("GET").arg("maxmemory-policy");
+        let typed = self.keys.typed();
+        for (key, _) in &typed {
+            pipe.cmd("TYPE").arg(*key);
+        }
+        for lua in scripts().all() {
+            pipe.cmd("SCRIPT").arg("LOAD").arg(lua.script_code());
+        }
+        let replies: Vec<Value> = self
+            .with_timeout(
+                "startup checks",
+                pipe.ignore_errors().query_async(&mut self.conn.clone()),
+            )
+            .await?;
+        let mut replies = replies.into_iter();
+        if let Some(Value::ServerError(e)) = replies.next() {
+            return Err(self.map_err(RedisError::from(e), "PING"));
+        }
+        match replies.next() {
+            Some(Value::ServerError(e)) => tracing::debug!(
+                error = %RedisError::from(e),
+                "ferrymq-redis: CONFIG GET maxmemory-policy refused; cannot check eviction policy"
+            ),
+            Some(v) => self.check_eviction(v),
+            None => {}
+        }
+        for (key, expected) in typed {
+            let actual = match replies.next() {
+                Some(Value::SimpleString(s)) => s,
+                Some(Value::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
+                Some(Value::ServerError(e)) => {
+                    return Err(self.map_err(RedisError::from(e), "TYPE"))
+                }
+                _ => continue,
+            };
+            if actual != "none" && actual != expected {
+                return Err(wrong_type(key, &actual, expected, &self.queue));
+            }
+        }
+        for (lua, reply) in scripts().all().into_iter().zip(replies) {
+            if let Value::ServerError(e) = reply {
+                return Err(self
+                    .map_err(RedisError::from(e), "SCRIPT LOAD")
+                    .with_context(lua.name));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_eviction(&self, reply: Value) {
+        let items: Vec<String> = FromRedisValue::from_redis_value(reply).unwrap_or_default();
+        let Some(policy) = items.get(1) else {
+            return;
+        };
+        if policy.starts_with("allkeys-") {
+            tracing::warn!(
+                policy = %policy,
+                queue = %self.queue,
+                "ferrymq-redis: maxmemory-policy {policy} lets Redis evict queue keys under memory pressure, \
+                 which loses messages; use noeviction (or volatile-* so only expiring dedup keys can go)"
+            );
+        } else if policy.starts_with("volatile-") {
+            tracing::info!(
+                policy = %policy,
+                "ferrymq-redis: maxmemory-policy {policy} may evict dedup claims (they expire), never messages"
+            );
+        }
+    }
+
+    pub(crate) async fn with_timeout<T>(
+        &self,
+        what: &str,
+        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.config.command_timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.map_err(e, what)),
+            Err(_) => Err(self.timeout(what)),
+        }
+    }
+
+    pub(crate) fn timeout(&self, what: &str) -> Error {
+        Error::new(
+            ErrorKind::Timeout,
+            format!(
+                "{what}: redis at {} did not answer within {:?} (command_timeout)",
+                self.endpoint, self.config.command_timeout
+            ),
+        )
+    }
+
+    /// Run one command.
+    pub(crate) async fn query<T: FromRedisValue>(&self, cmd: &Cmd, what: &str) -> Result<T> {
+        let mut conn = self.conn.clone();
+        self.with_timeout(what, cmd.query_async(&mut conn)).await
+    }
+
+    /// Run a script by SHA; load it and retry once when the server lost it.
+    pub(crate) async fn eval(&self, lua: &Lua, cmd: &Cmd) -> Result<Value> {
+        let mut conn = self.conn.clone();
+        let first = tokio::time::timeout(self.config.command_timeout, async {
+            match cmd.query_async::<Value>(&mut conn).await {
+                Err(e) if is_noscript(&e) => {
+                    lua.script.load_async(&mut conn).await?;
+                    cmd.query_async::<Value>(&mut conn).await
+                }
+                other => other,
+            }
+        })
+        .await;
+        match first {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.map_err(e, lua.name)),
+            Err(_) => Err(self.timeout(lua.name)),
+        }
+    }
+
+    /// Load every script (after the server answered NOSCRIPT inside a pipeline).
+    pub(crate) async fn load_scripts(&self) -> Result<()> {
+        let mut pipe = redis::pipe();
+        for lua in scripts().all() {
+            pipe.cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(lua.script_code())
+                .ignore();
+        }
+        self.with_timeout(
+            "SCRIPT LOAD",
+            pipe.query_async::<()>(&mut self.conn.clone()),
+        )
+        .await
+    }
+
+    /// Create the consumer group on every ready stream (idempotent).
+    pub(crate) async fn ensure_group(&self) -> Result<()> {
+        let mut pipe = redis::pipe();
+        for key in &self.keys.ready {
+            pipe.cmd("XGROUP")
+                .arg("CREATE")
+                .arg(key)
+                .arg(&self.config.group)
+                .arg("0")
+                .arg("MKSTREAM");
+        }
+        let replies: Vec<Value> = self
+            .with_timeout(
+                "XGROUP CREATE",
+                pipe.ignore_errors().query_async(&mut self.conn.clone()),
+            )
+            .await?;
+        for reply in replies {
+            if let Value::ServerError(e) = reply {
+                let e = RedisError::from(e);
+                if e.code() != Some("BUSYGROUP") {
+                    return Err(self.map_err(e, "XGROUP CREATE"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Map a redis error to a typed ferrymq error.
+    pub(crate) fn map_err(&self, e: RedisError, what: &str) -> Error {
+        map_error(e, what, &self.endpoint, &self.queue)
+    }
+}
+
+trait WithContext {
+    fn with_context(self, ctx: &str) -> Self;
+}
+
+impl WithContext for Error {
+    fn with_context(self, ctx: &str) -> Self {
+        Error::new(self.kind(), format!("{ctx}: {}", self.message()))
+    }
+}
+
+pub(crate) fn is_noscript(e: &RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+        || e.code() == Some("NOSCRIPT")
+}
+
+pub(crate) fn is_nogroup(e: &Error) -> bool {
+    e.kind() == ErrorKind::Backend && e.message().contains("NOGROUP")
+}
+
+fn wrong_type(key: &str, actual: &str, expected: &str, queue: &str) -> Error {
+    Error::new(
+        ErrorKind::Backend,
+        format!(
+            "key {key} of queue {queue:?} holds a {actual}, but ferrymq keeps a {expected} there; \
+             another program uses this name (inspect with `redis-cli TYPE {key}`)"
+        ),
+    )
+}
+
+pub(crate) fn map_error(e: RedisError, what: &str, endpoint: &str, queue: &str) -> Error {
+    let code = e.code().unwrap_or_default().to_string();
+    let text = e.to_string();
+    let kind = if e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(code.as_str(), "NOAUTH" | "WRONGPASS")
+        || text.contains("NOAUTH")
+        || text.contains("WRONGPASS")
+    {
+        ErrorKind::Auth
+    } else if code == "WRONGTYPE" || text.contains("WRONGTYPE") {
+        return Error::new(
+            ErrorKind::Backend,
+            format!(
+                "{what}: a key of queue {queue:?} holds the wrong type of value; another program \
+                 uses this name (inspect with `redis-cli --scan --pattern 'ferrymq:{{{queue}}}:*'` and TYPE)"
+            ),
+        )
+        .with_source(e);
+    } else if e.is_timeout() {
+        ErrorKind::Timeout
+    } else if e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || code == "LOADING"
+        || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+    {
+        ErrorKind::Connection
+    } else {
+        ErrorKind::Backend
+    };
+    Error::new(kind, format!("{what} on redis at {endpoint}: {text}")).with_source(e)
+}
+
+fn connect_error(e: RedisError, endpoint: &str, timeout: Duration) -> Error {
+    let err = map_error(e, "connect", endpoint, "");
+    match err.kind() {
+        ErrorKind::Auth => err,
+        ErrorKind::Timeout => Error::new(
+            ErrorKind::Connection,
+            format!(
+                "redis at {endpoint} could not be reached within {timeout:?} (connect_timeout)"
+            ),
+        ),
+        ErrorKind::Backend => err,
+        _ => Error::new(
+            ErrorKind::Connection,
+            format!(
+                "redis at {endpoint} could not be reached: {}",
+                err.message()
+            ),
+        ),
+    }
+}
+
+fn open_error(e: RedisError, config: &RedisConfig) -> Error {
+    if config.tls && e.to_string().contains("TLS") {
+        return Error::invalid_config(
+            "scheme",
+            "rediss:// needs the `tls` cargo feature of ferrymq-redis",
+        );
+    }
+    Error::invalid_config("url", format!("{}: {e}", config))
+}

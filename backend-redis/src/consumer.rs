@@ -1,0 +1,605 @@
+//! The receiving side.
+//!
+//! `receive` sends one pipeline: the MAINTAIN script (promote due delayed messages;
+//! reclaim leases past the visibility timeout, at most every `tick`), then a plain
+//! `XREADGROUP` over the priority levels' streams, highest first. Reading outside
+//! Lua keeps the hot path as cheap as a raw client's (a script would copy every entry
+//! through Lua tables, which costs more than the read itself). The price is that one
+//! read may return up to `max` entries *per level*: the best `max` (highest level,
+//! then stream order) are handed out and the rest wait in a small per-consumer
+//! buffer, served first by the next receive, which then reads only the levels above
+//! them — so priority order holds across calls. A buffered delivery older than half
+//! the visibility timeout is dropped rather than handed out (it comes back by
+//! reclaim, attempt + 1).
+//!
+//! Only when nothing is found does `receive` block in `XREADGROUP … BLOCK` on a
+//! pooled connection of its own, for no longer than the caller's wait, the next
+//! delayed message's due time, or one tick (so expired leases are still reclaimed
+//! while the queue is idle).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use ferrymq_core::{
+    AckHandle, Capabilities, Consumer, Delivery, DeliveryMeta, Depth, Error, ErrorKind, Message,
+    Result,
+};
+use redis::{Cmd, RedisError, Value};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::ack::{AckBatcher, RedisAck};
+use crate::client::{is_nogroup, is_noscript, Shared, MAX_BATCH};
+use crate::codec::{decode_fields, stream_id_ms, system_time};
+use crate::scripts::scripts;
+
+/// Receives from one Redis queue as one consumer of its group. Cheap to clone;
+/// clones are the same consumer (same name, same leases).
+#[derive(Clone)]
+pub struct RedisConsumer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    name: String,
+    batcher: AckBatcher,
+    closed: AtomicBool,
+    close_signal: Notify,
+    started: Instant,
+    /// Milliseconds since `started` of the last reclaim pass (+1; 0 = never).
+    last_reclaim: AtomicU64,
+    tick: Duration,
+    /// Deliveries read beyond a receive's `max` (several priority levels answered
+    /// one read), handed out first by the next receive.
+    buffer: Mutex<Vec<Candidate>>,
+}
+
+impl Inner {
+    fn lock_buffer(&self) -> std::sync::MutexGuard<'_, Vec<Candidate>> {
+        // Nothing panics while holding the lock; a poisoned buffer is still valid.
+        self.buffer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A leased delivery waiting to be handed out.
+struct Candidate {
+    level: usize,
+    ms: u64,
+    seq: u64,
+    fetched: Instant,
+    delivery: Delivery,
+}
+
+impl Candidate {
+    /// Highest level first, then stream order.
+    fn order(&self) -> (std::cmp::Reverse<usize>, u64, u64) {
+        (std::cmp::Reverse(self.level), self.ms, self.seq)
+    }
+}
+
+fn split_id(id: &str) -> (u64, u64) {
+    let mut parts = id.splitn(2, '-');
+    let ms = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let seq = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (ms, seq)
+}
+
+impl std::fmt::Debug for RedisConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConsumer")
+            .field("queue", &self.inner.shared.queue)
+            .field("name", &self.inner.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A message in the dead-letter stream.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// Its id in the dead-letter stream.
+    pub id: String,
+    /// When it was dead-lettered.
+    pub dead_lettered_at: SystemTime,
+    /// The message, with the `ferrymq-failure-reason`, `ferrymq-origin-queue`,
+    /// `ferrymq-attempts` and `ferrymq-origin-message-id` headers.
+    pub message: Message,
+}
+
+impl RedisConsumer {
+    pub(crate) async fn new(shared: Arc<Shared>) -> Result<Self> {
+        shared.ensure_group().await?;
+        let name =
+            shared.config.consumer_name.clone().unwrap_or_else(|| {
+                format!("{}-{:016x}", std::process::id(), rand::random::<u64>())
+            });
+        let tick = (shared.config.visibility_timeout / 8)
+            .clamp(Duration::from_millis(10), Duration::from_millis(250));
+        Ok(RedisConsumer {
+            inner: Arc::new(Inner {
+                batcher: AckBatcher::spawn(shared.clone()),
+                shared,
+                name,
+                closed: AtomicBool::new(false),
+                close_signal: Notify::new(),
+                started: Instant::now(),
+                last_reclaim: AtomicU64::new(0),
+                tick,
+                buffer: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// This consumer's name in the group.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Whether a reclaim pass is due; claims it when so.
+    fn reclaim_due(&self) -> bool {
+        let inner = &self.inner;
+        let now = inner.started.elapsed().as_millis() as u64 + 1;
+        let last = inner.last_reclaim.load(AtomicOrdering::Relaxed);
+        if last != 0 && now - last < inner.tick.as_millis() as u64 {
+            return false;
+        }
+        inner
+            .last_reclaim
+            .compare_exchange(last, now, AtomicOrdering::Relaxed, AtomicOrdering::Relaxed)
+            .is_ok()
+    }
+
+    /// The maintenance script call (promotion, and reclaim when due).
+    fn maintain_cmd(&self, max: usize) -> Cmd {
+        let shared = &self.inner.shared;
+        let keys = &shared.keys;
+        let config = &shared.config;
+        let mut cmd = scripts().maintain.call(5 + keys.ready.len());
+        cmd.arg(&keys.delayed)
+            .arg(&keys.jobs)
+            .arg(&keys.leases)
+            .arg(&keys.dead)
+            .arg(&keys.revoked);
+        for k in &keys.ready {
+            cmd.arg(k);
+        }
+        cmd.arg(&config.group)
+            .arg(&self.inner.name)
+            .arg(max)
+            .arg(config.visibility_timeout.as_millis() as u64)
+            .arg(if self.reclaim_due() { "1" } else { "0" })
+            .arg(config.promote_batch)
+            .arg(config.max_deliveries)
+            .arg(config.dlq_max_len)
+            .arg(config.dlq_retention.as_millis() as u64)
+            .arg(&*shared.queue);
+        cmd
+    }
+
+    /// `XREADGROUP` of new entries on the given levels (highest first).
+    fn read_cmd(&self, max: usize, levels: std::ops::Range<usize>, block: Option<Duration>) -> Cmd {
+        let shared = &self.inner.shared;
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&shared.config.group)
+            .arg(&self.inner.name)
+            .arg("COUNT")
+            .arg(max);
+        if let Some(block) = block {
+            cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+        }
+        cmd.arg("STREAMS");
+        for level in levels.clone().rev() {
+            cmd.arg(&shared.keys.ready[level]);
+        }
+        for _ in levels {
+            cmd.arg(">");
+        }
+        cmd
+    }
+
+    /// One round trip: the maintenance script, then `XREADGROUP` of new entries on
+    /// the levels above what is already buffered. Returns the candidates and how long
+    /// until the next delayed message is due.
+    async fn poll(&self, max: usize) -> Result<(Vec<Candidate>, Option<Duration>)> {
+        let shared = &self.inner.shared;
+        let levels = shared.keys.ready.len();
+        let read_from = self.buffered_floor().map_or(0, |f| f + 1);
+        let mut pipe = redis::pipe();
+        pipe.add_command(self.maintain_cmd(max));
+        if read_from < levels {
+            pipe.add_command(self.read_cmd(max, read_from..levels, None));
+        }
+        let replies: Vec<Value> = shared
+            .with_timeout(
+                "receive",
+                pipe.ignore_errors().query_async(&mut shared.conn.clone()),
+            )
+            .await?;
+        let mut replies = replies.into_iter();
+        let maintained = replies.next();
+        let read = replies.next();
+        let mut out = Vec::new();
+        let mut failure = None;
+        // The read first: entries it returned are leased to us whatever else failed.
+        match read {
+            Some(Value::ServerError(e)) => {
+                failure = Some(shared.map_err(RedisError::from(e), "XREADGROUP"))
+            }
+            Some(reply) => self.parse_read(reply, &mut out),
+            None => {}
+        }
+        let mut next_due = None;
+        match maintained {
+            Some(Value::ServerError(e)) => {
+                let e = RedisError::from(e);
+                if is_noscript(&e) {
+                    // The server lost its scripts (restart): load them, and run the
+                    // maintenance again at once.
+                    shared.load_scripts().await?;
+                    next_due = Some(Duration::ZERO);
+                } else if failure.is_none() {
+                    failure = Some(shared.map_err(e, "receive"));
+                }
+            }
+            Some(Value::Array(items)) => {
+                let mut items = items.into_iter();
+                if let Some(Value::Int(ms)) = items.next() {
+                    if ms >= 0 {
+                        next_due = Some(Duration::from_millis(ms as u64));
+                    }
+                }
+                while let (Some(level), Some(id), Some(count), Some(fields)) =
+                    (items.next(), items.next(), items.next(), items.next())
+                {
+                    let (Value::Int(level), Some(id), Value::Int(count)) =
+                        (level, as_string(id), count)
+                    else {
+                        continue;
+                    };
+                    let level = (level.max(0) as usize).min(levels - 1);
+                    out.push(self.candidate(level, id, count.max(1) as u64, fields));
+                }
+            }
+            _ => {}
+        }
+        if let Some(err) = failure {
+            if is_nogroup(&err) {
+                // The group vanished (FLUSHDB, keys deleted): create it again.
+                shared.ensure_group().await?;
+            } else if out.is_empty() {
+                return Err(err);
+            } else {
+                tracing::warn!(error = %err, "ferrymq-redis: part of a receive failed");
+            }
+        }
+        Ok((out, next_due))
+    }
+
+    /// Blocking read of new entries on a dedicated connection.
+    async fn block_read(&self, max: usize, block: Duration) -> Result<Vec<Candidate>> {
+        let shared = &self.inner.shared;
+        let conn = match tokio::time::timeout(shared.config.command_timeout, shared.blocking.get())
+            .await
+        {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(deadpool_redis::PoolError::Backend(e))) => {
+                return Err(shared.map_err(e, "blocking connection"))
+            }
+            Ok(Err(e)) => {
+                return Err(Error::new(
+                    ErrorKind::Connection,
+                    format!("no blocking connection to redis: {e}"),
+                ))
+            }
+            Err(_) => return Err(shared.timeout("blocking connection")),
+        };
+        let mut guard = Discard(Some(conn));
+        let cmd = self.read_cmd(max, 0..shared.keys.ready.len(), Some(block));
+        let Some(conn) = guard.0.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let reply = tokio::time::timeout(
+            block + shared.config.command_timeout,
+            cmd.query_async::<Value>(&mut **conn),
+        )
+        .await;
+        let reply = match reply {
+            Ok(Ok(v)) => {
+                guard.keep();
+                v
+            }
+            Ok(Err(e)) => {
+                let err = shared.map_err(e, "XREADGROUP");
+                if is_nogroup(&err) {
+                    shared.ensure_group().await?;
+                    return Ok(Vec::new());
+                }
+                return Err(err);
+            }
+            Err(_) => return Err(shared.timeout("XREADGROUP")),
+        };
+        let mut out = Vec::new();
+        self.parse_read(reply, &mut out);
+        Ok(out)
+    }
+
+    /// Entries of an `XREADGROUP` reply (first deliveries).
+    fn parse_read(&self, reply: Value, out: &mut Vec<Candidate>) {
+        let keys = &self.inner.shared.keys;
+        let streams = match reply {
+            Value::Array(streams) => streams,
+            Value::Map(pairs) => pairs
+                .into_iter()
+                .map(|(k, v)| Value::Array(vec![k, v]))
+                .collect(),
+            _ => return,
+        };
+        for stream in streams {
+            let Value::Array(mut parts) = stream else {
+                continue;
+            };
+            if parts.len() != 2 {
+                continue;
+            }
+            let entries = parts.pop();
+            let level = match parts.pop() {
+                Some(Value::BulkString(k)) => keys.level_of(&k),
+                _ => None,
+            };
+            let (Some(level), Some(Value::Array(entries))) = (level, entries) else {
+                continue;
+            };
+            out.reserve(entries.len());
+            for entry in entries {
+                let Value::Array(mut e) = entry else { continue };
+                if e.len() != 2 {
+                    continue;
+                }
+                let fields = e.pop().unwrap_or_default();
+                let Some(id) = e.pop().and_then(as_string) else {
+                    continue;
+                };
+                out.push(self.candidate(level, id, 1, fields));
+            }
+        }
+    }
+
+    /// The highest level among buffered deliveries, after dropping the stale ones.
+    fn buffered_floor(&self) -> Option<usize> {
+        let mut buffer = self.inner.lock_buffer();
+        if buffer.is_empty() {
+            return None;
+        }
+        // A delivery that waited half its lease here is not handed out: the lease
+        // could run out while it is handled. Dropped, it comes back by reclaim.
+        let stale = self.inner.shared.config.visibility_timeout / 2;
+        buffer.retain(|c| c.fetched.elapsed() < stale);
+        buffer.iter().map(|c| c.level).max()
+    }
+
+    /// Hand out the best `max` of `fresh` and the buffer (highest level first, then
+    /// stream order); keep the rest buffered.
+    fn select(&self, mut fresh: Vec<Candidate>, max: usize) -> Vec<Delivery> {
+        let mut buffer = self.inner.lock_buffer();
+        let merged = !buffer.is_empty();
+        if merged {
+            fresh.append(&mut buffer);
+        }
+        if merged || fresh.len() > max || fresh.windows(2).any(|w| w[0].order() > w[1].order()) {
+            fresh.sort_by_key(Candidate::order);
+        }
+        if fresh.len() > max {
+            buffer.extend(fresh.drain(max..));
+        }
+        fresh.into_iter().map(|c| c.delivery).collect()
+    }
+
+    fn candidate(
+        &self,
+        level: usize,
+        stream_id: String,
+        deliveries: u64,
+        fields: Value,
+    ) -> Candidate {
+        let (ms, seq) = split_id(&stream_id);
+        Candidate {
+            level,
+            ms,
+            seq,
+            fetched: Instant::now(),
+            delivery: self.delivery(level, stream_id, deliveries, fields),
+        }
+    }
+
+    fn delivery(
+        &self,
+        level: usize,
+        stream_id: String,
+        deliveries: u64,
+        fields: Value,
+    ) -> Delivery {
+        let shared = &self.inner.shared;
+        let decoded = decode_fields(fields);
+        let enqueued_ms = decoded
+            .enqueued_ms
+            .unwrap_or_else(|| stream_id_ms(&stream_id));
+        let position = format!("{level}/{stream_id}");
+        let id = decoded.stable_id.unwrap_or_else(|| {
+            let suffix = &shared.keys.suffixes[level];
+            let mut id = String::with_capacity(stream_id.len() + suffix.len());
+            id.push_str(&stream_id);
+            id.push_str(suffix);
+            id
+        });
+        let attempt = decoded
+            .prior
+            .saturating_add(u32::try_from(deliveries).unwrap_or(u32::MAX));
+        let meta = DeliveryMeta::new(id, attempt, system_time(enqueued_ms), shared.queue.clone())
+            .with_position(position);
+        let acker = AckHandle::new(RedisAck {
+            shared: shared.clone(),
+            batcher: self.inner.batcher.clone(),
+            level,
+            stream_id,
+            deliveries,
+        });
+        Delivery::new(decoded.message, meta, acker)
+    }
+
+    /// Up to `count` of the oldest dead letters, without removing them.
+    pub async fn dead_letters(&self, count: usize) -> Result<Vec<DeadLetter>> {
+        let shared = &self.inner.shared;
+        let mut cmd = redis::cmd("XRANGE");
+        cmd.arg(&shared.keys.dead)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(count.max(1));
+        let reply: Value = shared.query(&cmd, "XRANGE").await?;
+        let Value::Array(entries) = reply else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let Value::Array(mut e) = entry else { continue };
+            if e.len() != 2 {
+                continue;
+            }
+            let fields = e.pop().unwrap_or_default();
+            let Some(id) = e.pop().and_then(as_string) else {
+                continue;
+            };
+            out.push(DeadLetter {
+                dead_lettered_at: system_time(stream_id_ms(&id)),
+                id,
+                message: decode_fields(fields).message,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Move up to `count` of the oldest dead letters back to the queue (attempts
+    /// start again at 1). Returns how many moved.
+    pub async fn redrive(&self, count: usize) -> Result<usize> {
+        let shared = &self.inner.shared;
+        let keys = &shared.keys;
+        let mut cmd = scripts().redrive.call(1 + keys.ready.len());
+        cmd.arg(&keys.dead);
+        for k in &keys.ready {
+            cmd.arg(k);
+        }
+        cmd.arg(count.max(1));
+        let moved = shared.eval(&scripts().redrive, &cmd).await?;
+        Ok(redis::from_redis_value::<usize>(moved).unwrap_or(0))
+    }
+}
+
+fn as_string(v: Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// A pooled connection that is dropped — not returned to the pool — unless `keep`
+/// is called: a blocking read that was cancelled or timed out may still be pending
+/// on the server, and closing its connection is what makes the server forget it.
+struct Discard(Option<deadpool_redis::Connection>);
+
+impl Discard {
+    fn keep(&mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for Discard {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            drop(deadpool_redis::Connection::take(conn));
+        }
+    }
+}
+
+#[async_trait]
+impl Consumer for RedisConsumer {
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        let max = max.clamp(1, MAX_BATCH);
+        let deadline = Instant::now() + wait;
+        let mut immediate_repolls = 0;
+        loop {
+            if self.inner.closed.load(AtomicOrdering::Acquire) {
+                return Err(Error::closed("consumer"));
+            }
+            let (candidates, next_due) = self.poll(max).await?;
+            let deliveries = self.select(candidates, max);
+            if !deliveries.is_empty() {
+                return Ok(deliveries);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(Vec::new());
+            }
+            let mut block = (deadline - now).min(self.inner.tick);
+            if let Some(due) = next_due {
+                if due.is_zero() && immediate_repolls < 3 {
+                    // More is due right now (a promotion batch was full, or the
+                    // scripts had to be reloaded): poll again without blocking.
+                    immediate_repolls += 1;
+                    continue;
+                }
+                block = block.min(due);
+            }
+            let block = block.max(Duration::from_millis(1));
+            let closed = self.inner.close_signal.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            if self.inner.closed.load(AtomicOrdering::Acquire) {
+                return Err(Error::closed("consumer"));
+            }
+            tokio::select! {
+                got = self.block_read(max, block) => {
+                    let deliveries = self.select(got?, max);
+                    if !deliveries.is_empty() {
+                        return Ok(deliveries);
+                    }
+                }
+                _ = &mut closed => return Err(Error::closed("consumer")),
+            }
+        }
+    }
+
+    async fn depth(&self) -> Result<Depth> {
+        crate::producer::depth(&self.inner.shared).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.inner.closed.swap(true, AtomicOrdering::AcqRel) {
+            return Ok(());
+        }
+        self.inner.close_signal.notify_waiters();
+        // Forget this consumer in the group when it holds nothing; best effort.
+        let shared = &self.inner.shared;
+        let mut cmd = scripts().release.call(shared.keys.ready.len());
+        for k in &shared.keys.ready {
+            cmd.arg(k);
+        }
+        cmd.arg(&shared.config.group).arg(&self.inner.name);
+        if let Err(e) = shared.eval(&scripts().release, &cmd).await {
+            tracing::debug!(error = %e, "ferrymq-redis: could not remove consumer from its group");
+        }
+        Ok(())
+    }
+
+    fn queue(&self) -> &str {
+        &self.inner.shared.queue
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.inner.shared.capabilities
+    }
+}

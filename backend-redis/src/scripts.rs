@@ -1,0 +1,484 @@
+//! The Lua scripts that make every multi-key step atomic.
+//!
+//! Each script is loaded once per server (`SCRIPT LOAD` at connect) and called by
+//! SHA (`EVALSHA`). A server that lost its script cache (restart, `SCRIPT FLUSH`)
+//! answers `NOSCRIPT`; the caller then loads the script and repeats the call, which
+//! is safe because a script that was not found did not run.
+//!
+//! Every key a script touches is passed in `KEYS` and shares the queue's `{queue}`
+//! hash tag, so the scripts also run on Redis Cluster.
+//!
+//! Field names of a stream entry (see the crate docs for the whole layout):
+//! `p` payload, `h` headers, `k` key, `d` dedup id, `r` priority, `i` stable message
+//! id, `t` first enqueue time (ms), `a` deliveries before this entry existed.
+
+use std::sync::OnceLock;
+
+use redis::{Cmd, Script};
+
+/// Helpers shared by the scripts (prepended to each).
+const PRELUDE: &str = r#"
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Append a header to the length-prefixed `h` field ("<len>:<name><len>:<value>...").
+local function add_header(fields, name, value)
+  local entry = #name .. ':' .. name .. #value .. ':' .. value
+  for j = 1, #fields, 2 do
+    if fields[j] == 'h' then
+      fields[j + 1] = fields[j + 1] .. entry
+      return
+    end
+  end
+  fields[#fields + 1] = 'h'
+  fields[#fields + 1] = entry
+end
+
+-- The fields of a message leaving its stream entry (nack, dead-letter): keep its
+-- stable id `i` and enqueue time `t` (taking them from the entry id when missing)
+-- and carry the attempts so far in `a`. Returns fields, attempts, stable id.
+local function carry_fields(fields, lvl, stream_id, deliveries)
+  local out = {}
+  local prior, stable, has_t = 0, nil, false
+  for j = 1, #fields, 2 do
+    local f = fields[j]
+    if f == 'a' then
+      prior = tonumber(fields[j + 1]) or 0
+    else
+      out[#out + 1] = f
+      out[#out + 1] = fields[j + 1]
+      if f == 'i' then stable = fields[j + 1] elseif f == 't' then has_t = true end
+    end
+  end
+  if not stable then
+    stable = stream_id
+    if lvl > 0 then stable = stream_id .. '@' .. lvl end
+    out[#out + 1] = 'i'
+    out[#out + 1] = stable
+  end
+  if not has_t then
+    out[#out + 1] = 't'
+    out[#out + 1] = string.match(stream_id, '^(%d+)')
+  end
+  local attempts = prior + deliveries
+  out[#out + 1] = 'a'
+  out[#out + 1] = tostring(attempts)
+  return out, attempts, stable
+end
+
+local function prior_attempts(fields)
+  for j = 1, #fields, 2 do
+    if fields[j] == 'a' then return tonumber(fields[j + 1]) or 0 end
+  end
+  return 0
+end
+
+-- Move a message to the dead-letter stream, trimmed by length and by age.
+local function dead_letter(dead_key, fields, reason, queue, stable, attempts, maxlen, retention, now)
+  add_header(fields, 'ferrymq-failure-reason', reason)
+  add_header(fields, 'ferrymq-origin-queue', queue)
+  add_header(fields, 'ferrymq-attempts', tostring(attempts))
+  add_header(fields, 'ferrymq-origin-message-id', stable)
+  redis.call('XADD', dead_key, 'MAXLEN', '~', maxlen, '*', unpack(fields))
+  if retention > 0 then
+    redis.call('XTRIM', dead_key, 'MINID', '~', string.format('%d', now - retention))
+  end
+end
+
+-- Drop the revoked-lease tokens `tag/1` .. `tag/upto` of an entry that is leaving
+-- the group (acked, nacked, dead-lettered): its stale handles fail anyway once the
+-- entry is no longer pending.
+local function forget_revoked(key, tag, upto)
+  if upto < 1 then return end
+  local t = {}
+  for c = 1, upto do t[#t + 1] = tag .. '/' .. c end
+  redis.call('SREM', key, unpack(t))
+end
+
+local function in_lease(key, group, id, deliveries)
+  local p = redis.call('XPENDING', key, group, id, id, 1)
+  if p[1] and tonumber(p[1][4]) == deliveries then return p[1] end
+  return nil
+end
+"#;
+
+/// Enqueue one message that needs more than a plain `XADD`: a dedup id (claimed with
+/// the message, atomically) and/or a delay (parked in the delayed ZSET).
+///
+/// KEYS: ready stream of the message's level, delayed, jobs, seq, [dedup key]
+/// ARGV: dedup window ms, delay ms, level, id suffix, field/value pairs...
+/// Returns {duplicate 0/1, message id}.
+const ENQUEUE: &str = r#"
+if KEYS[5] then
+  local seen = redis.call('GET', KEYS[5])
+  if seen then return {1, seen} end
+end
+local id
+local delay = tonumber(ARGV[2])
+if delay > 0 then
+  local now = now_ms()
+  id = string.format('d%d-%012d', now, redis.call('INCR', KEYS[4]))
+  local f = {ARGV[3]}
+  for j = 5, #ARGV do f[#f + 1] = ARGV[j] end
+  f[#f + 1] = 'i'
+  f[#f + 1] = id
+  f[#f + 1] = 't'
+  f[#f + 1] = string.format('%d', now)
+  redis.call('HSET', KEYS[3], id, cmsgpack.pack(f))
+  redis.call('ZADD', KEYS[2], now + delay, id)
+else
+  id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 5)) .. ARGV[4]
+end
+if KEYS[5] then redis.call('SET', KEYS[5], id, 'PX', ARGV[1]) end
+return {0, id}
+"#;
+
+/// Maintenance run before each read: promote due delayed messages and, when asked,
+/// reclaim leases past the visibility timeout (`XPENDING … IDLE` to look, `XCLAIM`
+/// to take — `XCLAIM` increments the delivery counter, giving attempt + 1). The
+/// reclaimed lease is recorded as revoked (`level/id/deliveries` in the revoked set)
+/// so its stale handle cannot ack. New entries are read by the caller with a plain
+/// `XREADGROUP` pipelined right after this script: reading inside Lua would copy
+/// every entry through Lua tables, which costs more than the read itself.
+///
+/// KEYS: delayed, jobs, leases, dead, revoked, ready streams (level 0 first)
+/// ARGV: group, consumer, max, visibility ms, reclaim 0/1, promote limit,
+///       max deliveries (0 = off), dead maxlen, dead retention ms, queue name
+/// Returns {ms until the next delayed message is due or -1, then level, stream id,
+/// deliveries, fields for each reclaimed delivery}.
+const MAINTAIN: &str = r#"
+local group, consumer = ARGV[1], ARGV[2]
+local maxn = tonumber(ARGV[3])
+local vis = tonumber(ARGV[4])
+local maxdel = tonumber(ARGV[7])
+local nlevels = #KEYS - 5
+local now = now_ms()
+
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[6]))
+if #due > 0 then
+  for _, id in ipairs(due) do
+    local packed = redis.call('HGET', KEYS[2], id)
+    if packed then
+      local f = cmsgpack.unpack(packed)
+      local lvl = tonumber(f[1]) or 0
+      if lvl >= nlevels then lvl = nlevels - 1 end
+      if lvl < 0 then lvl = 0 end
+      redis.call('XADD', KEYS[6 + lvl], '*', unpack(f, 2))
+    end
+  end
+  redis.call('ZREM', KEYS[1], unpack(due))
+  redis.call('HDEL', KEYS[2], unpack(due))
+end
+
+local out = {-1}
+local n = 0
+if ARGV[5] == '1' then
+  for lvl = nlevels - 1, 0, -1 do
+    if n >= maxn then break end
+    local key = KEYS[6 + lvl]
+    local pend = redis.call('XPENDING', key, group, 'IDLE', vis, '-', '+', maxn - n)
+    for _, p in ipairs(pend) do
+      local id, owner, count = p[1], p[2], tonumber(p[4])
+      local tag = lvl .. '/' .. id
+      local lease = tonumber(redis.call('HGET', KEYS[3], tag))
+      if lease and lease > now then
+        -- Extended past the visibility timeout: due again only at its deadline.
+        local idle = 0
+        if lease - now <= vis then
+          idle = vis - (lease - now)
+          redis.call('HDEL', KEYS[3], tag)
+        end
+        redis.call('XCLAIM', key, group, owner, 0, id, 'IDLE', idle, 'JUSTID')
+      else
+        if lease then redis.call('HDEL', KEYS[3], tag) end
+        local claimed = redis.call('XCLAIM', key, group, consumer, vis, id)
+        local e = claimed[1]
+        if type(e) ~= 'table' or type(e[2]) ~= 'table' then
+          redis.call('XACK', key, group, id)
+          forget_revoked(KEYS[5], tag, count)
+        elseif maxdel > 0 and prior_attempts(e[2]) + count + 1 > maxdel then
+          local fields, attempts, stable = carry_fields(e[2], lvl, id, count)
+          dead_letter(KEYS[4], fields,
+            'not acked within the visibility timeout ' .. attempts .. ' times (max_deliveries ' .. maxdel .. ')',
+            ARGV[10], stable, attempts, ARGV[8], tonumber(ARGV[9]), now)
+          redis.call('XACK', key, group, id)
+          redis.call('XDEL', key, id)
+          forget_revoked(KEYS[5], tag, count)
+        else
+          redis.call('SADD', KEYS[5], tag .. '/' .. count)
+          out[#out + 1] = lvl
+          out[#out + 1] = id
+          out[#out + 1] = count + 1
+          out[#out + 1] = e[2]
+          n = n + 1
+        end
+      end
+    end
+  end
+end
+
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if first[2] then
+  local wait = tonumber(first[2]) - now
+  if wait < 0 then wait = 0 end
+  out[1] = wait
+end
+return out
+"#;
+
+/// Acknowledge a batch: `XACK` + `XDEL` per level for the whole batch, after
+/// refusing leases that were revoked by a reclaim. When `XACK` acks fewer entries
+/// than asked (some were no longer pending: settled through a newer delivery), each
+/// entry's `XDEL` tells which: an entry still in the stream was just acked.
+///
+/// KEYS: leases, revoked, ready streams (level 0 first)
+/// ARGV: group, then level, id, deliveries triples
+/// Returns 1 (acked) or 0 (lease gone) per entry.
+const ACK: &str = r#"
+local group = ARGV[1]
+local has_leases = redis.call('EXISTS', KEYS[1]) == 1
+local has_revoked = redis.call('EXISTS', KEYS[2]) == 1
+local n = (#ARGV - 1) / 3
+local res = {}
+local revoked = {}
+if has_revoked then
+  local tokens = {}
+  for i = 1, n do
+    local a = 2 + (i - 1) * 3
+    tokens[i] = ARGV[a] .. '/' .. ARGV[a + 1] .. '/' .. ARGV[a + 2]
+  end
+  revoked = redis.call('SMISMEMBER', KEYS[2], unpack(tokens))
+end
+local by_level = {}
+for i = 1, n do
+  local a = 2 + (i - 1) * 3
+  if has_revoked and revoked[i] == 1 then
+    res[i] = 0
+  else
+    res[i] = 1
+    local lvl = tonumber(ARGV[a])
+    local l = by_level[lvl]
+    if not l then l = {ids = {}, at = {}} by_level[lvl] = l end
+    l.ids[#l.ids + 1] = ARGV[a + 1]
+    l.at[#l.at + 1] = i
+  end
+end
+for lvl, l in pairs(by_level) do
+  local key = KEYS[3 + lvl]
+  for s = 1, #l.ids, 1000 do
+    local e = math.min(s + 999, #l.ids)
+    local acked = redis.call('XACK', key, group, unpack(l.ids, s, e))
+    if acked == e - s + 1 then
+      redis.call('XDEL', key, unpack(l.ids, s, e))
+    else
+      for j = s, e do
+        res[l.at[j]] = redis.call('XDEL', key, l.ids[j])
+      end
+    end
+  end
+end
+for i = 1, n do
+  if res[i] == 1 then
+    local a = 2 + (i - 1) * 3
+    local tag = ARGV[a] .. '/' .. ARGV[a + 1]
+    if has_leases then redis.call('HDEL', KEYS[1], tag) end
+    if has_revoked then forget_revoked(KEYS[2], tag, tonumber(ARGV[a + 2]) - 1) end
+  end
+end
+return res
+"#;
+
+/// Negative-acknowledge: remove the entry and re-enqueue the message with its attempts
+/// carried, now (stream tail) or after a delay (delayed ZSET); dead-letter it when
+/// max deliveries is reached.
+///
+/// KEYS: delayed, jobs, leases, dead, revoked, ready stream of the message's level
+/// ARGV: group, level, stream id, deliveries, delay ms, max deliveries, dead maxlen,
+///       dead retention ms, queue name
+/// Returns 0 (lease gone), 1 (re-enqueued), 2 (dead-lettered).
+const NACK: &str = r#"
+local key, group, lvl, id = KEYS[6], ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local count = tonumber(ARGV[4])
+if not in_lease(key, group, id, count) then return 0 end
+local e = redis.call('XRANGE', key, id, id)
+local tag = lvl .. '/' .. id
+redis.call('XACK', key, group, id)
+redis.call('HDEL', KEYS[3], tag)
+forget_revoked(KEYS[5], tag, count - 1)
+if not e[1] then return 0 end
+redis.call('XDEL', key, id)
+local fields, attempts, stable = carry_fields(e[1][2], lvl, id, count)
+local maxdel = tonumber(ARGV[6])
+local now = now_ms()
+if maxdel > 0 and attempts >= maxdel then
+  dead_letter(KEYS[4], fields,
+    'nacked after ' .. attempts .. ' deliveries (max_deliveries ' .. maxdel .. ')',
+    ARGV[9], stable, attempts, ARGV[7], tonumber(ARGV[8]), now)
+  return 2
+end
+local delay = tonumber(ARGV[5])
+if delay > 0 then
+  redis.call('HSET', KEYS[2], stable, cmsgpack.pack({tostring(lvl), unpack(fields)}))
+  redis.call('ZADD', KEYS[1], now + delay, stable)
+else
+  redis.call('XADD', key, '*', unpack(fields))
+end
+return 1
+"#;
+
+/// Extend a lease: reset the entry's idle clock with `XCLAIM … IDLE … JUSTID` to its
+/// current owner. `JUSTID` is the form that does not increment the delivery counter,
+/// so the attempt number is unchanged. Deadlines past the visibility timeout are kept
+/// in the leases hash and honoured by the reclaim step of MAINTAIN.
+///
+/// KEYS: leases, ready stream of the message's level
+/// ARGV: group, level, stream id, deliveries, by ms, visibility ms
+/// Returns 1, or 0 when the lease is gone.
+const EXTEND: &str = r#"
+local p = in_lease(KEYS[2], ARGV[1], ARGV[3], tonumber(ARGV[4]))
+if not p then return 0 end
+local by, vis = tonumber(ARGV[5]), tonumber(ARGV[6])
+local tag = ARGV[2] .. '/' .. ARGV[3]
+local idle = 0
+if by > vis then
+  redis.call('HSET', KEYS[1], tag, now_ms() + by)
+else
+  idle = vis - by
+  redis.call('HDEL', KEYS[1], tag)
+end
+redis.call('XCLAIM', KEYS[2], ARGV[1], p[2], 0, ARGV[3], 'IDLE', idle, 'JUSTID')
+return 1
+"#;
+
+/// Depth counts in one step.
+///
+/// KEYS: delayed, dead, ready streams; ARGV: group
+/// Returns {waiting, in flight, delayed, dead-lettered}.
+const DEPTH: &str = r#"
+local len, pending = 0, 0
+for i = 3, #KEYS do
+  len = len + redis.call('XLEN', KEYS[i])
+  local s = redis.pcall('XPENDING', KEYS[i], ARGV[1])
+  if type(s) == 'table' and s[1] then pending = pending + tonumber(s[1]) end
+end
+local waiting = len - pending
+if waiting < 0 then waiting = 0 end
+return {waiting, pending, redis.call('ZCARD', KEYS[1]), redis.call('XLEN', KEYS[2])}
+"#;
+
+/// Forget a consumer of the group, only when it holds no pending entry (deleting a
+/// consumer drops its pending entries, which would lose them).
+///
+/// KEYS: ready streams; ARGV: group, consumer. Returns 1 when removed.
+const RELEASE: &str = r#"
+for i = 1, #KEYS do
+  local p = redis.pcall('XPENDING', KEYS[i], ARGV[1], '-', '+', 1, ARGV[2])
+  if type(p) == 'table' and p[1] then return 0 end
+end
+for i = 1, #KEYS do
+  redis.pcall('XGROUP', 'DELCONSUMER', KEYS[i], ARGV[1], ARGV[2])
+end
+return 1
+"#;
+
+/// Move up to N of the oldest dead letters back to their ready stream, with the
+/// attempt count reset.
+///
+/// KEYS: dead, ready streams; ARGV: count. Returns how many moved.
+const REDRIVE: &str = r#"
+local nlevels = #KEYS - 1
+local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', tonumber(ARGV[1]))
+for _, e in ipairs(entries) do
+  local out = {}
+  local lvl = 0
+  local fields = e[2]
+  for j = 1, #fields, 2 do
+    local f = fields[j]
+    if f ~= 'a' then
+      out[#out + 1] = f
+      out[#out + 1] = fields[j + 1]
+      if f == 'r' then lvl = tonumber(fields[j + 1]) or 0 end
+    end
+  end
+  if lvl < 0 then lvl = 0 end
+  if lvl >= nlevels then lvl = nlevels - 1 end
+  redis.call('XADD', KEYS[2 + lvl], '*', unpack(out))
+  redis.call('XDEL', KEYS[1], e[1])
+end
+return #entries
+"#;
+
+/// One script: its source (for `SCRIPT LOAD`) and SHA (for `EVALSHA`).
+#[derive(Debug)]
+pub(crate) struct Lua {
+    pub(crate) name: &'static str,
+    code: String,
+    pub(crate) script: Script,
+}
+
+impl Lua {
+    fn new(name: &'static str, body: &str) -> Self {
+        let code = format!("{PRELUDE}{body}");
+        Lua {
+            name,
+            script: Script::new(&code),
+            code,
+        }
+    }
+
+    /// The source, for `SCRIPT LOAD`.
+    pub(crate) fn script_code(&self) -> &str {
+        &self.code
+    }
+
+    /// `EVALSHA <sha> <numkeys>`: add keys, then arguments.
+    pub(crate) fn call(&self, numkeys: usize) -> Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash()).arg(numkeys);
+        cmd
+    }
+}
+
+/// All scripts, hashed once per process.
+#[derive(Debug)]
+pub(crate) struct Scripts {
+    pub(crate) enqueue: Lua,
+    pub(crate) maintain: Lua,
+    pub(crate) ack: Lua,
+    pub(crate) nack: Lua,
+    pub(crate) extend: Lua,
+    pub(crate) depth: Lua,
+    pub(crate) release: Lua,
+    pub(crate) redrive: Lua,
+}
+
+impl Scripts {
+    pub(crate) fn all(&self) -> [&Lua; 8] {
+        [
+            &self.enqueue,
+            &self.maintain,
+            &self.ack,
+            &self.nack,
+            &self.extend,
+            &self.depth,
+            &self.release,
+            &self.redrive,
+        ]
+    }
+}
+
+pub(crate) fn scripts() -> &'static Scripts {
+    static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
+    SCRIPTS.get_or_init(|| Scripts {
+        enqueue: Lua::new("enqueue", ENQUEUE),
+        maintain: Lua::new("maintain", MAINTAIN),
+        ack: Lua::new("ack", ACK),
+        nack: Lua::new("nack", NACK),
+        extend: Lua::new("extend", EXTEND),
+        depth: Lua::new("depth", DEPTH),
+        release: Lua::new("release", RELEASE),
+        redrive: Lua::new("redrive", REDRIVE),
+    })
+}

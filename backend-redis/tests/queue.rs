@@ -1,0 +1,592 @@
+//! Queue semantics against a real redis-server (FERRYMQ_TEST_REDIS_URL).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{connect, raw, WAIT};
+use ferrymq_core::{Consumer, ErrorKind, Message, Priority, Producer};
+use redis::AsyncCommands;
+
+#[tokio::test]
+async fn send_receive_ack_removes_entries() {
+    let (p, c, cfg) = connect("basic", "").await;
+    let before = SystemTime::now() - Duration::from_secs(1);
+    let receipt = p
+        .send(
+            Message::new("hello")
+                .header("event-type", "greeting")
+                .key("k1"),
+        )
+        .await
+        .unwrap();
+    assert!(!receipt.id.is_empty() && !receipt.duplicate);
+    let ds = c.receive(10, WAIT).await.unwrap();
+    assert_eq!(ds.len(), 1);
+    let d = &ds[0];
+    assert_eq!(d.payload().as_ref(), b"hello");
+    assert_eq!(d.headers().get("event-type"), Some("greeting"));
+    assert_eq!(d.key(), Some("k1"));
+    assert_eq!(d.attempt(), 1);
+    assert_eq!(d.id(), receipt.id);
+    assert_eq!(&*d.meta().queue, cfg.queue.as_str());
+    assert!(d.meta().enqueued_at >= before && d.meta().enqueued_at <= SystemTime::now());
+    let depth = c.depth().await.unwrap();
+    assert_eq!((depth.waiting, depth.in_flight), (0, 1));
+    d.ack().await.unwrap();
+    assert_eq!(d.ack().await.unwrap_err().kind(), ErrorKind::AlreadyAcked);
+    let depth = p.depth().await.unwrap();
+    assert_eq!(depth.total(), 0);
+    // Acked entries are deleted from the stream, not just acknowledged.
+    let mut r = raw().await;
+    let len: u64 = r
+        .xlen(format!("ferrymq:{{{}}}:ready:0", cfg.queue))
+        .await
+        .unwrap();
+    assert_eq!(len, 0);
+}
+
+#[tokio::test]
+async fn batch_send_receive_ack_in_bulk() {
+    let (p, c, _) = connect("batch", "").await;
+    let msgs: Vec<Message> = (0..500).map(|i| Message::new(format!("m{i}"))).collect();
+    let results = p.send_batch(msgs).await.unwrap();
+    assert_eq!(results.len(), 500);
+    let ids: HashSet<String> = results.into_iter().map(|r| r.unwrap().id).collect();
+    assert_eq!(ids.len(), 500, "ids are unique");
+    assert_eq!(p.depth().await.unwrap().waiting, 500);
+    let mut seen = HashSet::new();
+    while seen.len() < 500 {
+        let ds = c.receive(200, WAIT).await.unwrap();
+        assert!(!ds.is_empty() && ds.len() <= 200);
+        let acks: Vec<_> = ds.iter().map(|d| d.ack()).collect();
+        for r in futures::future::join_all(acks).await {
+            r.unwrap();
+        }
+        for d in ds {
+            assert!(seen.insert(d.payload().clone()), "no duplicate delivery");
+        }
+    }
+    assert_eq!(c.depth().await.unwrap().total(), 0);
+    assert!(c
+        .receive(10, Duration::from_millis(50))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn batch_with_bad_entries_fails_them_alone() {
+    let (p, c, _) = connect("batchbad", "max_message_size=100").await;
+    let results = p
+        .send_batch(vec![
+            Message::new("ok1"),
+            Message::new(vec![0u8; 101]),
+            Message::new("ok2").dedup_id("x"),
+            Message::new("bad").header("has space", "v"),
+            Message::new("ok3").delay(Duration::from_millis(1)),
+        ])
+        .await
+        .unwrap();
+    assert!(results[0].is_ok());
+    assert_eq!(results[1].as_ref().unwrap_err().kind(), ErrorKind::TooLarge);
+    assert!(results[2].is_ok());
+    assert_eq!(
+        results[3].as_ref().unwrap_err().kind(),
+        ErrorKind::InvalidMessage
+    );
+    assert!(results[4].is_ok());
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        for d in c.receive(10, WAIT).await.unwrap() {
+            got.push(String::from_utf8(d.payload().to_vec()).unwrap());
+            d.ack().await.unwrap();
+        }
+    }
+    got.sort();
+    assert_eq!(got, vec!["ok1", "ok2", "ok3"]);
+}
+
+#[tokio::test]
+async fn unacked_delivery_is_redelivered_with_attempt_plus_one() {
+    let (p, c, _) = connect("vis", "visibility=500ms").await;
+    let id = p.send(Message::new("x")).await.unwrap().id;
+    let first = c.receive(1, WAIT).await.unwrap().remove(0);
+    assert_eq!(first.attempt(), 1);
+    let t0 = Instant::now();
+    drop(first); // dropped without ack: must come back
+    let again = c.receive(1, WAIT).await.unwrap().remove(0);
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(450),
+        "redelivered too early: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(3),
+        "redelivered too late: {waited:?}"
+    );
+    assert_eq!(again.attempt(), 2);
+    assert_eq!(
+        again.id(),
+        id,
+        "the message id is stable across redeliveries"
+    );
+    drop(again);
+    let third = c.receive(1, WAIT).await.unwrap().remove(0);
+    assert_eq!(third.attempt(), 3);
+    third.ack().await.unwrap();
+    assert_eq!(c.depth().await.unwrap().total(), 0);
+}
+
+#[tokio::test]
+async fn stale_handle_gets_lease_expired() {
+    let (p, c, _) = connect("stale", "visibility=300ms").await;
+    p.send(Message::new("x")).await.unwrap();
+    let first = c.receive(1, WAIT).await.unwrap().remove(0);
+    let second = c.receive(1, WAIT).await.unwrap().remove(0);
+    assert_eq!(second.attempt(), 2);
+    // The first lease is gone: none of its settles may touch the redelivery.
+    assert_eq!(
+        first
+            .extend(Duration::from_secs(5))
+            .await
+            .unwrap_err()
+            .kind(),
+        ErrorKind::LeaseExpired
+    );
+    assert_eq!(
+        first.ack().await.unwrap_err().kind(),
+        ErrorKind::LeaseExpired
+    );
+    assert_eq!(
+        first.nack(None).await.unwrap_err().kind(),
+        ErrorKind::AlreadyAcked
+    );
+    assert_eq!(c.depth().await.unwrap().in_flight, 1);
+    second.ack().await.unwrap();
+    assert_eq!(c.depth().await.unwrap().total(), 0);
+}
+
+#[tokio::test]
+async fn extend_keeps_the_lease_without_bumping_the_attempt() {
+    let (p, c, cfg) = connect("extend", "visibility=600ms").await;
+    p.send(Message::new("x")).await.unwrap();
+    let d = c.receive(1, WAIT).await.unwrap().remove(0);
+    // Heartbeat 4 times, each within the timeout: 1.6 s total > visibility.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        d.extend(Duration::from_millis(600)).await.unwrap();
+        assert!(
+            c.receive(1, Duration::ZERO).await.unwrap().is_empty(),
+            "extended lease was reclaimed"
+        );
+    }
+    // The delivery counter of the entry is still 1: XCLAIM JUSTID did not bump it.
+    let mut r = raw().await;
+    let pending: redis::Value = redis::cmd("XPENDING")
+        .arg(format!("ferrymq:{{{}}}:ready:0", cfg.queue))
+        .arg(&cfg.group)
+        .arg("-")
+        .arg("+")
+        .arg(10)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let pending: Vec<(String, String, u64, u64)> = redis::from_redis_value(pending).unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].3, 1, "delivery count after extends");
+    // Stop extending: it comes back as attempt 2.
+    drop(d);
+    let again = c.receive(1, WAIT).await.unwrap().remove(0);
+    assert_eq!(again.attempt(), 2);
+    again.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn extend_past_the_visibility_timeout() {
+    let (p, c, _) = connect("extendlong", "visibility=300ms").await;
+    p.send(Message::new("x")).await.unwrap();
+    let d = c.receive(1, WAIT).await.unwrap().remove(0);
+    let t0 = Instant::now();
+    d.extend(Duration::from_millis(1500)).await.unwrap();
+    // Polls through several visibility periods find nothing...
+    while t0.elapsed() < Duration::from_millis(1300) {
+        assert!(
+            c.receive(1, Duration::from_millis(100))
+                .await
+                .unwrap()
+                .is_empty(),
+            "redelivered at {:?} despite the 1.5 s extension",
+            t0.elapsed()
+        );
+    }
+    // ... and the handle still owns the lease.
+    d.extend(Duration::from_millis(1000)).await.unwrap();
+    drop(d);
+    let again = c.receive(1, WAIT).await.unwrap().remove(0);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(2200),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(again.attempt(), 2);
+    again.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn nack_now_and_later_carry_the_attempt() {
+    let (p, c, _) = connect("nack", "").await;
+    let id = p
+        .send(Message::new("x").header("h", "v").priority(1))
+        .await
+        .unwrap()
+        .id;
+    let d = c.receive(1, WAIT).await.unwrap().remove(0);
+    assert_eq!(d.attempt(), 1);
+    d.nack(None).await.unwrap();
+    let d = c.receive(1, WAIT).await.unwrap().remove(0);
+    assert_eq!(d.attempt(), 2);
+    assert_eq!(d.id(), id);
+    assert_eq!(d.headers().get("h"), Some("v"));
+    assert_eq!(d.message().get_priority(), Some(1));
+    let t0 = Instant::now();
+    d.nack(Some(Duration::from_millis(700))).await.unwrap();
+    assert_eq!(c.depth().await.unwrap().delayed, 1);
+    assert!(c
+        .receive(1, Duration::from_millis(400))
+        .await
+        .unwrap()
+        .is_empty());
+    let d = c.receive(1, WAIT).await.unwrap().remove(0);
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(690),
+        "nack delay not honoured: {waited:?}"
+    );
+    assert!(waited < Duration::from_millis(2000), "{waited:?}");
+    assert_eq!(d.attempt(), 3);
+    assert_eq!(d.id(), id);
+    assert_eq!(d.payload().as_ref(), b"x");
+    d.ack().await.unwrap();
+    assert_eq!(c.depth().await.unwrap().total(), 0);
+}
+
+#[tokio::test]
+async fn delayed_send_is_not_delivered_early() {
+    let (p, c, _) = connect("delay", "").await;
+    let t0 = Instant::now();
+    let r = p
+        .send(Message::new("later").delay(Duration::from_millis(800)))
+        .await
+        .unwrap();
+    p.send(Message::new("now")).await.unwrap();
+    let d = c.receive(10, WAIT).await.unwrap();
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].payload().as_ref(), b"now");
+    d[0].ack().await.unwrap();
+    assert_eq!(c.depth().await.unwrap().delayed, 1);
+    let d = c.receive(10, WAIT).await.unwrap().remove(0);
+    let waited = t0.elapsed();
+    assert!(waited >= Duration::from_millis(790), "{waited:?}");
+    assert!(waited < Duration::from_millis(1500), "{waited:?}");
+    assert_eq!(d.payload().as_ref(), b"later");
+    assert_eq!(d.id(), r.id);
+    assert_eq!(d.attempt(), 1);
+    assert!(d.message().get_delay().is_none());
+    d.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn due_messages_are_promoted_exactly_once_with_many_consumers() {
+    let (p, _c, cfg) = connect("promote", "visibility=30s").await;
+    let n = 300;
+    let msgs: Vec<Message> = (0..n)
+        .map(|i| Message::new(format!("{i}")).delay(Duration::from_millis(300)))
+        .collect();
+    for r in p.send_batch(msgs).await.unwrap() {
+        r.unwrap();
+    }
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let c = cfg.consumer().await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline {
+                for d in c.receive(20, Duration::from_millis(200)).await.unwrap() {
+                    got.push(d.payload().clone());
+                    d.ack().await.unwrap();
+                }
+            }
+            got
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    assert_eq!(all.len(), n, "each message delivered exactly once");
+    let distinct: HashSet<_> = all.into_iter().collect();
+    assert_eq!(distinct.len(), n);
+    assert_eq!(p.depth().await.unwrap().total(), 0);
+}
+
+#[tokio::test]
+async fn dedup_window_drops_duplicates() {
+    let (p, c, _) = connect("dedup", "dedup_window=700ms").await;
+    let a = p.send(Message::new("a").dedup_id("order-1")).await.unwrap();
+    let b = p.send(Message::new("b").dedup_id("order-1")).await.unwrap();
+    assert!(!a.duplicate);
+    assert!(b.duplicate);
+    assert_eq!(b.id, a.id, "the duplicate names the original");
+    let batch = p
+        .send_batch(vec![
+            Message::new("c").dedup_id("order-2"),
+            Message::new("d").dedup_id("order-2"),
+        ])
+        .await
+        .unwrap();
+    assert!(!batch[0].as_ref().unwrap().duplicate);
+    assert!(batch[1].as_ref().unwrap().duplicate);
+    // A delayed message dedups too.
+    let e = p
+        .send(
+            Message::new("e")
+                .dedup_id("order-1")
+                .delay(Duration::from_millis(10)),
+        )
+        .await
+        .unwrap();
+    assert!(e.duplicate);
+    assert_eq!(p.depth().await.unwrap().waiting, 2);
+    tokio::time::sleep(Duration::from_millis(750)).await;
+    let f = p.send(Message::new("f").dedup_id("order-1")).await.unwrap();
+    assert!(!f.duplicate, "window passed");
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        for d in c.receive(10, WAIT).await.unwrap() {
+            got.push(d.payload().clone());
+            d.ack().await.unwrap();
+        }
+    }
+    got.sort();
+    assert_eq!(got, vec!["a", "c", "f"]);
+}
+
+#[tokio::test]
+async fn higher_priority_levels_first() {
+    let (p, c, _) = connect("prio", "priority_levels=3").await;
+    assert_eq!(c.capabilities().priority, Priority::Levels(3));
+    let mut msgs = Vec::new();
+    for i in 0..5 {
+        msgs.push(Message::new(format!("low{i}")));
+        msgs.push(Message::new(format!("mid{i}")).priority(1));
+        msgs.push(Message::new(format!("high{i}")).priority(7)); // clamps to level 2
+    }
+    p.send_batch(msgs).await.unwrap();
+    let mut order = Vec::new();
+    while order.len() < 15 {
+        for d in c.receive(4, WAIT).await.unwrap() {
+            order.push(String::from_utf8(d.payload().to_vec()).unwrap());
+            d.ack().await.unwrap();
+        }
+    }
+    let expected: Vec<String> = ["high", "mid", "low"]
+        .iter()
+        .flat_map(|p| (0..5).map(move |i| format!("{p}{i}")))
+        .collect();
+    assert_eq!(order, expected, "levels high to low, FIFO within a level");
+}
+
+#[tokio::test]
+async fn depth_counts_every_state() {
+    let (p, c, _) = connect("depth", "max_deliveries=1").await;
+    p.send_batch((0..4).map(|i| Message::new(format!("{i}"))).collect())
+        .await
+        .unwrap();
+    p.send(Message::new("d").delay(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let ds = c.receive(2, WAIT).await.unwrap();
+    assert_eq!(ds.len(), 2);
+    // max_deliveries=1: a nack dead-letters.
+    ds[0].nack(None).await.unwrap();
+    let depth = c.depth().await.unwrap();
+    assert_eq!(depth.waiting, 2);
+    assert_eq!(depth.in_flight, 1);
+    assert_eq!(depth.delayed, 1);
+    assert_eq!(depth.dead_lettered, 1);
+}
+
+#[tokio::test]
+async fn max_deliveries_dead_letters_with_reason_and_redrive() {
+    let (p, c, cfg) = connect("dlq", "visibility=200ms&max_deliveries=2").await;
+    let id = p
+        .send(Message::new("poison").header("x", "1"))
+        .await
+        .unwrap()
+        .id;
+    let d1 = c.receive(1, WAIT).await.unwrap().remove(0);
+    assert_eq!(d1.attempt(), 1);
+    drop(d1); // timeout
+    let d2 = c.receive(1, WAIT).await.unwrap().remove(0);
+    assert_eq!(d2.attempt(), 2);
+    drop(d2); // timeout again: max_deliveries reached
+    assert!(c
+        .receive(1, Duration::from_millis(800))
+        .await
+        .unwrap()
+        .is_empty());
+    let depth = c.depth().await.unwrap();
+    assert_eq!((depth.total(), depth.dead_lettered), (0, 1));
+    let dead = c.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    let m = &dead[0].message;
+    assert_eq!(m.payload().as_ref(), b"poison");
+    assert_eq!(m.headers().get("x"), Some("1"));
+    assert_eq!(m.headers().get("ferrymq-attempts"), Some("2"));
+    assert_eq!(
+        m.headers().get("ferrymq-origin-queue"),
+        Some(cfg.queue.as_str())
+    );
+    assert_eq!(
+        m.headers().get("ferrymq-origin-message-id"),
+        Some(id.as_str())
+    );
+    assert!(m
+        .headers()
+        .get("ferrymq-failure-reason")
+        .unwrap()
+        .contains("visibility timeout"));
+
+    // Nacks count too.
+    p.send(Message::new("nacked")).await.unwrap();
+    let d = c.receive(1, WAIT).await.unwrap().remove(0);
+    d.nack(None).await.unwrap();
+    let d = c.receive(1, WAIT).await.unwrap().remove(0);
+    assert_eq!(d.attempt(), 2);
+    d.nack(None).await.unwrap();
+    assert_eq!(c.depth().await.unwrap().dead_lettered, 2);
+
+    // Redrive puts them back with a fresh attempt count.
+    assert_eq!(c.redrive(10).await.unwrap(), 2);
+    let mut back = Vec::new();
+    while back.len() < 2 {
+        for d in c.receive(10, WAIT).await.unwrap() {
+            assert_eq!(d.attempt(), 1);
+            back.push(d.payload().clone());
+            d.ack().await.unwrap();
+        }
+    }
+    back.sort();
+    assert_eq!(back, vec!["nacked", "poison"]);
+    assert_eq!(c.depth().await.unwrap().dead_lettered, 0);
+}
+
+#[tokio::test]
+async fn dead_letter_stream_is_bounded() {
+    let (p, c, cfg) = connect("dlqbound", "max_deliveries=1&dlq_max_len=5").await;
+    p.send_batch((0..300).map(|i| Message::new(format!("{i}"))).collect())
+        .await
+        .unwrap();
+    let mut n = 0;
+    while n < 300 {
+        for d in c.receive(100, WAIT).await.unwrap() {
+            d.nack(None).await.unwrap();
+            n += 1;
+        }
+    }
+    let depth = c.depth().await.unwrap();
+    assert_eq!(depth.total(), 0);
+    // MAXLEN ~ trims whole macro nodes: the bound is approximate but holds.
+    assert!(
+        depth.dead_lettered <= 200,
+        "dead letters not trimmed: {}",
+        depth.dead_lettered
+    );
+    assert!(depth.dead_lettered >= 5);
+    let mut r = raw().await;
+    let len: u64 = r
+        .xlen(format!("ferrymq:{{{}}}:dead", cfg.queue))
+        .await
+        .unwrap();
+    assert_eq!(len, depth.dead_lettered);
+}
+
+#[tokio::test]
+async fn receive_waits_then_returns_empty_or_on_arrival() {
+    let (p, c, _) = connect("wait", "").await;
+    let t0 = Instant::now();
+    assert!(c
+        .receive(5, Duration::from_millis(300))
+        .await
+        .unwrap()
+        .is_empty());
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(290) && waited < Duration::from_millis(1000),
+        "{waited:?}"
+    );
+    let p2 = p.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        p2.send(Message::new("late")).await.unwrap();
+    });
+    let t0 = Instant::now();
+    let ds = c.receive(5, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(ds.len(), 1);
+    assert!(
+        t0.elapsed() < Duration::from_millis(1000),
+        "long poll woke late: {:?}",
+        t0.elapsed()
+    );
+    ds[0].ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn close_refuses_further_calls_but_settles_outstanding() {
+    let (p, c, _) = connect("close", "").await;
+    p.send(Message::new("x")).await.unwrap();
+    let d = c.receive(1, WAIT).await.unwrap().remove(0);
+    c.close().await.unwrap();
+    assert_eq!(
+        c.receive(1, Duration::ZERO).await.unwrap_err().kind(),
+        ErrorKind::Closed
+    );
+    d.ack().await.unwrap();
+    p.close().await.unwrap();
+    assert_eq!(
+        p.send(Message::new("y")).await.unwrap_err().kind(),
+        ErrorKind::Closed
+    );
+}
+
+#[tokio::test]
+async fn close_wakes_a_blocked_receive() {
+    let (_p, c, _) = connect("closewake", "visibility=30s").await;
+    let c2 = c.clone();
+    let t = tokio::spawn(async move { c2.receive(1, Duration::from_secs(30)).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t0 = Instant::now();
+    c.close().await.unwrap();
+    let r = t.await.unwrap();
+    assert_eq!(r.unwrap_err().kind(), ErrorKind::Closed);
+    assert!(t0.elapsed() < Duration::from_millis(500));
+}
+
+#[tokio::test]
+async fn capabilities_are_what_is_proven() {
+    let (p, c, _) = connect("caps", "visibility=2s").await;
+    let caps = p.capabilities();
+    assert_eq!(caps, c.capabilities());
+    assert_eq!(caps.backend, "redis");
+    assert_eq!(caps.ordering, ferrymq_core::Ordering::None);
+    assert_eq!(caps.visibility_timeout, Some(Duration::from_secs(2)));
+    assert!(caps.extend_visibility && caps.nack_delay && caps.attempts && caps.depth);
+    assert!(!caps.bounded);
+    assert_eq!(caps.priority, Priority::Levels(4));
+    assert_eq!(caps.dedup_window, Some(Duration::from_secs(300)));
+}

@@ -1,0 +1,124 @@
+//! What every driver needs from the run: the Redis server, fresh queue names, the
+//! stall limit, and how to start a consumer child process for RSS measurements.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::redis_server::RedisServer;
+
+#[derive(Debug)]
+pub struct Env {
+    pub redis: Option<RedisServer>,
+    pub stall: Duration,
+    pub exe: PathBuf,
+    pub bullmq: Option<crate::subjects::bullmq::NodeSetup>,
+    /// Why BullMQ could not be set up, when it could not.
+    pub bullmq_error: Option<String>,
+    next: AtomicU64,
+}
+
+impl Env {
+    pub fn new(redis: Option<RedisServer>, stall: Duration) -> Result<Self> {
+        Ok(Env {
+            redis,
+            stall,
+            exe: std::env::current_exe().context("locating the bench binary")?,
+            bullmq: None,
+            bullmq_error: None,
+            next: AtomicU64::new(0),
+        })
+    }
+
+    /// A queue name no earlier run in this process used.
+    pub fn queue_name(&self, subject: &str) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("bench-{subject}-{}-{n}", std::process::id())
+    }
+
+    pub fn redis(&self) -> Result<&RedisServer> {
+        self.redis
+            .as_ref()
+            .ok_or_else(|| anyhow!("no Redis server in this run"))
+    }
+
+    /// Run this binary as an RSS consumer child and return what it reported.
+    pub async fn run_child(&self, spec: &ChildSpec) -> Result<ChildReport> {
+        let spec_json = serde_json::to_string(spec)?;
+        let child = tokio::process::Command::new(&self.exe)
+            .arg("--child")
+            .arg(&spec_json)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the consumer child process")?;
+        // Generous: a child reports its own stalls; this only bounds a hung process.
+        let limit = self.stall * 4 + Duration::from_secs(spec.backlog / 2_000);
+        let out = tokio::time::timeout(limit, child.wait_with_output())
+            .await
+            .map_err(|_| anyhow!("consumer child did not finish within {} s", limit.as_secs()))??;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout.lines().last().unwrap_or_default();
+        if !out.status.success() {
+            bail!(
+                "consumer child failed ({}): {} {}",
+                out.status,
+                line,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_str(line).with_context(|| format!("child printed {line:?}"))
+    }
+}
+
+/// What the parent asks an RSS consumer child to do.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChildSpec {
+    pub subject: String,
+    pub queue: String,
+    pub backlog: u64,
+    pub size: usize,
+    pub redis_url: Option<String>,
+    pub stall_secs: u64,
+}
+
+/// What the child reports on its last stdout line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChildReport {
+    /// VmHWM (peak resident set) of the child, KiB.
+    pub peak_kib: u64,
+    /// VmRSS just before consuming started, KiB.
+    pub before_consume_kib: u64,
+    pub consumed: u64,
+    pub secs: f64,
+}
+
+/// A field of /proc/self/status in KiB (VmHWM, VmRSS).
+pub fn proc_status_kib(field: &str) -> Result<u64> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow!("no {field} in /proc/self/status"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_own_peak_rss() {
+        // RSS first: the peak read afterwards can only be higher.
+        let rss = proc_status_kib("VmRSS").unwrap();
+        let hwm = proc_status_kib("VmHWM").unwrap();
+        assert!(hwm >= rss && rss > 0, "hwm {hwm} rss {rss}");
+    }
+}

@@ -1,0 +1,81 @@
+//! `ferry`: send, receive and inspect ferrymq queues, and run the order-pipeline demo.
+//!
+//! ```text
+//! ferry demo                                   # the order pipeline, in process
+//! ferry demo --url 'redis://127.0.0.1:6379/{queue}?group=demo'
+//! ferry send --url redis://127.0.0.1:6379/orders '{"order": 42}' --key customer-7
+//! ferry receive --url redis://127.0.0.1:6379/orders --max 10
+//! ferry depth --url redis://127.0.0.1:6379/orders
+//! ```
+//!
+//! `--url` defaults to `$FERRYMQ_URL`.
+
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+mod commands;
+mod demo;
+mod queue_url;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Send, receive and inspect ferrymq queues; run the order-pipeline demo"
+)]
+struct Cli {
+    /// More logging (-v info, -vv debug). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the order pipeline end to end: orders -> invoice worker -> invoices -> email worker,
+    /// with transient failures, a poison message and a duplicate send.
+    Demo(demo::Args),
+    /// Send messages to a queue.
+    Send(commands::SendArgs),
+    /// Receive messages from a queue, print them, and ack (or release) them.
+    Receive(commands::ReceiveArgs),
+    /// Print a queue's depth.
+    Depth(commands::DepthArgs),
+}
+
+fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "error",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.verbose);
+    let result = match cli.command {
+        Command::Demo(args) => demo::run(args).await,
+        Command::Send(args) => commands::send(args).await,
+        Command::Receive(args) => commands::receive(args).await,
+        Command::Depth(args) => commands::depth(args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

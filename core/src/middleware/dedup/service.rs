@@ -1,0 +1,128 @@
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tower::Service;
+
+use super::layer::DedupConfig;
+use super::{dedup_key, Claim, DedupStore};
+use crate::delivery::Delivery;
+use crate::error::BoxError;
+use crate::middleware::outcome::{self, Outcome};
+use crate::middleware::BoxFuture;
+
+/// Skips deliveries already handled; see the [module docs](super).
+///
+/// The inner service must be `Clone` (the tower convention for middleware that call
+/// their inner service from inside a future): the claim is awaited before the
+/// handler is called.
+#[derive(Debug, Clone)]
+pub struct Dedup<S> {
+    inner: S,
+    config: Arc<DedupConfig>,
+}
+
+impl<S> Dedup<S> {
+    pub(super) fn from_parts(inner: S, config: Arc<DedupConfig>) -> Self {
+        Dedup { inner, config }
+    }
+}
+
+/// Releases the claim if the handler future is dropped before finishing (shutdown
+/// deadline, or an uncaught panic unwinding through it), so the redelivery is not
+/// held back as "in progress" for the whole claim TTL.
+struct ReleaseOnDrop {
+    store: Option<Arc<dyn DedupStore>>,
+    key: String,
+}
+
+impl ReleaseOnDrop {
+    fn disarm(&mut self) {
+        self.store = None;
+    }
+}
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        if let (Some(store), Ok(rt)) = (self.store.take(), tokio::runtime::Handle::try_current()) {
+            let key = std::mem::take(&mut self.key);
+            rt.spawn(async move {
+                if let Err(e) = store.release(&key).await {
+                    tracing::warn!(%key, error = %e, "dedup: releasing an abandoned claim failed");
+                }
+            });
+        }
+    }
+}
+
+impl<S> Service<Delivery> for Dedup<S>
+where
+    S: Service<Delivery, Response = ()> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = ();
+    type Error = BoxError;
+    type Future = BoxFuture<Result<(), BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, delivery: Delivery) -> Self::Future {
+        // Take the service that was driven to readiness; leave a fresh clone behind.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let config = self.config.clone();
+        Box::pin(async move {
+            let namespace = config
+                .namespace
+                .as_deref()
+                .unwrap_or(&delivery.meta().queue);
+            let key = dedup_key(namespace, &delivery);
+            let store = &config.store;
+            match store.claim(&key, config.claim_ttl).await {
+                Err(e) => {
+                    // Without the store we cannot tell; do not handle blind.
+                    tracing::warn!(%key, error = %e, "dedup: claim failed; deferring");
+                    outcome::record(Outcome::Deferred);
+                    delivery.nack(Some(config.retry_in_progress_after)).await?;
+                    Err(e.into())
+                }
+                Ok(Claim::Duplicate) => {
+                    tracing::debug!(%key, "dedup: duplicate acked without handling");
+                    delivery.ack().await?;
+                    outcome::record(Outcome::Deduplicated);
+                    Ok(())
+                }
+                Ok(Claim::InProgress) => {
+                    tracing::debug!(%key, "dedup: key in progress elsewhere; deferring");
+                    delivery.nack(Some(config.retry_in_progress_after)).await?;
+                    outcome::record(Outcome::Deferred);
+                    Ok(())
+                }
+                Ok(Claim::Claimed) => {
+                    let mut guard = ReleaseOnDrop {
+                        store: Some(store.clone()),
+                        key: key.clone(),
+                    };
+                    let result = inner.call(delivery).await.map_err(Into::into);
+                    guard.disarm();
+                    match &result {
+                        Ok(()) => {
+                            if let Err(e) = store.complete(&key).await {
+                                // Handled all the same; a redelivery may run twice.
+                                tracing::warn!(%key, error = %e, "dedup: marking done failed");
+                            }
+                        }
+                        Err(_) => {
+                            if let Err(e) = store.release(&key).await {
+                                tracing::warn!(%key, error = %e, "dedup: release failed; the retry waits for the claim TTL");
+                            }
+                        }
+                    }
+                    result
+                }
+            }
+        })
+    }
+}

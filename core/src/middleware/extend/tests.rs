@@ -1,0 +1,130 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower::{Layer, ServiceExt};
+
+use super::*;
+use crate::capabilities::Capabilities;
+use crate::middleware::testing::{loose_delivery, queue};
+use crate::middleware::{handler_fn, CatchPanicLayer};
+use crate::worker::Worker;
+use crate::{BoxError, Delivery, Message, Producer};
+
+const VISIBILITY: Duration = Duration::from_secs(10);
+
+/// Runs a handler taking 3x the visibility timeout, with two workers on the queue,
+/// and returns how many times the handler was called.
+async fn long_handler_calls(extend: bool) -> usize {
+    let cfg = queue("extend-long").visibility_timeout(VISIBILITY);
+    let p = cfg.producer().unwrap();
+    p.send(Message::new("slow job")).await.unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = if extend {
+        ExtendVisibilityLayer::from_capabilities(p.capabilities())
+    } else {
+        ExtendVisibilityLayer::disabled()
+    };
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        let calls = calls.clone();
+        let svc = layer.layer(handler_fn(move |_d: Delivery| {
+            let calls = calls.clone();
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(VISIBILITY * 3).await;
+                Ok::<_, BoxError>(())
+            }
+        }));
+        let w = Worker::new(cfg.consumer().unwrap());
+        workers.push(tokio::spawn(
+            w.run_until(svc, tokio::time::sleep(VISIBILITY * 5)),
+        ));
+    }
+    for w in workers {
+        w.await.unwrap().unwrap();
+    }
+    if extend {
+        assert_eq!(p.depth().await.unwrap().total(), 0);
+    }
+    calls.load(Ordering::SeqCst)
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeat_keeps_a_3x_visibility_handler_from_being_redelivered() {
+    assert_eq!(long_handler_calls(true).await, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_the_heartbeat_the_same_handler_is_delivered_twice() {
+    // The control: proves the test above can fail.
+    assert!(long_handler_calls(false).await >= 2);
+}
+
+fn counting_layer_run(
+    behaviour: &'static str,
+) -> impl tower::Service<Delivery, Response = (), Error = BoxError> + Clone {
+    let inner = handler_fn(move |_d: Delivery| async move {
+        tokio::time::sleep(Duration::from_secs(25)).await;
+        match behaviour {
+            "panic" => panic!("heartbeat test panic"),
+            "error" => Err::<(), BoxError>("failed".into()),
+            _ => Ok(()),
+        }
+    });
+    ExtendVisibilityLayer::new(Duration::from_secs(9)).layer(CatchPanicLayer::new().layer(inner))
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeat_beats_every_third_and_stops_on_success_error_and_panic() {
+    for behaviour in ["ok", "error", "panic"] {
+        let (d, counts) = loose_delivery(Message::new("x"), "1", 1);
+        let result = counting_layer_run(behaviour).oneshot(d).await;
+        assert_eq!(result.is_ok(), behaviour == "ok");
+        // 25 s of work, a beat every 3 s: at 3, 6, ..., 24.
+        assert_eq!(counts.extends.load(Ordering::SeqCst), 8, "{behaviour}");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(
+            counts.extends.load(Ordering::SeqCst),
+            8,
+            "{behaviour}: stopped"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeat_stops_when_the_handler_future_is_dropped() {
+    let (d, counts) = loose_delivery(Message::new("x"), "1", 1);
+    let fut = counting_layer_run("ok").oneshot(d);
+    let _ = tokio::time::timeout(Duration::from_secs(10), fut).await;
+    assert_eq!(counts.extends.load(Ordering::SeqCst), 3);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(counts.extends.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_op_without_the_capability() {
+    let mut caps = Capabilities::minimal("test");
+    caps.visibility_timeout = Some(Duration::from_secs(9));
+    let layer = ExtendVisibilityLayer::from_capabilities(&caps);
+    assert!(!layer.is_enabled(), "extend_visibility is false");
+    assert!(!ExtendVisibilityLayer::from_capabilities(&Capabilities::minimal("x")).is_enabled());
+    let (d, counts) = loose_delivery(Message::new("x"), "1", 1);
+    layer
+        .layer(handler_fn(|_d: Delivery| async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok::<_, BoxError>(())
+        }))
+        .oneshot(d)
+        .await
+        .unwrap();
+    assert_eq!(counts.extends.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn fraction_sets_the_interval() {
+    let layer = ExtendVisibilityLayer::new(Duration::from_secs(10)).fraction(0.5);
+    assert!(layer.is_enabled());
+    let svc = layer.layer(());
+    assert!(format!("{svc:?}").contains("every: 5s"), "{svc:?}");
+}

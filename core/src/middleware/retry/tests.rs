@@ -1,0 +1,371 @@
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tower::{Layer, ServiceBuilder, ServiceExt};
+
+use super::dead_letter::parse_rfc3339;
+use super::*;
+use crate::memory::{MemoryConsumer, MemoryProducer};
+use crate::middleware::outcome::{self, Outcome};
+use crate::middleware::testing::{loose_delivery, queue};
+use crate::middleware::{handler_fn, json_handler, permanent, CatchPanicLayer};
+use crate::worker::Worker;
+use crate::{reserved, BoxError, Consumer, Delivery, Message, Producer, WorkerSummary};
+
+const NOW: Duration = Duration::ZERO;
+
+fn no_jitter(base_ms: u64) -> Backoff {
+    Backoff::new(Duration::from_millis(base_ms)).jitter(0.0)
+}
+
+thread_local! {
+    static EPOCH: Cell<Option<std::time::Instant>> = const { Cell::new(None) };
+}
+
+/// Wall clock that follows tokio's paused clock (tests run on one thread each).
+fn tokio_wall_clock() -> SystemTime {
+    let now = tokio::time::Instant::now().into_std();
+    let start = EPOCH.with(|e| {
+        let start = e.get().unwrap_or(now);
+        e.set(Some(start));
+        start
+    });
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000) + now.duration_since(start)
+}
+
+struct Setup {
+    producer: MemoryProducer,
+    consumer: MemoryConsumer,
+    dlq: MemoryConsumer,
+    dlq_producer: MemoryProducer,
+}
+
+fn setup(name: &str) -> Setup {
+    let (producer, consumer) = queue(name).connect().unwrap();
+    let (dlq_producer, dlq) = queue(&format!("{name}-dlq")).connect().unwrap();
+    Setup {
+        producer,
+        consumer,
+        dlq,
+        dlq_producer,
+    }
+}
+
+/// A handler failing its first `fail` calls (all of them when `u32::MAX`).
+fn flaky(
+    calls: Arc<AtomicU32>,
+    fail: u32,
+) -> impl tower::Service<Delivery, Response = (), Error = BoxError, Future = impl Send> + Clone + Send
+{
+    handler_fn(move |_d: Delivery| {
+        let calls = calls.clone();
+        async move {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            if n < fail {
+                return Err::<(), BoxError>(format!("gateway timeout #{}", n + 1).into());
+            }
+            Ok(())
+        }
+    })
+}
+
+async fn run_for<S>(consumer: MemoryConsumer, svc: S, secs: u64) -> WorkerSummary
+where
+    S: tower::Service<Delivery, Response = (), Error = BoxError> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    Worker::new(consumer)
+        .concurrency(4)
+        .run_until(svc, tokio::time::sleep(Duration::from_secs(secs)))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn poison_reaches_the_dlq_after_exactly_n_attempts_with_headers() {
+    let s = setup("retry-poison");
+    let receipt = s
+        .producer
+        .send(Message::new("poison").key("order-13").header("trace", "t1"))
+        .await
+        .unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    let svc = RetryToDlqLayer::new(s.dlq_producer.clone())
+        .max_attempts(3)
+        .backoff(no_jitter(1000))
+        .layer_with_clock(flaky(calls.clone(), u32::MAX), tokio_wall_clock);
+    let summary = run_for(s.consumer.clone(), svc, 20).await;
+
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "exactly max_attempts handler calls"
+    );
+    assert_eq!(
+        (summary.retried, summary.dead_lettered, summary.failed),
+        (2, 1, 0)
+    );
+    assert_eq!(
+        s.producer.depth().await.unwrap().total(),
+        0,
+        "gone from the source"
+    );
+    let dead = s.dlq.receive(10, NOW).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    let h = dead[0].headers();
+    assert_eq!(dead[0].payload().as_ref(), b"poison");
+    assert_eq!(dead[0].key(), Some("order-13"));
+    assert_eq!(h.get("trace"), Some("t1"), "user headers kept");
+    assert_eq!(h.get(reserved::FAILURE_REASON), Some("gateway timeout #3"));
+    assert_eq!(h.get(reserved::ORIGIN_QUEUE), Some(s.producer.queue()));
+    assert_eq!(h.get(reserved::ATTEMPTS), Some("3"));
+    assert_eq!(
+        h.get(reserved::ORIGIN_MESSAGE_ID),
+        Some(receipt.id.as_str())
+    );
+    // Backoff 1 s then 2 s: the first failure was 3 s before the dead-lettering, which
+    // shows it survived two redeliveries.
+    let first = parse_rfc3339(h.get(reserved::FIRST_FAILURE_AT).unwrap()).unwrap();
+    let dead_at = parse_rfc3339(h.get(reserved::DEAD_LETTERED_AT).unwrap()).unwrap();
+    assert_eq!(
+        dead_at.duration_since(first).unwrap(),
+        Duration::from_secs(3)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_wait_for_the_backoff_without_blocking_other_messages() {
+    let s = setup("retry-nonblocking");
+    s.producer.send(Message::new("bad")).await.unwrap();
+    for i in 0..5 {
+        s.producer
+            .send(Message::new(format!("good-{i}")))
+            .await
+            .unwrap();
+    }
+    let handled = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let h2 = handled.clone();
+    let handler = handler_fn(move |d: Delivery| {
+        let handled = h2.clone();
+        async move {
+            let body = String::from_utf8_lossy(d.payload()).into_owned();
+            handled
+                .lock()
+                .unwrap()
+                .push((body.clone(), tokio::time::Instant::now()));
+            if body == "bad" {
+                return Err::<(), BoxError>("nope".into());
+            }
+            Ok(())
+        }
+    });
+    let start = tokio::time::Instant::now();
+    let svc = RetryToDlqLayer::new(s.dlq_producer.clone())
+        .max_attempts(2)
+        .backoff(no_jitter(60_000))
+        .layer(handler);
+    // Concurrency 1: a sleeping retry would hold up every good message for a minute.
+    let summary = Worker::new(s.consumer.clone())
+        .run_until(svc, tokio::time::sleep(Duration::from_secs(120)))
+        .await
+        .unwrap();
+    let handled = handled.lock().unwrap();
+    for (body, at) in handled.iter().filter(|(b, _)| b != "bad") {
+        assert_eq!(at.duration_since(start), NOW, "{body} handled at once");
+    }
+    let bad: Vec<_> = handled
+        .iter()
+        .filter(|(b, _)| b == "bad")
+        .map(|(_, at)| at.duration_since(start))
+        .collect();
+    assert_eq!(
+        bad,
+        [NOW, Duration::from_secs(60)],
+        "redelivered by the broker after the backoff"
+    );
+    assert_eq!(
+        (summary.succeeded, summary.retried, summary.dead_lettered),
+        (5, 1, 1)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_failure_then_success_is_handled_once_and_not_dead_lettered() {
+    let s = setup("retry-transient");
+    s.producer.send(Message::new("order-3")).await.unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    let svc = RetryToDlqLayer::new(s.dlq_producer.clone())
+        .max_attempts(3)
+        .backoff(no_jitter(100))
+        .layer(flaky(calls.clone(), 2));
+    let summary = run_for(s.consumer.clone(), svc, 5).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        (summary.retried, summary.succeeded, summary.dead_lettered),
+        (2, 1, 0)
+    );
+    assert!(s.dlq.receive(10, NOW).await.unwrap().is_empty());
+    assert_eq!(s.producer.depth().await.unwrap().total(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn permanent_and_undecodable_go_to_the_dlq_at_once() {
+    #[derive(serde::Deserialize)]
+    struct Order {
+        #[allow(dead_code)]
+        id: u64,
+    }
+    let s = setup("retry-permanent");
+    s.producer.send(Message::new("{not json")).await.unwrap();
+    s.producer.send(Message::new(r#"{"id": 1}"#)).await.unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(RetryToDlqLayer::new(s.dlq_producer.clone()).max_attempts(10))
+        .service(json_handler(|_o: Order, _d: Delivery| async {
+            Err::<(), BoxError>(permanent("customer does not exist"))
+        }));
+    let summary = run_for(s.consumer.clone(), svc, 1).await;
+    assert_eq!((summary.retried, summary.dead_lettered), (0, 2));
+    let dead = s.dlq.receive(10, NOW).await.unwrap();
+    let reasons: Vec<_> = dead
+        .iter()
+        .map(|d| {
+            d.headers()
+                .get(reserved::FAILURE_REASON)
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert!(reasons[0].starts_with("decode error"), "{reasons:?}");
+    assert_eq!(reasons[1], "customer does not exist");
+    assert!(dead
+        .iter()
+        .all(|d| d.headers().get(reserved::ATTEMPTS) == Some("1")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_dlq_publish_acks_nothing_and_is_retried() {
+    let (producer, consumer) = queue("retry-dlq-full").connect().unwrap();
+    let dlq_cfg = queue("retry-dlq-full-dlq").capacity(1);
+    let (dlq_producer, dlq) = dlq_cfg.connect().unwrap();
+    dlq_producer.send(Message::new("occupant")).await.unwrap(); // DLQ now full
+    producer.send(Message::new("poison")).await.unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    let svc = RetryToDlqLayer::new(dlq_producer.clone())
+        .max_attempts(1)
+        .backoff(no_jitter(1000))
+        .layer(flaky(calls.clone(), u32::MAX));
+
+    let d = consumer.receive(1, NOW).await.unwrap().remove(0);
+    let (result, recorded) = outcome::scope(svc.clone().oneshot(d.clone())).await;
+    let err = result.unwrap_err();
+    assert!(err.to_string().contains("dead-lettering"), "{err}");
+    assert_eq!(recorded, Some(Outcome::Failed));
+    assert!(!d.acker().is_acked(), "not acked while the DLQ refuses");
+    assert_eq!(
+        producer.depth().await.unwrap().total(),
+        1,
+        "still in the source"
+    );
+
+    // Once the DLQ has room, the redelivery is dead-lettered.
+    dlq.receive(1, NOW).await.unwrap()[0].ack().await.unwrap();
+    let d = consumer
+        .receive(1, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .remove(0);
+    let (_, recorded) = outcome::scope(svc.oneshot(d.clone())).await;
+    assert_eq!(recorded, Some(Outcome::DeadLettered));
+    assert!(d.acker().is_acked());
+    assert_eq!(
+        dlq.receive(1, NOW).await.unwrap()[0].payload().as_ref(),
+        b"poison"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn panics_are_retried_then_dead_lettered() {
+    let s = setup("retry-panic");
+    s.producer.send(Message::new("boom")).await.unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(
+            RetryToDlqLayer::new(s.dlq_producer.clone())
+                .max_attempts(2)
+                .backoff(no_jitter(10)),
+        )
+        .layer(CatchPanicLayer::new())
+        .service(handler_fn(|_d: Delivery| async {
+            if true {
+                panic!("index out of bounds");
+            }
+            Ok::<(), BoxError>(())
+        }));
+    let summary = run_for(s.consumer.clone(), svc, 1).await;
+    assert_eq!(
+        (summary.retried, summary.dead_lettered, summary.panics),
+        (1, 1, 2)
+    );
+    let dead = s.dlq.receive(1, NOW).await.unwrap();
+    assert_eq!(
+        dead[0].headers().get(reserved::FAILURE_REASON),
+        Some("handler panicked: index out of bounds")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn first_failure_header_from_a_redrive_is_kept() {
+    let s = setup("retry-redrive");
+    s.producer
+        .send(Message::new("again").header(reserved::FIRST_FAILURE_AT, "2020-01-02T03:04:05.678Z"))
+        .await
+        .unwrap();
+    let svc = RetryToDlqLayer::new(s.dlq_producer.clone())
+        .max_attempts(1)
+        .layer(flaky(Arc::default(), u32::MAX));
+    run_for(s.consumer.clone(), svc, 1).await;
+    let dead = s.dlq.receive(1, NOW).await.unwrap();
+    assert_eq!(
+        dead[0].headers().get(reserved::FIRST_FAILURE_AT),
+        Some("2020-01-02T03:04:05.678Z")
+    );
+}
+
+/// A backend that does not count attempts (always 1) still dead-letters after
+/// `max_attempts` failures seen by this process.
+#[tokio::test(start_paused = true)]
+async fn attempts_are_counted_locally_when_the_backend_does_not() {
+    let s = setup("retry-local-count");
+    let svc = RetryToDlqLayer::new(s.dlq_producer.clone())
+        .max_attempts(3)
+        .backoff(no_jitter(1))
+        .layer(flaky(Arc::default(), u32::MAX));
+    let mut outcomes = Vec::new();
+    for _ in 0..3 {
+        let (d, counts) = loose_delivery(Message::new("same"), "id-1", 1);
+        let (_, o) = outcome::scope(svc.clone().oneshot(d)).await;
+        outcomes.push((
+            o,
+            counts.acks.load(Ordering::SeqCst),
+            counts.nacks.load(Ordering::SeqCst),
+        ));
+    }
+    let retried = Some(Outcome::Retried {
+        after: Duration::from_millis(1),
+    });
+    assert_eq!(outcomes[0], (retried, 0, 1));
+    assert_eq!(
+        outcomes[1].0,
+        Some(Outcome::Retried {
+            after: Duration::from_millis(2)
+        })
+    );
+    assert_eq!(outcomes[2], (Some(Outcome::DeadLettered), 1, 0));
+    assert_eq!(
+        s.dlq.receive(1, NOW).await.unwrap()[0]
+            .headers()
+            .get(reserved::ATTEMPTS),
+        Some("3")
+    );
+}

@@ -1,0 +1,205 @@
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+use tower::Service;
+
+use super::{run, WorkerEvent, WorkerSummary};
+use crate::consumer::Consumer;
+use crate::delivery::Delivery;
+use crate::error::{BoxError, Result};
+use crate::producer::Producer;
+
+#[derive(Debug, Clone)]
+pub(super) struct Config {
+    pub(super) concurrency: usize,
+    pub(super) prefetch: Option<usize>,
+    pub(super) poll_wait: Duration,
+    pub(super) ordered_by_key: bool,
+    pub(super) shutdown_timeout: Duration,
+    pub(super) nack_delay: Option<Duration>,
+    pub(super) receive_error_backoff: Duration,
+    pub(super) depth_interval: Option<Duration>,
+    pub(super) close_consumer: bool,
+}
+
+/// Drives a handler service over a consumer; see the [module docs](super).
+///
+/// Configure with the builder methods, then [`run_until`](Worker::run_until) a shutdown
+/// future or [`run`](Worker::run) until Ctrl-C / SIGTERM.
+pub struct Worker<C> {
+    pub(super) consumer: Arc<C>,
+    pub(super) config: Config,
+    pub(super) events: broadcast::Sender<WorkerEvent>,
+    pub(super) flush: Vec<Arc<dyn Producer>>,
+}
+
+impl<C> std::fmt::Debug for Worker<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("config", &self.config)
+            .field("flush", &self.flush.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: Consumer + 'static> Worker<C> {
+    /// A worker on `consumer`: concurrency 1, prefetch = concurrency, 1 s long polls,
+    /// no per-key ordering, 30 s shutdown timeout, failed deliveries nacked without
+    /// delay, depth gauge every 15 s.
+    pub fn new(consumer: C) -> Self {
+        Worker::from_arc(Arc::new(consumer))
+    }
+
+    /// A worker on a shared consumer.
+    pub fn from_arc(consumer: Arc<C>) -> Self {
+        let (events, _) = broadcast::channel(1024);
+        Worker {
+            consumer,
+            config: Config {
+                concurrency: 1,
+                prefetch: None,
+                poll_wait: Duration::from_secs(1),
+                ordered_by_key: false,
+                shutdown_timeout: Duration::from_secs(30),
+                nack_delay: None,
+                receive_error_backoff: Duration::from_secs(1),
+                depth_interval: Some(Duration::from_secs(15)),
+                close_consumer: true,
+            },
+            events,
+            flush: Vec::new(),
+        }
+    }
+
+    /// At most `n` handlers run at once (at least 1).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.config.concurrency = n.max(1);
+        self
+    }
+
+    /// At most `n` received deliveries wait for a free handler slot (default: the
+    /// concurrency). 0 receives only when a slot is free. Prefetched deliveries hold a
+    /// lease, so keep this well below what a handler can finish within the visibility
+    /// timeout.
+    pub fn prefetch(mut self, n: usize) -> Self {
+        self.config.prefetch = Some(n);
+        self
+    }
+
+    /// Long-poll wait of each receive call (how quickly an idle worker notices a
+    /// shutdown does not depend on it: receiving is cancelled).
+    pub fn poll_wait(mut self, wait: Duration) -> Self {
+        self.config.poll_wait = wait;
+        self
+    }
+
+    /// Run deliveries with the same [key](crate::Delivery::key) one at a time, in the
+    /// order received; different keys still run in parallel.
+    pub fn ordered_by_key(mut self, ordered: bool) -> Self {
+        self.config.ordered_by_key = ordered;
+        self
+    }
+
+    /// How long running handlers may take to finish after shutdown is requested.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.config.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Redelivery delay when the worker itself nacks a failed delivery (one the
+    /// middleware left unsettled). Default `None`: at once.
+    pub fn nack_delay(mut self, delay: Option<Duration>) -> Self {
+        self.config.nack_delay = delay;
+        self
+    }
+
+    /// Pause after a failed receive (connection trouble) before trying again.
+    pub fn receive_error_backoff(mut self, pause: Duration) -> Self {
+        self.config.receive_error_backoff = pause;
+        self
+    }
+
+    /// How often to read the queue depth into the `ferrymq_queue_depth` gauge
+    /// (`None`: never).
+    pub fn depth_interval(mut self, every: Option<Duration>) -> Self {
+        self.config.depth_interval = every;
+        self
+    }
+
+    /// Close the consumer when the worker stops (default true).
+    pub fn close_consumer(mut self, close: bool) -> Self {
+        self.config.close_consumer = close;
+        self
+    }
+
+    /// Flush this producer during shutdown, after the last handler finished (for a
+    /// DLQ or next-stage producer that batches).
+    pub fn flush_on_shutdown(mut self, producer: Arc<dyn Producer>) -> Self {
+        self.flush.push(producer);
+        self
+    }
+
+    /// A receiver of [`WorkerEvent`]s, one per finished delivery. Subscribe before
+    /// running. A receiver that falls more than 1024 events behind loses the oldest
+    /// (tokio broadcast semantics).
+    pub fn subscribe(&self) -> broadcast::Receiver<WorkerEvent> {
+        self.events.subscribe()
+    }
+
+    /// Run until `shutdown` completes, then shut down gracefully and return the
+    /// summary. Also stops (gracefully) when the consumer is closed. Errors only when
+    /// receiving fails for a reason retrying cannot fix (`Auth`, `NotFound`,
+    /// `InvalidConfig`, `Unsupported`) or the service fails its readiness check —
+    /// after releasing everything, as in a normal shutdown.
+    pub async fn run_until<S, F>(self, service: S, shutdown: F) -> Result<WorkerSummary>
+    where
+        S: Service<Delivery, Response = ()> + Send,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+        F: Future<Output = ()> + Send,
+    {
+        run::run(self, service, shutdown).await
+    }
+
+    /// Run until Ctrl-C (or SIGTERM on Unix), then shut down gracefully.
+    pub async fn run<S>(self, service: S) -> Result<WorkerSummary>
+    where
+        S: Service<Delivery, Response = ()> + Send,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        self.run_until(service, shutdown_signal()).await
+    }
+}
+
+/// Completes on Ctrl-C, or SIGTERM on Unix.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutdown signal received");
+}

@@ -1,0 +1,71 @@
+//! The worker runtime: pull from a [`Consumer`](crate::Consumer), drive a handler
+//! service, settle what it leaves unsettled, and shut down without losing anything.
+//!
+//! ```
+//! use std::time::Duration;
+//! use ferrymq_core::memory::MemoryConfig;
+//! use ferrymq_core::middleware::handler_fn;
+//! use ferrymq_core::worker::Worker;
+//! use ferrymq_core::{BoxError, Delivery, Message, Producer};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> ferrymq_core::Result<()> {
+//! let (producer, consumer) = MemoryConfig::new("worker-doc").connect()?;
+//! producer.send(Message::new("hello")).await?;
+//!
+//! let summary = Worker::new(consumer)
+//!     .concurrency(4)
+//!     .run_until(
+//!         handler_fn(|d: Delivery| async move {
+//!             println!("{:?}", d.payload());
+//!             Ok::<_, BoxError>(())
+//!         }),
+//!         tokio::time::sleep(Duration::from_millis(100)),
+//!     )
+//!     .await?;
+//! assert_eq!(summary.succeeded, 1);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # What it guarantees
+//!
+//! - **Bounded memory**: at most `concurrency` handlers run and at most `prefetch`
+//!   received deliveries wait to start; nothing is received beyond that.
+//! - **Settling**: a handler returning `Ok` with its delivery unsettled gets it acked;
+//!   an `Err` gets it nacked (after `nack_delay`). Middleware that settle themselves
+//!   ([`RetryToDlq`](crate::middleware::RetryToDlq), [`Dedup`](crate::middleware::Dedup))
+//!   are left alone.
+//! - **Panics** in a handler are caught; they fail that delivery, never the worker.
+//! - **Per-key order** (opt-in): deliveries with the same key run one at a time in
+//!   receive order; different keys run in parallel.
+//! - **Graceful shutdown**: when the shutdown future completes, receiving stops,
+//!   deliveries received but not started are released (`nack(None)`), running
+//!   handlers get until the shutdown timeout to finish (then are cancelled and
+//!   released), registered producers are flushed, and a [`WorkerSummary`] is returned.
+//!
+//! # Observability
+//!
+//! Each delivery runs in a `tracing` span `ferrymq.delivery` (queue, id, attempt,
+//! outcome). `metrics`: counters `ferrymq_worker_received_total`,
+//! `ferrymq_worker_succeeded_total`, `ferrymq_worker_retried_total`,
+//! `ferrymq_worker_dead_lettered_total`, `ferrymq_worker_deduplicated_total`,
+//! `ferrymq_worker_failed_total`, `ferrymq_worker_released_total`; histogram
+//! `ferrymq_worker_handler_seconds` (by outcome); gauges `ferrymq_worker_in_flight`
+//! and `ferrymq_queue_depth` (by state), all labelled with the queue. And
+//! [`Worker::subscribe`] gives a broadcast of [`WorkerEvent`]s, one per finished
+//! delivery, like BullMQ's `completed` / `failed` events.
+
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+mod builder;
+mod events;
+mod run;
+mod summary;
+
+pub use builder::Worker;
+pub use events::WorkerEvent;
+pub use summary::WorkerSummary;
+
+#[cfg(test)]
+mod tests;

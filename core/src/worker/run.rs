@@ -1,0 +1,429 @@
+//! The worker loop.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::{poll_fn, Future};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::{FutureExt, OptionFuture};
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::task::{AbortHandle, JoinError};
+use tokio::time::{sleep, sleep_until, Instant, Sleep};
+use tower::Service;
+use tracing::Instrument;
+
+use super::builder::{Config, Worker};
+use super::{WorkerEvent, WorkerSummary};
+use crate::consumer::Consumer;
+use crate::delivery::Delivery;
+use crate::error::{BoxError, Error, ErrorKind, Result};
+use crate::middleware::outcome::{self, Outcome};
+use crate::middleware::{BoxFuture, HandlerPanicked};
+
+/// What a handler task reports back.
+struct Finished {
+    outcome: Outcome,
+    error: Option<Arc<str>>,
+    elapsed: Duration,
+    panicked: bool,
+}
+
+type Joined = (u64, std::result::Result<Finished, JoinError>);
+
+/// Everything the loop keeps between iterations.
+struct State<C> {
+    consumer: Arc<C>,
+    config: Config,
+    queue: Arc<str>,
+    events: tokio::sync::broadcast::Sender<WorkerEvent>,
+    summary: WorkerSummary,
+    /// Received, not started.
+    pending: VecDeque<Delivery>,
+    /// Started: task id -> (delivery, abort handle).
+    in_flight: HashMap<u64, (Delivery, AbortHandle)>,
+    running: FuturesUnordered<BoxFuture<Joined>>,
+    busy_keys: HashSet<String>,
+    next_task: u64,
+}
+
+pub(super) async fn run<C, S, F>(
+    worker: Worker<C>,
+    mut service: S,
+    shutdown: F,
+) -> Result<WorkerSummary>
+where
+    C: Consumer + 'static,
+    S: Service<Delivery, Response = ()> + Send,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    F: Future<Output = ()> + Send,
+{
+    let started = Instant::now();
+    let Worker {
+        consumer,
+        config,
+        events,
+        flush,
+    } = worker;
+    let queue: Arc<str> = consumer.queue().into();
+    let prefetch = config.prefetch.unwrap_or(config.concurrency);
+    let capacity = config.concurrency + prefetch;
+    let max_batch = consumer.capabilities().max_batch.max(1);
+    let _depth_gauge = spawn_depth_gauge(&consumer, &config, &queue);
+    let mut st = State {
+        consumer,
+        config,
+        queue,
+        events,
+        summary: WorkerSummary::default(),
+        pending: VecDeque::new(),
+        in_flight: HashMap::new(),
+        running: FuturesUnordered::new(),
+        busy_keys: HashSet::new(),
+        next_task: 0,
+    };
+    tracing::info!(queue = %st.queue, concurrency = st.config.concurrency, prefetch, ordered_by_key = st.config.ordered_by_key, "worker started");
+
+    let mut receiving: Option<BoxFuture<Result<Vec<Delivery>>>> = None;
+    let mut receive_pause: Option<Pin<Box<Sleep>>> = None;
+    let mut fatal: Option<Error> = None;
+    let shutdown = shutdown.fuse();
+    tokio::pin!(shutdown);
+
+    loop {
+        let held = st.running.len() + st.pending.len();
+        if receiving.is_none() && receive_pause.is_none() && held < capacity {
+            let max = (capacity - held).min(max_batch);
+            let consumer = st.consumer.clone();
+            let wait = st.config.poll_wait;
+            receiving = Some(Box::pin(async move { consumer.receive(max, wait).await }));
+        }
+        let can_start = st.running.len() < st.config.concurrency && st.startable().is_some();
+
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            Some(joined) = st.running.next(), if !st.running.is_empty() => {
+                st.finish(joined).await;
+            }
+            ready = poll_fn(|cx| service.poll_ready(cx)), if can_start => {
+                if let Err(e) = ready {
+                    fatal = Some(Error::new(ErrorKind::Backend, "the handler service failed its readiness check").with_source(e.into()));
+                    break;
+                }
+                if let Some(index) = st.startable() {
+                    if let Some(delivery) = st.pending.remove(index) {
+                        st.start(&mut service, delivery).await;
+                    }
+                }
+            }
+            Some(received) = OptionFuture::from(receiving.as_mut()), if receiving.is_some() => {
+                receiving = None;
+                match received {
+                    Ok(deliveries) => {
+                        let n = deliveries.len() as u64;
+                        st.summary.received += n;
+                        metrics::counter!("ferrymq_worker_received_total", "queue" => st.queue.to_string()).increment(n);
+                        st.pending.extend(deliveries);
+                    }
+                    Err(e) if e.kind() == ErrorKind::Closed => {
+                        tracing::info!(queue = %st.queue, "consumer closed; worker stopping");
+                        break;
+                    }
+                    Err(e) if matches!(e.kind(), ErrorKind::Auth | ErrorKind::NotFound | ErrorKind::InvalidConfig | ErrorKind::Unsupported) => {
+                        tracing::error!(queue = %st.queue, error = %e, "receive failed for good; worker stopping");
+                        fatal = Some(e);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(queue = %st.queue, error = %e, pause = ?st.config.receive_error_backoff, "receive failed; retrying");
+                        receive_pause = Some(Box::pin(sleep(st.config.receive_error_backoff)));
+                    }
+                }
+            }
+            Some(()) = OptionFuture::from(receive_pause.as_mut()), if receive_pause.is_some() => {
+                receive_pause = None;
+            }
+        }
+    }
+
+    // Graceful shutdown. 1: stop receiving (a receive cut short loses nothing: what
+    // it may have leased comes back after the visibility timeout).
+    drop(receiving);
+    tracing::info!(queue = %st.queue, running = st.running.len(), prefetched = st.pending.len(), "worker shutting down");
+    // 2: release what was received but not started, so other consumers get it now.
+    while let Some(delivery) = st.pending.pop_front() {
+        if let Err(e) = delivery.nack(None).await {
+            tracing::warn!(queue = %st.queue, id = %delivery.id(), error = %e, "releasing a prefetched delivery failed; it returns after its visibility timeout");
+        }
+        st.report(&delivery, Outcome::Released, None, Duration::ZERO);
+    }
+    // 3: let running handlers finish, up to the deadline.
+    let deadline = Instant::now() + st.config.shutdown_timeout;
+    while !st.running.is_empty() {
+        tokio::select! {
+            Some(joined) = st.running.next() => st.finish(joined).await,
+            () = sleep_until(deadline) => break,
+        }
+    }
+    // 4: cancel the stragglers; `finish` releases their deliveries.
+    if !st.running.is_empty() {
+        tracing::warn!(queue = %st.queue, remaining = st.running.len(), "shutdown timeout: cancelling running handlers");
+        for (_, abort) in st.in_flight.values() {
+            abort.abort();
+        }
+        while let Some(joined) = st.running.next().await {
+            st.finish(joined).await;
+        }
+    }
+    // 5: flush downstream producers, close the consumer.
+    for producer in &flush {
+        if let Err(e) = producer.flush().await {
+            tracing::warn!(producer = %producer.queue(), error = %e, "flush at shutdown failed");
+        }
+    }
+    if st.config.close_consumer {
+        if let Err(e) = st.consumer.close().await {
+            tracing::warn!(queue = %st.queue, error = %e, "closing the consumer failed");
+        }
+    }
+    st.summary.elapsed = started.elapsed();
+    tracing::info!(queue = %st.queue, summary = %st.summary, "worker stopped");
+    match fatal {
+        Some(e) => Err(e),
+        None => Ok(st.summary),
+    }
+}
+
+impl<C: Consumer + 'static> State<C> {
+    /// Index of the first pending delivery that may start now.
+    fn startable(&self) -> Option<usize> {
+        if !self.config.ordered_by_key || self.busy_keys.is_empty() {
+            return (!self.pending.is_empty()).then_some(0);
+        }
+        self.pending
+            .iter()
+            .position(|d| d.key().map_or(true, |k| !self.busy_keys.contains(k)))
+    }
+
+    async fn start<S>(&mut self, service: &mut S, delivery: Delivery)
+    where
+        S: Service<Delivery, Response = ()>,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        let id = self.next_task;
+        self.next_task += 1;
+        if self.config.ordered_by_key {
+            if let Some(key) = delivery.key() {
+                self.busy_keys.insert(key.to_string());
+            }
+        }
+        let span = tracing::info_span!(
+            "ferrymq.delivery",
+            queue = %self.queue,
+            id = %delivery.id(),
+            attempt = delivery.attempt(),
+            outcome = tracing::field::Empty,
+        );
+        let future = match catch_unwind(AssertUnwindSafe(|| service.call(delivery.clone()))) {
+            Ok(future) => future,
+            Err(payload) => {
+                // The service panicked before returning a future: fail this delivery.
+                let error = HandlerPanicked::from_payload(&*payload);
+                tracing::error!(parent: &span, %error, "handler panicked in call");
+                let _ = delivery.nack(self.config.nack_delay).await;
+                self.summary.panics += 1;
+                self.release_key(&delivery);
+                self.report(
+                    &delivery,
+                    Outcome::Failed,
+                    Some(error.to_string().into()),
+                    Duration::ZERO,
+                );
+                return;
+            }
+        };
+        // Box the error right away: the spawned task then holds nothing of `S::Error`.
+        let future = future.map(|r| r.map_err(Into::<BoxError>::into));
+        let task =
+            tokio::spawn(handle(delivery.clone(), future, self.config.nack_delay).instrument(span));
+        let abort = task.abort_handle();
+        self.in_flight.insert(id, (delivery, abort));
+        self.running.push(Box::pin(async move { (id, task.await) }));
+        metrics::gauge!("ferrymq_worker_in_flight", "queue" => self.queue.to_string())
+            .set(self.in_flight.len() as f64);
+    }
+
+    async fn finish(&mut self, (id, joined): Joined) {
+        let Some((delivery, _)) = self.in_flight.remove(&id) else {
+            return;
+        };
+        self.release_key(&delivery);
+        metrics::gauge!("ferrymq_worker_in_flight", "queue" => self.queue.to_string())
+            .set(self.in_flight.len() as f64);
+        let finished = match joined {
+            Ok(finished) => finished,
+            Err(e) => {
+                // Cancelled at the shutdown deadline (or, should it ever happen, a
+                // panic outside the handler): release the delivery.
+                let outcome = if e.is_cancelled() {
+                    Outcome::Abandoned
+                } else {
+                    Outcome::Failed
+                };
+                if let Err(nack) = delivery.nack(None).await {
+                    if nack.kind() != ErrorKind::AlreadyAcked {
+                        tracing::warn!(queue = %self.queue, id = %delivery.id(), error = %nack, "releasing a cancelled delivery failed");
+                    }
+                }
+                Finished {
+                    outcome,
+                    error: Some(e.to_string().into()),
+                    elapsed: Duration::ZERO,
+                    panicked: e.is_panic(),
+                }
+            }
+        };
+        if finished.panicked {
+            self.summary.panics += 1;
+        }
+        metrics::histogram!("ferrymq_worker_handler_seconds", "queue" => self.queue.to_string(), "outcome" => finished.outcome.as_str())
+            .record(finished.elapsed.as_secs_f64());
+        self.report(
+            &delivery,
+            finished.outcome,
+            finished.error,
+            finished.elapsed,
+        );
+    }
+
+    fn release_key(&mut self, delivery: &Delivery) {
+        if self.config.ordered_by_key {
+            if let Some(key) = delivery.key() {
+                self.busy_keys.remove(key);
+            }
+        }
+    }
+
+    /// Count, measure and broadcast one outcome.
+    fn report(
+        &mut self,
+        delivery: &Delivery,
+        outcome: Outcome,
+        error: Option<Arc<str>>,
+        elapsed: Duration,
+    ) {
+        self.summary.count(outcome);
+        let counter = match outcome {
+            Outcome::Succeeded => "ferrymq_worker_succeeded_total",
+            Outcome::Retried { .. } => "ferrymq_worker_retried_total",
+            Outcome::DeadLettered => "ferrymq_worker_dead_lettered_total",
+            Outcome::Deduplicated => "ferrymq_worker_deduplicated_total",
+            Outcome::Deferred => "ferrymq_worker_deferred_total",
+            Outcome::Failed => "ferrymq_worker_failed_total",
+            Outcome::Released | Outcome::Abandoned => "ferrymq_worker_released_total",
+        };
+        metrics::counter!(counter, "queue" => self.queue.to_string()).increment(1);
+        let _ = self.events.send(WorkerEvent {
+            outcome,
+            meta: delivery.meta().clone(),
+            message: delivery.message().clone(),
+            error,
+            elapsed,
+        });
+    }
+}
+
+/// Runs one delivery through the service and settles what it left unsettled.
+async fn handle<Fut>(delivery: Delivery, future: Fut, nack_delay: Option<Duration>) -> Finished
+where
+    Fut: Future<Output = std::result::Result<(), BoxError>>,
+{
+    let started = Instant::now();
+    let (result, recorded) = outcome::scope(AssertUnwindSafe(future).catch_unwind()).await;
+    let elapsed = started.elapsed();
+    let (result, mut panicked): (std::result::Result<(), BoxError>, bool) = match result {
+        Ok(r) => (r, false),
+        Err(payload) => (
+            Err(Box::new(HandlerPanicked::from_payload(&*payload))),
+            true,
+        ),
+    };
+    // A CatchPanic layer turns panics into errors before they get here: count those too.
+    panicked |= result
+        .as_ref()
+        .err()
+        .is_some_and(|e| e.is::<HandlerPanicked>());
+    let settled = delivery.acker().is_settled();
+    let outcome = match &result {
+        Ok(()) if settled => recorded.unwrap_or(Outcome::Succeeded),
+        Ok(()) => match delivery.ack().await {
+            Ok(()) => recorded.unwrap_or(Outcome::Succeeded),
+            Err(e) => {
+                tracing::warn!(error = %e, "handled, but the ack failed: the message will be delivered again");
+                Outcome::Failed
+            }
+        },
+        Err(_) if settled => recorded.unwrap_or(Outcome::Failed),
+        Err(error) => {
+            tracing::warn!(%error, "handler failed");
+            if let Err(e) = delivery.nack(nack_delay).await {
+                tracing::warn!(error = %e, "nack failed: the message returns after its visibility timeout");
+            }
+            Outcome::Failed
+        }
+    };
+    tracing::Span::current().record("outcome", outcome.as_str());
+    Finished {
+        outcome,
+        error: result.err().map(|e| Arc::from(e.to_string())),
+        elapsed,
+        panicked,
+    }
+}
+
+/// Reads the queue depth into a gauge every `depth_interval`; aborted on drop.
+fn spawn_depth_gauge<C: Consumer + 'static>(
+    consumer: &Arc<C>,
+    config: &Config,
+    queue: &Arc<str>,
+) -> Option<AbortOnDrop> {
+    let every = config.depth_interval?;
+    if !consumer.capabilities().depth || every.is_zero() {
+        return None;
+    }
+    let consumer = consumer.clone();
+    let queue = queue.to_string();
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match consumer.depth().await {
+                Ok(d) => {
+                    for (state, n) in [
+                        ("waiting", d.waiting),
+                        ("in_flight", d.in_flight),
+                        ("delayed", d.delayed),
+                    ] {
+                        metrics::gauge!("ferrymq_queue_depth", "queue" => queue.clone(), "state" => state)
+                            .set(n as f64);
+                    }
+                }
+                Err(e) => tracing::debug!(%queue, error = %e, "depth unavailable"),
+            }
+        }
+    });
+    Some(AbortOnDrop(task.abort_handle()))
+}
+
+struct AbortOnDrop(AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

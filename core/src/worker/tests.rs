@@ -1,0 +1,502 @@
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+
+use super::*;
+use crate::memory::MemoryConsumer;
+use crate::middleware::testing::{queue, CountingAck};
+use crate::middleware::{handler_fn, Outcome};
+use crate::{
+    AckHandle, BoxError, Capabilities, Consumer, Delivery, DeliveryMeta, Depth, Error, ErrorKind,
+    Message, Producer, Result,
+};
+
+const NOW: Duration = Duration::ZERO;
+
+fn body(d: &Delivery) -> String {
+    String::from_utf8_lossy(d.payload()).into_owned()
+}
+
+async fn run_secs<S>(worker: Worker<MemoryConsumer>, svc: S, secs: u64) -> WorkerSummary
+where
+    S: tower::Service<Delivery, Response = (), Error = BoxError> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    worker
+        .run_until(svc, tokio::time::sleep(Duration::from_secs(secs)))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn acks_on_ok_nacks_on_err_and_broadcasts_events() {
+    let cfg = queue("worker-basic");
+    let (p, c) = cfg.connect().unwrap();
+    for m in ["ok-1", "fail", "ok-2"] {
+        p.send(Message::new(m)).await.unwrap();
+    }
+    let seen = Arc::new(AtomicUsize::new(0));
+    let s2 = seen.clone();
+    let svc = handler_fn(move |d: Delivery| {
+        let seen = s2.clone();
+        async move {
+            seen.fetch_add(1, Ordering::SeqCst);
+            if body(&d) == "fail" && d.attempt() == 1 {
+                return Err::<(), BoxError>("first try fails".into());
+            }
+            Ok(())
+        }
+    });
+    let worker = Worker::new(c)
+        .concurrency(2)
+        .nack_delay(Some(Duration::from_secs(1)));
+    let mut events = worker.subscribe();
+    let summary = run_secs(worker, svc, 5).await;
+    assert_eq!(summary.received, 4);
+    assert_eq!((summary.succeeded, summary.failed), (3, 1));
+    assert_eq!(summary.settled(), summary.received);
+    assert_eq!(seen.load(Ordering::SeqCst), 4);
+    assert_eq!(p.depth().await.unwrap().total(), 0);
+    let mut got = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        got.push((
+            e.outcome,
+            String::from_utf8_lossy(e.message.payload()).into_owned(),
+            e.meta.attempt,
+            e.error.map(|e| e.to_string()),
+        ));
+    }
+    assert!(got.contains(&(
+        Outcome::Failed,
+        "fail".into(),
+        1,
+        Some("first try fails".into())
+    )));
+    assert!(got.contains(&(Outcome::Succeeded, "fail".into(), 2, None)));
+    assert_eq!(got.len(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn prefetch_is_bounded() {
+    let (p, c) = queue("worker-prefetch").connect().unwrap();
+    for i in 0..50 {
+        p.send(Message::new(format!("{i}"))).await.unwrap();
+    }
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (r2, p2) = (running.clone(), peak.clone());
+    let svc = handler_fn(move |_d: Delivery| {
+        let (running, peak) = (r2.clone(), p2.clone());
+        async move {
+            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            running.fetch_sub(1, Ordering::SeqCst);
+            Ok::<_, BoxError>(())
+        }
+    });
+    let probe = p.clone();
+    let max_leased = Arc::new(AtomicUsize::new(0));
+    let ml = max_leased.clone();
+    let watcher = tokio::spawn(async move {
+        for _ in 0..200 {
+            let d = probe.depth().await.unwrap();
+            ml.fetch_max(d.in_flight as usize, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let summary = run_secs(Worker::new(c).concurrency(3).prefetch(2), svc, 30).await;
+    watcher.await.unwrap();
+    assert_eq!(summary.succeeded, 50);
+    assert_eq!(peak.load(Ordering::SeqCst), 3, "concurrency limit");
+    assert_eq!(
+        max_leased.load(Ordering::SeqCst),
+        5,
+        "never more than concurrency + prefetch leased"
+    );
+}
+
+/// A consumer that hands out whatever it holds, with no per-key blocking (like a
+/// Kafka partition read ahead), so that ordering is the worker's job alone.
+#[derive(Debug)]
+struct Unordered {
+    ready: Mutex<VecDeque<Delivery>>,
+    caps: Capabilities,
+    acks: Arc<CountingAck>,
+}
+
+impl Unordered {
+    fn new(messages: Vec<Message>) -> Self {
+        let acks = Arc::new(CountingAck::default());
+        let ready = messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let meta =
+                    DeliveryMeta::new(i.to_string(), 1, SystemTime::now(), "unordered".into());
+                Delivery::new(m, meta, AckHandle::new(acks.clone()))
+            })
+            .collect();
+        let mut caps = Capabilities::minimal("unordered");
+        caps.max_batch = 1000;
+        Unordered {
+            ready: Mutex::new(ready),
+            caps,
+            acks,
+        }
+    }
+}
+
+#[async_trait]
+impl Consumer for Unordered {
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        let batch: Vec<_> = {
+            let mut ready = self.ready.lock().unwrap();
+            let n = max.min(ready.len());
+            ready.drain(..n).collect()
+        };
+        if batch.is_empty() {
+            tokio::time::sleep(wait).await;
+        }
+        Ok(batch)
+    }
+    async fn depth(&self) -> Result<Depth> {
+        Err(Error::new(ErrorKind::Unsupported, "no depth"))
+    }
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+    fn queue(&self) -> &str {
+        "unordered"
+    }
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+}
+
+/// Handler that records (key, seq) in completion order with a pseudo-random delay.
+fn order_recorder(
+    log: Arc<Mutex<Vec<(String, u32)>>>,
+    running: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
+) -> impl tower::Service<Delivery, Response = (), Error = BoxError, Future = impl Send> + Send + 'static
+{
+    handler_fn(move |d: Delivery| {
+        let (log, running, peak) = (log.clone(), running.clone(), peak.clone());
+        async move {
+            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(now, Ordering::SeqCst);
+            let seq: u32 = body(&d).parse()?;
+            let key = d.key().unwrap_or_default().to_string();
+            let k: u64 = key.trim_start_matches("key-").parse().unwrap_or(0);
+            // Durations vary by key and message, so keys drift out of lockstep and,
+            // without ordering, a key's next message overtakes a slow predecessor.
+            let ms = 10 * ((u64::from(seq) * 7 + k * 13) % 10 + 1);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            log.lock().unwrap().push((key, seq));
+            running.fetch_sub(1, Ordering::SeqCst);
+            Ok::<_, BoxError>(())
+        }
+    })
+}
+
+fn keyed_messages(keys: usize, per_key: u32) -> Vec<Message> {
+    let mut out = Vec::new();
+    for seq in 0..per_key {
+        for k in 0..keys {
+            out.push(Message::new(seq.to_string()).key(format!("key-{k}")));
+        }
+    }
+    out
+}
+
+fn assert_in_key_order(log: &[(String, u32)], keys: usize, per_key: u32) {
+    let mut next: HashMap<&str, u32> = HashMap::new();
+    for (key, seq) in log {
+        let expected = next.entry(key).or_default();
+        assert_eq!(*seq, *expected, "key {key} out of order");
+        *expected += 1;
+    }
+    assert_eq!(next.len(), keys);
+    assert!(next.values().all(|n| *n == per_key));
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_key_order_holds_with_concurrency_8_and_keys_run_in_parallel() {
+    let (keys, per_key) = (8, 30);
+    let consumer = Unordered::new(keyed_messages(keys, per_key));
+    let acks = consumer.acks.clone();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let svc = order_recorder(log.clone(), Arc::default(), peak.clone());
+    let summary = Worker::new(consumer)
+        .concurrency(8)
+        .prefetch(32)
+        .ordered_by_key(true)
+        .run_until(svc, tokio::time::sleep(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert_eq!(summary.succeeded, (keys as u64) * u64::from(per_key));
+    assert_eq!(acks.acks.load(Ordering::SeqCst), keys * per_key as usize);
+    assert_in_key_order(&log.lock().unwrap(), keys, per_key);
+    assert_eq!(
+        peak.load(Ordering::SeqCst),
+        8,
+        "different keys ran in parallel"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_key_ordering_the_same_workload_reorders() {
+    // The control for the test above.
+    let consumer = Unordered::new(keyed_messages(8, 30));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let svc = order_recorder(log.clone(), Arc::default(), Arc::default());
+    Worker::new(consumer)
+        .concurrency(8)
+        .prefetch(32)
+        .run_until(svc, tokio::time::sleep(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let log = log.lock().unwrap();
+    let mut last: HashMap<&str, u32> = HashMap::new();
+    let reordered = log.iter().any(|(k, s)| {
+        let prev = last.insert(k, *s);
+        prev.is_some_and(|p| p > *s)
+    });
+    assert!(reordered);
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_key_order_on_the_memory_backend() {
+    let (p, c) = queue("worker-keys").connect().unwrap();
+    p.send_batch(keyed_messages(8, 20)).await.unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let svc = order_recorder(log.clone(), Arc::default(), Arc::default());
+    let summary = run_secs(Worker::new(c).concurrency(8).ordered_by_key(true), svc, 60).await;
+    assert_eq!(summary.succeeded, 160);
+    assert_in_key_order(&log.lock().unwrap(), 8, 20);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_handler_does_not_kill_the_worker() {
+    let (p, c) = queue("worker-panic").connect().unwrap();
+    p.send(Message::new("explode")).await.unwrap();
+    p.send(Message::new("fine")).await.unwrap();
+    let svc = handler_fn(|d: Delivery| async move {
+        if body(&d) == "explode" && d.attempt() == 1 {
+            panic!("handler bug");
+        }
+        Ok::<_, BoxError>(())
+    });
+    let worker = Worker::new(c);
+    let mut events = worker.subscribe();
+    let summary = run_secs(worker, svc, 2).await;
+    assert_eq!(
+        (summary.panics, summary.failed, summary.succeeded),
+        (1, 1, 2)
+    );
+    let first = events.recv().await.unwrap();
+    assert_eq!(first.outcome, Outcome::Failed);
+    assert_eq!(
+        first.error.as_deref(),
+        Some("handler panicked: handler bug")
+    );
+    assert_eq!(
+        p.depth().await.unwrap().total(),
+        0,
+        "the panicked message was redelivered and handled"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_in_call_is_caught_too() {
+    let (p, c) = queue("worker-panic-call").connect().unwrap();
+    p.send(Message::new("x")).await.unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c2 = calls.clone();
+    let svc = tower::service_fn(move |_d: Delivery| {
+        if c2.fetch_add(1, Ordering::SeqCst) == 0 {
+            panic!("sync panic");
+        }
+        futures::future::ready(Ok::<(), BoxError>(()))
+    });
+    let summary = run_secs(Worker::new(c), svc, 2).await;
+    assert_eq!(
+        (summary.panics, summary.failed, summary.succeeded),
+        (1, 1, 1)
+    );
+    assert_eq!(p.depth().await.unwrap().total(), 0);
+}
+
+/// Shutdown in the middle of a busy queue: every message is handled exactly once
+/// across two worker generations, nothing acked is seen again, nothing is lost.
+#[tokio::test(start_paused = true)]
+async fn graceful_shutdown_loses_nothing_and_duplicates_nothing() {
+    let cfg = queue("worker-shutdown");
+    let p = cfg.producer().unwrap();
+    for i in 0..100 {
+        p.send(Message::new(format!("{i}"))).await.unwrap();
+    }
+    let handled: Arc<Mutex<Vec<String>>> = Arc::default();
+    let make = |handled: Arc<Mutex<Vec<String>>>| {
+        handler_fn(move |d: Delivery| {
+            let handled = handled.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                handled.lock().unwrap().push(body(&d));
+                Ok::<_, BoxError>(())
+            }
+        })
+    };
+    let first = Worker::new(cfg.consumer().unwrap())
+        .concurrency(4)
+        .prefetch(8);
+    let s1 = first
+        .run_until(
+            make(handled.clone()),
+            tokio::time::sleep(Duration::from_millis(1050)),
+        )
+        .await
+        .unwrap();
+    assert!(s1.released > 0, "prefetched deliveries were released: {s1}");
+    assert_eq!(s1.abandoned, 0);
+    assert_eq!(s1.succeeded + s1.released, s1.received, "{s1}");
+    // Released messages are available again at once, not after the visibility timeout.
+    assert_eq!(p.depth().await.unwrap().in_flight, 0);
+    assert_eq!(p.depth().await.unwrap().waiting, 100 - s1.succeeded);
+
+    let second = Worker::new(cfg.consumer().unwrap()).concurrency(4);
+    let s2 = second
+        .run_until(
+            make(handled.clone()),
+            tokio::time::sleep(Duration::from_secs(10)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s1.succeeded + s2.succeeded, 100);
+    assert_eq!(p.depth().await.unwrap().total(), 0);
+    let handled = handled.lock().unwrap();
+    let unique: HashSet<_> = handled.iter().collect();
+    assert_eq!(handled.len(), 100, "no message handled twice");
+    assert_eq!(unique.len(), 100, "no message lost");
+}
+
+#[tokio::test(start_paused = true)]
+async fn handlers_past_the_shutdown_deadline_are_cancelled_and_released() {
+    let (p, c) = queue("worker-deadline")
+        .visibility_timeout(Duration::from_secs(3600))
+        .connect()
+        .unwrap();
+    p.send(Message::new("stuck")).await.unwrap();
+    let svc = handler_fn(|_d: Delivery| async {
+        tokio::time::sleep(Duration::from_secs(86_400)).await;
+        Ok::<_, BoxError>(())
+    });
+    let start = tokio::time::Instant::now();
+    let summary = Worker::new(c)
+        .shutdown_timeout(Duration::from_secs(2))
+        .run_until(svc, tokio::time::sleep(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    assert_eq!(start.elapsed(), Duration::from_secs(3));
+    assert_eq!(summary.abandoned, 1);
+    let again = queue_consumer(&p).receive(1, NOW).await.unwrap();
+    assert_eq!(
+        again.len(),
+        1,
+        "released at once, not after the 1 h visibility timeout"
+    );
+}
+
+fn queue_consumer(p: &crate::memory::MemoryProducer) -> MemoryConsumer {
+    crate::memory::MemoryConfig::new(p.queue())
+        .visibility_timeout(Duration::from_secs(3600))
+        .consumer()
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_closed_consumer_stops_the_worker() {
+    let (_p, c) = queue("worker-closed").connect().unwrap();
+    let c2 = c.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        c2.close().await.unwrap();
+    });
+    let svc = handler_fn(|_d: Delivery| async { Ok::<_, BoxError>(()) });
+    let summary = Worker::new(c)
+        .run_until(svc, std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!(summary.received, 0);
+}
+
+#[derive(Debug)]
+struct Refusing(Capabilities);
+
+#[async_trait]
+impl Consumer for Refusing {
+    async fn receive(&self, _: usize, _: Duration) -> Result<Vec<Delivery>> {
+        Err(Error::new(ErrorKind::Auth, "bad credentials"))
+    }
+    async fn depth(&self) -> Result<Depth> {
+        Ok(Depth::default())
+    }
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+    fn queue(&self) -> &str {
+        "refusing"
+    }
+    fn capabilities(&self) -> &Capabilities {
+        &self.0
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_permanent_receive_error_stops_the_worker_with_the_error() {
+    let svc = handler_fn(|_d: Delivery| async { Ok::<_, BoxError>(()) });
+    let err = Worker::new(Refusing(Capabilities::minimal("refusing")))
+        .run_until(svc, std::future::pending())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Auth);
+}
+
+#[test]
+fn public_types_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>(_: &T) {}
+    use crate::middleware::*;
+    type Mp = crate::memory::MemoryProducer;
+    send_sync::<Worker<MemoryConsumer>>();
+    send_sync::<Worker<Box<dyn Consumer>>>();
+    send_sync::<WorkerSummary>();
+    send_sync::<WorkerEvent>();
+    send_sync::<DedupLayer>();
+    send_sync::<MemoryDedupStore>();
+    send_sync::<Arc<dyn DedupStore>>();
+    send_sync::<RetryToDlqLayer>();
+    send_sync::<ExtendVisibilityLayer>();
+    send_sync::<CatchPanicLayer>();
+    send_sync::<BackpressureLayer>();
+    send_sync::<Backpressure<Mp>>();
+    send_sync::<Batching<Mp>>();
+    send_sync::<BatchingLayer>();
+    send_sync::<Permanent>();
+    send_sync::<HandlerPanicked>();
+    send_sync::<Outcome>();
+    send_sync::<Backoff>();
+    type H = HandlerFn<fn(Delivery) -> futures::future::Ready<std::result::Result<(), BoxError>>>;
+    send_sync::<Dedup<RetryToDlq<ExtendVisibility<CatchPanic<H>>>>>();
+
+    // The worker's future can be spawned.
+    let c = queue("worker-send").consumer().unwrap();
+    let svc = handler_fn(|_d: Delivery| async { Ok::<_, BoxError>(()) });
+    let fut = Worker::new(c).run_until(svc, std::future::pending());
+    send(&fut);
+}

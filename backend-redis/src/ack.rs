@@ -90,25 +90,49 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AckRequest>) {
 
 async fn flush(shared: &Shared, batch: &[AckRequest]) -> Result<Vec<bool>> {
     let keys = &shared.keys;
+    // The script wants the ids grouped by level; `order` maps back to the batch.
+    let mut order: Vec<usize> = (0..batch.len()).collect();
+    order.sort_by_key(|&i| batch[i].level);
     let mut cmd = scripts().ack.call(2 + keys.ready.len());
     cmd.arg(&keys.leases).arg(&keys.revoked);
     for k in &keys.ready {
         cmd.arg(k);
     }
-    cmd.arg(&shared.config.group);
-    for req in batch {
-        cmd.arg(req.level).arg(&req.stream_id).arg(req.deliveries);
+    cmd.arg(&shared.config.group).arg(batch.len());
+    for &i in &order {
+        cmd.arg(batch[i].deliveries);
+    }
+    let mut start = 0;
+    while start < order.len() {
+        let level = batch[order[start]].level;
+        let end = start
+            + order[start..]
+                .iter()
+                .take_while(|&&i| batch[i].level == level)
+                .count();
+        cmd.arg(level).arg(end - start);
+        for &i in &order[start..end] {
+            cmd.arg(&batch[i].stream_id);
+        }
+        start = end;
     }
     let reply = shared.eval(&scripts().ack, &cmd).await?;
-    let flags: Vec<i64> = redis::from_redis_value(reply)
-        .map_err(|e| Error::new(ErrorKind::Backend, format!("unexpected ack reply: {e}")))?;
-    if flags.len() != batch.len() {
-        return Err(Error::new(
-            ErrorKind::Backend,
-            "ack reply has the wrong length",
-        ));
+    let mut acked = vec![false; batch.len()];
+    match reply {
+        Value::Int(n) if n as usize == batch.len() => acked.fill(true),
+        Value::Array(flags) if flags.len() == batch.len() => {
+            for (&i, flag) in order.iter().zip(flags) {
+                acked[i] = matches!(flag, Value::Int(1));
+            }
+        }
+        other => {
+            return Err(Error::new(
+                ErrorKind::Backend,
+                format!("unexpected ack reply: {other:?}"),
+            ))
+        }
     }
-    Ok(flags.into_iter().map(|f| f == 1).collect())
+    Ok(acked)
 }
 
 fn lease_expired() -> Error {

@@ -202,12 +202,14 @@ impl RedisConsumer {
     }
 
     /// One round trip: the maintenance script, then `XREADGROUP` of new entries on
-    /// the levels above what is already buffered. Returns the candidates and how long
-    /// until the next delayed message is due.
-    async fn poll(&self, max: usize) -> Result<(Vec<Candidate>, Option<Duration>)> {
+    /// the levels above what is already buffered. Returns the candidates, how long
+    /// until the next delayed message is due, and the buffered floor level the read
+    /// skipped (see [`select`](Self::select)).
+    async fn poll(&self, max: usize) -> Result<(Vec<Candidate>, Option<Duration>, Option<usize>)> {
         let shared = &self.inner.shared;
         let levels = shared.keys.ready.len();
-        let read_from = self.buffered_floor().map_or(0, |f| f + 1);
+        let floor = self.buffered_floor();
+        let read_from = floor.map_or(0, |f| f + 1);
         let mut pipe = redis::pipe();
         pipe.add_command(self.maintain_cmd(max));
         if read_from < levels {
@@ -276,7 +278,7 @@ impl RedisConsumer {
                 tracing::warn!(error = %err, "ferrymq-redis: part of a receive failed");
             }
         }
-        Ok((out, next_due))
+        Ok((out, next_due, floor))
     }
 
     /// Blocking read of new entries on a dedicated connection.
@@ -383,7 +385,12 @@ impl RedisConsumer {
 
     /// Hand out the best `max` of `fresh` and the buffer (highest level first, then
     /// stream order); keep the rest buffered.
-    fn select(&self, mut fresh: Vec<Candidate>, max: usize) -> Vec<Delivery> {
+    ///
+    /// `floor` is the highest buffered level when the read skipped the levels at and
+    /// below it: buffered entries of that level are the oldest of their level, so they
+    /// may go out, but nothing below it — unread entries of the floor level outrank
+    /// them. Those wait for the next receive, which reads the floor level again.
+    fn select(&self, mut fresh: Vec<Candidate>, max: usize, floor: Option<usize>) -> Vec<Delivery> {
         let mut buffer = self.inner.lock_buffer();
         let merged = !buffer.is_empty();
         if merged {
@@ -392,9 +399,11 @@ impl RedisConsumer {
         if merged || fresh.len() > max || fresh.windows(2).any(|w| w[0].order() > w[1].order()) {
             fresh.sort_by_key(Candidate::order);
         }
-        if fresh.len() > max {
-            buffer.extend(fresh.drain(max..));
+        let mut take = fresh.len().min(max);
+        if let Some(floor) = floor {
+            take = take.min(fresh.iter().take_while(|c| c.level >= floor).count());
         }
+        buffer.extend(fresh.drain(take..));
         fresh.into_iter().map(|c| c.delivery).collect()
     }
 
@@ -535,8 +544,8 @@ impl Consumer for RedisConsumer {
             if self.inner.closed.load(AtomicOrdering::Acquire) {
                 return Err(Error::closed("consumer"));
             }
-            let (candidates, next_due) = self.poll(max).await?;
-            let deliveries = self.select(candidates, max);
+            let (candidates, next_due, floor) = self.poll(max).await?;
+            let deliveries = self.select(candidates, max, floor);
             if !deliveries.is_empty() {
                 return Ok(deliveries);
             }
@@ -563,7 +572,8 @@ impl Consumer for RedisConsumer {
             }
             tokio::select! {
                 got = self.block_read(max, block) => {
-                    let deliveries = self.select(got?, max);
+                    // The blocking read covers every level: no floor applies.
+                    let deliveries = self.select(got?, max, None);
                     if !deliveries.is_empty() {
                         return Ok(deliveries);
                     }

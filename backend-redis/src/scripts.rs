@@ -229,62 +229,89 @@ return out
 "#;
 
 /// Acknowledge a batch: `XACK` + `XDEL` per level for the whole batch, after
-/// refusing leases that were revoked by a reclaim. When `XACK` acks fewer entries
-/// than asked (some were no longer pending: settled through a newer delivery), each
-/// entry's `XDEL` tells which: an entry still in the stream was just acked.
+/// refusing leases that were revoked by a reclaim.
+///
+/// Fast path (no revoked leases or extended leases exist, every entry still
+/// pending): the ids go from `ARGV` to `XACK` and `XDEL` without a per-id step, and
+/// the reply is the count. Otherwise each entry is checked: revoked tokens with one
+/// `SMISMEMBER`, and — when `XACK` acked fewer entries than asked (some were settled
+/// through a newer delivery) — each entry's `XDEL` tells which: an entry still in the
+/// stream was just acked by us.
 ///
 /// KEYS: leases, revoked, ready streams (level 0 first)
-/// ARGV: group, then level, id, deliveries triples
-/// Returns 1 (acked) or 0 (lease gone) per entry.
+/// ARGV: group, n, the n delivery counters, then per level: level, k, k stream ids
+/// (ids in the same order as the counters).
+/// Returns n when all were acked, else 1 (acked) or 0 (lease gone) per entry.
 const ACK: &str = r#"
 local group = ARGV[1]
+local n = tonumber(ARGV[2])
+local segs = {}
+local i, idx = 3 + n, 0
+while i <= #ARGV do
+  local k = tonumber(ARGV[i + 1])
+  segs[#segs + 1] = {tonumber(ARGV[i]), i + 2, idx, k}
+  idx = idx + k
+  i = i + 2 + k
+end
+
 local has_leases = redis.call('EXISTS', KEYS[1]) == 1
 local has_revoked = redis.call('EXISTS', KEYS[2]) == 1
-local n = (#ARGV - 1) / 3
+
+-- done_upto[si]: ARGV index up to which segment si was acked and deleted.
+local done_upto = {}
+if not has_leases and not has_revoked then
+  local all = true
+  for si, seg in ipairs(segs) do
+    local key, s, k = KEYS[3 + seg[1]], seg[2], seg[4]
+    done_upto[si] = s - 1
+    for c = s, s + k - 1, 1000 do
+      local e = math.min(c + 999, s + k - 1)
+      if redis.call('XACK', key, group, unpack(ARGV, c, e)) ~= e - c + 1 then
+        all = false
+        break
+      end
+      redis.call('XDEL', key, unpack(ARGV, c, e))
+      done_upto[si] = e
+    end
+    if not all then break end
+  end
+  if all then return n end
+end
+
+-- Slow path, entry by entry (entries the fast path finished count as acked).
 local res = {}
+local tag_of = {}
+for si, seg in ipairs(segs) do
+  for j = 0, seg[4] - 1 do
+    local at = seg[3] + j + 1
+    tag_of[at] = {seg[1], ARGV[seg[2] + j]}
+    if done_upto[si] and seg[2] + j <= done_upto[si] then res[at] = 1 end
+  end
+end
 local revoked = {}
 if has_revoked then
   local tokens = {}
-  for i = 1, n do
-    local a = 2 + (i - 1) * 3
-    tokens[i] = ARGV[a] .. '/' .. ARGV[a + 1] .. '/' .. ARGV[a + 2]
+  for at = 1, n do
+    tokens[at] = tag_of[at][1] .. '/' .. tag_of[at][2] .. '/' .. ARGV[2 + at]
   end
   revoked = redis.call('SMISMEMBER', KEYS[2], unpack(tokens))
 end
-local by_level = {}
-for i = 1, n do
-  local a = 2 + (i - 1) * 3
-  if has_revoked and revoked[i] == 1 then
-    res[i] = 0
+for at = 1, n do
+  local lvl, id = tag_of[at][1], tag_of[at][2]
+  if res[at] == 1 then
+    -- finished by the fast path
+  elseif has_revoked and revoked[at] == 1 then
+    res[at] = 0
   else
-    res[i] = 1
-    local lvl = tonumber(ARGV[a])
-    local l = by_level[lvl]
-    if not l then l = {ids = {}, at = {}} by_level[lvl] = l end
-    l.ids[#l.ids + 1] = ARGV[a + 1]
-    l.at[#l.at + 1] = i
-  end
-end
-for lvl, l in pairs(by_level) do
-  local key = KEYS[3 + lvl]
-  for s = 1, #l.ids, 1000 do
-    local e = math.min(s + 999, #l.ids)
-    local acked = redis.call('XACK', key, group, unpack(l.ids, s, e))
-    if acked == e - s + 1 then
-      redis.call('XDEL', key, unpack(l.ids, s, e))
-    else
-      for j = s, e do
-        res[l.at[j]] = redis.call('XDEL', key, l.ids[j])
-      end
+    local key = KEYS[3 + lvl]
+    local acked = redis.call('XACK', key, group, id)
+    local deleted = redis.call('XDEL', key, id)
+    if acked == 1 or deleted == 1 then res[at] = 1 else res[at] = 0 end
+    if res[at] == 1 then
+      local tag = lvl .. '/' .. id
+      if has_leases then redis.call('HDEL', KEYS[1], tag) end
+      if has_revoked then forget_revoked(KEYS[2], tag, tonumber(ARGV[2 + at]) - 1) end
     end
-  end
-end
-for i = 1, n do
-  if res[i] == 1 then
-    local a = 2 + (i - 1) * 3
-    local tag = ARGV[a] .. '/' .. ARGV[a + 1]
-    if has_leases then redis.call('HDEL', KEYS[1], tag) end
-    if has_revoked then forget_revoked(KEYS[2], tag, tonumber(ARGV[a + 2]) - 1) end
   end
 end
 return res

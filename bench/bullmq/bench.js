@@ -12,7 +12,11 @@
 // Modes:
 //   produce  addBulk in chunks of `batch`, timed until the last chunk is acknowledged.
 //   e2e      a Worker at `concurrency` runs while the same process addBulk-s `n` jobs;
-//            timed from the first add until the n-th `completed` event.
+//            timed from the first add until the n-th `completed` event, or stopped
+//            at `max_ms` (then `done` < n and `capped` is true).
+//   consume  the consuming half of `e2e` with the producer in another process
+//            (`produce`): prints {"ready":true} once its Worker is up, then times
+//            from the producer's start (carried in the jobs) to the n-th completion.
 //   latency  one `add` per job at `rate` jobs/s; a Worker at concurrency 1 records
 //            enqueue-to-handler latency (same process clock).
 //   fill     addBulk `n` jobs and exit (backlog for `drain`).
@@ -46,26 +50,30 @@ const jobOpts = { removeOnComplete: true, removeOnFail: true };
 const filler = 'x'.repeat(Math.max(0, spec.size | 0));
 const stallMs = spec.stall_ms || 15000;
 
+// `s`: when producing started (ms, wall clock), so that a consumer in another
+// process can time the run from the first add.
 async function addAll(queue, n, batch) {
+  const s = now();
   for (let sent = 0; sent < n; ) {
     const k = Math.min(batch, n - sent);
     const jobs = new Array(k);
-    for (let i = 0; i < k; i++) jobs[i] = { name: 'j', data: { p: filler }, opts: jobOpts };
+    for (let i = 0; i < k; i++) jobs[i] = { name: 'j', data: { p: filler, s }, opts: jobOpts };
     await queue.addBulk(jobs);
     sent += k;
   }
 }
 
-// Resolves when `count()` reaches `n`; rejects when it does not move for stallMs.
-function untilCount(count, n) {
+// Resolves with the count when `count()` reaches `n`, or when `deadline` (ms, on
+// the now() clock) passes; rejects when the count does not move for stallMs.
+function untilCount(count, n, deadline) {
   return new Promise((resolve, reject) => {
     let last = -1;
     let lastMove = Date.now();
     const timer = setInterval(() => {
       const c = count();
-      if (c >= n) {
+      if (c >= n || (deadline && now() >= deadline)) {
         clearInterval(timer);
-        resolve();
+        resolve(c);
       } else if (c !== last) {
         last = c;
         lastMove = Date.now();
@@ -106,10 +114,37 @@ async function main() {
       } else {
         t0 = now();
       }
-      await untilCount(() => done, spec.n);
+      const deadline = spec.max_ms ? t0 + spec.max_ms : 0;
+      out.done = await untilCount(() => done, spec.n, deadline);
       out.secs = (now() - t0) / 1000;
+      out.capped = out.done < spec.n;
       await worker.close();
       out.maxrss_kib = process.resourceUsage().maxRSS;
+    } else if (spec.mode === 'consume') {
+      // The consuming half of an end-to-end run whose producer is another process
+      // (`produce`), so that each gets a core, as the Rust subjects' threads do.
+      let done = 0;
+      let t0 = null;
+      const worker = new Worker(
+        spec.queue,
+        async (job) => {
+          if (t0 === null) t0 = job.data.s;
+        },
+        { connection, concurrency: spec.concurrency || 1, autorun: false },
+      );
+      worker.on('completed', () => {
+        done += 1;
+      });
+      worker.on('error', (e) => fail(e));
+      worker.run();
+      await worker.waitUntilReady();
+      process.stdout.write(JSON.stringify({ ready: true }) + '\n');
+      await untilCount(() => (t0 === null ? 0 : 1), 1, 0);
+      const deadline = spec.max_ms ? t0 + spec.max_ms : 0;
+      out.done = await untilCount(() => done, spec.n, deadline);
+      out.secs = (now() - t0) / 1000;
+      out.capped = out.done < spec.n;
+      await worker.close();
     } else if (spec.mode === 'latency') {
       const lat = [];
       const worker = new Worker(

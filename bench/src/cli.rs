@@ -64,8 +64,14 @@ pub struct Args {
 
     /// Peers (not ferrymq, not raw) run the RSS workload only up to this backlog:
     /// filling and draining 1M jobs through BullMQ or omniqueue takes minutes each.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 10_000)]
     pub peer_rss_max_backlog: u64,
+
+    /// An end-to-end run still going after this many seconds is stopped and its
+    /// rate taken over the messages it handled (marked "capped" in the results):
+    /// slow peers would otherwise take minutes per run.
+    #[arg(long, default_value_t = 10.0)]
+    pub max_run_secs: f64,
 
     /// A run that makes no progress for this many seconds fails (apalis-redis is
     /// known to stall for good once ~8,000 jobs wait).
@@ -116,6 +122,8 @@ impl Args {
             self.latency_messages = self.latency_messages.min(200);
             self.latency_rate = self.latency_rate.min(1_000);
             self.rss_backlogs = vec![1_000, 5_000];
+            self.peer_rss_max_backlog = self.peer_rss_max_backlog.min(5_000);
+            self.max_run_secs = self.max_run_secs.min(5.0);
             self.rss_rounds = 1;
             self.stall_secs = self.stall_secs.min(10);
         }

@@ -10,6 +10,8 @@ use anyhow::{anyhow, bail, Result};
 use bytes::Bytes;
 use tokio::task::JoinSet;
 
+use crate::model::Sample;
+
 /// Messages per batch on every path that batches (produce, receive, ack).
 pub const BATCH: usize = 100;
 
@@ -60,6 +62,8 @@ pub struct Progress {
     done: AtomicU64,
     target: u64,
     stop: AtomicBool,
+    /// Handled count when a capped run was stopped.
+    capped: AtomicU64,
     reached: tokio::sync::Notify,
     latencies: Mutex<Vec<f64>>,
 }
@@ -70,6 +74,7 @@ impl Progress {
             done: AtomicU64::new(0),
             target,
             stop: AtomicBool::new(false),
+            capped: AtomicU64::new(0),
             reached: tokio::sync::Notify::new(),
             latencies: Mutex::new(Vec::new()),
         })
@@ -89,6 +94,11 @@ impl Progress {
 
     pub fn target(&self) -> u64 {
         self.target
+    }
+
+    /// Handled count at the moment a capped run was stopped.
+    pub fn capped_at(&self) -> u64 {
+        self.capped.load(Ordering::Acquire)
     }
 
     /// Consumer loops exit when this turns true (target reached, or the run failed).
@@ -119,15 +129,47 @@ impl Progress {
 /// `stall`. Every task is told to stop and then awaited (aborted past 10 s), so
 /// nothing outlives the measurement.
 pub async fn run_until_done(
-    mut tasks: JoinSet<Result<()>>,
+    tasks: JoinSet<Result<()>>,
     progress: &Arc<Progress>,
     start: Instant,
     stall: Duration,
 ) -> Result<Duration> {
+    drive(tasks, progress, start, stall, None)
+        .await
+        .map(|(elapsed, _)| elapsed)
+}
+
+/// A throughput run: like [`run_until_done`], but a run still going at `start + cap`
+/// is stopped there and its rate taken over what it handled so far (marked capped),
+/// so that one slow subject cannot eat the whole time budget of a run.
+pub async fn timed_run(
+    tasks: JoinSet<Result<()>>,
+    progress: &Arc<Progress>,
+    start: Instant,
+    stall: Duration,
+    cap: Duration,
+) -> Result<Sample> {
+    let (elapsed, capped) = drive(tasks, progress, start, stall, Some(cap)).await?;
+    let done = if capped {
+        progress.capped_at()
+    } else {
+        progress.target()
+    };
+    Ok(Sample::throughput_capped(done, elapsed, capped))
+}
+
+async fn drive(
+    mut tasks: JoinSet<Result<()>>,
+    progress: &Arc<Progress>,
+    start: Instant,
+    stall: Duration,
+    cap: Option<Duration>,
+) -> Result<(Duration, bool)> {
     let mut last = progress.done();
     let mut last_move = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let deadline = cap.map(|c| tokio::time::Instant::from_std(start + c));
     let outcome = loop {
         tokio::select! {
             joined = tasks.join_next(), if !tasks.is_empty() => {
@@ -139,10 +181,15 @@ pub async fn run_until_done(
             }
             _ = progress.reached.notified() => {}
             _ = tick.tick() => {}
+            _ = sleep_until_opt(deadline) => {}
         }
         let done = progress.done();
         if done >= progress.target() {
-            break Ok(start.elapsed());
+            break Ok((start.elapsed(), false));
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            progress.capped.store(done, Ordering::Release);
+            break Ok((start.elapsed(), true));
         }
         if done != last {
             last = done;
@@ -169,8 +216,15 @@ pub async fn run_until_done(
     .await;
     tasks.abort_all();
     match drained {
-        Ok(Err(e)) => Err(e.context("a task failed after the target was reached")),
+        Ok(Err(e)) => Err(e.context("a task failed after the run ended")),
         _ => outcome,
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -225,6 +279,41 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.to_string(), "boom");
+    }
+
+    #[tokio::test]
+    async fn capped_runs_report_partial_rates() {
+        let progress = Progress::new(1_000_000);
+        let mut tasks = JoinSet::new();
+        let p = progress.clone();
+        tasks.spawn(async move {
+            while !p.should_stop() {
+                p.add(1);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Ok(())
+        });
+        let sample = timed_run(
+            tasks,
+            &progress,
+            Instant::now(),
+            Duration::from_secs(5),
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap();
+        let Sample::Throughput {
+            messages,
+            secs,
+            capped,
+            ..
+        } = sample
+        else {
+            panic!("not a throughput sample");
+        };
+        assert!(capped);
+        assert!(messages > 10 && messages < 1_000, "{messages}");
+        assert!((0.29..1.0).contains(&secs), "{secs}");
     }
 
     #[tokio::test]

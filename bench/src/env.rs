@@ -15,6 +15,8 @@ use crate::redis_server::RedisServer;
 pub struct Env {
     pub redis: Option<RedisServer>,
     pub stall: Duration,
+    /// Throughput runs stop here and report the rate so far (marked capped).
+    pub cap: Duration,
     pub exe: PathBuf,
     pub bullmq: Option<crate::subjects::bullmq::NodeSetup>,
     /// Why BullMQ could not be set up, when it could not.
@@ -23,10 +25,11 @@ pub struct Env {
 }
 
 impl Env {
-    pub fn new(redis: Option<RedisServer>, stall: Duration) -> Result<Self> {
+    pub fn new(redis: Option<RedisServer>, stall: Duration, cap: Duration) -> Result<Self> {
         Ok(Env {
             redis,
             stall,
+            cap,
             exe: std::env::current_exe().context("locating the bench binary")?,
             bullmq: None,
             bullmq_error: None,

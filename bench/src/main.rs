@@ -200,7 +200,11 @@ async fn run(args: Args) -> Result<()> {
     } else {
         None
     };
-    let mut env = Env::new(redis, Duration::from_secs(args.stall_secs))?;
+    let mut env = Env::new(
+        redis,
+        Duration::from_secs(args.stall_secs),
+        Duration::from_secs_f64(args.max_run_secs),
+    )?;
     if subjects.iter().any(|s| s.name() == "bullmq") {
         match subjects::bullmq::NodeSetup::prepare(&args.bullmq_dir, &args.cache_dir()) {
             Ok(setup) => env.bullmq = Some(setup),
@@ -328,6 +332,7 @@ async fn run_all(
             "rss_sizes": args.rss_sizes,
             "peer_rss_max_backlog": args.peer_rss_max_backlog,
             "stall_secs": args.stall_secs,
+            "max_run_secs": args.max_run_secs,
             "smoke": args.smoke,
             "batch": drive::BATCH,
         },

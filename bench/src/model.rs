@@ -86,9 +86,13 @@ pub fn human_size(n: usize) -> String {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Sample {
     Throughput {
+        /// Messages handled (fewer than asked when `capped`).
         messages: u64,
         secs: f64,
         msgs_per_sec: f64,
+        /// The run hit the time cap and was stopped; the rate is over what it did.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        capped: bool,
     },
     Latency {
         messages: u64,
@@ -112,11 +116,16 @@ pub enum Sample {
 
 impl Sample {
     pub fn throughput(messages: u64, elapsed: Duration) -> Self {
+        Sample::throughput_capped(messages, elapsed, false)
+    }
+
+    pub fn throughput_capped(messages: u64, elapsed: Duration, capped: bool) -> Self {
         let secs = elapsed.as_secs_f64().max(1e-9);
         Sample::Throughput {
             messages,
             secs,
             msgs_per_sec: messages as f64 / secs,
+            capped,
         }
     }
 

@@ -171,6 +171,13 @@ fn fmt_cell(c: &Cell) -> String {
         return "–".into();
     };
     match m.metric {
+        "msgs_per_sec"
+            if c.samples
+                .iter()
+                .any(|s| matches!(s, Sample::Throughput { capped: true, .. })) =>
+        {
+            format!("{} (capped)", thousands(m.value))
+        }
         "msgs_per_sec" => thousands(m.value),
         "p50_us" => format!(
             "{} / {}",

@@ -119,6 +119,7 @@ pub fn unique_queue_name(label: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

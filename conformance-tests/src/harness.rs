@@ -59,7 +59,9 @@ where
         match runtime.block_on(async { tokio::time::timeout(SETUP_TIMEOUT, setup()).await }) {
             Ok(Ok(b)) => Ok(Arc::new(b)),
             Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("backend setup did not finish within {SETUP_TIMEOUT:?}")),
+            Err(_) => Err(format!(
+                "backend setup did not finish within {SETUP_TIMEOUT:?}"
+            )),
         };
     if !args.list {
         banner(&backend);
@@ -118,9 +120,7 @@ fn banner(backend: &Result<Arc<dyn Backend>, String>) {
             }
         }
         Err(msg) => {
-            println!(
-                "\nferrymq conformance: BACKEND SETUP FAILED, every case fails:\n  {msg}\n"
-            );
+            println!("\nferrymq conformance: BACKEND SETUP FAILED, every case fails:\n  {msg}\n");
         }
     }
 }
@@ -162,23 +162,32 @@ pub(crate) fn trials(
             Err(reason) => {
                 // Listed as ignored so nextest skips it; at run time (cargo test)
                 // reported as ignored with the reason, never as a pass.
-                Trial::ignorable_test(case.name, move || {
-                    if nextest {
-                        Err(Failed::from(format!(
-                            "{reason}; it was run anyway (--run-ignored), and nextest \
-                             would count a skip decided at run time as a pass"
-                        )))
-                    } else {
-                        Ok(Completion::ignored_with(reason))
-                    }
-                })
-                .with_ignored_flag(args.list || args.ignored)
+                Trial::ignorable_test(case.name, move || not_applicable(reason, nextest))
+                    .with_ignored_flag(args.list || args.ignored)
             }
         })
         .collect()
 }
 
-fn run_case(runtime: &Runtime, backend: Arc<dyn Backend>, case: &'static Case) -> Result<(), Failed> {
+/// The outcome of a case that does not apply: ignored with the reason; but a failure
+/// under nextest, which would count a skip decided at run time as a pass (it only
+/// gets there when asked to run ignored tests).
+fn not_applicable(reason: String, nextest: bool) -> Result<Completion, Failed> {
+    if nextest {
+        Err(Failed::from(format!(
+            "{reason}; it was run anyway (--run-ignored), and nextest would count a \
+             skip decided at run time as a pass"
+        )))
+    } else {
+        Ok(Completion::ignored_with(reason))
+    }
+}
+
+fn run_case(
+    runtime: &Runtime,
+    backend: Arc<dyn Backend>,
+    case: &'static Case,
+) -> Result<(), Failed> {
     let limit = CASE_TIMEOUT
         + backend
             .capabilities()
@@ -226,11 +235,16 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use async_trait::async_trait;
     use ferrymq_core::memory::{delete_queue, MemoryConfig};
     use ferrymq_core::{Capabilities, Consumer, Producer};
+    use futures::future::BoxFuture;
+
+    use crate::failure::CaseResult;
+    use crate::registry::case;
 
     /// The memory backend claiming only the minimal capabilities: cases that need
     /// more must be reported as not applicable, the rest must still pass.
@@ -269,67 +283,112 @@ mod tests {
     }
 
     fn args(extra: &[&str]) -> Arguments {
-        let mut argv = vec!["conformance", "--test-threads", "1", "--quiet"];
+        let mut argv = vec!["conformance"];
         argv.extend_from_slice(extra);
         Arguments::from_iter(argv)
     }
 
-    #[test]
-    fn not_applicable_cases_are_ignored_not_passed() {
-        let rt = runtime();
-        let backend: Result<Arc<dyn Backend>, String> = Ok(Arc::new(Minimal));
-        // Only the gated cases, so this stays fast: they must all be ignored.
-        let a = args(&["per_key"]);
-        let conclusion = libtest_mimic::run(&a, trials(&a, &rt, &backend, CASES, false));
-        assert_eq!(conclusion.num_passed, 0);
-        assert_eq!(conclusion.num_failed, 0);
-        assert_eq!(conclusion.num_ignored, 2);
-
-        // Listing marks them ignored, so nextest skips them.
-        let list = args(&["--list"]);
-        let ts = trials(&list, &rt, &backend, CASES, false);
-        let ignored: Vec<&str> = ts
-            .iter()
-            .filter(|t| t.has_ignored_flag())
-            .map(|t| t.name())
-            .collect();
-        assert!(ignored.contains(&"per_key_order"));
-        assert!(!ignored.contains(&"round_trip"));
-
-        // Under nextest, running a not-applicable case anyway (--run-ignored) fails:
-        // nextest would count a run-time skip as a pass.
-        let a = args(&["--ignored", "--exact", "per_key_order"]);
-        let conclusion = libtest_mimic::run(&a, trials(&a, &rt, &backend, CASES, true));
-        assert_eq!(conclusion.num_failed, 1);
+    fn minimal() -> Result<Arc<dyn Backend>, String> {
+        Ok(Arc::new(Minimal))
     }
 
     #[test]
-    fn applicable_cases_run_and_pass_on_minimal_claims() {
-        let rt = runtime();
-        let backend: Result<Arc<dyn Backend>, String> = Ok(Arc::new(Minimal));
-        let a = args(&["--exact", "queue_isolation"]);
-        let conclusion = libtest_mimic::run(&a, trials(&a, &rt, &backend, CASES, false));
-        assert_eq!(conclusion.num_passed, 1);
-        assert_eq!(conclusion.num_failed, 0);
+    fn not_applicable_is_ignored_with_its_reason_never_passed() {
+        let reason = "not applicable: needs Ordering::PerKey".to_string();
+        match not_applicable(reason.clone(), false) {
+            Ok(Completion::Ignored { reason: Some(r) }) => assert_eq!(r, reason),
+            Ok(Completion::Ignored { reason: None }) => panic!("no reason given"),
+            Ok(Completion::Completed) => panic!("a case that does not apply passed"),
+            Err(e) => panic!("failed: {e:?}"),
+        }
+        // Under nextest a run-time skip would count as a pass: fail instead.
+        assert!(not_applicable(reason, true).is_err());
     }
 
     #[test]
-    fn setup_failure_fails_every_case() {
+    fn listing_marks_not_applicable_cases_ignored() {
         let rt = runtime();
-        let backend: Result<Arc<dyn Backend>, String> =
+        for flags in [&["--list"][..], &["--ignored"][..]] {
+            let ts = trials(&args(flags), &rt, &minimal(), CASES, false);
+            assert_eq!(ts.len(), CASES.len());
+            let ignored: Vec<&str> = ts
+                .iter()
+                .filter(|t| t.has_ignored_flag())
+                .map(|t| t.name())
+                .collect();
+            assert!(ignored.contains(&"per_key_order"), "{flags:?}");
+            assert!(!ignored.contains(&"round_trip"), "{flags:?}");
+        }
+        // A plain run decides at run time, so the reason can be printed.
+        let ts = trials(&args(&[]), &rt, &minimal(), CASES, false);
+        assert!(ts.iter().all(|t| !t.has_ignored_flag()));
+    }
+
+    #[test]
+    fn setup_failure_lists_every_case_to_fail() {
+        let rt = runtime();
+        let failed: Result<Arc<dyn Backend>, String> =
             Err("FERRYMQ_TEST_REDIS_URL is not set".into());
-        let a = args(&["--exact", "round_trip"]);
-        let conclusion = libtest_mimic::run(&a, trials(&a, &rt, &backend, CASES, false));
-        assert_eq!(conclusion.num_failed, 1);
-        assert_eq!(conclusion.num_passed, 0);
+        let ts = trials(&args(&["--list"]), &rt, &failed, CASES, false);
+        assert_eq!(ts.len(), CASES.len());
+        assert!(
+            ts.iter().all(|t| !t.has_ignored_flag()),
+            "none may be skipped"
+        );
+    }
+
+    #[test]
+    fn applicable_case_runs_and_passes() {
+        let rt = runtime();
+        let c = case("queue_isolation").unwrap();
+        run_case(&rt, Arc::new(Minimal), c).unwrap();
+    }
+
+    fn panics(_: &Context) -> BoxFuture<'_, CaseResult> {
+        Box::pin(async { panic!("boom") })
+    }
+
+    fn fails(ctx: &Context) -> BoxFuture<'_, CaseResult> {
+        Box::pin(async move {
+            let _ = ctx.queue();
+            crate::ensure!(1 + 1 == 3, "arithmetic is off");
+            Ok(())
+        })
+    }
+
+    static PANICS: Case = Case {
+        name: "panics",
+        requires: &[],
+        run: panics,
+    };
+    static FAILS: Case = Case {
+        name: "fails",
+        requires: &[],
+        run: fails,
+    };
+
+    #[test]
+    fn panics_and_failures_are_reported() {
+        let rt = runtime();
+        let e = run_case(&rt, Arc::new(Minimal), &PANICS).unwrap_err();
+        assert!(format!("{e:?}").contains("case panicked: boom"), "{e:?}");
+        let e = run_case(&rt, Arc::new(Minimal), &FAILS).unwrap_err();
+        assert!(format!("{e:?}").contains("arithmetic is off"), "{e:?}");
+        assert!(format!("{e:?}").contains("harness.rs"), "location: {e:?}");
     }
 
     #[test]
     fn require_env_names_the_variable_and_the_script() {
-        let err = require_env("FERRYMQ_TEST_DEFINITELY_NOT_SET", "Start it with scripts/test.sh.")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("FERRYMQ_TEST_DEFINITELY_NOT_SET is not set"), "{err}");
+        let err = require_env(
+            "FERRYMQ_TEST_DEFINITELY_NOT_SET",
+            "Start it with scripts/test.sh.",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("FERRYMQ_TEST_DEFINITELY_NOT_SET is not set"),
+            "{err}"
+        );
         assert!(err.contains("scripts/test.sh"), "{err}");
     }
 }

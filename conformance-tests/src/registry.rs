@@ -194,7 +194,11 @@ pub static CASES: &[Case] = &[
     case!(ordering, priority_order, requires::PRIORITY),
     // delay and dedup
     case!(scheduling, delayed_send_not_visible_early, requires::DELAY),
-    case!(scheduling, duplicate_dedup_id_delivered_once, requires::DEDUP),
+    case!(
+        scheduling,
+        duplicate_dedup_id_delivered_once,
+        requires::DEDUP
+    ),
     // many consumers, many settles
     case!(concurrency, competing_consumers),
     case!(concurrency, many_nacks_lose_nothing),
@@ -238,6 +242,7 @@ pub fn case(name: &str) -> Option<&'static Case> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

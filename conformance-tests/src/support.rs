@@ -111,67 +111,119 @@ pub fn receive_one<'a>(
 ) -> impl Future<Output = CaseResult<Delivery>> + Send + 'a {
     let location = Location::caller();
     async move {
-        let mut ds = receive_n(c, 1, within).await.map_err(|f| Failure::located(f.message().to_string(), location))?;
+        let mut ds = receive_n(c, 1, within)
+            .await
+            .map_err(|f| Failure::located(f.message().to_string(), location))?;
         ds.pop()
             .ok_or_else(|| Failure::located("receive_n(1) returned nothing", location))
     }
 }
 
 /// Fail if anything is delivered before `until`. `why` says why nothing may come.
+///
+/// A receive that started before `until` may return after it, with a message that
+/// came due meanwhile; such deliveries are not early and are handed back (so the
+/// caller can take them as the awaited ones). Anything returned before `until` fails.
 #[track_caller]
 pub fn expect_none_until<'a>(
     c: &'a dyn Consumer,
     until: Instant,
     why: &'a str,
-) -> impl Future<Output = CaseResult> + Send + 'a {
+) -> impl Future<Output = CaseResult<Vec<Delivery>>> + Send + 'a {
     let location = Location::caller();
     async move {
         let start = Instant::now();
         loop {
             let now = Instant::now();
             if now >= until {
-                return Ok(());
+                return Ok(Vec::new());
             }
             let wait = until - now;
-            let ds = match tokio::time::timeout(
-                wait + CALL_TIMEOUT,
-                c.receive(receive_batch(c), wait),
-            )
-            .await
-            {
-                Ok(Ok(ds)) => ds,
-                Ok(Err(e)) => {
-                    return Err(Failure::located(format!("receive failed: {e}"), location))
-                }
-                Err(_) => {
-                    return Err(Failure::located(
-                        format!("receive(wait = {wait:?}) did not return in time"),
-                        location,
-                    ))
-                }
-            };
-            if !ds.is_empty() {
-                return Err(Failure::located(
-                    format!(
-                        "expected no delivery ({why}), but {:?} arrived after {:?}",
-                        texts(&ds),
-                        start.elapsed()
-                    ),
-                    location,
-                ));
+            let ds =
+                match tokio::time::timeout(wait + CALL_TIMEOUT, c.receive(receive_batch(c), wait))
+                    .await
+                {
+                    Ok(Ok(ds)) => ds,
+                    Ok(Err(e)) => {
+                        return Err(Failure::located(format!("receive failed: {e}"), location))
+                    }
+                    Err(_) => {
+                        return Err(Failure::located(
+                            format!("receive(wait = {wait:?}) did not return in time"),
+                            location,
+                        ))
+                    }
+                };
+            if ds.is_empty() {
+                continue;
             }
+            if Instant::now() >= until {
+                return Ok(ds);
+            }
+            return Err(Failure::located(
+                format!(
+                    "expected no delivery ({why}), but {:?} arrived after {:?}",
+                    texts(&ds),
+                    start.elapsed()
+                ),
+                location,
+            ));
         }
     }
 }
 
-/// Fail if anything is delivered during the next `during`.
+/// Fail if anything is delivered during the next `during` (for times when nothing is
+/// due at all).
 #[track_caller]
 pub fn expect_none<'a>(
     c: &'a dyn Consumer,
     during: Duration,
     why: &'a str,
 ) -> impl Future<Output = CaseResult> + Send + 'a {
-    expect_none_until(c, Instant::now() + during, why)
+    let location = Location::caller();
+    async move {
+        let start = Instant::now();
+        let late = expect_none_until(c, start + during, why)
+            .await
+            .map_err(|f| Failure::located(f.message().to_string(), location))?;
+        if late.is_empty() {
+            Ok(())
+        } else {
+            Err(Failure::located(
+                format!(
+                    "expected no delivery ({why}), but {:?} arrived after {:?}",
+                    texts(&late),
+                    start.elapsed()
+                ),
+                location,
+            ))
+        }
+    }
+}
+
+/// The one delivery in `early` (handed back by [`expect_none_until`]), or else the
+/// next one received within `within`.
+#[track_caller]
+pub fn take_or_receive_one<'a>(
+    c: &'a dyn Consumer,
+    mut early: Vec<Delivery>,
+    within: Duration,
+) -> impl Future<Output = CaseResult<Delivery>> + Send + 'a {
+    let location = Location::caller();
+    async move {
+        if early.len() > 1 {
+            return Err(Failure::located(
+                format!("expected one delivery, got {:?}", texts(&early)),
+                location,
+            ));
+        }
+        match early.pop() {
+            Some(d) => Ok(d),
+            None => receive_one(c, within)
+                .await
+                .map_err(|f| Failure::located(f.message().to_string(), location)),
+        }
+    }
 }
 
 /// Receive everything that arrives until a receive of `quiet` comes back empty, or
@@ -207,10 +259,7 @@ pub fn drain<'a>(
 pub async fn ack_all(ds: &[Delivery]) -> CaseResult {
     for d in ds {
         if let Err(e) = d.ack().await {
-            return Err(Failure::new(format!(
-                "ack of {:?} failed: {e}",
-                text(d)
-            )));
+            return Err(Failure::new(format!("ack of {:?} failed: {e}", text(d))));
         }
     }
     Ok(())
@@ -247,7 +296,10 @@ pub fn send_all<'a>(
         let results = match tokio::time::timeout(CALL_TIMEOUT, p.send_batch(messages)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                return Err(Failure::located(format!("send_batch failed: {e}"), location))
+                return Err(Failure::located(
+                    format!("send_batch failed: {e}"),
+                    location,
+                ))
             }
             Err(_) => {
                 return Err(Failure::located(
@@ -309,7 +361,10 @@ where
             let got = match tokio::time::timeout(CALL_TIMEOUT, probe()).await {
                 Ok(Ok(d)) => d,
                 Ok(Err(e)) => {
-                    return Err(Failure::located(format!("{what}: depth failed: {e}"), location))
+                    return Err(Failure::located(
+                        format!("{what}: depth failed: {e}"),
+                        location,
+                    ))
                 }
                 Err(_) => {
                     return Err(Failure::located(

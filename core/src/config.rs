@@ -67,7 +67,14 @@ pub fn redact_url(url: &Url) -> String {
                 k.as_ref(),
                 "password" | "token" | "secret" | "secret_key" | "session_token"
             );
-            (k.into_owned(), if secretish { "***".into() } else { v.into_owned() })
+            (
+                k.into_owned(),
+                if secretish {
+                    "***".into()
+                } else {
+                    v.into_owned()
+                },
+            )
         })
         .collect();
     if !pairs.is_empty() {
@@ -87,7 +94,10 @@ pub fn parse_duration(param: &str, value: &str) -> Result<Duration> {
         return Ok(Duration::from_secs(secs));
     }
     humantime::parse_duration(value).map_err(|e| {
-        Error::invalid_config(param, format!("{value:?} is not a duration like 30s or 500ms ({e})"))
+        Error::invalid_config(
+            param,
+            format!("{value:?} is not a duration like 30s or 500ms ({e})"),
+        )
     })
 }
 
@@ -178,7 +188,10 @@ mod tests {
     fn redacts_password_and_token_params() {
         let url = Url::parse("redis://user:hunter2@h:1/q?token=abc&group=g").unwrap();
         let shown = redact_url(&url);
-        assert!(!shown.contains("hunter2") && !shown.contains("abc"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("abc"),
+            "{shown}"
+        );
         assert!(shown.contains("group=g"));
     }
 
@@ -186,7 +199,10 @@ mod tests {
     fn params_are_typed_and_named() {
         let url = Url::parse("memory://q?visibility=30s&capacity=abc&extra=1").unwrap();
         let mut p = QueryParams::from_url(&url).unwrap();
-        assert_eq!(p.take_duration("visibility").unwrap(), Some(Duration::from_secs(30)));
+        assert_eq!(
+            p.take_duration("visibility").unwrap(),
+            Some(Duration::from_secs(30))
+        );
         let err = p.take::<usize>("capacity").unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidConfig);
         assert!(err.to_string().contains("capacity"));
@@ -196,7 +212,10 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("d", "500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(
+            parse_duration("d", "500ms").unwrap(),
+            Duration::from_millis(500)
+        );
         assert_eq!(parse_duration("d", "7").unwrap(), Duration::from_secs(7));
         assert!(parse_duration("d", "soon").is_err());
     }

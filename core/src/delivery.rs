@@ -302,7 +302,10 @@ mod tests {
         h.ack().await.unwrap();
         assert!(h2.is_acked());
         assert_eq!(h2.ack().await.unwrap_err().kind(), ErrorKind::AlreadyAcked);
-        assert_eq!(h2.nack(None).await.unwrap_err().kind(), ErrorKind::AlreadyAcked);
+        assert_eq!(
+            h2.nack(None).await.unwrap_err().kind(),
+            ErrorKind::AlreadyAcked
+        );
         assert_eq!(
             h2.extend(Duration::from_secs(1)).await.unwrap_err().kind(),
             ErrorKind::AlreadyAcked

@@ -152,7 +152,11 @@ impl std::error::Error for Error {
 
 impl From<serde_json::Error> for Error {
     fn from(e: serde_json::Error) -> Self {
-        Error::new(ErrorKind::Decode, "JSON payload could not be (de)serialized").with_source(e)
+        Error::new(
+            ErrorKind::Decode,
+            "JSON payload could not be (de)serialized",
+        )
+        .with_source(e)
     }
 }
 

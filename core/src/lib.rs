@@ -65,7 +65,9 @@ mod send_sync {
 
     #[test]
     fn futures_are_send() {
-        let (p, c) = memory::MemoryConfig::new("send-sync").connect().expect("connect");
+        let (p, c) = memory::MemoryConfig::new("send-sync")
+            .connect()
+            .expect("connect");
         let p: Box<dyn Producer> = Box::new(p);
         let c: Box<dyn Consumer> = Box::new(c);
         assert_send(&p.send(Message::new("x")));
@@ -80,9 +82,15 @@ mod send_sync {
 
     #[tokio::test]
     async fn delivery_futures_are_send() {
-        let (p, c) = memory::MemoryConfig::new("send-sync-2").connect().expect("connect");
+        let (p, c) = memory::MemoryConfig::new("send-sync-2")
+            .connect()
+            .expect("connect");
         p.send(Message::new("x")).await.expect("send");
-        let d = c.receive(1, Duration::ZERO).await.expect("receive").remove(0);
+        let d = c
+            .receive(1, Duration::ZERO)
+            .await
+            .expect("receive")
+            .remove(0);
         assert_send(&d.ack());
         assert_send(&d.nack(None));
         assert_send(&d.extend(Duration::from_secs(1)));

@@ -268,8 +268,11 @@ impl Message {
     /// Decode the payload as JSON.
     pub fn decode_json<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
         serde_json::from_slice(&self.payload).map_err(|e| {
-            Error::new(ErrorKind::Decode, format!("payload is not the expected JSON: {e}"))
-                .with_source(e)
+            Error::new(
+                ErrorKind::Decode,
+                format!("payload is not the expected JSON: {e}"),
+            )
+            .with_source(e)
         })
     }
 
@@ -352,12 +355,21 @@ mod tests {
 
     #[test]
     fn header_validation() {
-        assert!(Message::new("x").header("ok-name_1.2", "ünïcødé ✓ \t\n").validate(1024).is_ok());
+        assert!(Message::new("x")
+            .header("ok-name_1.2", "ünïcødé ✓ \t\n")
+            .validate(1024)
+            .is_ok());
         for bad in ["", "has space", "colon:", "aws.thing", "Amazon.x", "é"] {
-            let err = Message::new("x").header(bad, "v").validate(1024).unwrap_err();
+            let err = Message::new("x")
+                .header(bad, "v")
+                .validate(1024)
+                .unwrap_err();
             assert_eq!(err.kind(), ErrorKind::InvalidMessage, "{bad:?}");
         }
-        let err = Message::new("x").header("n", "nul\0").validate(1024).unwrap_err();
+        let err = Message::new("x")
+            .header("n", "nul\0")
+            .validate(1024)
+            .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidMessage);
         let long = "n".repeat(257);
         assert!(Message::new("x").header(long, "v").validate(1024).is_err());
@@ -369,7 +381,10 @@ mod tests {
             .header(reserved::FAILURE_REASON, "boom")
             .validate(1024)
             .is_ok());
-        let err = Message::new("x").header("ferrymq-made-up", "v").validate(1024).unwrap_err();
+        let err = Message::new("x")
+            .header("ferrymq-made-up", "v")
+            .validate(1024)
+            .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidMessage);
     }
 
@@ -391,7 +406,10 @@ mod tests {
         assert_eq!(m.headers().get("content-type"), Some("application/json"));
         assert_eq!(m.decode_json::<Order>().unwrap(), Order { id: 7 });
         assert_eq!(
-            Message::new("nope").decode_json::<Order>().unwrap_err().kind(),
+            Message::new("nope")
+                .decode_json::<Order>()
+                .unwrap_err()
+                .kind(),
             ErrorKind::Decode
         );
     }

@@ -26,7 +26,10 @@ async fn main() -> ferrymq::Result<()> {
     println!("connected to {} backend", producer.capabilities().backend);
 
     for id in 1..=5 {
-        let order = Order { id, amount_cents: 1_000 * u64::from(id) };
+        let order = Order {
+            id,
+            amount_cents: 1_000 * u64::from(id),
+        };
         let message = Message::json(&order)?.key(format!("customer-{}", id % 2));
         producer.send(message).await?;
     }

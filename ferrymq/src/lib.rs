@@ -26,8 +26,8 @@
 
 mod select;
 
-pub use select::Config;
 pub use ferrymq_core::*;
+pub use select::Config;
 
 /// Connect to the queue named by `url` and return a producer and a consumer on it.
 ///

@@ -40,6 +40,9 @@ use serde::{Deserialize, Serialize};
 pub enum Config {
     /// The in-process queue (`memory://NAME`).
     Memory(MemoryConfig),
+    /// Redis Streams (`redis://[user:pass@]host:port[/db]/QUEUE?...`, `rediss://`).
+    #[cfg(feature = "redis")]
+    Redis(ferrymq_redis::RedisConfig),
 }
 
 /// The accepted serde shapes: a URL string, `{ url = "…" }`, or a tagged table.
@@ -55,6 +58,8 @@ enum Repr {
 #[serde(tag = "backend", rename_all = "lowercase")]
 enum Tagged {
     Memory(MemoryConfig),
+    #[cfg(feature = "redis")]
+    Redis(ferrymq_redis::RedisConfig),
 }
 
 impl TryFrom<Repr> for Config {
@@ -64,6 +69,8 @@ impl TryFrom<Repr> for Config {
         match repr {
             Repr::Url(url) | Repr::UrlTable { url } => Config::from_url(&url),
             Repr::Tagged(Tagged::Memory(m)) => Ok(Config::Memory(m)),
+            #[cfg(feature = "redis")]
+            Repr::Tagged(Tagged::Redis(r)) => Ok(Config::Redis(r)),
         }
     }
 }
@@ -82,7 +89,10 @@ impl Config {
         let parsed = parse_url(url)?;
         match parsed.scheme() {
             "memory" => MemoryConfig::from_url(url).map(Config::Memory),
+            #[cfg(feature = "redis")]
+            "redis" | "rediss" => ferrymq_redis::RedisConfig::from_url(url).map(Config::Redis),
             other => match KNOWN_SCHEMES.iter().find(|(s, _)| *s == other) {
+                // Only reached when the backend's feature is off.
                 Some((_, feature)) => Err(Error::invalid_config(
                     "scheme",
                     format!(
@@ -113,6 +123,8 @@ impl Config {
     pub fn backend(&self) -> &'static str {
         match self {
             Config::Memory(_) => "memory",
+            #[cfg(feature = "redis")]
+            Config::Redis(_) => "redis",
         }
     }
 
@@ -123,6 +135,11 @@ impl Config {
                 let (p, c) = m.connect()?;
                 Ok((Box::new(p), Box::new(c)))
             }
+            #[cfg(feature = "redis")]
+            Config::Redis(r) => {
+                let (p, c) = r.connect().await?;
+                Ok((Box::new(p), Box::new(c)))
+            }
         }
     }
 
@@ -130,6 +147,8 @@ impl Config {
     pub async fn producer(&self) -> Result<Box<dyn Producer>> {
         match self {
             Config::Memory(m) => Ok(Box::new(m.producer()?)),
+            #[cfg(feature = "redis")]
+            Config::Redis(r) => Ok(Box::new(r.producer().await?)),
         }
     }
 
@@ -137,6 +156,8 @@ impl Config {
     pub async fn consumer(&self) -> Result<Box<dyn Consumer>> {
         match self {
             Config::Memory(m) => Ok(Box::new(m.consumer()?)),
+            #[cfg(feature = "redis")]
+            Config::Redis(r) => Ok(Box::new(r.consumer().await?)),
         }
     }
 }

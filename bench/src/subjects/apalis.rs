@@ -21,7 +21,9 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
 use super::Subject;
-use crate::drive::{handle, latency_us, pace, run_until_done, wall_nanos, Progress, BATCH};
+use crate::drive::{
+    handle, latency_us, pace, run_until_done, timed_run, wall_nanos, Progress, BATCH,
+};
 use crate::env::{proc_status_kib, ChildReport, ChildSpec, Env};
 use crate::model::{Backend, Role, Sample};
 
@@ -147,10 +149,7 @@ impl Subject for Apalis {
             false,
         );
         tasks.spawn(async move { produce_all(&mut producer, n, size).await });
-        Ok(Sample::throughput(
-            n,
-            run_until_done(tasks, &progress, start, env.stall).await?,
-        ))
+        timed_run(tasks, &progress, start, env.stall, env.cap).await
     }
 
     async fn latency(&self, env: &Env, n: u64, size: usize, rate: u64) -> Result<Sample> {

@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use async_trait::async_trait;
 use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 use super::Subject;
 use crate::drive::BATCH;
@@ -87,9 +88,8 @@ impl NodeSetup {
         })
     }
 
-    /// Run bench.js with `spec`; its JSON line, or its error.
-    async fn run(&self, spec: Value, limit: Duration) -> Result<Value> {
-        let child = tokio::process::Command::new("node")
+    fn spawn(&self, spec: &Value) -> Result<tokio::process::Child> {
+        tokio::process::Command::new("node")
             .arg(&self.script)
             .arg(spec.to_string())
             .env("NODE_PATH", &self.node_modules)
@@ -98,24 +98,81 @@ impl NodeSetup {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .context("starting node")?;
-        let out = tokio::time::timeout(limit, child.wait_with_output())
+            .context("starting node")
+    }
+
+    /// Run bench.js with `spec`; its JSON line, or its error.
+    async fn run(&self, spec: Value, limit: Duration) -> Result<Value> {
+        let child = self.spawn(&spec)?;
+        finish(child, limit).await
+    }
+
+    /// An end-to-end run with the Worker and the producer in two Node processes,
+    /// so that, like the Rust subjects' two runtime threads, each gets a core.
+    async fn run_split(&self, consume: Value, produce: Value, limit: Duration) -> Result<Value> {
+        let mut consumer = self.spawn(&consume)?;
+        let stdout = consumer
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("no stdout of the consumer process"))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
             .await
-            .map_err(|_| anyhow!("bench.js did not finish within {} s", limit.as_secs()))??;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let line = stdout.lines().last().unwrap_or_default();
-        let v: Value = serde_json::from_str(line).map_err(|_| {
+            .map_err(|_| anyhow!("the BullMQ consumer was not ready within 30 s"))??;
+        if ready.as_deref().map(str::trim) != Some(r#"{"ready":true}"#) {
+            let err = finish(consumer, Duration::from_secs(5)).await.err();
+            bail!("the BullMQ consumer did not start: {ready:?} {err:?}");
+        }
+        let producer = self.run(produce, limit);
+        let consumed = tokio::time::timeout(limit, async {
+            let mut last = None;
+            while let Some(line) = lines.next_line().await? {
+                last = Some(line);
+            }
+            let status = consumer.wait().await?;
+            Ok::<_, anyhow::Error>((status, last))
+        });
+        let (produced, consumed) = tokio::join!(producer, consumed);
+        let (status, line) = consumed.map_err(|_| {
             anyhow!(
-                "bench.js printed {line:?} ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
+                "the BullMQ consumer did not finish within {} s",
+                limit.as_secs()
             )
-        })?;
+        })??;
+        let line = line.unwrap_or_default();
+        let v: Value = serde_json::from_str(&line)
+            .map_err(|_| anyhow!("the BullMQ consumer printed {line:?} ({status})"))?;
         if let Some(e) = v.get("error") {
             bail!("bullmq: {}", e.as_str().unwrap_or_default());
         }
+        // A capped run stops the consumer while the producer may still be adding:
+        // only a producer failure before that matters.
+        if let Err(e) = produced {
+            if v["capped"] != Value::Bool(true) {
+                return Err(e.context("the BullMQ producer failed"));
+            }
+        }
         Ok(v)
     }
+}
+
+async fn finish(child: tokio::process::Child, limit: Duration) -> Result<Value> {
+    let out = tokio::time::timeout(limit, child.wait_with_output())
+        .await
+        .map_err(|_| anyhow!("bench.js did not finish within {} s", limit.as_secs()))??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    let v: Value = serde_json::from_str(line).map_err(|_| {
+        anyhow!(
+            "bench.js printed {line:?} ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    })?;
+    if let Some(e) = v.get("error") {
+        bail!("bullmq: {}", e.as_str().unwrap_or_default());
+    }
+    Ok(v)
 }
 
 fn setup(env: &Env) -> Result<&NodeSetup> {
@@ -162,7 +219,8 @@ impl Subject for BullMq {
     }
     fn describe(&self) -> String {
         "BullMQ (Node 20, pinned in bench/bullmq): Queue.addBulk(100) sequentially; Worker at concurrency N \
-         with a no-op processor, counted on 'completed'; removeOnComplete: true"
+         with a no-op processor, counted on 'completed'; removeOnComplete: true. End to end, the Worker and \
+         the producer are two Node processes (one core each)"
             .into()
     }
 
@@ -173,10 +231,16 @@ impl Subject for BullMq {
     }
 
     async fn e2e(&self, env: &Env, n: u64, size: usize, concurrency: usize) -> Result<Sample> {
-        let mut spec = base(env, "e2e", &env.queue_name(self.name()), n, size)?;
-        spec["concurrency"] = json!(concurrency);
-        let v = setup(env)?.run(spec, limit(env, n)).await?;
-        Ok(Sample::throughput(n, secs(&v)?))
+        let queue = env.queue_name(self.name());
+        let mut consume = base(env, "consume", &queue, n, size)?;
+        consume["concurrency"] = json!(concurrency);
+        consume["max_ms"] = json!(env.cap.as_millis() as u64);
+        let produce = base(env, "produce", &queue, n, size)?;
+        let v = setup(env)?
+            .run_split(consume, produce, limit(env, n))
+            .await?;
+        let done = v["done"].as_u64().unwrap_or(n);
+        Ok(Sample::throughput_capped(done, secs(&v)?, done < n))
     }
 
     async fn latency(&self, env: &Env, n: u64, size: usize, rate: u64) -> Result<Sample> {

@@ -18,7 +18,8 @@ use tokio::task::JoinSet;
 
 use super::Subject;
 use crate::drive::{
-    handle, latency_us, pace, payload, run_until_done, stamp_of, wall_nanos, Progress, BATCH,
+    handle, latency_us, pace, payload, run_until_done, stamp_of, timed_run, wall_nanos, Progress,
+    BATCH,
 };
 use crate::env::{proc_status_kib, ChildReport, ChildSpec, Env};
 use crate::model::{Backend, Role, Sample};
@@ -109,10 +110,7 @@ impl Subject for Channel {
         for _ in 0..concurrency {
             tasks.spawn(consume(rx.clone(), progress.clone(), false));
         }
-        Ok(Sample::throughput(
-            n,
-            run_until_done(tasks, &progress, start, env.stall).await?,
-        ))
+        timed_run(tasks, &progress, start, env.stall, env.cap).await
     }
 
     async fn latency(&self, env: &Env, n: u64, size: usize, rate: u64) -> Result<Sample> {

@@ -26,8 +26,8 @@ use tower::ServiceBuilder;
 
 use super::Subject;
 use crate::drive::{
-    check_batch, handle, latency_us, pace, payload, run_until_done, stamp_of, wall_nanos, Progress,
-    BATCH, POLL,
+    check_batch, handle, latency_us, pace, payload, run_until_done, stamp_of, timed_run,
+    wall_nanos, Progress, BATCH, POLL,
 };
 use crate::env::{proc_status_kib, ChildReport, ChildSpec, Env};
 use crate::model::{Backend, Role, Sample};
@@ -166,9 +166,9 @@ impl Subject for FerryTraits {
         for _ in 0..concurrency {
             tasks.spawn(consume_loop(consumer.clone(), progress.clone(), false));
         }
-        let elapsed = run_until_done(tasks, &progress, start, env.stall).await;
+        let sample = timed_run(tasks, &progress, start, env.stall, env.cap).await;
         self.cleanup(&queue);
-        Ok(Sample::throughput(n, elapsed?))
+        sample
     }
 
     async fn latency(&self, env: &Env, n: u64, size: usize, rate: u64) -> Result<Sample> {
@@ -427,10 +427,10 @@ impl Subject for FerryWorker {
             progress.clone(),
             false,
         ));
-        let elapsed = run_until_done(tasks, &progress, start, env.stall).await;
+        let sample = timed_run(tasks, &progress, start, env.stall, env.cap).await;
         self.traits.cleanup(&queue);
         self.traits.cleanup(&format!("{queue}-dlq"));
-        Ok(Sample::throughput(n, elapsed?))
+        sample
     }
 
     async fn latency(&self, env: &Env, n: u64, size: usize, rate: u64) -> Result<Sample> {

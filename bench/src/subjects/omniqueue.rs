@@ -22,7 +22,8 @@ use tokio::task::JoinSet;
 
 use super::Subject;
 use crate::drive::{
-    handle, latency_us, pace, payload, run_until_done, stamp_of, wall_nanos, Progress, BATCH, POLL,
+    handle, latency_us, pace, payload, run_until_done, stamp_of, timed_run, wall_nanos, Progress,
+    BATCH, POLL,
 };
 use crate::env::{proc_status_kib, ChildReport, ChildSpec, Env};
 use crate::model::{Backend, Role, Sample};
@@ -168,10 +169,7 @@ impl Subject for Omniqueue {
         for c in consumers {
             tasks.spawn(consume(c, progress.clone(), false));
         }
-        Ok(Sample::throughput(
-            n,
-            run_until_done(tasks, &progress, start, env.stall).await?,
-        ))
+        timed_run(tasks, &progress, start, env.stall, env.cap).await
     }
 
     async fn latency(&self, env: &Env, n: u64, size: usize, rate: u64) -> Result<Sample> {

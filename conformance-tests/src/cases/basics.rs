@@ -43,7 +43,11 @@ pub async fn round_trip(ctx: &Context) -> CaseResult {
     assert_eq!(d.payload().as_ref(), b"hello ferrymq");
     assert_eq!(d.headers().get("event-type"), Some("greeting"));
     assert_eq!(d.key(), Some("customer-7"), "the key was not carried");
-    assert_eq!(d.message().get_delay(), None, "a delivery has no delay left");
+    assert_eq!(
+        d.message().get_delay(),
+        None,
+        "a delivery has no delay left"
+    );
     assert_eq!(d.attempt(), 1, "a first delivery is attempt 1");
     d.ack().await?;
     expect_none(&*c, ctx.quiet(), "the only message was acked").await
@@ -129,20 +133,42 @@ pub async fn binary_and_json_bodies_byte_identical(ctx: &Context) -> CaseResult 
         let kind = d.headers().get("body").unwrap_or("?");
         seen.insert(kind.to_string());
         match kind {
-            "bytes" => assert!(d.payload().as_ref() == all_bytes.as_slice(), "all-bytes payload changed"),
-            "empty" => assert!(d.payload().is_empty(), "empty payload came back as {} bytes", d.payload().len()),
-            "random" => assert!(d.payload().as_ref() == random.as_slice(), "random {random_len}-byte payload changed"),
+            "bytes" => assert!(
+                d.payload().as_ref() == all_bytes.as_slice(),
+                "all-bytes payload changed"
+            ),
+            "empty" => assert!(
+                d.payload().is_empty(),
+                "empty payload came back as {} bytes",
+                d.payload().len()
+            ),
+            "random" => assert!(
+                d.payload().as_ref() == random.as_slice(),
+                "random {random_len}-byte payload changed"
+            ),
             "json" => {
                 assert_eq!(d.headers().get("content-type"), Some("application/json"));
-                assert_eq!(d.payload().as_ref(), serde_json::to_vec(&order).map_err(ferrymq_core::Error::from)?.as_slice());
+                assert_eq!(
+                    d.payload().as_ref(),
+                    serde_json::to_vec(&order)
+                        .map_err(ferrymq_core::Error::from)?
+                        .as_slice()
+                );
                 assert_eq!(d.json::<Order>()?, order);
                 let wrong = d.json::<NotAnOrder>();
-                assert_eq!(wrong.map(|_| ()).map_err(|e| e.kind()), Err(ErrorKind::Decode));
+                assert_eq!(
+                    wrong.map(|_| ()).map_err(|e| e.kind()),
+                    Err(ErrorKind::Decode)
+                );
             }
             other => panic!("unexpected delivery with body header {other:?}"),
         }
     }
-    assert_eq!(seen.len(), 4, "some bodies arrived twice, others not: {seen:?}");
+    assert_eq!(
+        seen.len(),
+        4,
+        "some bodies arrived twice, others not: {seen:?}"
+    );
     ack_all(&ds).await
 }
 
@@ -206,8 +232,16 @@ pub async fn queue_isolation(ctx: &Context) -> CaseResult {
     let (_, pa, ca) = ctx.fresh().await?;
     let (_, pb, cb) = ctx.fresh().await?;
     let (_, _pc, cc) = ctx.fresh().await?;
-    send_all(&*pa, (0..3).map(|i| Message::new(format!("a{i}"))).collect()).await?;
-    send_all(&*pb, (0..2).map(|i| Message::new(format!("b{i}"))).collect()).await?;
+    send_all(
+        &*pa,
+        (0..3).map(|i| Message::new(format!("a{i}"))).collect(),
+    )
+    .await?;
+    send_all(
+        &*pb,
+        (0..2).map(|i| Message::new(format!("b{i}"))).collect(),
+    )
+    .await?;
 
     let b = receive_n(&*cb, 2, ctx.prompt()).await?;
     assert_eq!(sorted_texts(&b), ["b0", "b1"]);

@@ -77,7 +77,11 @@ pub async fn depth_counts(ctx: &Context) -> CaseResult {
 /// room for exactly one more.
 pub async fn queue_full_when_bounded(ctx: &Context) -> CaseResult {
     let q = ctx.queue();
-    let (p, c) = bounded("open_bounded(capacity 5)", ctx.backend().open_bounded(&q, 5)).await?;
+    let (p, c) = bounded(
+        "open_bounded(capacity 5)",
+        ctx.backend().open_bounded(&q, 5),
+    )
+    .await?;
     for i in 0..5 {
         send(&*p, Message::new(format!("m{i}"))).await?;
     }
@@ -87,10 +91,10 @@ pub async fn queue_full_when_bounded(ctx: &Context) -> CaseResult {
     }
     expect_kind("send past the bound", r, ErrorKind::QueueFull)?;
 
-    let batch = bounded(
-        "send_batch past the bound",
-        async { Ok(p.send_batch(vec![Message::new("b0"), Message::new("b1")]).await) },
-    )
+    let batch = bounded("send_batch past the bound", async {
+        Ok(p.send_batch(vec![Message::new("b0"), Message::new("b1")])
+            .await)
+    })
     .await?;
     match batch {
         Err(e) if e.kind() == ErrorKind::QueueFull => {}

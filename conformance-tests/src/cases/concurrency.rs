@@ -76,7 +76,9 @@ async fn consume_all(
     }
     let mut first_error = None;
     while let Some(r) = tasks.join_next().await {
-        let r = r.map_err(|e| Failure::new(format!("consumer task: {e}"))).and_then(|r| r);
+        let r = r
+            .map_err(|e| Failure::new(format!("consumer task: {e}")))
+            .and_then(|r| r);
         if let Err(e) = r {
             first_error.get_or_insert(e);
         }
@@ -106,14 +108,23 @@ pub async fn competing_consumers(ctx: &Context) -> CaseResult {
     // Send while the consumers already poll.
     let sending = async {
         for chunk in (0..N).collect::<Vec<_>>().chunks(50) {
-            send_all(&*p, chunk.iter().map(|i| Message::new(format!("m{i}"))).collect())
-                .await?;
+            send_all(
+                &*p,
+                chunk
+                    .iter()
+                    .map(|i| Message::new(format!("m{i}")))
+                    .collect(),
+            )
+            .await?;
         }
         CaseResult::Ok(())
     };
-    let consuming = consume_all(consumers, deadline, |_, _| Verdict::Ack, |t| {
-        t.acked.len() >= N
-    });
+    let consuming = consume_all(
+        consumers,
+        deadline,
+        |_, _| Verdict::Ack,
+        |t| t.acked.len() >= N,
+    );
     let (sent, tally) = tokio::join!(sending, consuming);
     sent?;
     let tally = tally?;
@@ -167,7 +178,11 @@ pub async fn many_nacks_lose_nothing(ctx: &Context) -> CaseResult {
 /// lease runs out — each exactly once, and never one of the 5 acked.
 pub async fn no_loss_across_consumer_restarts(ctx: &Context) -> CaseResult {
     let (q, p, c1) = ctx.fresh().await?;
-    send_all(&*p, (0..30).map(|i| Message::new(format!("m{i:02}"))).collect()).await?;
+    send_all(
+        &*p,
+        (0..30).map(|i| Message::new(format!("m{i:02}"))).collect(),
+    )
+    .await?;
     let taken = receive_n(&*c1, 10, ctx.prompt()).await?;
     let mut acked = HashSet::new();
     for d in &taken[..5] {
@@ -184,8 +199,14 @@ pub async fn no_loss_across_consumer_restarts(ctx: &Context) -> CaseResult {
     let mut seen = HashSet::new();
     for d in &got {
         let t = text(d);
-        assert!(!acked.contains(&t), "{t} was acked before the restart but came back");
-        assert!(seen.insert(t.clone()), "{t} delivered twice to the new consumer");
+        assert!(
+            !acked.contains(&t),
+            "{t} was acked before the restart but came back"
+        );
+        assert!(
+            seen.insert(t.clone()),
+            "{t} delivered twice to the new consumer"
+        );
         d.ack().await?;
     }
     let extra = drain(&*c2, ctx.quiet(), ctx.prompt()).await?;

@@ -17,7 +17,13 @@ use crate::{CaseResult, Context, Failure};
 /// on the queue keeps working.
 pub async fn send_after_close_is_closed(ctx: &Context) -> CaseResult {
     let (q, p, c) = ctx.fresh().await?;
-    send_all(&*p, (0..3).map(|i| Message::new(format!("before-{i}"))).collect()).await?;
+    send_all(
+        &*p,
+        (0..3)
+            .map(|i| Message::new(format!("before-{i}")))
+            .collect(),
+    )
+    .await?;
     p.close().await?;
     expect_kind(
         "send after close",

@@ -8,11 +8,11 @@ use ferrymq_core::{Consumer, Message, Priority};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::cases::visibility::EARLY_TOLERANCE;
 use crate::support::{
     ack_all, drain, expect_none, expect_none_until, receive, receive_batch, receive_one, send,
-    send_all, text, texts,
+    send_all, take_or_receive_one, text, texts,
 };
-use crate::cases::visibility::EARLY_TOLERANCE;
 use crate::{CaseResult, Context, Failure};
 
 const KEYS: usize = 16;
@@ -74,7 +74,11 @@ pub async fn per_key_order(ctx: &Context) -> CaseResult {
     for k in 0..KEYS {
         let key = format!("key-{k:02}");
         let expected = MESSAGES / KEYS + usize::from(k < MESSAGES % KEYS);
-        assert_eq!(log.next.get(&key).copied().unwrap_or(0) as usize, expected, "{key}");
+        assert_eq!(
+            log.next.get(&key).copied().unwrap_or(0) as usize,
+            expected,
+            "{key}"
+        );
     }
     assert!(log.nacked > 0, "no nacks were exercised");
     Ok(())
@@ -102,7 +106,11 @@ async fn consume_in_order(
         let ds = receive(&*c, receive_batch(&*c), Duration::from_millis(200)).await?;
         for d in ds {
             let key = d.key().unwrap_or("").to_string();
-            let seq: u32 = d.headers().get("seq").and_then(|s| s.parse().ok()).unwrap_or(u32::MAX);
+            let seq: u32 = d
+                .headers()
+                .get("seq")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(u32::MAX);
             let id = text(&d);
             // Nack about one in 20, once each, to check a nacked head still blocks
             // its key.
@@ -172,13 +180,13 @@ pub async fn per_key_next_waits_for_head(ctx: &Context) -> CaseResult {
         let delay = Duration::from_secs(1);
         let t0 = Instant::now();
         k1.nack(Some(delay)).await?;
-        expect_none_until(
+        let early = expect_none_until(
             &*c,
             t0 + delay - EARLY_TOLERANCE,
             "k1 waits out its nack delay and k2 must not overtake it",
         )
         .await?;
-        let again = receive_one(&*c, delay + ctx.slack() + ctx.prompt()).await?;
+        let again = take_or_receive_one(&*c, early, delay + ctx.slack() + ctx.prompt()).await?;
         assert_eq!(text(&again), "k1", "k1 must come back before k2");
         expect_none(&*c, ctx.quiet(), "k1 is unsettled again").await?;
         again.ack().await?;

@@ -29,7 +29,11 @@ pub async fn receive_returns_as_soon_as_message_arrives(ctx: &Context) -> CaseRe
     let ((ds, returned), sent) = tokio::join!(receiving, sending);
     let sent_at = sent?;
     let ds = ds?;
-    assert_eq!(texts(&ds), ["wake up"], "the waiting receive must return the message");
+    assert_eq!(
+        texts(&ds),
+        ["wake up"],
+        "the waiting receive must return the message"
+    );
     let latency = returned.saturating_duration_since(sent_at);
     let bound = Duration::from_secs(2).max(ctx.slack() * 2);
     assert!(
@@ -72,12 +76,20 @@ pub async fn receive_waits_then_returns_empty(ctx: &Context) -> CaseResult {
 /// call, and successive calls hand out all 10 once.
 pub async fn receive_respects_max(ctx: &Context) -> CaseResult {
     let (_, p, c) = ctx.fresh().await?;
-    send_all(&*p, (0..10).map(|i| Message::new(format!("m{i}"))).collect()).await?;
+    send_all(
+        &*p,
+        (0..10).map(|i| Message::new(format!("m{i}"))).collect(),
+    )
+    .await?;
     let mut seen = HashSet::new();
     let deadline = Instant::now() + ctx.prompt();
     while seen.len() < 10 {
         let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "only {} of 10 received in time", seen.len());
+        assert!(
+            !left.is_zero(),
+            "only {} of 10 received in time",
+            seen.len()
+        );
         let ds = receive(&*c, 3, left).await?;
         assert!(ds.len() <= 3, "receive(3) returned {}", ds.len());
         for d in &ds {

@@ -7,7 +7,8 @@ use crate::cases::visibility::EARLY_TOLERANCE;
 use crate::context::bounded;
 use crate::registry::requires::CASE_DELAY;
 use crate::support::{
-    ack_all, drain, expect_none, expect_none_until, receive_one, send, sorted_texts, text,
+    ack_all, drain, expect_none, expect_none_until, receive_one, send, sorted_texts,
+    take_or_receive_one, text,
 };
 use crate::{CaseResult, Context};
 
@@ -22,22 +23,35 @@ pub async fn delayed_send_not_visible_early(ctx: &Context) -> CaseResult {
     let now = receive_one(&*c, ctx.prompt()).await?;
     assert_eq!(text(&now), "now", "the undelayed message must come first");
     now.ack().await?;
-    expect_none_until(
+    let early = expect_none_until(
         &*c,
         t0 + CASE_DELAY - EARLY_TOLERANCE,
         "the other message is delayed by 2 s",
     )
     .await?;
     let deadline = t0 + CASE_DELAY + ctx.slack() + ctx.prompt();
-    let later = receive_one(&*c, deadline.saturating_duration_since(Instant::now())).await?;
+    let later = take_or_receive_one(
+        &*c,
+        early,
+        deadline.saturating_duration_since(Instant::now()),
+    )
+    .await?;
     let after = t0.elapsed();
     assert_eq!(text(&later), "later");
     assert!(
         after + EARLY_TOLERANCE >= CASE_DELAY,
         "delivered after {after:?}, before its delay"
     );
-    assert_eq!(later.message().get_delay(), None, "a delivery has no delay left");
-    assert_eq!(later.attempt(), 1, "waiting out a delay is not a redelivery");
+    assert_eq!(
+        later.message().get_delay(),
+        None,
+        "a delivery has no delay left"
+    );
+    assert_eq!(
+        later.attempt(),
+        1,
+        "waiting out a delay is not a redelivery"
+    );
     later.ack().await?;
     expect_none(&*c, ctx.quiet(), "everything was acked").await
 }
@@ -61,7 +75,10 @@ pub async fn duplicate_dedup_id_delivered_once(ctx: &Context) -> CaseResult {
     .await?;
     assert_eq!(batch.len(), 2);
     for (i, r) in batch.iter().enumerate() {
-        assert!(r.is_ok(), "batch entry {i} with a repeated dedup id failed: {r:?}");
+        assert!(
+            r.is_ok(),
+            "batch entry {i} with a repeated dedup id failed: {r:?}"
+        );
     }
 
     let got = drain(&*c, ctx.quiet(), ctx.prompt()).await?;

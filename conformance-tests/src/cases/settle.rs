@@ -44,8 +44,16 @@ pub async fn second_ack_is_typed_error(ctx: &Context) -> CaseResult {
     d.ack().await?;
     assert!(clone.acker().is_acked(), "a clone does not see the ack");
     expect_kind("second ack", d.ack().await, ErrorKind::AlreadyAcked)?;
-    expect_kind("ack through a clone", clone.ack().await, ErrorKind::AlreadyAcked)?;
-    expect_kind("nack after ack", d.nack(None).await, ErrorKind::AlreadyAcked)?;
+    expect_kind(
+        "ack through a clone",
+        clone.ack().await,
+        ErrorKind::AlreadyAcked,
+    )?;
+    expect_kind(
+        "nack after ack",
+        d.nack(None).await,
+        ErrorKind::AlreadyAcked,
+    )?;
     expect_kind(
         "extend after ack",
         d.extend(Duration::from_secs(1)).await,
@@ -92,11 +100,7 @@ pub async fn concurrent_acks_exactly_one_wins(ctx: &Context) -> CaseResult {
 /// visibility timeout — with the same payload, headers and key.
 pub async fn nack_redelivers(ctx: &Context) -> CaseResult {
     let (_, p, c) = ctx.fresh().await?;
-    send(
-        &*p,
-        Message::new("retry me").header("h", "v").key("k"),
-    )
-    .await?;
+    send(&*p, Message::new("retry me").header("h", "v").key("k")).await?;
     let first = receive_one(&*c, ctx.prompt()).await?;
     first.nack(None).await?;
     // Must beat the visibility timeout, or it is indistinguishable from a lease expiry.

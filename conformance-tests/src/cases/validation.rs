@@ -14,16 +14,34 @@ use crate::{CaseResult, Context};
 
 fn invalid_messages() -> Vec<(&'static str, Message)> {
     vec![
-        ("a space in a header name", Message::new("bad-1").header("has space", "v")),
-        ("an empty header name", Message::new("bad-2").header("", "v")),
-        ("a non-ASCII header name", Message::new("bad-3").header("naïve", "v")),
+        (
+            "a space in a header name",
+            Message::new("bad-1").header("has space", "v"),
+        ),
+        (
+            "an empty header name",
+            Message::new("bad-2").header("", "v"),
+        ),
+        (
+            "a non-ASCII header name",
+            Message::new("bad-3").header("naïve", "v"),
+        ),
         (
             "an unknown reserved ferrymq- header",
             Message::new("bad-4").header("ferrymq-custom", "v"),
         ),
-        ("the aws. prefix", Message::new("bad-5").header("aws.trace", "v")),
-        ("a NUL in a header value", Message::new("bad-6").header("ok", "a\u{0}b")),
-        ("an ESC in a header value", Message::new("bad-7").header("ok", "\u{1b}[31m")),
+        (
+            "the aws. prefix",
+            Message::new("bad-5").header("aws.trace", "v"),
+        ),
+        (
+            "a NUL in a header value",
+            Message::new("bad-6").header("ok", "a\u{0}b"),
+        ),
+        (
+            "an ESC in a header value",
+            Message::new("bad-7").header("ok", "\u{1b}[31m"),
+        ),
     ]
 }
 
@@ -33,10 +51,17 @@ pub async fn invalid_header_rejected_nothing_sent(ctx: &Context) -> CaseResult {
     let (_, p, c) = ctx.fresh().await?;
     for (what, message) in invalid_messages() {
         let result = try_send(&*p, message).await?;
-        expect_kind(&format!("send with {what}"), result, ErrorKind::InvalidMessage)?;
+        expect_kind(
+            &format!("send with {what}"),
+            result,
+            ErrorKind::InvalidMessage,
+        )?;
     }
     if ctx.caps().depth {
-        expect_depth("after rejected sends", depth(0, 0, 0), ctx.prompt(), || c.depth()).await?;
+        expect_depth("after rejected sends", depth(0, 0, 0), ctx.prompt(), || {
+            c.depth()
+        })
+        .await?;
     }
     send(&*p, Message::new("valid").header("ok", "fine")).await?;
     let got = drain(&*c, ctx.quiet(), ctx.prompt()).await?;
@@ -62,7 +87,11 @@ pub async fn oversize_rejected_too_large(ctx: &Context) -> CaseResult {
     // Headers count: payload max - 10 plus a header of 1 + 10 bytes is one over.
     let with_header = Message::new(vec![b'y'; max - 10]).header("h", "0123456789");
     let r = try_send(&*p, with_header).await?;
-    expect_kind("payload + headers of max_message_size + 1", r, ErrorKind::TooLarge)?;
+    expect_kind(
+        "payload + headers of max_message_size + 1",
+        r,
+        ErrorKind::TooLarge,
+    )?;
 
     let batch = vec![Message::new("small"), Message::new(vec![b'z'; max + 1])];
     let results = bounded("send_batch", p.send_batch(batch)).await?;
@@ -78,7 +107,11 @@ pub async fn oversize_rejected_too_large(ctx: &Context) -> CaseResult {
     send(&*p, Message::new(exact.clone())).await?;
 
     let got = drain(&*c, ctx.quiet(), ctx.prompt()).await?;
-    assert_eq!(got.len(), 2, "expected the small and the exact-size message only");
+    assert_eq!(
+        got.len(),
+        2,
+        "expected the small and the exact-size message only"
+    );
     assert!(
         got.iter().any(|d| d.payload().as_ref() == b"small"),
         "small message missing"
@@ -121,7 +154,11 @@ pub async fn batch_send_per_entry_results(ctx: &Context) -> CaseResult {
         "per-entry results"
     );
     let empty = bounded("empty send_batch", p.send_batch(Vec::new())).await?;
-    assert!(empty.is_empty(), "an empty batch returned {} results", empty.len());
+    assert!(
+        empty.is_empty(),
+        "an empty batch returned {} results",
+        empty.len()
+    );
 
     let got = drain(&*c, ctx.quiet(), ctx.prompt()).await?;
     assert_eq!(sorted_texts(&got), ["ok-0", "ok-1", "ok-3", "ok-5"]);

@@ -9,7 +9,9 @@ use ferrymq_core::{ErrorKind, Message};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::support::{expect_kind, expect_none, expect_none_until, receive_one, send, text};
+use crate::support::{
+    expect_kind, expect_none, expect_none_until, receive_one, send, take_or_receive_one, text,
+};
 use crate::{CaseResult, Context, Failure};
 
 /// How much earlier than its due time a timer may be observed to fire, for clock
@@ -41,9 +43,15 @@ pub async fn nack_with_delay_not_redelivered_early(ctx: &Context) -> CaseResult 
     );
     other.ack().await?;
 
-    expect_none_until(&*c, t0 + delay - EARLY_TOLERANCE, "nacked with a 2 s delay").await?;
+    let early =
+        expect_none_until(&*c, t0 + delay - EARLY_TOLERANCE, "nacked with a 2 s delay").await?;
     let deadline = t0 + delay + ctx.slack() + ctx.prompt();
-    let again = receive_one(&*c, deadline.saturating_duration_since(Instant::now())).await?;
+    let again = take_or_receive_one(
+        &*c,
+        early,
+        deadline.saturating_duration_since(Instant::now()),
+    )
+    .await?;
     let after = t0.elapsed();
     assert_eq!(text(&again), "delayed retry");
     assert!(
@@ -67,14 +75,19 @@ pub async fn dropped_delivery_comes_back_after_visibility(ctx: &Context) -> Case
     let d = receive_one(&*c, ctx.prompt()).await?;
     drop(d);
 
-    expect_none_until(
+    let early = expect_none_until(
         &*c,
         t0 + vis - EARLY_TOLERANCE.min(vis / 2),
         "a dropped delivery stays invisible until the visibility timeout",
     )
     .await?;
     let deadline = t0 + vis + ctx.slack() + ctx.prompt();
-    let again = receive_one(&*c, deadline.saturating_duration_since(Instant::now())).await?;
+    let again = take_or_receive_one(
+        &*c,
+        early,
+        deadline.saturating_duration_since(Instant::now()),
+    )
+    .await?;
     let after = t0.elapsed();
     assert_eq!(text(&again), "dropped");
     assert!(
@@ -82,7 +95,11 @@ pub async fn dropped_delivery_comes_back_after_visibility(ctx: &Context) -> Case
         "came back after {after:?}, before the visibility timeout of {vis:?}"
     );
     if ctx.caps().attempts {
-        assert_eq!(again.attempt(), 2, "a redelivery after the timeout is attempt 2");
+        assert_eq!(
+            again.attempt(),
+            2,
+            "a redelivery after the timeout is attempt 2"
+        );
     }
     again.ack().await?;
     expect_none(&*c, vis + ctx.slack(), "the redelivery was acked").await
@@ -153,7 +170,12 @@ pub async fn extend_prevents_redelivery(ctx: &Context) -> CaseResult {
         Some(Err(e)) => return Err(Failure::new(format!("heartbeat task: {e}"))),
         None => 0,
     };
-    watched?;
+    let late = watched?;
+    assert!(
+        late.is_empty(),
+        "redelivered while the lease was being extended: {:?}",
+        crate::support::texts(&late)
+    );
     assert!(extends >= 3, "only {extends} extends happened");
     d.ack()
         .await

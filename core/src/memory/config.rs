@@ -130,10 +130,16 @@ impl MemoryConfig {
 
     fn validate(&self) -> Result<()> {
         if self.queue.is_empty() {
-            return Err(Error::invalid_config("queue", "missing queue name (memory://NAME)"));
+            return Err(Error::invalid_config(
+                "queue",
+                "missing queue name (memory://NAME)",
+            ));
         }
         if self.visibility_timeout.is_zero() {
-            return Err(Error::invalid_config("visibility", "must be greater than zero"));
+            return Err(Error::invalid_config(
+                "visibility",
+                "must be greater than zero",
+            ));
         }
         if self.capacity == 0 {
             return Err(Error::invalid_config("capacity", "must be at least 1"));
@@ -147,7 +153,10 @@ impl MemoryConfig {
     /// different settings is `InvalidConfig` rather than a silent surprise.
     pub fn connect(&self) -> Result<(MemoryProducer, MemoryConsumer)> {
         let queue = self.open()?;
-        Ok((MemoryProducer::new(queue.clone()), MemoryConsumer::new(queue)))
+        Ok((
+            MemoryProducer::new(queue.clone()),
+            MemoryConsumer::new(queue),
+        ))
     }
 
     /// A producer on the named queue.

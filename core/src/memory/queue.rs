@@ -266,7 +266,13 @@ impl State {
         Ok(())
     }
 
-    pub(crate) fn extend(&mut self, seq: u64, receipt: u64, now: Instant, by: Duration) -> Result<()> {
+    pub(crate) fn extend(
+        &mut self,
+        seq: u64,
+        receipt: u64,
+        now: Instant,
+        by: Duration,
+    ) -> Result<()> {
         let entry = self.owned(seq, receipt)?;
         let Place::Leased(old) = entry.place else {
             return Err(Error::new(
@@ -348,7 +354,11 @@ impl State {
             }
             Some(key) => {
                 entry.place = Place::Held;
-                self.groups.entry(key.clone()).or_default().waiting.insert(seq);
+                self.groups
+                    .entry(key.clone())
+                    .or_default()
+                    .waiting
+                    .insert(seq);
                 self.held += 1;
                 self.promote(&key);
             }

@@ -30,7 +30,10 @@ async fn visibility_timeout_redelivers_unacked_and_dropped() {
     let d = one(&c).await.unwrap();
     assert_eq!(d.attempt(), 1);
     drop(d);
-    assert!(one(&c).await.is_none(), "leased message must stay invisible");
+    assert!(
+        one(&c).await.is_none(),
+        "leased message must stay invisible"
+    );
     tokio::time::advance(Duration::from_secs(9)).await;
     assert!(one(&c).await.is_none());
     tokio::time::advance(Duration::from_secs(1)).await;
@@ -83,14 +86,24 @@ async fn extend_after_expiry_is_lease_expired_but_ack_before_redelivery_works() 
 #[tokio::test(start_paused = true)]
 async fn delay_and_priority() {
     let (p, c) = config().connect().unwrap();
-    p.send(Message::new("late").delay(Duration::from_secs(5)).priority(100))
-        .await
-        .unwrap();
+    p.send(
+        Message::new("late")
+            .delay(Duration::from_secs(5))
+            .priority(100),
+    )
+    .await
+    .unwrap();
     p.send(Message::new("low").priority(-1)).await.unwrap();
     p.send(Message::new("plain")).await.unwrap();
     p.send(Message::new("high").priority(10)).await.unwrap();
     p.send(Message::new("plain2")).await.unwrap();
-    let got: Vec<_> = c.receive(10, NOW).await.unwrap().iter().map(payload).collect();
+    let got: Vec<_> = c
+        .receive(10, NOW)
+        .await
+        .unwrap()
+        .iter()
+        .map(payload)
+        .collect();
     assert_eq!(got, ["high", "plain", "plain2", "low"]);
     assert_eq!(c.depth().await.unwrap().delayed, 1);
     tokio::time::advance(Duration::from_secs(5)).await;
@@ -100,7 +113,9 @@ async fn delay_and_priority() {
 #[tokio::test(start_paused = true)]
 async fn receive_waits_for_delayed_message_then_returns() {
     let (p, c) = config().connect().unwrap();
-    p.send(Message::new("x").delay(Duration::from_secs(2))).await.unwrap();
+    p.send(Message::new("x").delay(Duration::from_secs(2)))
+        .await
+        .unwrap();
     let start = tokio::time::Instant::now();
     let got = c.receive(10, Duration::from_secs(20)).await.unwrap();
     assert_eq!(got.len(), 1);
@@ -124,7 +139,13 @@ async fn receive_wakes_on_send_from_another_task() {
 #[tokio::test(start_paused = true)]
 async fn per_key_order_blocks_key_while_in_flight() {
     let (p, c) = config().connect().unwrap();
-    for (k, v) in [("a", "a1"), ("a", "a2"), ("b", "b1"), ("a", "a3"), ("b", "b2")] {
+    for (k, v) in [
+        ("a", "a1"),
+        ("a", "a2"),
+        ("b", "b1"),
+        ("a", "a3"),
+        ("b", "b2"),
+    ] {
         p.send(Message::new(v).key(k)).await.unwrap();
     }
     let first: Vec<_> = c.receive(10, NOW).await.unwrap();
@@ -203,9 +224,19 @@ async fn dedup_window() {
     let d = one(&c).await.unwrap();
     d.ack().await.unwrap();
     // Still deduplicated after delete, inside the window (like SQS FIFO).
-    assert!(p.send(Message::new("3").dedup_id("x")).await.unwrap().duplicate);
+    assert!(
+        p.send(Message::new("3").dedup_id("x"))
+            .await
+            .unwrap()
+            .duplicate
+    );
     tokio::time::advance(Duration::from_secs(60)).await;
-    assert!(!p.send(Message::new("4").dedup_id("x")).await.unwrap().duplicate);
+    assert!(
+        !p.send(Message::new("4").dedup_id("x"))
+            .await
+            .unwrap()
+            .duplicate
+    );
     assert_eq!(payload(&one(&c).await.unwrap()), "4");
 }
 
@@ -236,17 +267,29 @@ async fn depth_counts_each_place() {
     let (p, c) = config().connect().unwrap();
     p.send(Message::new("a")).await.unwrap();
     p.send(Message::new("b")).await.unwrap();
-    p.send(Message::new("c").delay(Duration::from_secs(5))).await.unwrap();
+    p.send(Message::new("c").delay(Duration::from_secs(5)))
+        .await
+        .unwrap();
     p.send(Message::new("k1").key("k")).await.unwrap();
     p.send(Message::new("k2").key("k")).await.unwrap();
     assert_eq!(
         c.depth().await.unwrap(),
-        Depth { waiting: 4, in_flight: 0, delayed: 1, dead_lettered: 0 }
+        Depth {
+            waiting: 4,
+            in_flight: 0,
+            delayed: 1,
+            dead_lettered: 0
+        }
     );
     let _leased = c.receive(2, NOW).await.unwrap();
     assert_eq!(
         c.depth().await.unwrap(),
-        Depth { waiting: 2, in_flight: 2, delayed: 1, dead_lettered: 0 }
+        Depth {
+            waiting: 2,
+            in_flight: 2,
+            delayed: 1,
+            dead_lettered: 0
+        }
     );
 }
 
@@ -257,8 +300,14 @@ async fn close_refuses_further_use_and_settling_still_works() {
     let d = one(&c).await.unwrap();
     p.close().await.unwrap();
     c.close().await.unwrap();
-    assert_eq!(p.send(Message::new("b")).await.unwrap_err().kind(), ErrorKind::Closed);
-    assert_eq!(c.receive(1, NOW).await.unwrap_err().kind(), ErrorKind::Closed);
+    assert_eq!(
+        p.send(Message::new("b")).await.unwrap_err().kind(),
+        ErrorKind::Closed
+    );
+    assert_eq!(
+        c.receive(1, NOW).await.unwrap_err().kind(),
+        ErrorKind::Closed
+    );
     d.ack().await.unwrap();
 }
 
@@ -303,6 +352,9 @@ fn url_config() {
     ] {
         let err = MemoryConfig::from_url(url).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{url}");
-        assert!(err.to_string().contains(&format!("`{param}`")), "{url}: {err}");
+        assert!(
+            err.to_string().contains(&format!("`{param}`")),
+            "{url}: {err}"
+        );
     }
 }

@@ -5,7 +5,8 @@ use crate::delivery::DeliveryMeta;
 use crate::message::Message;
 use crate::middleware::Outcome;
 
-/// One finished delivery, broadcast to [`Worker::subscribe`](super::Worker::subscribe)rs.
+/// One finished delivery, broadcast to every receiver from
+/// [`Worker::subscribe`](super::Worker::subscribe).
 ///
 /// Carries the message (cheap: the payload is shared `Bytes`) but not the ack handle:
 /// listeners observe, they do not settle.

@@ -500,3 +500,195 @@ fn public_types_are_send_and_sync() {
     let fut = Worker::new(c).run_until(svc, std::future::pending());
     send(&fut);
 }
+
+mod observability {
+    //! The worker's metrics, read through a recorder installed for the test's thread.
+
+    use std::collections::HashMap;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use metrics::{
+        Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder, SharedString,
+        Unit,
+    };
+    use tower::Layer;
+
+    use super::*;
+    use crate::middleware::{Backoff, RetryToDlqLayer};
+
+    /// Every value recorded or set, in order.
+    #[derive(Default)]
+    struct Samples(Mutex<Vec<f64>>);
+
+    impl HistogramFn for Samples {
+        fn record(&self, value: f64) {
+            self.0.lock().unwrap().push(value);
+        }
+    }
+
+    impl metrics::GaugeFn for Samples {
+        fn increment(&self, value: f64) {
+            let mut v = self.0.lock().unwrap();
+            let last = v.last().copied().unwrap_or(0.0);
+            v.push(last + value);
+        }
+        fn decrement(&self, value: f64) {
+            self.increment(-value);
+        }
+        fn set(&self, value: f64) {
+            self.0.lock().unwrap().push(value);
+        }
+    }
+
+    #[derive(Default)]
+    struct TestRecorder {
+        counters: Mutex<HashMap<String, Arc<AtomicU64>>>,
+        gauges: Mutex<HashMap<String, Arc<Samples>>>,
+        histograms: Mutex<HashMap<String, Arc<Samples>>>,
+    }
+
+    fn render(key: &Key) -> String {
+        let mut labels: Vec<String> = key
+            .labels()
+            .filter(|l| l.key() != "queue")
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
+        labels.sort();
+        if labels.is_empty() {
+            key.name().to_string()
+        } else {
+            format!("{}{{{}}}", key.name(), labels.join(","))
+        }
+    }
+
+    impl Recorder for TestRecorder {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+            let c = self
+                .counters
+                .lock()
+                .unwrap()
+                .entry(render(key))
+                .or_default()
+                .clone();
+            Counter::from_arc(c)
+        }
+        fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+            let g = self
+                .gauges
+                .lock()
+                .unwrap()
+                .entry(render(key))
+                .or_default()
+                .clone();
+            Gauge::from_arc(g)
+        }
+        fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+            let h = self
+                .histograms
+                .lock()
+                .unwrap()
+                .entry(render(key))
+                .or_default()
+                .clone();
+            Histogram::from_arc(h)
+        }
+    }
+
+    impl TestRecorder {
+        fn counter(&self, name: &str) -> u64 {
+            self.counters
+                .lock()
+                .unwrap()
+                .get(name)
+                .map_or(0, |c| c.load(Ordering::SeqCst))
+        }
+        fn gauge(&self, name: &str) -> Vec<f64> {
+            self.gauges
+                .lock()
+                .unwrap()
+                .get(name)
+                .map_or(Vec::new(), |g| g.0.lock().unwrap().clone())
+        }
+        fn samples(&self, name: &str) -> usize {
+            self.histograms
+                .lock()
+                .unwrap()
+                .get(name)
+                .map_or(0, |h| h.0.lock().unwrap().len())
+        }
+    }
+
+    #[test]
+    fn counters_histograms_and_gauges_follow_the_outcomes() {
+        let recorder = TestRecorder::default();
+        metrics::with_local_recorder(&recorder, || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap()
+                .block_on(async {
+                    let (p, c) = queue("worker-metrics").connect().unwrap();
+                    let dlq = queue("worker-metrics-dlq").producer().unwrap();
+                    p.send(Message::new("good")).await.unwrap();
+                    p.send(Message::new("bad")).await.unwrap();
+                    p.send(Message::new("pending")).await.unwrap();
+                    let svc = RetryToDlqLayer::new(dlq)
+                        .max_attempts(2)
+                        .backoff(Backoff::new(Duration::from_millis(10)).jitter(0.0))
+                        .layer(handler_fn(|d: Delivery| async move {
+                            match body(&d).as_str() {
+                                "bad" => Err::<(), BoxError>("no".into()),
+                                "pending" => {
+                                    tokio::time::sleep(Duration::from_secs(5)).await;
+                                    Ok(())
+                                }
+                                _ => Ok(()),
+                            }
+                        }));
+                    let summary = Worker::new(c)
+                        .concurrency(3)
+                        .depth_interval(Some(Duration::from_millis(500)))
+                        .run_until(svc, tokio::time::sleep(Duration::from_secs(1)))
+                        .await
+                        .unwrap();
+                    assert_eq!(
+                        (summary.succeeded, summary.retried, summary.dead_lettered),
+                        (2, 1, 1)
+                    );
+                });
+        });
+        assert_eq!(recorder.counter("ferrymq_worker_received_total"), 4);
+        assert_eq!(recorder.counter("ferrymq_worker_succeeded_total"), 2);
+        assert_eq!(recorder.counter("ferrymq_worker_retried_total"), 1);
+        assert_eq!(recorder.counter("ferrymq_worker_dead_lettered_total"), 1);
+        assert_eq!(recorder.counter("ferrymq_worker_failed_total"), 0);
+        assert_eq!(
+            recorder.samples("ferrymq_worker_handler_seconds{outcome=succeeded}"),
+            2
+        );
+        assert_eq!(
+            recorder.samples("ferrymq_worker_handler_seconds{outcome=retried}"),
+            1
+        );
+        assert_eq!(
+            recorder.samples("ferrymq_worker_handler_seconds{outcome=dead_lettered}"),
+            1
+        );
+        // The depth gauge saw the slow message in flight.
+        let in_flight = recorder.gauge("ferrymq_queue_depth{state=in_flight}");
+        assert!(in_flight.contains(&1.0), "{in_flight:?}");
+        let running = recorder.gauge("ferrymq_worker_in_flight");
+        assert_eq!(
+            running.iter().copied().fold(0.0, f64::max),
+            3.0,
+            "{running:?}"
+        );
+        assert_eq!(running.last(), Some(&0.0));
+    }
+}

@@ -55,11 +55,21 @@ impl AckBatcher {
     }
 }
 
+/// Batches in flight at once: enough to keep the connection busy while a batch is
+/// on the wire, few enough that acks still pile up into large batches.
+const IN_FLIGHT: usize = 4;
+
 async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AckRequest>) {
     let linger = shared.config.ack_linger;
-    let mut batch: Vec<AckRequest> = Vec::new();
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
+    let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = rx.recv().await else {
+            return;
+        };
+        let mut batch = vec![first];
         if linger.is_zero() {
             // Let the task that sent this ack finish sending its siblings (a worker
             // acking a batch concurrently) before draining: one call instead of two.
@@ -73,18 +83,22 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AckRequest>) {
                 Err(_) => break,
             }
         }
-        match flush(&shared, &batch).await {
-            Ok(flags) => {
-                for (req, ok) in batch.drain(..).zip(flags) {
-                    let _ = req.reply.send(Ok(ok));
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            match flush(&shared, &batch).await {
+                Ok(flags) => {
+                    for (req, ok) in batch.into_iter().zip(flags) {
+                        let _ = req.reply.send(Ok(ok));
+                    }
+                }
+                Err(e) => {
+                    for req in batch {
+                        let _ = req.reply.send(Err(Error::new(e.kind(), e.message())));
+                    }
                 }
             }
-            Err(e) => {
-                for req in batch.drain(..) {
-                    let _ = req.reply.send(Err(Error::new(e.kind(), e.message())));
-                }
-            }
-        }
+            drop(slot);
+        });
     }
 }
 

@@ -138,6 +138,10 @@ impl RedisConsumer {
         &self.inner.name
     }
 
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.inner.shared
+    }
+
     /// Whether a reclaim pass is due; claims it when so.
     fn reclaim_due(&self) -> bool {
         let inner = &self.inner;

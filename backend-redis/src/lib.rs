@@ -37,6 +37,8 @@
 //! | `ferrymq:{Q}:leases` | hash | `N/stream-id` → deadline (ms) of a lease extended past the visibility timeout |
 //! | `ferrymq:{Q}:dead` | stream | dead-lettered messages, trimmed to `dlq_max_len` (approx.) and `dlq_retention` |
 //! | `ferrymq:{Q}:dedup:ID` | string | message id holding dedup id `ID`; expires after `dedup_window` |
+//! | `ferrymq:{Q}:revoked` | set | `N/stream-id/deliveries` of leases reclaimed while still held, so their stale handles get `LeaseExpired`; emptied as the entries leave |
+//! | `ferrymq:{Q}:handled:K` | string | [`RedisDedupStore`] (Dedup middleware): `claimed:<store>` (claim TTL) or `done` (retention) |
 //! | `ferrymq:{Q}:seq` | string | counter for the ids of delayed sends |
 //!
 //! A stream entry's fields: `p` payload, `h` headers (`<len>:<name><len>:<value>`…,
@@ -93,14 +95,17 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod ack;
+mod admin;
 mod client;
 mod codec;
 mod config;
 mod consumer;
+mod dedup;
 mod keys;
 mod producer;
 mod scripts;
 
 pub use config::{RedisConfig, MAX_PRIORITY_LEVELS};
 pub use consumer::{DeadLetter, RedisConsumer};
+pub use dedup::RedisDedupStore;
 pub use producer::RedisProducer;

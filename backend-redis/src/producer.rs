@@ -236,12 +236,13 @@ impl Producer for RedisProducer {
 /// Depth counts from the DEPTH script.
 pub(crate) async fn depth(shared: &Shared) -> Result<Depth> {
     let keys = &shared.keys;
-    let mut cmd = scripts().depth.call(2 + keys.ready.len());
-    cmd.arg(&keys.delayed).arg(&keys.dead);
+    let mut cmd = scripts().depth.call(3 + keys.ready.len());
+    cmd.arg(&keys.delayed).arg(&keys.dead).arg(&keys.leases);
     for k in &keys.ready {
         cmd.arg(k);
     }
-    cmd.arg(&shared.config.group);
+    cmd.arg(&shared.config.group)
+        .arg(shared.config.visibility_timeout.as_millis() as u64);
     let reply = shared.eval(&scripts().depth, &cmd).await?;
     let (waiting, in_flight, delayed, dead_lettered): (u64, u64, u64, u64) =
         redis::from_redis_value(reply)

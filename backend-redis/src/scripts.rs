@@ -379,20 +379,31 @@ redis.call('XCLAIM', KEYS[2], ARGV[1], p[2], 0, ARGV[3], 'IDLE', idle, 'JUSTID')
 return 1
 "#;
 
-/// Depth counts in one step.
+/// Depth counts in one step. A pending entry whose lease has run out counts as
+/// waiting (the next receive reclaims it), unless its lease was extended past the
+/// visibility timeout. Expired leases are counted up to 10 000 per level.
 ///
-/// KEYS: delayed, dead, ready streams; ARGV: group
+/// KEYS: delayed, dead, leases, ready streams; ARGV: group, visibility ms
 /// Returns {waiting, in flight, delayed, dead-lettered}.
 const DEPTH: &str = r#"
-local len, pending = 0, 0
-for i = 3, #KEYS do
+local len, pending, expired = 0, 0, 0
+local now = now_ms()
+local has_leases = redis.call('EXISTS', KEYS[3]) == 1
+for i = 4, #KEYS do
   len = len + redis.call('XLEN', KEYS[i])
   local s = redis.pcall('XPENDING', KEYS[i], ARGV[1])
-  if type(s) == 'table' and s[1] then pending = pending + tonumber(s[1]) end
+  if type(s) == 'table' and s[1] and tonumber(s[1]) > 0 then
+    pending = pending + tonumber(s[1])
+    local idle = redis.call('XPENDING', KEYS[i], ARGV[1], 'IDLE', ARGV[2], '-', '+', 10000)
+    for _, p in ipairs(idle) do
+      local lease = has_leases and tonumber(redis.call('HGET', KEYS[3], (i - 4) .. '/' .. p[1]))
+      if not lease or lease <= now then expired = expired + 1 end
+    end
+  end
 end
-local waiting = len - pending
+local waiting = len - pending + expired
 if waiting < 0 then waiting = 0 end
-return {waiting, pending, redis.call('ZCARD', KEYS[1]), redis.call('XLEN', KEYS[2])}
+return {waiting, pending - expired, redis.call('ZCARD', KEYS[1]), redis.call('XLEN', KEYS[2])}
 "#;
 
 /// Forget a consumer of the group, only when it holds no pending entry (deleting a

@@ -725,3 +725,52 @@ async fn batched_acks_sort_out_stale_and_live_leases() {
         .unwrap();
     assert_eq!(len, 0, "acked entries deleted");
 }
+
+#[tokio::test]
+async fn delete_queue_removes_every_key() {
+    let (p, c, cfg) = connect("delete", "max_deliveries=1").await;
+    p.send(Message::new("a").dedup_id("x")).await.unwrap();
+    p.send(Message::new("b").delay(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    p.send(Message::new("c")).await.unwrap();
+    let d = c.receive(1, WAIT).await.unwrap().remove(0);
+    d.nack(None).await.unwrap(); // dead-lettered
+    let mut r = raw().await;
+    let pattern = format!("ferrymq:{{{}}}:*", cfg.queue);
+    let before: Vec<String> = r.keys(&pattern).await.unwrap();
+    assert!(before.len() >= 5, "{before:?}");
+    let n = cfg.delete_queue().await.unwrap();
+    assert_eq!(n as usize, before.len());
+    let after: Vec<String> = r.keys(&pattern).await.unwrap();
+    assert!(after.is_empty(), "{after:?}");
+    // The consumer recreates its group and goes on.
+    p.send(Message::new("again")).await.unwrap();
+    let d = c.receive(1, WAIT).await.unwrap().remove(0);
+    assert_eq!(d.payload().as_ref(), b"again");
+    d.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn depth_counts_an_expired_lease_as_waiting() {
+    let (p, c, _) = connect("depthexp", "visibility=300ms").await;
+    p.send_batch(vec![Message::new("a"), Message::new("b")])
+        .await
+        .unwrap();
+    let ds = c.receive(2, WAIT).await.unwrap();
+    assert_eq!(ds.len(), 2);
+    ds[1].extend(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        (
+            c.depth().await.unwrap().waiting,
+            c.depth().await.unwrap().in_flight
+        ),
+        (0, 2)
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // No receive ran: "a" is still pending in Redis, but its lease is over; "b" was
+    // extended past the visibility timeout.
+    let d = p.depth().await.unwrap();
+    assert_eq!((d.waiting, d.in_flight), (1, 1));
+    drop(ds);
+}

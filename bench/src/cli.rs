@@ -88,6 +88,11 @@ pub struct Args {
     #[arg(long, default_value_t = 6398)]
     pub redis_port: u16,
 
+    /// Set the ferrymq Worker's prefetch (default: the Worker's own default). For
+    /// experiments only: the published results use the defaults.
+    #[arg(long)]
+    pub worker_prefetch: Option<usize>,
+
     /// Tiny counts (finishes in well under a minute): a CI smoke test.
     #[arg(long)]
     pub smoke: bool,

@@ -17,6 +17,8 @@ pub struct Env {
     pub stall: Duration,
     /// Throughput runs stop here and report the rate so far (marked capped).
     pub cap: Duration,
+    /// `--worker-prefetch`.
+    pub worker_prefetch: Option<usize>,
     pub exe: PathBuf,
     pub bullmq: Option<crate::subjects::bullmq::NodeSetup>,
     /// Why BullMQ could not be set up, when it could not.
@@ -30,6 +32,7 @@ impl Env {
             redis,
             stall,
             cap,
+            worker_prefetch: None,
             exe: std::env::current_exe().context("locating the bench binary")?,
             bullmq: None,
             bullmq_error: None,
@@ -89,6 +92,8 @@ pub struct ChildSpec {
     pub size: usize,
     pub redis_url: Option<String>,
     pub stall_secs: u64,
+    #[serde(default)]
+    pub worker_prefetch: Option<usize>,
 }
 
 /// What the child reports on its last stdout line.

@@ -205,6 +205,7 @@ async fn run(args: Args) -> Result<()> {
         Duration::from_secs(args.stall_secs),
         Duration::from_secs_f64(args.max_run_secs),
     )?;
+    env.worker_prefetch = args.worker_prefetch;
     if subjects.iter().any(|s| s.name() == "bullmq") {
         match subjects::bullmq::NodeSetup::prepare(&args.bullmq_dir, &args.cache_dir()) {
             Ok(setup) => env.bullmq = Some(setup),
@@ -333,6 +334,7 @@ async fn run_all(
             "peer_rss_max_backlog": args.peer_rss_max_backlog,
             "stall_secs": args.stall_secs,
             "max_run_secs": args.max_run_secs,
+            "worker_prefetch": args.worker_prefetch,
             "smoke": args.smoke,
             "batch": drive::BATCH,
         },
@@ -358,5 +360,15 @@ async fn run_all(
         eprintln!("wrote {}", path.display());
     }
     eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
+    // Peers may fail as shipped (that is a finding); ferrymq or a raw baseline
+    // failing is a bug, and fails the run (the CI smoke test relies on this).
+    let broken: Vec<String> = cells
+        .iter()
+        .filter(|c| c.role != Role::Peer && c.failure.is_some())
+        .map(|c| format!("{} {} {}", c.subject, c.workload, human_size(c.size)))
+        .collect();
+    if !broken.is_empty() {
+        anyhow::bail!("ferrymq or raw-baseline runs failed: {}", broken.join(", "));
+    }
     Ok(())
 }

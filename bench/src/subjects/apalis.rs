@@ -195,6 +195,7 @@ impl Subject for Apalis {
                 size,
                 redis_url: Some(url),
                 stall_secs: env.stall.as_secs(),
+                worker_prefetch: env.worker_prefetch,
             })
             .await?;
         Ok(Sample::Rss {

@@ -140,6 +140,7 @@ impl Subject for Channel {
                 size,
                 redis_url: None,
                 stall_secs: env.stall.as_secs(),
+                worker_prefetch: env.worker_prefetch,
             })
             .await?;
         Ok(Sample::Rss {

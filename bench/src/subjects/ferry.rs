@@ -213,6 +213,7 @@ impl Subject for FerryTraits {
                 size,
                 redis_url,
                 stall_secs: env.stall.as_secs(),
+                worker_prefetch: env.worker_prefetch,
             })
             .await?;
         Ok(Sample::Rss {
@@ -322,11 +323,15 @@ pub async fn run_worker(
     consumer: Box<dyn Consumer>,
     dlq: Box<dyn Producer>,
     concurrency: usize,
+    prefetch: Option<usize>,
     progress: Arc<Progress>,
     record_latency: bool,
 ) -> Result<()> {
     let capabilities = consumer.capabilities().clone();
-    let worker = Worker::new(consumer).concurrency(concurrency);
+    let mut worker = Worker::new(consumer).concurrency(concurrency);
+    if let Some(n) = prefetch {
+        worker = worker.prefetch(n);
+    }
     let mut events = worker.subscribe();
     let counted = progress.clone();
     let counter = tokio::spawn(async move {
@@ -424,6 +429,7 @@ impl Subject for FerryWorker {
             consumer,
             dlq,
             concurrency,
+            env.worker_prefetch,
             progress.clone(),
             false,
         ));
@@ -439,7 +445,14 @@ impl Subject for FerryWorker {
         let (dlq, _) = self.traits.pair(env, &format!("{queue}-dlq")).await?;
         let progress = Progress::new(n);
         let mut tasks = JoinSet::new();
-        tasks.spawn(run_worker(consumer, dlq, 1, progress.clone(), true));
+        tasks.spawn(run_worker(
+            consumer,
+            dlq,
+            1,
+            env.worker_prefetch,
+            progress.clone(),
+            true,
+        ));
         tasks.spawn(async move {
             let start = tokio::time::Instant::now();
             for i in 0..n {
@@ -475,6 +488,7 @@ impl Subject for FerryWorker {
                 size,
                 redis_url,
                 stall_secs: env.stall.as_secs(),
+                worker_prefetch: env.worker_prefetch,
             })
             .await?;
         Ok(Sample::Rss {
@@ -497,7 +511,14 @@ impl Subject for FerryWorker {
         let before = proc_status_kib("VmRSS")?;
         let progress = Progress::new(spec.backlog);
         let mut tasks = JoinSet::new();
-        tasks.spawn(run_worker(consumer, dlq, 1, progress.clone(), false));
+        tasks.spawn(run_worker(
+            consumer,
+            dlq,
+            1,
+            spec.worker_prefetch,
+            progress.clone(),
+            false,
+        ));
         let start = Instant::now();
         let elapsed = run_until_done(
             tasks,

@@ -1,0 +1,311 @@
+//! Fault tests against a redis-server of their own (`appendonly yes`,
+//! `appendfsync always`): kill -9 and restart it, or freeze it (SIGSTOP 5 s), while
+//! 20k messages are in flight between a producer and a worker. Every message must be
+//! processed at least once and none may be left unacked; errors while the server is
+//! gone must be typed (`Connection` / `Timeout`), never a panic.
+//!
+//! Needs `redis-server` on PATH (`scripts/redis.sh start` installs it).
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferrymq_core::{Consumer, ErrorKind, Message, Producer};
+use ferrymq_redis::{RedisConfig, RedisConsumer, RedisProducer};
+
+const TOTAL: usize = 20_000;
+
+/// A redis-server child process with AOF on, in a temp dir of its own.
+struct Server {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Server {
+    fn start() -> Server {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let dir = std::env::temp_dir().join(format!("ferrymq-fault-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = Server {
+            port,
+            dir,
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["--logfile", "redis.log"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run redis-server ({e}); install it with scripts/redis.sh start")
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ok = Command::new("redis-cli")
+                .args(["-p", &self.port.to_string(), "ping"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("PONG"))
+                .unwrap_or(false);
+            if ok {
+                return;
+            }
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default();
+                panic!(
+                    "redis-server on port {} did not answer PING within 10 s; log:\n{log}",
+                    self.port
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn pid(&self) -> String {
+        self.child.as_ref().unwrap().id().to_string()
+    }
+
+    fn kill9(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.pid()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    fn url(&self, queue: &str) -> String {
+        format!(
+            "redis://127.0.0.1:{}/{queue}?visibility=2s&command_timeout=1s&connect_timeout=1s",
+            self.port
+        )
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What the producer and worker saw.
+#[derive(Default)]
+struct Seen {
+    sent: AtomicUsize,
+    processed: Mutex<HashSet<u32>>,
+    deliveries: AtomicUsize,
+    errors: Mutex<BTreeMap<String, usize>>,
+    bad_errors: Mutex<Vec<String>>,
+}
+
+impl Seen {
+    fn error(&self, what: &str, e: &ferrymq_core::Error, allowed: &[ErrorKind]) {
+        *self
+            .errors
+            .lock()
+            .unwrap()
+            .entry(format!("{what}: {:?}", e.kind()))
+            .or_default() += 1;
+        if !allowed.contains(&e.kind()) {
+            self.bad_errors.lock().unwrap().push(format!("{what}: {e}"));
+        }
+    }
+    fn processed(&self) -> usize {
+        self.processed.lock().unwrap().len()
+    }
+}
+
+const TRANSIENT: &[ErrorKind] = &[ErrorKind::Connection, ErrorKind::Timeout];
+
+async fn produce(p: RedisProducer, seen: Arc<Seen>) {
+    let mut next = 0u32;
+    while (next as usize) < TOTAL {
+        let batch: Vec<Message> = (next..next + 100)
+            .map(|i| Message::new(i.to_le_bytes().to_vec()))
+            .collect();
+        match p.send_batch(batch).await {
+            Ok(results) => {
+                let mut all_ok = true;
+                for r in results {
+                    if let Err(e) = r {
+                        seen.error("send entry", &e, TRANSIENT);
+                        all_ok = false;
+                    }
+                }
+                if all_ok {
+                    next += 100;
+                    seen.sent.store(next as usize, Ordering::Relaxed);
+                } else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            Err(e) => {
+                // Retry the batch: some of it may have landed (duplicates are fine).
+                seen.error("send", &e, TRANSIENT);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn work(c: RedisConsumer, seen: Arc<Seen>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        match c.receive(100, Duration::from_millis(200)).await {
+            Ok(ds) => {
+                seen.deliveries.fetch_add(ds.len(), Ordering::Relaxed);
+                // "Handle" each message, then ack the batch.
+                {
+                    let mut processed = seen.processed.lock().unwrap();
+                    for d in &ds {
+                        processed.insert(u32::from_le_bytes(d.payload()[..4].try_into().unwrap()));
+                    }
+                }
+                let acks = futures::future::join_all(ds.iter().map(|d| d.ack())).await;
+                for r in acks {
+                    match r {
+                        Ok(()) => {}
+                        // Not known to be acked: if the ack did not land, the message
+                        // comes back after the visibility timeout and is handled again.
+                        Err(e) => seen.error(
+                            "ack",
+                            &e,
+                            &[
+                                ErrorKind::Connection,
+                                ErrorKind::Timeout,
+                                ErrorKind::LeaseExpired,
+                            ],
+                        ),
+                    }
+                }
+            }
+            Err(e) => {
+                seen.error("receive", &e, TRANSIENT);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Run producer + worker; call `fault` once `at` messages were processed; then wait
+/// until all are processed and the queue is empty. Returns a report line.
+async fn run_with_fault(
+    server: &mut Server,
+    queue: &str,
+    fault: impl FnOnce(&mut Server),
+) -> String {
+    let cfg = RedisConfig::from_url(&server.url(queue)).unwrap();
+    let (p, c) = cfg.connect().await.unwrap();
+    let seen = Arc::new(Seen::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let t0 = Instant::now();
+    let producer = tokio::spawn(produce(p.clone(), seen.clone()));
+    let worker = tokio::spawn(work(c.clone(), seen.clone(), stop.clone()));
+
+    while seen.processed() < TOTAL / 4 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no progress before the fault"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let at = seen.processed();
+    let sent_at = seen.sent.load(Ordering::Relaxed);
+    let fault_at = t0.elapsed();
+    // The fault blocks this thread (a std sleep inside it) — the runtime's other
+    // threads keep producing and working.
+    tokio::task::block_in_place(|| fault(server));
+    let recovered_from = Instant::now();
+
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let empty = loop {
+        if seen.processed() == TOTAL {
+            if let Ok(d) = c.depth().await {
+                if d.total() == 0 {
+                    break d;
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            let errors = format!("{:?}", seen.errors.lock().unwrap());
+            panic!(
+                "not all processed: {} of {TOTAL}, depth {:?}, errors {errors}",
+                seen.processed(),
+                c.depth().await,
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let recovery = recovered_from.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    producer.await.unwrap();
+    worker.await.unwrap();
+    let bad = seen.bad_errors.lock().unwrap().clone();
+    assert!(bad.is_empty(), "untyped errors: {bad:?}");
+    let processed = seen.processed.lock().unwrap().clone();
+    assert_eq!(processed.len(), TOTAL);
+    assert!((0..TOTAL as u32).all(|i| processed.contains(&i)));
+    assert_eq!(empty.total(), 0, "nothing left unacked");
+    format!(
+        "{queue}: fault after {fault_at:?}, {sent_at} sent, {at} processed; all {TOTAL} processed and queue empty {recovery:?} after recovery; \
+         {} deliveries ({} redelivered or duplicated); errors while down: {:?}",
+        seen.deliveries.load(Ordering::Relaxed),
+        seen.deliveries.load(Ordering::Relaxed) - TOTAL,
+        seen.errors.lock().unwrap()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_and_restart_loses_nothing() {
+    let mut server = Server::start();
+    let report = run_with_fault(&mut server, "fault-kill", |s| {
+        s.kill9();
+        std::thread::sleep(Duration::from_millis(500));
+        s.spawn(); // replays the append-only file
+    })
+    .await;
+    eprintln!("kill -9: {report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_for_5s_then_sigcont_loses_nothing() {
+    let mut server = Server::start();
+    let report = run_with_fault(&mut server, "fault-stop", |s| {
+        s.signal("-STOP");
+        std::thread::sleep(Duration::from_secs(5));
+        s.signal("-CONT");
+    })
+    .await;
+    eprintln!("SIGSTOP 5 s: {report}");
+}

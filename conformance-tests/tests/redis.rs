@@ -1,0 +1,96 @@
+//! The conformance suite against a real redis-server (`ferrymq-redis`).
+//!
+//! ```text
+//! scripts/redis.sh start 6399
+//! FERRYMQ_TEST_REDIS_URL=redis://127.0.0.1:6399 cargo test -p ferrymq-conformance --test redis
+//! ```
+//!
+//! Each case gets fresh, uniquely named queues, deleted afterwards; the visibility
+//! timeout is 2 s so the lease cases take a few seconds each.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ferrymq_conformance::{require_env, Backend};
+use ferrymq_core::{Capabilities, Consumer, Producer, Result};
+use ferrymq_redis::RedisConfig;
+
+const VISIBILITY: &str = "2s";
+
+struct Redis {
+    /// `redis://host:port[/db]`, without a queue.
+    base: String,
+    capabilities: Capabilities,
+    shown: String,
+}
+
+impl Redis {
+    fn config(&self, queue: &str) -> Result<RedisConfig> {
+        RedisConfig::from_url(&format!("{}/{queue}?visibility={VISIBILITY}", self.base))
+    }
+
+    async fn connect(url: &str) -> Result<Self> {
+        let base = url.trim_end_matches('/').to_string();
+        let mut redis = Redis {
+            base,
+            capabilities: Capabilities::minimal("redis"),
+            shown: String::new(),
+        };
+        // Capabilities come from the backend itself, read off a throwaway queue.
+        let probe = redis.config(&ferrymq_conformance::unique_queue_name("capabilities-probe"))?;
+        redis.capabilities = probe.producer().await?.capabilities().clone();
+        probe.delete_queue().await?;
+        redis.shown = probe.to_string();
+        Ok(redis)
+    }
+}
+
+#[async_trait]
+impl Backend for Redis {
+    fn name(&self) -> &str {
+        "redis"
+    }
+
+    fn describe(&self) -> String {
+        format!("{}, visibility timeout {VISIBILITY}", self.shown)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.capabilities.clone()
+    }
+
+    async fn producer(&self, queue: &str) -> Result<Box<dyn Producer>> {
+        Ok(Box::new(self.config(queue)?.producer().await?))
+    }
+
+    async fn consumer(&self, queue: &str) -> Result<Box<dyn Consumer>> {
+        Ok(Box::new(self.config(queue)?.consumer().await?))
+    }
+
+    async fn open(&self, queue: &str) -> Result<(Box<dyn Producer>, Box<dyn Consumer>)> {
+        let (p, c) = self.config(queue)?.connect().await?;
+        Ok((Box::new(p), Box::new(c)))
+    }
+
+    async fn cleanup(&self, queue: &str) -> Result<()> {
+        self.config(queue)?.delete_queue().await.map(|_| ())
+    }
+
+    fn timer_slack(&self) -> Duration {
+        // Delayed messages are promoted, and expired leases reclaimed, by the next
+        // receive; an idle receive polls every 250 ms (visibility / 8, at most 250 ms).
+        Duration::from_millis(500)
+    }
+}
+
+fn main() -> ExitCode {
+    ferrymq_conformance::run(|| async {
+        let url = require_env(
+            "FERRYMQ_TEST_REDIS_URL",
+            "Start Redis with `scripts/redis.sh start 6399` (or `scripts/test.sh`) and set \
+             FERRYMQ_TEST_REDIS_URL=redis://127.0.0.1:6399",
+        )?;
+        Ok(Redis::connect(&url).await?)
+    })
+}

@@ -200,7 +200,8 @@ async fn main() {
                 rows[row].1.push(1.0);
             }
 
-            let cfg = RedisConfig::from_url(&format!("{url}/ferry-bench-{run}-{tasks}")).unwrap();
+            let extra = std::env::var("FERRY_PARAMS").unwrap_or_default();
+            let cfg = RedisConfig::from_url(&format!("{url}/ferry-bench-{run}-{tasks}?{extra}")).unwrap();
             let p = ferry_produce(&cfg, n, size).await;
             if tasks == 1 {
                 rows[0].2.push(p);

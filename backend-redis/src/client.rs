@@ -27,7 +27,8 @@ pub(crate) struct Shared {
     pub(crate) config: RedisConfig,
     pub(crate) queue: Arc<str>,
     pub(crate) keys: Keys,
-    pub(crate) conn: ConnectionManager,
+    conns: Vec<ConnectionManager>,
+    next_conn: std::sync::atomic::AtomicUsize,
     pub(crate) blocking: deadpool_redis::Pool,
     pub(crate) capabilities: Capabilities,
     endpoint: String,
@@ -76,13 +77,19 @@ impl Shared {
             .set_number_of_retries(3)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
-        let conn = match tokio::time::timeout(
+        // Several multiplexed connections, used in turn: each has its own driver
+        // task, so parsing large replies (a receive of 100 entries) spreads over the
+        // runtime's threads instead of queueing behind one socket.
+        let connecting = (0..config.connections).map(|_| {
+            ConnectionManager::new_with_config(client.clone(), manager_config.clone())
+        });
+        let conns = match tokio::time::timeout(
             config.connect_timeout,
-            ConnectionManager::new_with_config(client, manager_config),
+            futures::future::try_join_all(connecting),
         )
         .await
         {
-            Ok(Ok(conn)) => conn,
+            Ok(Ok(conns)) => conns,
             Ok(Err(e)) => return Err(connect_error(e, &endpoint, config.connect_timeout)),
             Err(_) => {
                 return Err(Error::new(
@@ -117,7 +124,8 @@ impl Shared {
             queue: config.queue.as_str().into(),
             keys: Keys::new(&config.queue, config.priority_levels),
             capabilities: capabilities(&config),
-            conn,
+            conns,
+            next_conn: std::sync::atomic::AtomicUsize::new(0),
             blocking,
             endpoint,
             config,
@@ -142,7 +150,7 @@ impl Shared {
         let replies: Vec<Value> = self
             .with_timeout(
                 "startup checks",
-                pipe.ignore_errors().query_async(&mut self.conn.clone()),
+                pipe.ignore_errors().query_async(&mut self.conn()),
             )
             .await?;
         let mut replies = replies.into_iter();
@@ -200,6 +208,14 @@ impl Shared {
         }
     }
 
+    /// The next of the shared multiplexed connections (cheap clone).
+    pub(crate) fn conn(&self) -> ConnectionManager {
+        let i = self
+            .next_conn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.conns[i % self.conns.len()].clone()
+    }
+
     pub(crate) async fn with_timeout<T>(
         &self,
         what: &str,
@@ -224,13 +240,13 @@ impl Shared {
 
     /// Run one command.
     pub(crate) async fn query<T: FromRedisValue>(&self, cmd: &Cmd, what: &str) -> Result<T> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         self.with_timeout(what, cmd.query_async(&mut conn)).await
     }
 
     /// Run a script by SHA; load it and retry once when the server lost it.
     pub(crate) async fn eval(&self, lua: &Lua, cmd: &Cmd) -> Result<Value> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let first = tokio::time::timeout(self.config.command_timeout, async {
             match cmd.query_async::<Value>(&mut conn).await {
                 Err(e) if is_noscript(&e) => {
@@ -259,7 +275,7 @@ impl Shared {
         }
         self.with_timeout(
             "SCRIPT LOAD",
-            pipe.query_async::<()>(&mut self.conn.clone()),
+            pipe.query_async::<()>(&mut self.conn()),
         )
         .await
     }
@@ -278,7 +294,7 @@ impl Shared {
         let replies: Vec<Value> = self
             .with_timeout(
                 "XGROUP CREATE",
-                pipe.ignore_errors().query_async(&mut self.conn.clone()),
+                pipe.ignore_errors().query_async(&mut self.conn()),
             )
             .await?;
         for reply in replies {

@@ -22,7 +22,7 @@ use crate::{RedisConsumer, RedisProducer};
 /// Query parameters (all optional): `group`, `consumer`, `visibility`,
 /// `max_message_size`, `dedup_window`, `priority_levels`, `max_deliveries`,
 /// `dlq_max_len`, `dlq_retention`, `connect_timeout`, `command_timeout`,
-/// `ack_linger`, `pool_size`, `promote_batch`. An unknown parameter is an error.
+/// `ack_linger`, `connections`, `pool_size`, `promote_batch`. An unknown parameter is an error.
 ///
 /// ```
 /// use std::time::Duration;
@@ -109,6 +109,10 @@ pub struct RedisConfig {
     /// next, so a busy worker sends few calls and a lone ack waits for nothing.
     #[serde(with = "humantime_serde", default)]
     pub ack_linger: Duration,
+    /// Multiplexed connections shared by every non-blocking command of one
+    /// `connect()` (used in turn).
+    #[serde(default = "defaults::connections")]
+    pub connections: usize,
     /// Connections kept for blocking reads (`XREADGROUP … BLOCK` needs its own).
     #[serde(default = "defaults::pool_size")]
     pub pool_size: usize,
@@ -152,6 +156,9 @@ mod defaults {
     pub fn command_timeout() -> Duration {
         Duration::from_secs(5)
     }
+    pub fn connections() -> usize {
+        2
+    }
     pub fn pool_size() -> usize {
         8
     }
@@ -177,6 +184,7 @@ impl fmt::Debug for RedisConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("command_timeout", &self.command_timeout)
             .field("ack_linger", &self.ack_linger)
+            .field("connections", &self.connections)
             .field("pool_size", &self.pool_size)
             .field("promote_batch", &self.promote_batch)
             .finish()
@@ -226,6 +234,7 @@ impl RedisConfig {
             connect_timeout: defaults::connect_timeout(),
             command_timeout: defaults::command_timeout(),
             ack_linger: Duration::ZERO,
+            connections: defaults::connections(),
             pool_size: defaults::pool_size(),
             promote_batch: defaults::promote_batch(),
         }
@@ -319,6 +328,9 @@ impl RedisConfig {
         }
         if let Some(v) = q.take_duration("ack_linger")? {
             cfg.ack_linger = v;
+        }
+        if let Some(v) = q.take("connections")? {
+            cfg.connections = v;
         }
         if let Some(v) = q.take("pool_size")? {
             cfg.pool_size = v;
@@ -424,6 +436,12 @@ impl RedisConfig {
         self
     }
 
+    /// Set the number of shared multiplexed connections.
+    pub fn connections(mut self, n: usize) -> Self {
+        self.connections = n;
+        self
+    }
+
     /// Set the blocking-read pool size.
     pub fn pool_size(mut self, n: usize) -> Self {
         self.pool_size = n;
@@ -492,6 +510,9 @@ impl RedisConfig {
                 "command_timeout",
                 "must be greater than zero",
             ));
+        }
+        if self.connections == 0 || self.connections > 64 {
+            return Err(Error::invalid_config("connections", "must be between 1 and 64"));
         }
         if self.pool_size == 0 {
             return Err(Error::invalid_config("pool_size", "must be at least 1"));

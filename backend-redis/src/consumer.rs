@@ -222,7 +222,7 @@ impl RedisConsumer {
         let replies: Vec<Value> = shared
             .with_timeout(
                 "receive",
-                pipe.ignore_errors().query_async(&mut shared.conn.clone()),
+                pipe.ignore_errors().query_async(&mut shared.conn()),
             )
             .await?;
         let mut replies = replies.into_iter();

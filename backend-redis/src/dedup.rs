@@ -125,7 +125,7 @@ impl DedupStore for RedisDedupStore {
         let script = SCRIPT.get_or_init(|| Script::new(RELEASE));
         let mut invocation = script.key(self.key(key));
         invocation.arg(&*self.claim_value);
-        let mut conn = self.shared.conn.clone();
+        let mut conn = self.shared.conn();
         self.shared
             .with_timeout("dedup release", invocation.invoke_async::<i64>(&mut conn))
             .await

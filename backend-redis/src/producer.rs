@@ -148,7 +148,7 @@ impl RedisProducer {
         let replies: Vec<Value> = shared
             .with_timeout(
                 "send batch",
-                pipe.ignore_errors().query_async(&mut shared.conn.clone()),
+                pipe.ignore_errors().query_async(&mut shared.conn()),
             )
             .await?;
         let mut retry = Vec::new();
@@ -177,7 +177,7 @@ impl RedisProducer {
             let replies: Vec<Value> = shared
                 .with_timeout(
                     "send batch",
-                    pipe.ignore_errors().query_async(&mut shared.conn.clone()),
+                    pipe.ignore_errors().query_async(&mut shared.conn()),
                 )
                 .await?;
             for ((slot, plan), reply) in retry.into_iter().zip(replies) {

@@ -90,6 +90,11 @@ start() {
             echo "redis.sh: redis-server ready on 127.0.0.1:$port (state $state)"
             return 0
         fi
+        if grep -q -E "aborting|Fatal error|FATAL" "$logfile" 2>/dev/null; then
+            echo "redis.sh: redis-server on port $port failed to start; log:" >&2
+            cat "$logfile" >&2 || true
+            exit 1
+        fi
         sleep 0.1
     done
     echo "redis.sh: redis-server on port $port did not answer PING within 10 s; log:" >&2

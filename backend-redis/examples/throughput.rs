@@ -8,7 +8,11 @@
 //!
 //! Produce: batches of 100 (`send_batch` vs a pipeline of 100 `XADD`).
 //! Process: `receive(100)` + concurrent `ack()` per batch vs `XREADGROUP COUNT 100` +
-//! one `XACK` + `XDEL`, with 1 and 16 consumer tasks.
+//! one `XACK` + `XDEL`, with 1 and 16 consumer tasks (ferrymq: one consumer shared by
+//! the tasks; raw: one connection and consumer name per task).
+//!
+//! Environment: `FERRY_ONLY=1` skips the raw runs (for profiling), `TASKS=1|16` runs
+//! one row, `FERRY_PARAMS=connections=4&pool_size=16` adds URL parameters.
 
 #![allow(clippy::unwrap_used)]
 
@@ -188,6 +192,9 @@ async fn main() {
     ];
     for run in 0..runs {
         for (row, tasks) in [(1usize, 1usize), (2, 16)] {
+            if std::env::var("TASKS").is_ok_and(|t| t != tasks.to_string()) {
+                continue;
+            }
             if std::env::var_os("FERRY_ONLY").is_none() {
                 let key = format!("raw-bench-{run}-{tasks}");
                 let p = raw_produce(&url, &key, n, size).await;
@@ -201,7 +208,8 @@ async fn main() {
             }
 
             let extra = std::env::var("FERRY_PARAMS").unwrap_or_default();
-            let cfg = RedisConfig::from_url(&format!("{url}/ferry-bench-{run}-{tasks}?{extra}")).unwrap();
+            let cfg =
+                RedisConfig::from_url(&format!("{url}/ferry-bench-{run}-{tasks}?{extra}")).unwrap();
             let p = ferry_produce(&cfg, n, size).await;
             if tasks == 1 {
                 rows[0].2.push(p);
@@ -211,7 +219,7 @@ async fn main() {
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
     println!("{n} messages of {size} B, median of {runs} (msg/s)");
     println!("| workload | raw redis-rs | ferrymq-redis | ferrymq/raw |");

@@ -20,6 +20,11 @@ use crate::config::RedisConfig;
 use crate::keys::Keys;
 use crate::scripts::{scripts, Lua};
 
+/// Whole milliseconds of `d`, saturating (a script argument).
+pub(crate) fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Largest batch per call (send pipeline, receive, ack script).
 pub(crate) const MAX_BATCH: usize = 1000;
 
@@ -80,9 +85,8 @@ impl Shared {
         // Several multiplexed connections, used in turn: each has its own driver
         // task, so parsing large replies (a receive of 100 entries) spreads over the
         // runtime's threads instead of queueing behind one socket.
-        let connecting = (0..config.connections).map(|_| {
-            ConnectionManager::new_with_config(client.clone(), manager_config.clone())
-        });
+        let connecting = (0..config.connections)
+            .map(|_| ConnectionManager::new_with_config(client.clone(), manager_config.clone()));
         let conns = match tokio::time::timeout(
             config.connect_timeout,
             futures::future::try_join_all(connecting),
@@ -273,11 +277,8 @@ impl Shared {
                 .arg(lua.script_code())
                 .ignore();
         }
-        self.with_timeout(
-            "SCRIPT LOAD",
-            pipe.query_async::<()>(&mut self.conn()),
-        )
-        .await
+        self.with_timeout("SCRIPT LOAD", pipe.query_async::<()>(&mut self.conn()))
+            .await
     }
 
     /// Create the consumer group on every ready stream (idempotent).

@@ -160,7 +160,7 @@ mod defaults {
         2
     }
     pub fn pool_size() -> usize {
-        8
+        16
     }
     pub fn promote_batch() -> usize {
         1000
@@ -512,7 +512,10 @@ impl RedisConfig {
             ));
         }
         if self.connections == 0 || self.connections > 64 {
-            return Err(Error::invalid_config("connections", "must be between 1 and 64"));
+            return Err(Error::invalid_config(
+                "connections",
+                "must be between 1 and 64",
+            ));
         }
         if self.pool_size == 0 {
             return Err(Error::invalid_config("pool_size", "must be at least 1"));

@@ -31,7 +31,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::ack::{AckBatcher, RedisAck};
-use crate::client::{is_nogroup, is_noscript, Shared, MAX_BATCH};
+use crate::client::{is_nogroup, is_noscript, ms, Shared, MAX_BATCH};
 use crate::codec::{decode_fields, stream_id_ms, system_time};
 use crate::scripts::scripts;
 
@@ -145,9 +145,9 @@ impl RedisConsumer {
     /// Whether a reclaim pass is due; claims it when so.
     fn reclaim_due(&self) -> bool {
         let inner = &self.inner;
-        let now = inner.started.elapsed().as_millis() as u64 + 1;
+        let now = ms(inner.started.elapsed()) + 1;
         let last = inner.last_reclaim.load(AtomicOrdering::Relaxed);
-        if last != 0 && now - last < inner.tick.as_millis() as u64 {
+        if last != 0 && now.saturating_sub(last) < ms(inner.tick) {
             return false;
         }
         inner
@@ -173,12 +173,12 @@ impl RedisConsumer {
         cmd.arg(&config.group)
             .arg(&self.inner.name)
             .arg(max)
-            .arg(config.visibility_timeout.as_millis() as u64)
+            .arg(ms(config.visibility_timeout))
             .arg(if self.reclaim_due() { "1" } else { "0" })
             .arg(config.promote_batch)
             .arg(config.max_deliveries)
             .arg(config.dlq_max_len)
-            .arg(config.dlq_retention.as_millis() as u64)
+            .arg(ms(config.dlq_retention))
             .arg(&*shared.queue);
         cmd
     }
@@ -193,7 +193,7 @@ impl RedisConsumer {
             .arg("COUNT")
             .arg(max);
         if let Some(block) = block {
-            cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+            cmd.arg("BLOCK").arg(ms(block).max(1));
         }
         cmd.arg("STREAMS");
         for level in levels.clone().rev() {
@@ -440,19 +440,25 @@ impl RedisConsumer {
         let enqueued_ms = decoded
             .enqueued_ms
             .unwrap_or_else(|| stream_id_ms(&stream_id));
-        let position = format!("{level}/{stream_id}");
-        let id = decoded.stable_id.unwrap_or_else(|| {
-            let suffix = &shared.keys.suffixes[level];
-            let mut id = String::with_capacity(stream_id.len() + suffix.len());
-            id.push_str(&stream_id);
-            id.push_str(suffix);
-            id
-        });
         let attempt = decoded
             .prior
             .saturating_add(u32::try_from(deliveries).unwrap_or(u32::MAX));
-        let meta = DeliveryMeta::new(id, attempt, system_time(enqueued_ms), shared.queue.clone())
-            .with_position(position);
+        let meta = match decoded.stable_id {
+            // Re-enqueued (nack, delay): the id is the first one; the position says
+            // which stream entry holds it now (`level/stream-id`).
+            Some(id) => {
+                DeliveryMeta::new(id, attempt, system_time(enqueued_ms), shared.queue.clone())
+                    .with_position(format!("{level}/{stream_id}"))
+            }
+            // First entry: the id is the stream entry id (+ `@level`), no position.
+            None => {
+                let suffix = &shared.keys.suffixes[level];
+                let mut id = String::with_capacity(stream_id.len() + suffix.len());
+                id.push_str(&stream_id);
+                id.push_str(suffix);
+                DeliveryMeta::new(id, attempt, system_time(enqueued_ms), shared.queue.clone())
+            }
+        };
         let acker = AckHandle::new(RedisAck {
             shared: shared.clone(),
             batcher: self.inner.batcher.clone(),

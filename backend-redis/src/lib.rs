@@ -57,39 +57,68 @@
 //! ## Semantics
 //!
 //! - **Message id**: `<stream-id>` (level 0), `<stream-id>@N` (level N), or
-//!   `d<ms>-<seq>` for a delayed send; it stays the same across redeliveries.
+//!   `d<ms>-<seq>` for a delayed send; it stays the same across redeliveries. Once a
+//!   message was re-enqueued, `DeliveryMeta::position` names the stream entry that
+//!   holds it now (`N/stream-id`).
+//! - **Send**: a plain message is one `XADD`; one with a dedup id or a delay goes
+//!   through a script (`SET NX PX` claim + `XADD`, or park in the delayed zset).
+//!   `send_batch` is one pipeline (one round trip per 1000 messages).
+//! - **Receive** is one round trip: the MAINTAIN script (promote due delayed
+//!   messages — exactly once, the `ZREM` is in the same atomic step — and, at most
+//!   every `tick` = visibility/8 clamped to 10–250 ms, reclaim expired leases),
+//!   pipelined with a plain `XREADGROUP` over the level streams, highest first.
+//!   Entries are not read inside Lua: copying them through Lua tables costs more
+//!   than the read. When several levels answer and more than `max` come back, the
+//!   best `max` go out and the rest wait in a per-consumer buffer that the next
+//!   receive serves first (reading only the levels above it, so priority holds); a
+//!   buffered delivery older than half the visibility timeout is dropped and comes
+//!   back by reclaim. With nothing to deliver, receive blocks in
+//!   `XREADGROUP … BLOCK` on a pooled connection of its own, at most one tick or
+//!   until the next delayed message is due.
 //! - **Visibility**: a delivery not acked within `visibility_timeout` is reclaimed by
-//!   the next receive (`XPENDING … IDLE` + `XCLAIM`, which increments the entry's
-//!   delivery counter) and delivered again with `attempt + 1`. Reclaiming first
-//!   looks, then claims, rather than `XAUTOCLAIM`, so a lease extended past the
-//!   visibility timeout is skipped until its deadline. A dropped delivery comes back
-//!   the same way.
+//!   a receive (`XPENDING … IDLE` + `XCLAIM`, which increments the entry's delivery
+//!   counter) and delivered again with `attempt + 1`. Reclaiming looks first, then
+//!   claims, rather than `XAUTOCLAIM`, so a lease extended past the visibility
+//!   timeout is skipped until its deadline. A dropped delivery comes back the same
+//!   way. Depth counts an expired lease as waiting even before it is reclaimed.
 //! - **Extend** resets the entry's idle clock with `XCLAIM … IDLE … JUSTID` to its
-//!   current owner; `JUSTID` does not increment the delivery counter, so the attempt
-//!   stays the same.
+//!   current owner; `JUSTID` is the form that does not increment the delivery
+//!   counter, so the attempt stays the same (tested: the counter stays 1 across
+//!   extends, and the extended handle can still settle).
 //! - **Attempt** = deliveries of the current stream entry (the group's counter) +
 //!   deliveries before it (`a`), so it survives nack, delay and promotion.
-//! - **Stale handles**: ack, nack and extend check that the entry is still pending
-//!   with the counter it had when delivered; otherwise `LeaseExpired`.
-//! - **Ack** is batched: acks arriving while a batch is on the wire go out together
-//!   as one script call (`XACK` + `XDEL` per level); `ack()` returns once its batch
-//!   was applied on the server.
+//! - **Stale handles**: a reclaim records the lease it takes away in the revoked
+//!   set; ack refuses revoked leases and entries no longer pending, nack and extend
+//!   check the entry's delivery counter — a stale handle gets `LeaseExpired`, never
+//!   settles the redelivery.
+//! - **Ack** is batched: acks arriving while earlier batches are on the wire (up to
+//!   4 in flight) go out together as one script call — `XACK` + `XDEL` per level,
+//!   with no per-entry step in the common case — and `ack()` returns once its batch
+//!   was applied on the server. `ack_linger` adds a wait to gather more.
 //! - **Nack** removes the entry and re-adds the message (stream tail, or the delayed
 //!   zset when a delay is given) in one script.
-//! - **Priority**: `Priority::Levels(priority_levels)`; priority `p` maps to level
-//!   `clamp(p, 0, levels - 1)`; within a level, FIFO. No per-key ordering is
-//!   promised (`Ordering::None`).
+//! - **Priority**: `Priority::Levels(priority_levels)` (default 4; 1 means
+//!   `Priority::None`); priority `p` maps to level `clamp(p, 0, levels - 1)`; within a
+//!   level, FIFO. No per-key ordering is promised (`Ordering::None`).
 //! - **Dead letters**: with `max_deliveries > 0`, a message delivered that many times
 //!   without an ack (timeouts or nacks) moves to `ferrymq:{Q}:dead` with the
 //!   `ferrymq-failure-reason`, `ferrymq-origin-queue`, `ferrymq-attempts` and
-//!   `ferrymq-origin-message-id` headers. See [`RedisConsumer::dead_letters`] and
-//!   [`RedisConsumer::redrive`].
+//!   `ferrymq-origin-message-id` headers, bounded by `dlq_max_len` and
+//!   `dlq_retention`. See [`RedisConsumer::dead_letters`] and
+//!   [`RedisConsumer::redrive`]. (The `RetryToDlq` middleware is the other way:
+//!   it publishes to a DLQ producer of your choice.)
 //! - **Group**: every consumer of a queue must use the same group — acked entries
 //!   are deleted, so a queue is one work queue, not a fan-out topic.
-//! - **Cancellation**: a `receive` future dropped while its script is on the wire
-//!   may leave deliveries leased to nobody; they come back after the visibility
-//!   timeout (attempt + 1). A cancelled blocking read drops its connection, so the
-//!   server forgets it.
+//! - **Failures**: an unreachable server is `Connection` (within `connect_timeout`),
+//!   refused credentials `Auth`, a key of the wrong type `Backend` (naming the key
+//!   at startup), no answer within `command_timeout` `Timeout`. Connections
+//!   reconnect by themselves; scripts lost by a restarted server are reloaded.
+//!   Startup warns (tracing) when `maxmemory-policy` is `allkeys-*`.
+//! - **Cancellation**: a `receive` future dropped while its call is on the wire may
+//!   leave deliveries leased to nobody; they come back after the visibility timeout
+//!   (attempt + 1). A cancelled blocking read drops its connection, so the server
+//!   forgets it. Deliveries left in the buffer when a consumer is dropped come back
+//!   the same way.
 
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]

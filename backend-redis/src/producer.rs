@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use ferrymq_core::{Capabilities, Depth, Error, ErrorKind, Message, Producer, Result, SendReceipt};
 use redis::{Cmd, RedisError, Value};
 
-use crate::client::{is_noscript, Shared, MAX_BATCH};
+use crate::client::{is_noscript, ms, Shared, MAX_BATCH};
 use crate::codec::push_fields;
 use crate::keys::level;
 use crate::scripts::scripts;
@@ -61,11 +61,17 @@ impl RedisProducer {
         let level = level(message.get_priority(), shared.config.priority_levels);
         let delay_ms = message
             .get_delay()
-            .map_or(0, |d| d.as_millis().max(1) as u64);
+            .filter(|d| !d.is_zero())
+            .map_or(0, |d| ms(d).max(1));
         let dedup = message.get_dedup_id();
         if delay_ms == 0 && dedup.is_none() {
-            let mut cmd = redis::cmd("XADD");
-            cmd.arg(&shared.keys.ready[level]).arg("*");
+            // Sized up front: one allocation per buffer instead of a few regrowths.
+            let key = &shared.keys.ready[level];
+            let mut cmd = Cmd::with_capacity(
+                5 + 2 * 4,
+                32 + key.len() + message.encoded_len() + message.headers().len() * 8,
+            );
+            cmd.arg("XADD").arg(key).arg("*");
             push_fields(&mut cmd, message, scratch);
             return Ok((
                 cmd,
@@ -84,7 +90,7 @@ impl RedisProducer {
         if let Some(id) = dedup {
             cmd.arg(keys.dedup(id));
         }
-        cmd.arg(shared.config.dedup_window.as_millis().max(1) as u64)
+        cmd.arg(ms(shared.config.dedup_window).max(1))
             .arg(delay_ms)
             .arg(level)
             .arg(&keys.suffixes[level]);
@@ -130,7 +136,7 @@ impl RedisProducer {
     ) -> Result<()> {
         let shared = &self.shared;
         let base = out.len();
-        let mut pipe = redis::pipe();
+        let mut pipe = redis::Pipeline::with_capacity(messages.len());
         let mut sent: Vec<(usize, Plan)> = Vec::with_capacity(messages.len());
         for (i, message) in messages.iter().enumerate() {
             match self.encode(message, scratch) {
@@ -242,7 +248,7 @@ pub(crate) async fn depth(shared: &Shared) -> Result<Depth> {
         cmd.arg(k);
     }
     cmd.arg(&shared.config.group)
-        .arg(shared.config.visibility_timeout.as_millis() as u64);
+        .arg(ms(shared.config.visibility_timeout));
     let reply = shared.eval(&scripts().depth, &cmd).await?;
     let (waiting, in_flight, delayed, dead_lettered): (u64, u64, u64, u64) =
         redis::from_redis_value(reply)

@@ -71,3 +71,77 @@ async fn exactly_one_of_many_concurrent_claims_wins() {
         assert!(claims.iter().all(|c| *c != Claim::Duplicate));
     }
 }
+
+/// Two workers in competition, each with the Dedup middleware over its own
+/// `RedisDedupStore` connection: every message is sent twice (same content, so the
+/// same dedup key), and each is handled exactly once across both workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedup_middleware_across_two_workers() {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    use ferrymq_core::middleware::{handler_fn, DedupLayer};
+    use ferrymq_core::worker::Worker;
+    use ferrymq_core::{BoxError, Consumer, Delivery, Message, Producer};
+    use tower::Layer;
+
+    let (p, c1, cfg) = connect("dedup-mw", "visibility=5s").await;
+    let c2 = cfg.consumer().await.unwrap();
+    let n = 100;
+    let mut msgs = Vec::new();
+    for i in 0..n {
+        msgs.push(Message::new(format!("job-{i}")));
+        msgs.push(Message::new(format!("job-{i}")));
+    }
+    p.send_batch(msgs).await.unwrap();
+
+    let calls: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut workers = Vec::new();
+    for c in [c1.clone(), c2.clone()] {
+        let store = c.dedup_store(Duration::from_secs(60));
+        let calls = calls.clone();
+        let service = DedupLayer::new(store)
+            .retry_in_progress_after(Duration::from_millis(100))
+            .layer(handler_fn(move |d: Delivery| {
+                let calls = calls.clone();
+                async move {
+                    let body = String::from_utf8(d.payload().to_vec()).unwrap();
+                    *calls.lock().unwrap().entry(body).or_default() += 1;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    Ok::<(), BoxError>(())
+                }
+            }));
+        let mut stop = stop_rx.clone();
+        workers.push(tokio::spawn(
+            Worker::new(c)
+                .concurrency(8)
+                .poll_wait(Duration::from_millis(100))
+                .run_until(service, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                }),
+        ));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let d = c1.depth().await.unwrap();
+        if d.total() == 0 && calls.lock().unwrap().len() == n {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "depth {d:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_tx.send(true).unwrap();
+    let mut deduplicated = 0;
+    for w in workers {
+        let summary = w.await.unwrap().unwrap();
+        deduplicated += summary.deduplicated;
+    }
+    let calls = calls.lock().unwrap();
+    assert_eq!(calls.len(), n);
+    assert!(calls.values().all(|&c| c == 1), "{calls:?}");
+    assert_eq!(
+        deduplicated, n as u64,
+        "every second copy acked as a duplicate"
+    );
+}

@@ -2,7 +2,9 @@
 //! `appendfsync always`): kill -9 and restart it, or freeze it (SIGSTOP 5 s), while
 //! 20k messages are in flight between a producer and a worker. Every message must be
 //! processed at least once and none may be left unacked; errors while the server is
-//! gone must be typed (`Connection` / `Timeout`), never a panic.
+//! gone must be typed (`Connection` / `Timeout`), never a panic. Also: the startup
+//! warning for an eviction policy that can drop queue keys (a server of its own, so
+//! the shared one's config is left alone).
 //!
 //! Needs `redis-server` on PATH (`scripts/redis.sh start` installs it).
 
@@ -29,6 +31,10 @@ struct Server {
 
 impl Server {
     fn start() -> Server {
+        Server::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Server {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
@@ -41,11 +47,15 @@ impl Server {
             dir,
             child: None,
         };
-        s.spawn();
+        s.spawn_with(extra);
         s
     }
 
     fn spawn(&mut self) {
+        self.spawn_with(&[]);
+    }
+
+    fn spawn_with(&mut self, extra: &[&str]) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", ""])
@@ -53,6 +63,7 @@ impl Server {
             .arg("--dir")
             .arg(&self.dir)
             .args(["--logfile", "redis.log"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -308,4 +319,37 @@ async fn sigstop_for_5s_then_sigcont_loses_nothing() {
     })
     .await;
     eprintln!("SIGSTOP 5 s: {report}");
+}
+
+/// A writer collecting tracing output for the eviction-policy check.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn warns_when_maxmemory_policy_can_evict_queue_keys() {
+    let server = Server::start_with(&["--maxmemory", "100mb", "--maxmemory-policy", "allkeys-lru"]);
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let cfg = RedisConfig::from_url(&server.url("evictable")).unwrap();
+    let (p, _c) = cfg.connect().await.unwrap();
+    p.send(Message::new("still works")).await.unwrap();
+    let out = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(out.contains("WARN"), "{out}");
+    assert!(out.contains("allkeys-lru"), "{out}");
+    assert!(out.contains("evict queue keys"), "{out}");
 }

@@ -45,7 +45,7 @@ pub struct Args {
     pub latency_rate: u64,
 
     /// Messages per latency run.
-    #[arg(long, default_value_t = 4_000)]
+    #[arg(long, default_value_t = 2_000)]
     pub latency_messages: u64,
 
     /// Backlogs (messages waiting before the consumer starts) for the RSS workload.
@@ -69,8 +69,9 @@ pub struct Args {
 
     /// An end-to-end run still going after this many seconds is stopped and its
     /// rate taken over the messages it handled (marked "capped" in the results):
-    /// slow peers would otherwise take minutes per run.
-    #[arg(long, default_value_t = 10.0)]
+    /// slow peers would otherwise take minutes per run. RSS consumers drain for at
+    /// most twice this.
+    #[arg(long, default_value_t = 5.0)]
     pub max_run_secs: f64,
 
     /// A run that makes no progress for this many seconds fails (apalis-redis is

@@ -158,7 +158,7 @@ pub async fn timed_run(
     Ok(Sample::throughput_capped(done, elapsed, capped))
 }
 
-async fn drive(
+pub async fn drive(
     mut tasks: JoinSet<Result<()>>,
     progress: &Arc<Progress>,
     start: Instant,

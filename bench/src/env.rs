@@ -17,6 +17,8 @@ pub struct Env {
     pub stall: Duration,
     /// Throughput runs stop here and report the rate so far (marked capped).
     pub cap: Duration,
+    /// RSS consumer children stop draining after this long.
+    pub rss_cap: Duration,
     /// `--worker-prefetch`.
     pub worker_prefetch: Option<usize>,
     pub exe: PathBuf,
@@ -32,6 +34,7 @@ impl Env {
             redis,
             stall,
             cap,
+            rss_cap: cap * 2,
             worker_prefetch: None,
             exe: std::env::current_exe().context("locating the bench binary")?,
             bullmq: None,
@@ -92,6 +95,9 @@ pub struct ChildSpec {
     pub size: usize,
     pub redis_url: Option<String>,
     pub stall_secs: u64,
+    /// Draining stops after this long (the peak of a slow consumer is reached long
+    /// before it has drained 1M messages).
+    pub cap_secs: f64,
     #[serde(default)]
     pub worker_prefetch: Option<usize>,
 }
@@ -105,6 +111,39 @@ pub struct ChildReport {
     pub before_consume_kib: u64,
     pub consumed: u64,
     pub secs: f64,
+    /// Draining hit the time cap before the backlog was empty.
+    #[serde(default)]
+    pub capped: bool,
+}
+
+/// The end of every RSS child: drain (at most `spec.cap_secs`), then read the peak
+/// RSS. `before_kib` is the RSS read before the consuming tasks started.
+pub async fn finish_drain(
+    before_kib: u64,
+    tasks: tokio::task::JoinSet<Result<()>>,
+    progress: &std::sync::Arc<crate::drive::Progress>,
+    start: std::time::Instant,
+    spec: &ChildSpec,
+) -> Result<ChildReport> {
+    let (elapsed, capped) = crate::drive::drive(
+        tasks,
+        progress,
+        start,
+        Duration::from_secs(spec.stall_secs),
+        Some(Duration::from_secs_f64(spec.cap_secs)),
+    )
+    .await?;
+    Ok(ChildReport {
+        peak_kib: proc_status_kib("VmHWM")?,
+        before_consume_kib: before_kib,
+        consumed: if capped {
+            progress.capped_at()
+        } else {
+            progress.target()
+        },
+        secs: elapsed.as_secs_f64(),
+        capped,
+    })
 }
 
 /// A field of /proc/self/status in KiB (VmHWM, VmRSS).

@@ -163,22 +163,36 @@ async fn measure(
 fn summary(sample: &Sample) -> String {
     match sample {
         Sample::Throughput {
-            msgs_per_sec, secs, ..
-        } => format!("{msgs_per_sec:>12.0} msg/s ({secs:.2} s)"),
+            msgs_per_sec,
+            secs,
+            messages,
+            capped,
+        } => format!(
+            "{msgs_per_sec:>12.0} msg/s ({messages} in {secs:.2} s{})",
+            if *capped { ", capped" } else { "" }
+        ),
         Sample::Latency { p50_us, p99_us, .. } => format!("p50 {p50_us:.0} µs, p99 {p99_us:.0} µs"),
         Sample::Rss {
             peak_kib,
             before_consume_kib,
             secs,
+            consumed,
+            capped,
             ..
-        } => match before_consume_kib {
-            Some(b) => format!(
-                "peak {:.1} MiB (backlog in process {:.1} MiB), {secs:.1} s",
-                *peak_kib as f64 / 1024.0,
-                *b as f64 / 1024.0
-            ),
-            None => format!("peak {:.1} MiB, {secs:.1} s", *peak_kib as f64 / 1024.0),
-        },
+        } => {
+            let drained = format!(
+                "drained {consumed} in {secs:.1} s{}",
+                if *capped { ", capped" } else { "" }
+            );
+            match before_consume_kib {
+                Some(b) => format!(
+                    "peak {:.1} MiB (before consuming {:.1} MiB), {drained}",
+                    *peak_kib as f64 / 1024.0,
+                    *b as f64 / 1024.0
+                ),
+                None => format!("peak {:.1} MiB, {drained}", *peak_kib as f64 / 1024.0),
+            }
+        }
     }
 }
 

@@ -109,8 +109,13 @@ pub enum Sample {
         /// consuming started (only where the backlog lives in that process).
         #[serde(skip_serializing_if = "Option::is_none")]
         before_consume_kib: Option<u64>,
-        /// How long draining took.
+        /// How long draining ran.
         secs: f64,
+        /// Messages drained (fewer than the backlog when `capped`).
+        consumed: u64,
+        /// Draining was stopped at the time cap; the peak is over what it drained.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        capped: bool,
     },
 }
 

@@ -19,6 +19,16 @@ pub struct RedisServer {
     script: PathBuf,
 }
 
+/// A multiplexed connection with a 60 s response timeout (redis-rs defaults to
+/// 500 ms, which a FLUSHDB of a large backlog or a busy 2-core machine exceeds).
+pub async fn connect(url: &str) -> Result<redis::aio::MultiplexedConnection> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_response_timeout(Some(std::time::Duration::from_secs(60)));
+    Ok(redis::Client::open(url)?
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?)
+}
+
 fn script_path() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/redis.sh"))
 }
@@ -115,20 +125,18 @@ impl RedisServer {
         })
     }
 
-    pub fn client(&self) -> Result<redis::Client> {
-        Ok(redis::Client::open(self.url.as_str())?)
-    }
-
     /// Empty the bench's database, so that one run's leftovers cannot slow the next.
+    /// Synchronous on the server (freeing a few GiB takes seconds), so that no
+    /// background freeing competes with the next run for a core.
     pub async fn flush(&self) -> Result<()> {
-        let mut conn = self.client()?.get_multiplexed_async_connection().await?;
+        let mut conn = connect(&self.url).await?;
         redis::cmd("FLUSHDB").query_async::<()>(&mut conn).await?;
         Ok(())
     }
 
     /// `INFO server` and a few `INFO memory` fields, as a JSON object.
     pub async fn info(&self) -> Result<serde_json::Value> {
-        let mut conn = self.client()?.get_multiplexed_async_connection().await?;
+        let mut conn = connect(&self.url).await?;
         let text: String = redis::cmd("INFO")
             .arg("server")
             .query_async(&mut conn)

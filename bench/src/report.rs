@@ -186,9 +186,18 @@ fn fmt_cell(c: &Cell) -> String {
         ),
         _ => {
             let mib = m.value / 1024.0;
+            let capped = if c
+                .samples
+                .iter()
+                .any(|s| matches!(s, Sample::Rss { capped: true, .. }))
+            {
+                " (capped)"
+            } else {
+                ""
+            };
             match m.secondary {
-                Some(b) => format!("{mib:.1} ({:.1} before consuming)", b / 1024.0),
-                None => format!("{mib:.1}"),
+                Some(b) => format!("{mib:.1} ({:.1} before consuming){capped}", b / 1024.0),
+                None => format!("{mib:.1}{capped}"),
             }
         }
     }

@@ -38,7 +38,9 @@ impl Redis {
             shown: String::new(),
         };
         // Capabilities come from the backend itself, read off a throwaway queue.
-        let probe = redis.config(&ferrymq_conformance::unique_queue_name("capabilities-probe"))?;
+        let probe = redis.config(&ferrymq_conformance::unique_queue_name(
+            "capabilities-probe",
+        ))?;
         redis.capabilities = probe.producer().await?.capabilities().clone();
         probe.delete_queue().await?;
         redis.shown = probe.to_string();

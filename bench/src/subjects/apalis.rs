@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
 use apalis::prelude::*;
 use apalis_redis::{Config, RedisStorage};
 use async_trait::async_trait;
@@ -24,7 +24,7 @@ use super::Subject;
 use crate::drive::{
     handle, latency_us, pace, run_until_done, timed_run, wall_nanos, Progress, BATCH,
 };
-use crate::env::{proc_status_kib, ChildReport, ChildSpec, Env};
+use crate::env::{finish_drain, proc_status_kib, ChildReport, ChildSpec, Env};
 use crate::model::{Backend, Role, Sample};
 
 pub struct Apalis;
@@ -195,6 +195,7 @@ impl Subject for Apalis {
                 size,
                 redis_url: Some(url),
                 stall_secs: env.stall.as_secs(),
+                cap_secs: env.rss_cap.as_secs_f64(),
                 worker_prefetch: env.worker_prefetch,
             })
             .await?;
@@ -203,6 +204,8 @@ impl Subject for Apalis {
             peak_kib: report.peak_kib,
             before_consume_kib: None,
             secs: report.secs,
+            consumed: report.consumed,
+            capped: report.capped,
         })
     }
 
@@ -224,21 +227,6 @@ impl Subject for Apalis {
             false,
         );
         let start = Instant::now();
-        let elapsed = run_until_done(
-            tasks,
-            &progress,
-            start,
-            Duration::from_secs(spec.stall_secs),
-        )
-        .await?;
-        if progress.done() < spec.backlog {
-            bail!("drained {} of {}", progress.done(), spec.backlog);
-        }
-        Ok(ChildReport {
-            peak_kib: proc_status_kib("VmHWM")?,
-            before_consume_kib: before,
-            consumed: progress.done(),
-            secs: elapsed.as_secs_f64(),
-        })
+        finish_drain(before, tasks, &progress, start, spec).await
     }
 }

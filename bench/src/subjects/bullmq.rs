@@ -132,7 +132,13 @@ impl NodeSetup {
             let status = consumer.wait().await?;
             Ok::<_, anyhow::Error>((status, last))
         });
-        let (produced, consumed) = tokio::join!(producer, consumed);
+        tokio::pin!(producer, consumed);
+        // A capped consumer ends while the producer may still be adding: then the
+        // producer is dropped (and killed), not waited for.
+        let (consumed, produced) = tokio::select! {
+            c = &mut consumed => (c, None),
+            p = &mut producer => (consumed.await, Some(p)),
+        };
         let (status, line) = consumed.map_err(|_| {
             anyhow!(
                 "the BullMQ consumer did not finish within {} s",
@@ -145,12 +151,13 @@ impl NodeSetup {
         if let Some(e) = v.get("error") {
             bail!("bullmq: {}", e.as_str().unwrap_or_default());
         }
-        // A capped run stops the consumer while the producer may still be adding:
-        // only a producer failure before that matters.
-        if let Err(e) = produced {
-            if v["capped"] != Value::Bool(true) {
-                return Err(e.context("the BullMQ producer failed"));
-            }
+        let produced = match produced {
+            Some(p) => Some(p),
+            None if v["capped"] == Value::Bool(true) => None,
+            None => Some(producer.await),
+        };
+        if let Some(Err(e)) = produced {
+            return Err(e.context("the BullMQ producer failed"));
         }
         Ok(v)
     }
@@ -268,6 +275,7 @@ impl Subject for BullMq {
         .await?;
         let mut spec = base(env, "drain", &queue, backlog, size)?;
         spec["concurrency"] = json!(1);
+        spec["max_ms"] = json!(env.rss_cap.as_millis() as u64);
         let v = node.run(spec, limit(env, backlog)).await?;
         Ok(Sample::Rss {
             backlog,
@@ -276,6 +284,8 @@ impl Subject for BullMq {
                 .ok_or_else(|| anyhow!("bench.js reported no maxrss_kib"))?,
             before_consume_kib: None,
             secs: secs(&v)?.as_secs_f64(),
+            consumed: v["done"].as_u64().unwrap_or(backlog),
+            capped: v["capped"] == Value::Bool(true),
         })
     }
 }

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
 use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -21,7 +21,7 @@ use crate::drive::{
     handle, latency_us, pace, payload, run_until_done, stamp_of, timed_run, wall_nanos, Progress,
     BATCH,
 };
-use crate::env::{proc_status_kib, ChildReport, ChildSpec, Env};
+use crate::env::{finish_drain, proc_status_kib, ChildReport, ChildSpec, Env};
 use crate::model::{Backend, Role, Sample};
 
 pub struct Channel;
@@ -140,6 +140,7 @@ impl Subject for Channel {
                 size,
                 redis_url: None,
                 stall_secs: env.stall.as_secs(),
+                cap_secs: env.rss_cap.as_secs_f64(),
                 worker_prefetch: env.worker_prefetch,
             })
             .await?;
@@ -148,6 +149,8 @@ impl Subject for Channel {
             peak_kib: report.peak_kib,
             before_consume_kib: Some(report.before_consume_kib),
             secs: report.secs,
+            consumed: report.consumed,
+            capped: report.capped,
         })
     }
 
@@ -160,21 +163,6 @@ impl Subject for Channel {
         let start = Instant::now();
         let mut tasks = JoinSet::new();
         tasks.spawn(consume(Arc::new(Mutex::new(rx)), progress.clone(), false));
-        let elapsed = run_until_done(
-            tasks,
-            &progress,
-            start,
-            std::time::Duration::from_secs(spec.stall_secs),
-        )
-        .await?;
-        if progress.done() < spec.backlog {
-            bail!("drained {} of {}", progress.done(), spec.backlog);
-        }
-        Ok(ChildReport {
-            peak_kib: proc_status_kib("VmHWM")?,
-            before_consume_kib: before,
-            consumed: progress.done(),
-            secs: elapsed.as_secs_f64(),
-        })
+        finish_drain(before, tasks, &progress, start, spec).await
     }
 }

@@ -29,7 +29,7 @@ use crate::drive::{
     check_batch, handle, latency_us, pace, payload, run_until_done, stamp_of, timed_run,
     wall_nanos, Progress, BATCH, POLL,
 };
-use crate::env::{proc_status_kib, ChildReport, ChildSpec, Env};
+use crate::env::{finish_drain, proc_status_kib, ChildReport, ChildSpec, Env};
 use crate::model::{Backend, Role, Sample};
 
 pub type Pair = (Box<dyn Producer>, Box<dyn Consumer>);
@@ -213,6 +213,7 @@ impl Subject for FerryTraits {
                 size,
                 redis_url,
                 stall_secs: env.stall.as_secs(),
+                cap_secs: env.rss_cap.as_secs_f64(),
                 worker_prefetch: env.worker_prefetch,
             })
             .await?;
@@ -222,6 +223,8 @@ impl Subject for FerryTraits {
             before_consume_kib: (self.backend == Backend::Memory)
                 .then_some(report.before_consume_kib),
             secs: report.secs,
+            consumed: report.consumed,
+            capped: report.capped,
         })
     }
 
@@ -246,22 +249,7 @@ pub async fn child_drain(
     let mut tasks = JoinSet::new();
     tasks.spawn(consume_loop(consumer, progress.clone(), false));
     let start = Instant::now();
-    let elapsed = run_until_done(
-        tasks,
-        &progress,
-        start,
-        Duration::from_secs(spec.stall_secs),
-    )
-    .await?;
-    if progress.done() < spec.backlog {
-        bail!("drained {} of {}", progress.done(), spec.backlog);
-    }
-    Ok(ChildReport {
-        peak_kib: proc_status_kib("VmHWM")?,
-        before_consume_kib: before,
-        consumed: progress.done(),
-        secs: elapsed.as_secs_f64(),
-    })
+    finish_drain(before, tasks, &progress, start, spec).await
 }
 
 /// The ferrymq subjects on Redis: the traits and the Worker, over ferrymq-redis with
@@ -338,6 +326,9 @@ pub async fn run_worker(
         loop {
             match events.recv().await {
                 Ok(event) if event.outcome == Outcome::Succeeded => counted.add(1),
+                // Shutdown after the run (target reached or time cap) releases what
+                // was prefetched: expected, not a failure.
+                Ok(event) if matches!(event.outcome, Outcome::Released | Outcome::Abandoned) => {}
                 Ok(event) => {
                     return Err(anyhow!(
                         "delivery {} ended {:?}: {}",
@@ -488,6 +479,7 @@ impl Subject for FerryWorker {
                 size,
                 redis_url,
                 stall_secs: env.stall.as_secs(),
+                cap_secs: env.rss_cap.as_secs_f64(),
                 worker_prefetch: env.worker_prefetch,
             })
             .await?;
@@ -497,6 +489,8 @@ impl Subject for FerryWorker {
             before_consume_kib: (self.traits.backend == Backend::Memory)
                 .then_some(report.before_consume_kib),
             secs: report.secs,
+            consumed: report.consumed,
+            capped: report.capped,
         })
     }
 
@@ -520,18 +514,6 @@ impl Subject for FerryWorker {
             false,
         ));
         let start = Instant::now();
-        let elapsed = run_until_done(
-            tasks,
-            &progress,
-            start,
-            Duration::from_secs(spec.stall_secs),
-        )
-        .await?;
-        Ok(ChildReport {
-            peak_kib: proc_status_kib("VmHWM")?,
-            before_consume_kib: before,
-            consumed: progress.done(),
-            secs: elapsed.as_secs_f64(),
-        })
+        finish_drain(before, tasks, &progress, start, spec).await
     }
 }

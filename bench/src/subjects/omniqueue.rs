@@ -8,9 +8,9 @@
 //! bench does (`XGROUP CREATE … MKSTREAM`), as omniqueue's own tests do.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
 use async_trait::async_trait;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use omniqueue::backends::redis::RedisConnectionManager;
@@ -25,7 +25,7 @@ use crate::drive::{
     handle, latency_us, pace, payload, run_until_done, stamp_of, timed_run, wall_nanos, Progress,
     BATCH, POLL,
 };
-use crate::env::{proc_status_kib, ChildReport, ChildSpec, Env};
+use crate::env::{finish_drain, proc_status_kib, ChildReport, ChildSpec, Env};
 use crate::model::{Backend, Role, Sample};
 
 pub struct Omniqueue;
@@ -210,6 +210,7 @@ impl Subject for Omniqueue {
                 size,
                 redis_url: Some(url),
                 stall_secs: env.stall.as_secs(),
+                cap_secs: env.rss_cap.as_secs_f64(),
                 worker_prefetch: env.worker_prefetch,
             })
             .await?;
@@ -218,6 +219,8 @@ impl Subject for Omniqueue {
             peak_kib: report.peak_kib,
             before_consume_kib: None,
             secs: report.secs,
+            consumed: report.consumed,
+            capped: report.capped,
         })
     }
 
@@ -232,21 +235,6 @@ impl Subject for Omniqueue {
         let mut tasks = JoinSet::new();
         tasks.spawn(consume(c, progress.clone(), false));
         let start = Instant::now();
-        let elapsed = run_until_done(
-            tasks,
-            &progress,
-            start,
-            Duration::from_secs(spec.stall_secs),
-        )
-        .await?;
-        if progress.done() < spec.backlog {
-            bail!("drained {} of {}", progress.done(), spec.backlog);
-        }
-        Ok(ChildReport {
-            peak_kib: proc_status_kib("VmHWM")?,
-            before_consume_kib: before,
-            consumed: progress.done(),
-            secs: elapsed.as_secs_f64(),
-        })
+        finish_drain(before, tasks, &progress, start, spec).await
     }
 }

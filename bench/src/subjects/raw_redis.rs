@@ -13,9 +13,9 @@
 //! delays, dead-lettering, headers, dedup.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
 use async_trait::async_trait;
 use redis::aio::MultiplexedConnection;
 use redis::Value;
@@ -26,7 +26,7 @@ use crate::drive::{
     handle, latency_us, pace, payload, run_until_done, stamp_of, timed_run, wall_nanos, Progress,
     BATCH,
 };
-use crate::env::{proc_status_kib, ChildReport, ChildSpec, Env};
+use crate::env::{finish_drain, proc_status_kib, ChildReport, ChildSpec, Env};
 use crate::model::{Backend, Role, Sample};
 
 pub struct RawRedis;
@@ -268,6 +268,7 @@ impl Subject for RawRedis {
                 size,
                 redis_url: Some(url),
                 stall_secs: env.stall.as_secs(),
+                cap_secs: env.rss_cap.as_secs_f64(),
                 worker_prefetch: env.worker_prefetch,
             })
             .await?;
@@ -276,6 +277,8 @@ impl Subject for RawRedis {
             peak_kib: report.peak_kib,
             before_consume_kib: None,
             secs: report.secs,
+            consumed: report.consumed,
+            capped: report.capped,
         })
     }
 
@@ -295,22 +298,7 @@ impl Subject for RawRedis {
             false,
         ));
         let start = Instant::now();
-        let elapsed = run_until_done(
-            tasks,
-            &progress,
-            start,
-            Duration::from_secs(spec.stall_secs),
-        )
-        .await?;
-        if progress.done() < spec.backlog {
-            bail!("drained {} of {}", progress.done(), spec.backlog);
-        }
-        Ok(ChildReport {
-            peak_kib: proc_status_kib("VmHWM")?,
-            before_consume_kib: before,
-            consumed: progress.done(),
-            secs: elapsed.as_secs_f64(),
-        })
+        finish_drain(before, tasks, &progress, start, spec).await
     }
 }
 

@@ -6,6 +6,8 @@
 //! ferry send --url redis://127.0.0.1:6379/orders '{"order": 42}' --key customer-7
 //! ferry receive --url redis://127.0.0.1:6379/orders --max 10
 //! ferry depth --url redis://127.0.0.1:6379/orders
+//! ferry dlq peek redis://127.0.0.1:6379/orders-dlq
+//! ferry dlq redrive redis://127.0.0.1:6379/orders-dlq --to redis://127.0.0.1:6379/orders
 //! ```
 //!
 //! `--url` defaults to `$FERRYMQ_URL`.
@@ -14,6 +16,7 @@
 
 mod commands;
 mod demo;
+mod dlq;
 mod queue_url;
 
 use std::process::ExitCode;
@@ -46,6 +49,8 @@ enum Command {
     Receive(commands::ReceiveArgs),
     /// Print a queue's depth.
     Depth(commands::DepthArgs),
+    /// Inspect a dead-letter queue (peek) and move its messages back (redrive).
+    Dlq(dlq::Args),
 }
 
 fn init_tracing(verbose: u8) {
@@ -70,6 +75,7 @@ async fn main() -> ExitCode {
         Command::Send(args) => commands::send(args).await,
         Command::Receive(args) => commands::receive(args).await,
         Command::Depth(args) => commands::depth(args).await,
+        Command::Dlq(args) => dlq::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

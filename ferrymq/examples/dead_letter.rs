@@ -112,7 +112,12 @@ async fn work(
     let _ = stop.send(());
     match running.await {
         Ok(summary) => println!("  worker: {}", summary?),
-        Err(e) => return Err(Error::new(ErrorKind::Backend, format!("worker failed: {e}"))),
+        Err(e) => {
+            return Err(Error::new(
+                ErrorKind::Backend,
+                format!("worker failed: {e}"),
+            ))
+        }
     }
     Ok(finals)
 }
@@ -184,7 +189,10 @@ async fn main() -> ferrymq::Result<ExitCode> {
         .is_some_and(|o| o == poison);
     let user_header_kept = header("tenant") == "acme";
 
-    println!("\n3. the bug is fixed; redrive: send back to {}, then ack in the DLQ", orders.queue());
+    println!(
+        "\n3. the bug is fixed; redrive: send back to {}, then ack in the DLQ",
+        orders.queue()
+    );
     fixed.store(true, Ordering::SeqCst);
     let mut redriven = 0;
     for d in &dead {
@@ -193,7 +201,12 @@ async fn main() -> ferrymq::Result<ExitCode> {
         message.headers_mut().remove(reserved::ATTEMPT);
         let receipt = orders.send(message).await?;
         d.ack().await?; // only after the send succeeded: at-least-once
-        println!("  moved {} -> {} (new id {})", d.id(), orders.queue(), receipt.id);
+        println!(
+            "  moved {} -> {} (new id {})",
+            d.id(),
+            orders.queue(),
+            receipt.id
+        );
         redriven += 1;
     }
 
@@ -233,7 +246,10 @@ async fn main() -> ferrymq::Result<ExitCode> {
     );
     checks.check(
         origin == orders.queue(),
-        format!("{} names the source queue: {origin:?}", reserved::ORIGIN_QUEUE),
+        format!(
+            "{} names the source queue: {origin:?}",
+            reserved::ORIGIN_QUEUE
+        ),
     );
     checks.check(
         attempts == MAX_ATTEMPTS.to_string(),

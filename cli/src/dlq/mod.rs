@@ -13,8 +13,6 @@
 pub mod peek;
 pub mod redrive;
 
-use std::time::Duration;
-
 use ferrymq::{reserved, Consumer, Delivery, Error, Producer, Result};
 use url::Url;
 
@@ -165,7 +163,11 @@ async fn peek_command(args: PeekArgs) -> Result<()> {
     let peeked = peeked?;
     closed?;
     if peeked.shown == 0 {
-        eprintln!("{}: no dead-lettered message within {}", dlq.queue(), args.wait);
+        eprintln!(
+            "{}: no dead-lettered message within {}",
+            dlq.queue(),
+            args.wait
+        );
     } else {
         eprintln!(
             "{}: {} message(s) shown and released; they stay in the queue",
@@ -217,9 +219,7 @@ async fn redrive_command(args: RedriveArgs) -> Result<()> {
             from.id(),
             target.queue(),
             receipt.id,
-            from.headers()
-                .get(reserved::FAILURE_REASON)
-                .unwrap_or("-")
+            from.headers().get(reserved::FAILURE_REASON).unwrap_or("-")
         ),
         Step::HeldBack { from } => println!(
             "kept  {}: {} dropped it as a duplicate of dedup id {:?} (its dedup window still \
@@ -230,7 +230,6 @@ async fn redrive_command(args: RedriveArgs) -> Result<()> {
         ),
     })
     .await;
-    // Flush before reporting success: moved means on the target's broker.
     let flushed = target.close().await;
     let closed = dlq.close().await;
     println!(
@@ -259,12 +258,6 @@ async fn redrive_command(args: RedriveArgs) -> Result<()> {
         eprintln!("{}: nothing to redrive within {}", dlq.queue(), args.wait);
     }
     Ok(())
-}
-
-/// `Duration` from `humantime` for tests.
-#[cfg(test)]
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
 }
 
 #[cfg(test)]

@@ -42,7 +42,11 @@ pub async fn peek(
     let mut held: Vec<Delivery> = Vec::new();
     let mut receive_error = None;
     while held.len() < max {
-        let wait = if held.is_empty() { wait } else { Duration::ZERO };
+        let wait = if held.is_empty() {
+            wait
+        } else {
+            Duration::ZERO
+        };
         match dlq.receive((max - held.len()).min(BATCH), wait).await {
             Ok(batch) if batch.is_empty() => break,
             Ok(batch) => {
@@ -68,7 +72,10 @@ pub async fn peek(
         return Err(e);
     }
     let not_shown = if dlq.capabilities().depth {
-        dlq.depth().await.map(|d| d.waiting + d.delayed).unwrap_or(0)
+        dlq.depth()
+            .await
+            .map(|d| d.waiting + d.delayed)
+            .unwrap_or(0)
     } else {
         0
     }

@@ -135,7 +135,10 @@ pub async fn redrive(
                 held.push(d);
                 continue;
             }
-            match target.send(redrive_message(&d, options.drop_dedup_id)).await {
+            match target
+                .send(redrive_message(&d, options.drop_dedup_id))
+                .await
+            {
                 Err(e) => {
                     report.error = Some(Error::new(
                         e.kind(),

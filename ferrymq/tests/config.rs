@@ -104,8 +104,8 @@ mod redis {
         ] {
             assert!(!shown.contains("hunter2"), "password leaked: {shown}");
         }
-        let err = Config::from_url("redis://app:hunter2@127.0.0.1:6399/orders?visibility=x")
-            .unwrap_err();
+        let err =
+            Config::from_url("redis://app:hunter2@127.0.0.1:6399/orders?visibility=x").unwrap_err();
         assert!(!err.to_string().contains("hunter2"), "{err}");
         assert!(err.to_string().contains("`visibility`"), "{err}");
     }

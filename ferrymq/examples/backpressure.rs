@@ -165,5 +165,6 @@ async fn main() -> ferrymq::Result<ExitCode> {
     }
     producer.close().await?;
     consumer.close().await?;
+    support::delete_queues(&[&url]).await;
     Ok(checks.exit_code())
 }

@@ -117,13 +117,13 @@ async fn main() -> ferrymq::Result<ExitCode> {
         });
     }
     let mut own_results = 0;
-    let mut first_full_at = None::<Duration>;
+    let mut first_back = None::<Duration>;
     while let Some(joined) = tasks.join_next().await {
         if let Ok((_, Ok(receipt), at)) = joined {
             own_results += 1;
             *sent_ids.entry(receipt.id).or_default() += 1;
             let t = at - started;
-            first_full_at = Some(first_full_at.map_or(t, |f| f.min(t)));
+            first_back = Some(first_back.map_or(t, |f| f.min(t)));
         }
     }
     let burst = taken(&batches);
@@ -132,7 +132,7 @@ async fn main() -> ferrymq::Result<ExitCode> {
          the first returned after {:.0?}",
         started.elapsed(),
         burst.len(),
-        first_full_at.unwrap_or_default()
+        first_back.unwrap_or_default()
     );
     checks.check(
         own_results == 25 && burst.iter().sum::<usize>() == 25,
@@ -146,7 +146,7 @@ async fn main() -> ferrymq::Result<ExitCode> {
         ),
     );
     checks.check(
-        burst.contains(&max) && first_full_at.is_some_and(|t| t < LINGER),
+        burst.contains(&max) && first_back.is_some_and(|t| t < LINGER),
         format!("a full batch went out at once, before the {LINGER:?} linger"),
     );
 
@@ -217,6 +217,7 @@ async fn main() -> ferrymq::Result<ExitCode> {
         d.ack().await?;
     }
     consumer.close().await?;
+    support::delete_queues(&[&url]).await;
     let once = received.len() == 29 && received.values().all(|&n| n == 1);
     println!(
         "  received {} messages, {} distinct",

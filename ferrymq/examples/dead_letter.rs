@@ -218,6 +218,7 @@ async fn main() -> ferrymq::Result<ExitCode> {
     orders.close().await?;
     dlq_out.close().await?;
     dlq_in.close().await?;
+    support::delete_queues(&[&orders_url, &dlq_url]).await;
 
     println!();
     let mut checks = Checks::new();

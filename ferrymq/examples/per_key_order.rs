@@ -158,6 +158,7 @@ async fn main() -> ferrymq::Result<ExitCode> {
     };
     let depth = producer.depth().await?;
     producer.close().await?;
+    support::delete_queues(&[&url]).await;
 
     let seen = lock(&seen);
     for key in KEYS {

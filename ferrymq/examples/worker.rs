@@ -241,6 +241,7 @@ async fn main() -> ferrymq::Result<ExitCode> {
     );
     producer.close().await?;
     dlq.close().await?;
+    support::delete_queues(&[&orders_url, &dlq_url]).await;
 
     let seen = lock(&seen);
     let mut checks = Checks::new();

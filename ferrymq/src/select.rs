@@ -34,6 +34,9 @@ use serde::{Deserialize, Serialize};
 /// ```
 ///
 /// `Debug`, `Display` and serialization never show passwords or tokens.
+// A config is built once at startup; boxing the larger variants would only make
+// matching on them clumsier.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "backend", rename_all = "lowercase", try_from = "Repr")]
 #[non_exhaustive]
@@ -46,6 +49,7 @@ pub enum Config {
 }
 
 /// The accepted serde shapes: a URL string, `{ url = "…" }`, or a tagged table.
+#[allow(clippy::large_enum_variant)]
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum Repr {
@@ -54,6 +58,7 @@ enum Repr {
     Tagged(Tagged),
 }
 
+#[allow(clippy::large_enum_variant)]
 #[derive(Deserialize)]
 #[serde(tag = "backend", rename_all = "lowercase")]
 enum Tagged {

@@ -55,6 +55,20 @@ pub fn run_id() -> String {
     s
 }
 
+/// Remove the example's queues from a broker that keeps them (Redis), so that runs
+/// leave nothing behind. In-process queues go away with the process.
+pub async fn delete_queues(urls: &[&str]) {
+    for url in urls {
+        #[cfg(feature = "redis")]
+        if let Ok(ferrymq::Config::Redis(redis)) = ferrymq::Config::from_url(url) {
+            if let Err(e) = redis.delete_queue().await {
+                eprintln!("note: could not delete queue {}: {e}", redis.queue);
+            }
+        }
+        let _ = url;
+    }
+}
+
 /// How long an example waits for something that should happen "soon" before it
 /// declares the guarantee broken: generous, so a slow CI machine or a remote broker
 /// does not fail it, yet bounded, so a broken build never hangs.

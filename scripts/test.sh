@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, with every server it needs: installs and starts them on
-# 127.0.0.1, runs the tests against them, stops them. Usage: scripts/test.sh [cargo test args]
+# 127.0.0.1, runs the tests against them, then stops what it started.
 #
-# Point the suite at servers you already run instead by exporting their URLs first
+#   scripts/test.sh [extra cargo test args]
+#
+# To use servers you already run, export their URLs first
 # (FERRYMQ_TEST_REDIS_URL=redis://host:port); the script then starts nothing for them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,18 +12,32 @@ export PATH="$HOME/.cargo/bin:$PATH"
 export FERRYMQ_CACHE="${FERRYMQ_CACHE:-$HOME/.cache/ferrymq}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$FERRYMQ_CACHE/target}"
 
-started=()
+stop_on_exit=()
 cleanup() {
-  for svc in "${started[@]}"; do $svc || true; done
+  for cmd in "${stop_on_exit[@]}"; do $cmd >/dev/null || true; done
 }
 trap cleanup EXIT
 
 if [[ -z "${FERRYMQ_TEST_REDIS_URL:-}" ]]; then
   port="${FERRYMQ_REDIS_PORT:-6399}"
+  # A server someone else started on the port is used and left running.
+  if ! scripts/redis.sh status "$port" >/dev/null 2>&1; then
+    stop_on_exit+=("scripts/redis.sh stop $port")
+  fi
   scripts/redis.sh start "$port"
-  started+=("scripts/redis.sh stop $port")
   export FERRYMQ_TEST_REDIS_URL="redis://127.0.0.1:$port"
 fi
-
 echo "== servers: redis=$FERRYMQ_TEST_REDIS_URL"
+
 cargo test --workspace --all-features "$@"
+
+# The runnable examples check their own guarantees and exit non-zero when one fails:
+# run each on the in-process queue and on Redis.
+for example in quickstart worker dead_letter per_key_order backpressure batching; do
+  echo "== example $example (memory)"
+  cargo run -q -p ferrymq --all-features --example "$example"
+  echo "== example $example (redis)"
+  FERRYMQ_URL="$FERRYMQ_TEST_REDIS_URL/example-$example?visibility=5s" \
+    cargo run -q -p ferrymq --all-features --example "$example"
+done
+echo "== examples: all passed on memory and redis"

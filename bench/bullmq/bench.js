@@ -20,8 +20,8 @@
 //   latency  one `add` per job at `rate` jobs/s; a Worker at concurrency 1 records
 //            enqueue-to-handler latency (same process clock).
 //   fill     addBulk `n` jobs and exit (backlog for `drain`).
-//   drain    a Worker at `concurrency` processes `n` waiting jobs; reports the peak RSS
-//            of this process (process.resourceUsage().maxRSS).
+//   drain    a Worker at `concurrency` processes `n` waiting jobs (at most `max_ms`);
+//            reports the peak RSS of this process (VmHWM).
 //
 // Jobs are added with removeOnComplete: true, the closest BullMQ setting to
 // ferrymq's delete-on-ack (BullMQ's default keeps every completed job).
@@ -32,6 +32,15 @@ const { performance } = require('node:perf_hooks');
 
 function now() {
   return performance.timeOrigin + performance.now(); // ms, sub-ms resolution
+}
+
+// VmHWM of this process. Not process.resourceUsage().maxRSS: Linux carries
+// ru_maxrss across exec, so that would report the peak of the (large) bench
+// process this one was forked from.
+function peakRssKib() {
+  const status = require('node:fs').readFileSync('/proc/self/status', 'utf8');
+  const m = /^VmHWM:\s+(\d+) kB/m.exec(status);
+  return m ? Number(m[1]) : null;
 }
 
 function fail(msg) {
@@ -119,7 +128,7 @@ async function main() {
       out.secs = (now() - t0) / 1000;
       out.capped = out.done < spec.n;
       await worker.close();
-      out.maxrss_kib = process.resourceUsage().maxRSS;
+      out.maxrss_kib = peakRssKib();
     } else if (spec.mode === 'consume') {
       // The consuming half of an end-to-end run whose producer is another process
       // (`produce`), so that each gets a core, as the Rust subjects' threads do.

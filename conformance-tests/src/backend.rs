@@ -1,9 +1,11 @@
 //! The factory a backend hands to the suite.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use ferrymq_core::middleware::{DedupStore, MemoryDedupStore};
 use ferrymq_core::{Capabilities, Consumer, Error, ErrorKind, Producer, Result};
 
 /// Opens producers and consumers on fresh queues of one backend, configured for
@@ -69,6 +71,14 @@ pub trait Backend: Send + Sync + 'static {
     async fn cleanup(&self, queue: &str) -> Result<()> {
         let _ = queue;
         Ok(())
+    }
+
+    /// The dedup store the Dedup middleware cases use for `queue`: the backend's own
+    /// shared store where it has one (Redis), so the cases prove that store; the
+    /// default is the in-process [`MemoryDedupStore`].
+    async fn dedup_store(&self, queue: &str) -> Result<Arc<dyn DedupStore>> {
+        let _ = queue;
+        Ok(Arc::new(MemoryDedupStore::new(Duration::from_secs(600))))
     }
 
     /// How late this backend's timers may fire: visibility timeouts, delays and nack

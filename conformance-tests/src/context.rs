@@ -106,6 +106,18 @@ impl Context {
         .await
     }
 
+    /// The dedup store the backend wants the Dedup middleware cases to prove.
+    pub async fn dedup_store(
+        &self,
+        queue: &str,
+    ) -> CaseResult<Arc<dyn ferrymq_core::middleware::DedupStore>> {
+        bounded(
+            format!("opening the dedup store of {queue}"),
+            self.backend.dedup_store(queue),
+        )
+        .await
+    }
+
     /// The visibility timeout the factory chose, if the backend has leases.
     pub fn visibility(&self) -> Option<Duration> {
         self.caps.visibility_timeout

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use ferrymq_core::middleware::{
-    handler_fn, Backoff, BackpressureLayer, DedupLayer, ExtendVisibilityLayer, MemoryDedupStore,
-    Outcome, RetryToDlqLayer,
+    handler_fn, Backoff, BackpressureLayer, DedupLayer, ExtendVisibilityLayer, Outcome,
+    RetryToDlqLayer,
 };
 use ferrymq_core::worker::{Worker, WorkerEvent};
 use ferrymq_core::{reserved, BoxError, Consumer, Delivery, ErrorKind, Message, WorkerSummary};
@@ -253,17 +253,16 @@ pub async fn dedup_under_redelivery(ctx: &Context) -> CaseResult {
     let calls2 = calls.clone();
     // The first time, the message comes back after it was handled, as when a consumer
     // crashes between handling and acking: the handler releases its own delivery.
-    let service = DedupLayer::new(MemoryDedupStore::new(Duration::from_secs(600))).layer(
-        handler_fn(move |d: Delivery| {
-            let first = calls2.fetch_add(1, Ordering::SeqCst) == 0;
-            async move {
-                if first {
-                    d.nack(None).await?;
-                }
-                Ok::<(), BoxError>(())
+    let store = ctx.dedup_store(&queue).await?;
+    let service = DedupLayer::from_arc(store).layer(handler_fn(move |d: Delivery| {
+        let first = calls2.fetch_add(1, Ordering::SeqCst) == 0;
+        async move {
+            if first {
+                d.nack(None).await?;
             }
-        }),
-    );
+            Ok::<(), BoxError>(())
+        }
+    }));
     let mut worker = Running::start(Worker::new(c), service);
     worker
         .until("redelivery deduplicated", ctx.prompt() * 2, |es| {

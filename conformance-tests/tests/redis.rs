@@ -9,10 +9,12 @@
 //! timeout is 2 s so the lease cases take a few seconds each.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use ferrymq_conformance::{require_env, Backend};
+use ferrymq_core::middleware::DedupStore;
 use ferrymq_core::{Capabilities, Consumer, Producer, Result};
 use ferrymq_redis::RedisConfig;
 
@@ -73,6 +75,11 @@ impl Backend for Redis {
     async fn open(&self, queue: &str) -> Result<(Box<dyn Producer>, Box<dyn Consumer>)> {
         let (p, c) = self.config(queue)?.connect().await?;
         Ok((Box::new(p), Box::new(c)))
+    }
+
+    async fn dedup_store(&self, queue: &str) -> Result<Arc<dyn DedupStore>> {
+        let consumer = self.config(queue)?.consumer().await?;
+        Ok(Arc::new(consumer.dedup_store(Duration::from_secs(600))))
     }
 
     async fn cleanup(&self, queue: &str) -> Result<()> {

@@ -34,43 +34,32 @@ pub trait Consumer: Send + Sync {
     fn capabilities(&self) -> &Capabilities;
 }
 
-#[async_trait]
-impl<C: Consumer + ?Sized> Consumer for Box<C> {
-    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
-        (**self).receive(max, wait).await
-    }
-    async fn depth(&self) -> Result<Depth> {
-        (**self).depth().await
-    }
-    async fn close(&self) -> Result<()> {
-        (**self).close().await
-    }
-    fn queue(&self) -> &str {
-        (**self).queue()
-    }
-    fn capabilities(&self) -> &Capabilities {
-        (**self).capabilities()
-    }
+/// `Box<dyn Consumer>` and `Arc<dyn Consumer>` are consumers too.
+macro_rules! forward_consumer {
+    ($($wrapper:ident)::+) => {
+        #[async_trait]
+        impl<C: Consumer + ?Sized> Consumer for $($wrapper)::+<C> {
+            async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+                (**self).receive(max, wait).await
+            }
+            async fn depth(&self) -> Result<Depth> {
+                (**self).depth().await
+            }
+            async fn close(&self) -> Result<()> {
+                (**self).close().await
+            }
+            fn queue(&self) -> &str {
+                (**self).queue()
+            }
+            fn capabilities(&self) -> &Capabilities {
+                (**self).capabilities()
+            }
+        }
+    };
 }
 
-#[async_trait]
-impl<C: Consumer + ?Sized> Consumer for std::sync::Arc<C> {
-    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
-        (**self).receive(max, wait).await
-    }
-    async fn depth(&self) -> Result<Depth> {
-        (**self).depth().await
-    }
-    async fn close(&self) -> Result<()> {
-        (**self).close().await
-    }
-    fn queue(&self) -> &str {
-        (**self).queue()
-    }
-    fn capabilities(&self) -> &Capabilities {
-        (**self).capabilities()
-    }
-}
+forward_consumer!(Box);
+forward_consumer!(std::sync::Arc);
 
 /// Turn a consumer into a stream of deliveries, polling `batch` at a time with long
 /// polls of `wait`. The stream ends when the consumer is closed; other errors are

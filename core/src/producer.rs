@@ -75,52 +75,39 @@ pub trait Producer: Send + Sync {
     fn capabilities(&self) -> &Capabilities;
 }
 
-#[async_trait]
-impl<P: Producer + ?Sized> Producer for Box<P> {
-    async fn send(&self, message: Message) -> Result<SendReceipt> {
-        (**self).send(message).await
-    }
-    async fn send_batch(&self, messages: Vec<Message>) -> Result<Vec<Result<SendReceipt>>> {
-        (**self).send_batch(messages).await
-    }
-    async fn flush(&self) -> Result<()> {
-        (**self).flush().await
-    }
-    async fn close(&self) -> Result<()> {
-        (**self).close().await
-    }
-    async fn depth(&self) -> Result<Depth> {
-        (**self).depth().await
-    }
-    fn queue(&self) -> &str {
-        (**self).queue()
-    }
-    fn capabilities(&self) -> &Capabilities {
-        (**self).capabilities()
-    }
+/// `Box<dyn Producer>` and `Arc<dyn Producer>` are producers too, so middleware and
+/// the worker take either.
+macro_rules! forward_producer {
+    ($($wrapper:ident)::+) => {
+        #[async_trait]
+        impl<P: Producer + ?Sized> Producer for $($wrapper)::+<P> {
+            async fn send(&self, message: Message) -> Result<SendReceipt> {
+                (**self).send(message).await
+            }
+            async fn send_batch(
+                &self,
+                messages: Vec<Message>,
+            ) -> Result<Vec<Result<SendReceipt>>> {
+                (**self).send_batch(messages).await
+            }
+            async fn flush(&self) -> Result<()> {
+                (**self).flush().await
+            }
+            async fn close(&self) -> Result<()> {
+                (**self).close().await
+            }
+            async fn depth(&self) -> Result<Depth> {
+                (**self).depth().await
+            }
+            fn queue(&self) -> &str {
+                (**self).queue()
+            }
+            fn capabilities(&self) -> &Capabilities {
+                (**self).capabilities()
+            }
+        }
+    };
 }
 
-#[async_trait]
-impl<P: Producer + ?Sized> Producer for std::sync::Arc<P> {
-    async fn send(&self, message: Message) -> Result<SendReceipt> {
-        (**self).send(message).await
-    }
-    async fn send_batch(&self, messages: Vec<Message>) -> Result<Vec<Result<SendReceipt>>> {
-        (**self).send_batch(messages).await
-    }
-    async fn flush(&self) -> Result<()> {
-        (**self).flush().await
-    }
-    async fn close(&self) -> Result<()> {
-        (**self).close().await
-    }
-    async fn depth(&self) -> Result<Depth> {
-        (**self).depth().await
-    }
-    fn queue(&self) -> &str {
-        (**self).queue()
-    }
-    fn capabilities(&self) -> &Capabilities {
-        (**self).capabilities()
-    }
-}
+forward_producer!(Box);
+forward_producer!(std::sync::Arc);

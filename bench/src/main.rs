@@ -285,7 +285,7 @@ async fn run_all(
                     if let Workload::Rss { backlog } = workload {
                         if s.role() == Role::Peer && backlog > args.peer_rss_max_backlog {
                             cells[i].skipped = Some(format!(
-                                "peer RSS runs only up to --peer-rss-max-backlog {}",
+                                "peers run the RSS workload only up to a backlog of {} (--peer-rss-max-backlog): filling and draining 1M jobs through them takes minutes",
                                 args.peer_rss_max_backlog
                             ));
                             continue;

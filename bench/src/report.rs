@@ -157,15 +157,11 @@ fn fmt_latency(us: f64) -> String {
 }
 
 fn fmt_cell(c: &Cell) -> String {
-    if let Some(f) = &c.failure {
-        if c.median.is_none() {
-            let short: String = f.chars().take(60).collect();
-            return format!("FAIL: {short}");
-        }
+    if c.failure.is_some() && c.median.is_none() {
+        return "FAIL (see Failures)".into();
     }
-    if let Some(s) = &c.skipped {
-        let short: String = s.chars().take(40).collect();
-        return format!("– ({short})");
+    if c.skipped.is_some() {
+        return "not run".into();
     }
     let Some(m) = &c.median else {
         return "–".into();
@@ -316,6 +312,12 @@ pub fn tables(cells: &[Cell], ratios: &[Ratio], rounds: usize, rss_rounds: usize
             }
             out.push('\n');
         }
+    }
+    let mut not_run: Vec<&str> = cells.iter().filter_map(|c| c.skipped.as_deref()).collect();
+    not_run.sort_unstable();
+    not_run.dedup();
+    for reason in not_run {
+        let _ = writeln!(out, "\nnot run: {reason}");
     }
     let failures: Vec<&Cell> = cells.iter().filter(|c| c.failure.is_some()).collect();
     if !failures.is_empty() {

@@ -2,7 +2,7 @@
 //! uses) driven the way an expert would, with the same batch size as everyone else.
 //!
 //! - produce: one pipeline of [`BATCH`] × `XADD key * p PAYLOAD` per round trip
-//!   (replies ignored), on a multiplexed connection;
+//!   (commands pre-sized, replies ignored), on a multiplexed connection;
 //! - consume: each handler task has its own connection (a blocking read must not
 //!   share one) and loops `XREADGROUP GROUP g cN COUNT 100 BLOCK 100 STREAMS key >`,
 //!   handles the batch, then settles it with **one pipeline of `XACK key g ids…` +
@@ -60,14 +60,16 @@ async fn produce_all(
     let mut sent = 0;
     while sent < n {
         let k = (BATCH as u64).min(n - sent);
-        let mut pipe = redis::pipe();
+        let mut pipe = redis::Pipeline::with_capacity(k as usize);
         for i in 0..k {
-            pipe.cmd("XADD")
+            // Pre-sized, so the command buffer is written once, not regrown per arg.
+            let mut cmd = redis::Cmd::with_capacity(5, key.len() + size.max(8) + 8);
+            cmd.arg("XADD")
                 .arg(key)
                 .arg("*")
                 .arg("p")
-                .arg(payload(size, sent + i).as_ref())
-                .ignore();
+                .arg(payload(size, sent + i).as_ref());
+            pipe.add_command(cmd).ignore();
         }
         pipe.query_async::<()>(conn).await?;
         sent += k;

@@ -46,6 +46,70 @@ struct State<C> {
     running: FuturesUnordered<BoxFuture<Joined>>,
     busy_keys: HashSet<String>,
     next_task: u64,
+    metrics: Metrics,
+}
+
+/// Metric handles, registered once per worker rather than once per delivery: building
+/// the `queue` label (a `String`) and looking the series up on every call cost more
+/// than the rest of the bookkeeping of a delivery on a fast backend.
+struct Metrics {
+    queue: Arc<str>,
+    received: metrics::Counter,
+    in_flight: metrics::Gauge,
+    /// Outcome counters and handler-time histograms, by [`outcome_index`], made on first use
+    /// (so that outcomes a worker never sees export no empty series).
+    outcomes: [Option<metrics::Counter>; OUTCOMES],
+    handler_seconds: [Option<metrics::Histogram>; OUTCOMES],
+}
+
+const OUTCOMES: usize = 8;
+
+fn outcome_index(outcome: Outcome) -> usize {
+    match outcome {
+        Outcome::Succeeded => 0,
+        Outcome::Retried { .. } => 1,
+        Outcome::DeadLettered => 2,
+        Outcome::Deduplicated => 3,
+        Outcome::Deferred => 4,
+        Outcome::Failed => 5,
+        Outcome::Released => 6,
+        Outcome::Abandoned => 7,
+    }
+}
+
+impl Metrics {
+    fn new(queue: &Arc<str>) -> Self {
+        Metrics {
+            queue: queue.clone(),
+            received: metrics::counter!("ferrymq_worker_received_total", "queue" => queue.to_string()),
+            in_flight: metrics::gauge!("ferrymq_worker_in_flight", "queue" => queue.to_string()),
+            outcomes: Default::default(),
+            handler_seconds: Default::default(),
+        }
+    }
+
+    fn outcome(&mut self, outcome: Outcome) -> &metrics::Counter {
+        let queue = &self.queue;
+        self.outcomes[outcome_index(outcome)].get_or_insert_with(|| {
+            let name = match outcome {
+                Outcome::Succeeded => "ferrymq_worker_succeeded_total",
+                Outcome::Retried { .. } => "ferrymq_worker_retried_total",
+                Outcome::DeadLettered => "ferrymq_worker_dead_lettered_total",
+                Outcome::Deduplicated => "ferrymq_worker_deduplicated_total",
+                Outcome::Deferred => "ferrymq_worker_deferred_total",
+                Outcome::Failed => "ferrymq_worker_failed_total",
+                Outcome::Released | Outcome::Abandoned => "ferrymq_worker_released_total",
+            };
+            metrics::counter!(name, "queue" => queue.to_string())
+        })
+    }
+
+    fn handler_seconds(&mut self, outcome: Outcome) -> &metrics::Histogram {
+        let queue = &self.queue;
+        self.handler_seconds[outcome_index(outcome)].get_or_insert_with(|| {
+            metrics::histogram!("ferrymq_worker_handler_seconds", "queue" => queue.to_string(), "outcome" => outcome.as_str())
+        })
+    }
 }
 
 pub(super) async fn run<C, S, F>(
@@ -68,9 +132,14 @@ where
         flush,
     } = worker;
     let queue: Arc<str> = consumer.queue().into();
-    let prefetch = config.prefetch.unwrap_or(config.concurrency);
+    let prefetch = config.prefetch.unwrap_or_else(|| default_prefetch(config.concurrency));
     let capacity = config.concurrency + prefetch;
+    // Refill only once the prefetched buffer has drained to half: each receive then
+    // brings a batch instead of the one delivery a finished handler made room for
+    // (one round trip per message on a networked backend).
+    let low_water = prefetch / 2;
     let max_batch = consumer.capabilities().max_batch.max(1);
+    let metrics = Metrics::new(&queue);
     let _depth_gauge = spawn_depth_gauge(&consumer, &config, &queue);
     let mut st = State {
         consumer,
@@ -83,6 +152,7 @@ where
         running: FuturesUnordered::new(),
         busy_keys: HashSet::new(),
         next_task: 0,
+        metrics,
     };
     tracing::info!(queue = %st.queue, concurrency = st.config.concurrency, prefetch, ordered_by_key = st.config.ordered_by_key, "worker started");
 
@@ -94,7 +164,11 @@ where
 
     loop {
         let held = st.running.len() + st.pending.len();
-        if receiving.is_none() && receive_pause.is_none() && held < capacity {
+        if receiving.is_none()
+            && receive_pause.is_none()
+            && held < capacity
+            && st.pending.len() <= low_water
+        {
             let max = (capacity - held).min(max_batch);
             let consumer = st.consumer.clone();
             let wait = st.config.poll_wait;
@@ -125,7 +199,7 @@ where
                     Ok(deliveries) => {
                         let n = deliveries.len() as u64;
                         st.summary.received += n;
-                        metrics::counter!("ferrymq_worker_received_total", "queue" => st.queue.to_string()).increment(n);
+                        st.metrics.received.increment(n);
                         st.pending.extend(deliveries);
                     }
                     Err(e) if e.kind() == ErrorKind::Closed => {
@@ -253,8 +327,7 @@ impl<C: Consumer + 'static> State<C> {
         let abort = task.abort_handle();
         self.in_flight.insert(id, (delivery, abort));
         self.running.push(Box::pin(async move { (id, task.await) }));
-        metrics::gauge!("ferrymq_worker_in_flight", "queue" => self.queue.to_string())
-            .set(self.in_flight.len() as f64);
+        self.metrics.in_flight.set(self.in_flight.len() as f64);
     }
 
     async fn finish(&mut self, (id, joined): Joined) {
@@ -262,8 +335,7 @@ impl<C: Consumer + 'static> State<C> {
             return;
         };
         self.release_key(&delivery);
-        metrics::gauge!("ferrymq_worker_in_flight", "queue" => self.queue.to_string())
-            .set(self.in_flight.len() as f64);
+        self.metrics.in_flight.set(self.in_flight.len() as f64);
         let finished = match joined {
             Ok(finished) => finished,
             Err(e) => {
@@ -290,7 +362,8 @@ impl<C: Consumer + 'static> State<C> {
         if finished.panicked {
             self.summary.panics += 1;
         }
-        metrics::histogram!("ferrymq_worker_handler_seconds", "queue" => self.queue.to_string(), "outcome" => finished.outcome.as_str())
+        self.metrics
+            .handler_seconds(finished.outcome)
             .record(finished.elapsed.as_secs_f64());
         self.report(
             &delivery,
@@ -317,16 +390,11 @@ impl<C: Consumer + 'static> State<C> {
         elapsed: Duration,
     ) {
         self.summary.count(outcome);
-        let counter = match outcome {
-            Outcome::Succeeded => "ferrymq_worker_succeeded_total",
-            Outcome::Retried { .. } => "ferrymq_worker_retried_total",
-            Outcome::DeadLettered => "ferrymq_worker_dead_lettered_total",
-            Outcome::Deduplicated => "ferrymq_worker_deduplicated_total",
-            Outcome::Deferred => "ferrymq_worker_deferred_total",
-            Outcome::Failed => "ferrymq_worker_failed_total",
-            Outcome::Released | Outcome::Abandoned => "ferrymq_worker_released_total",
-        };
-        metrics::counter!(counter, "queue" => self.queue.to_string()).increment(1);
+        self.metrics.outcome(outcome).increment(1);
+        // Cloning the message for an event nobody listens to is pure waste.
+        if self.events.receiver_count() == 0 {
+            return;
+        }
         let _ = self.events.send(WorkerEvent {
             outcome,
             meta: delivery.meta().clone(),
@@ -336,6 +404,15 @@ impl<C: Consumer + 'static> State<C> {
         });
     }
 }
+
+/// The prefetch when none is set: twice the concurrency, at least 32 — enough that
+/// receives come in batches (refilled at half) without holding leases for long.
+pub(super) fn default_prefetch(concurrency: usize) -> usize {
+    concurrency.saturating_mul(2).max(DEFAULT_MIN_PREFETCH)
+}
+
+/// Lower bound of the default prefetch.
+pub(super) const DEFAULT_MIN_PREFETCH: usize = 32;
 
 /// Runs one delivery through the service and settles what it left unsettled.
 async fn handle<Fut>(delivery: Delivery, future: Fut, nack_delay: Option<Duration>) -> Finished

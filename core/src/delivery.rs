@@ -29,9 +29,10 @@ const SETTLING: u8 = 1;
 const ACKED: u8 = 2;
 const NACKED: u8 = 3;
 
-struct AckShared {
-    backend: Box<dyn Ack>,
+/// State and backend in one allocation: the backend is the unsized last field.
+struct AckShared<A: ?Sized> {
     state: AtomicU8,
+    backend: A,
 }
 
 /// Cheap-to-clone, `Send + Sync` handle that settles a delivery exactly once.
@@ -42,7 +43,7 @@ struct AckShared {
 /// pending so it can be retried.
 #[derive(Clone)]
 pub struct AckHandle {
-    shared: Arc<AckShared>,
+    shared: Arc<AckShared<dyn Ack>>,
 }
 
 impl fmt::Debug for AckHandle {
@@ -59,8 +60,8 @@ impl AckHandle {
     pub fn new(backend: impl Ack + 'static) -> Self {
         AckHandle {
             shared: Arc::new(AckShared {
-                backend: Box::new(backend),
                 state: AtomicU8::new(PENDING),
+                backend,
             }),
         }
     }

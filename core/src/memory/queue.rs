@@ -9,6 +9,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -83,11 +84,35 @@ pub(crate) struct Leased {
     pub(crate) message: Message,
 }
 
+/// Hashes the queue's own dense sequence numbers: one multiply (Fibonacci hashing,
+/// so the high bits the table probes with are well mixed) instead of SipHash, which
+/// defends against attacker-chosen keys these are not.
+#[derive(Default)]
+struct SeqHasher(u64);
+
+impl Hasher for SeqHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type SeqMap<V> = HashMap<u64, V, BuildHasherDefault<SeqHasher>>;
+
 #[derive(Default)]
 pub(crate) struct State {
     next_seq: u64,
     next_receipt: u64,
-    entries: HashMap<u64, Entry>,
+    entries: SeqMap<Entry>,
     ready: BTreeSet<(Reverse<i32>, u64)>,
     delayed: BTreeSet<(Instant, u64)>,
     leased: BTreeSet<(Instant, u64)>,

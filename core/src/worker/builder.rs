@@ -45,7 +45,7 @@ impl<C> std::fmt::Debug for Worker<C> {
 }
 
 impl<C: Consumer + 'static> Worker<C> {
-    /// A worker on `consumer`: concurrency 1, prefetch = concurrency, 1 s long polls,
+    /// A worker on `consumer`: concurrency 1, prefetch 32 (see [`prefetch`](Worker::prefetch)), 1 s long polls,
     /// no per-key ordering, 30 s shutdown timeout, failed deliveries nacked without
     /// delay, depth gauge every 15 s.
     pub fn new(consumer: C) -> Self {
@@ -79,10 +79,14 @@ impl<C: Consumer + 'static> Worker<C> {
         self
     }
 
-    /// At most `n` received deliveries wait for a free handler slot (default: the
-    /// concurrency). 0 receives only when a slot is free. Prefetched deliveries hold a
-    /// lease, so keep this well below what a handler can finish within the visibility
-    /// timeout.
+    /// At most `n` received deliveries wait for a free handler slot (default: twice
+    /// the concurrency, at least 32). The worker receives again only once fewer than
+    /// half of them are left, and then in one batch (up to the backend's `max_batch`)
+    /// for the room there is, so a networked backend sees one receive per batch rather
+    /// than per message. Never more than `concurrency + n` deliveries are held.
+    /// 0 receives only when a slot is free. Prefetched deliveries hold a lease, so keep
+    /// this well below what a handler can finish within the visibility timeout: with
+    /// slow handlers (seconds each) and a short visibility timeout, lower it.
     pub fn prefetch(mut self, n: usize) -> Self {
         self.config.prefetch = Some(n);
         self

@@ -30,8 +30,13 @@
 //!
 //! # What it guarantees
 //!
-//! - **Bounded memory**: at most `concurrency` handlers run and at most `prefetch`
-//!   received deliveries wait to start; nothing is received beyond that.
+//! - **Bounded memory**: at most `concurrency` handlers run, and the deliveries held
+//!   (waiting to start, running, or being acked/nacked after their handler finished)
+//!   never exceed `concurrency + prefetch`; nothing is received beyond that. Receives
+//!   come in batches, once the prefetched buffer has drained to half.
+//! - **Acks off the handler slot**: a handler's slot frees when it returns; the
+//!   worker's ack or nack runs alongside the next handlers (so a networked backend can
+//!   batch them), and graceful shutdown waits for every one of them.
 //! - **Settling**: a handler returning `Ok` with its delivery unsettled gets it acked;
 //!   an `Err` gets it nacked (after `nack_delay`). Middleware that settle themselves
 //!   ([`RetryToDlq`](crate::middleware::RetryToDlq), [`Dedup`](crate::middleware::Dedup))

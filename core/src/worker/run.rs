@@ -28,7 +28,24 @@ struct Finished {
     error: Option<Arc<str>>,
     elapsed: Duration,
     panicked: bool,
+    /// What the worker still has to do with the delivery. The handler task does not
+    /// settle it itself: awaiting an ack would hold a handler slot for a round trip
+    /// (and keep the backend's ack batching to `concurrency` acks at most).
+    settle: Settle,
+    span: tracing::Span,
 }
+
+/// A settle left to the worker once the handler has finished.
+#[derive(Debug, Clone, Copy)]
+enum Settle {
+    /// The middleware settled the delivery already.
+    Done,
+    Ack,
+    Nack(Option<Duration>),
+}
+
+/// A settle on its way: the delivery, its handler's report, and the settle's result.
+type Settled = (Delivery, Finished, Result<()>);
 
 type Joined = (u64, std::result::Result<Finished, JoinError>);
 
@@ -44,6 +61,9 @@ struct State<C> {
     /// Started: task id -> (delivery, abort handle).
     in_flight: HashMap<u64, (Delivery, AbortHandle)>,
     running: FuturesUnordered<BoxFuture<Joined>>,
+    /// Handled, being acked or nacked. Their leases count against the capacity like
+    /// running and pending ones, so this set is bounded by `concurrency + prefetch`.
+    settling: FuturesUnordered<BoxFuture<Settled>>,
     busy_keys: HashSet<String>,
     next_task: u64,
     metrics: Metrics,
@@ -132,7 +152,9 @@ where
         flush,
     } = worker;
     let queue: Arc<str> = consumer.queue().into();
-    let prefetch = config.prefetch.unwrap_or_else(|| default_prefetch(config.concurrency));
+    let prefetch = config
+        .prefetch
+        .unwrap_or_else(|| default_prefetch(config.concurrency));
     let capacity = config.concurrency + prefetch;
     // Refill only once the prefetched buffer has drained to half: each receive then
     // brings a batch instead of the one delivery a finished handler made room for
@@ -150,6 +172,7 @@ where
         pending: VecDeque::new(),
         in_flight: HashMap::new(),
         running: FuturesUnordered::new(),
+        settling: FuturesUnordered::new(),
         busy_keys: HashSet::new(),
         next_task: 0,
         metrics,
@@ -163,7 +186,7 @@ where
     tokio::pin!(shutdown);
 
     loop {
-        let held = st.running.len() + st.pending.len();
+        let held = st.running.len() + st.pending.len() + st.settling.len();
         if receiving.is_none()
             && receive_pause.is_none()
             && held < capacity
@@ -179,6 +202,9 @@ where
         tokio::select! {
             biased;
             () = &mut shutdown => break,
+            Some(settled) = st.settling.next(), if !st.settling.is_empty() => {
+                st.settled(settled);
+            }
             Some(joined) = st.running.next(), if !st.running.is_empty() => {
                 st.finish(joined).await;
             }
@@ -238,6 +264,7 @@ where
     let deadline = Instant::now() + st.config.shutdown_timeout;
     while !st.running.is_empty() {
         tokio::select! {
+            Some(settled) = st.settling.next(), if !st.settling.is_empty() => st.settled(settled),
             Some(joined) = st.running.next() => st.finish(joined).await,
             () = sleep_until(deadline) => break,
         }
@@ -251,6 +278,10 @@ where
         while let Some(joined) = st.running.next().await {
             st.finish(joined).await;
         }
+    }
+    // 4b: every ack and nack of a finished handler completes before returning.
+    while let Some(settled) = st.settling.next().await {
+        st.settled(settled);
     }
     // 5: flush downstream producers, close the consumer.
     for producer in &flush {
@@ -334,10 +365,21 @@ impl<C: Consumer + 'static> State<C> {
         let Some((delivery, _)) = self.in_flight.remove(&id) else {
             return;
         };
-        self.release_key(&delivery);
         self.metrics.in_flight.set(self.in_flight.len() as f64);
         let finished = match joined {
-            Ok(finished) => finished,
+            Ok(finished) if matches!(finished.settle, Settle::Done) => finished,
+            Ok(finished) => {
+                // Settle off the handler slot; `settled` accounts for it when done.
+                self.settling.push(Box::pin(async move {
+                    let result = match finished.settle {
+                        Settle::Ack => delivery.ack().await,
+                        Settle::Nack(delay) => delivery.nack(delay).await,
+                        Settle::Done => Ok(()),
+                    };
+                    (delivery, finished, result)
+                }));
+                return;
+            }
             Err(e) => {
                 // Cancelled at the shutdown deadline (or, should it ever happen, a
                 // panic outside the handler): release the delivery.
@@ -356,9 +398,30 @@ impl<C: Consumer + 'static> State<C> {
                     error: Some(e.to_string().into()),
                     elapsed: Duration::ZERO,
                     panicked: e.is_panic(),
+                    settle: Settle::Done,
+                    span: tracing::Span::none(),
                 }
             }
         };
+        self.settled((delivery, finished, Ok(())));
+    }
+
+    /// Account for a delivery whose handler finished and whose settle completed.
+    fn settled(&mut self, (delivery, mut finished, result): Settled) {
+        self.release_key(&delivery);
+        if let Err(e) = result {
+            match finished.settle {
+                Settle::Ack => {
+                    tracing::warn!(parent: &finished.span, error = %e, "handled, but the ack failed: the message will be delivered again");
+                    finished.outcome = Outcome::Failed;
+                }
+                Settle::Nack(_) => {
+                    tracing::warn!(parent: &finished.span, error = %e, "nack failed: the message returns after its visibility timeout");
+                }
+                Settle::Done => {}
+            }
+            finished.span.record("outcome", finished.outcome.as_str());
+        }
         if finished.panicked {
             self.summary.panics += 1;
         }
@@ -435,30 +498,24 @@ where
         .err()
         .is_some_and(|e| e.is::<HandlerPanicked>());
     let settled = delivery.acker().is_settled();
-    let outcome = match &result {
-        Ok(()) if settled => recorded.unwrap_or(Outcome::Succeeded),
-        Ok(()) => match delivery.ack().await {
-            Ok(()) => recorded.unwrap_or(Outcome::Succeeded),
-            Err(e) => {
-                tracing::warn!(error = %e, "handled, but the ack failed: the message will be delivered again");
-                Outcome::Failed
-            }
-        },
-        Err(_) if settled => recorded.unwrap_or(Outcome::Failed),
+    let (outcome, settle) = match &result {
+        Ok(()) if settled => (recorded.unwrap_or(Outcome::Succeeded), Settle::Done),
+        Ok(()) => (recorded.unwrap_or(Outcome::Succeeded), Settle::Ack),
+        Err(_) if settled => (recorded.unwrap_or(Outcome::Failed), Settle::Done),
         Err(error) => {
             tracing::warn!(%error, "handler failed");
-            if let Err(e) = delivery.nack(nack_delay).await {
-                tracing::warn!(error = %e, "nack failed: the message returns after its visibility timeout");
-            }
-            Outcome::Failed
+            (Outcome::Failed, Settle::Nack(nack_delay))
         }
     };
-    tracing::Span::current().record("outcome", outcome.as_str());
+    let span = tracing::Span::current();
+    span.record("outcome", outcome.as_str());
     Finished {
         outcome,
         error: result.err().map(|e| Arc::from(e.to_string())),
         elapsed,
         panicked,
+        settle,
+        span,
     }
 }
 

@@ -119,6 +119,185 @@ async fn prefetch_is_bounded() {
     );
 }
 
+/// Wraps a consumer to count receive calls, the deliveries they brought and the
+/// largest batch asked for.
+#[derive(Debug)]
+struct CountingReceives {
+    inner: MemoryConsumer,
+    calls: AtomicUsize,
+    nonempty: AtomicUsize,
+    largest_ask: AtomicUsize,
+}
+
+#[async_trait]
+impl Consumer for CountingReceives {
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.largest_ask.fetch_max(max, Ordering::SeqCst);
+        let got = self.inner.receive(max, wait).await?;
+        if !got.is_empty() {
+            self.nonempty.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(got)
+    }
+    async fn depth(&self) -> Result<Depth> {
+        self.inner.depth().await
+    }
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+    fn queue(&self) -> &str {
+        self.inner.queue()
+    }
+    fn capabilities(&self) -> &Capabilities {
+        self.inner.capabilities()
+    }
+}
+
+#[test]
+fn the_default_prefetch_is_bounded_by_the_concurrency() {
+    assert_eq!(run::default_prefetch(1), 32);
+    assert_eq!(run::default_prefetch(16), 32);
+    assert_eq!(run::default_prefetch(40), 80);
+    assert_eq!(run::default_prefetch(usize::MAX), usize::MAX);
+}
+
+#[tokio::test(start_paused = true)]
+async fn default_prefetch_receives_in_batches_and_stays_bounded() {
+    let (p, c) = queue("worker-batched-receive").connect().unwrap();
+    for i in 0..400 {
+        p.send(Message::new(format!("{i}"))).await.unwrap();
+    }
+    let counting = Arc::new(CountingReceives {
+        inner: c,
+        calls: AtomicUsize::new(0),
+        nonempty: AtomicUsize::new(0),
+        largest_ask: AtomicUsize::new(0),
+    });
+    let svc = handler_fn(|_d: Delivery| async {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        Ok::<_, BoxError>(())
+    });
+    let probe = p.clone();
+    let max_leased = Arc::new(AtomicUsize::new(0));
+    let ml = max_leased.clone();
+    let watcher = tokio::spawn(async move {
+        for _ in 0..600 {
+            let d = probe.depth().await.unwrap();
+            ml.fetch_max(d.in_flight as usize, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let summary = Worker::from_arc(counting.clone())
+        .concurrency(2)
+        .close_consumer(false)
+        .run_until(svc, tokio::time::sleep(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    watcher.await.unwrap();
+    assert_eq!(summary.succeeded, 400);
+    let bound = 2 + run::default_prefetch(2);
+    assert_eq!(
+        max_leased.load(Ordering::SeqCst),
+        bound,
+        "the prefetch fills up, and never more than concurrency + prefetch are leased"
+    );
+    assert!(counting.largest_ask.load(Ordering::SeqCst) <= bound);
+    // Refilled at half the prefetch: ~16 deliveries a receive, not one.
+    let nonempty = counting.nonempty.load(Ordering::SeqCst);
+    assert!(
+        nonempty <= 400 / 16 + 2,
+        "{nonempty} receives brought deliveries: not batched"
+    );
+}
+
+/// An ack backend whose settles take a 100 ms round trip, counting those completed.
+#[derive(Debug, Default)]
+struct SlowAck {
+    acks: AtomicUsize,
+    nacks: AtomicUsize,
+}
+
+#[async_trait]
+impl crate::Ack for Arc<SlowAck> {
+    async fn ack(&self) -> Result<()> {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.acks.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    async fn nack(&self, _: Option<Duration>) -> Result<()> {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.nacks.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    async fn extend(&self, _: Duration) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// `n` deliveries settled through one [`SlowAck`].
+fn slow_ack_consumer(n: usize) -> (Unordered, Arc<SlowAck>) {
+    let slow = Arc::new(SlowAck::default());
+    let consumer = Unordered::new(Vec::new());
+    {
+        let mut ready = consumer.ready.lock().unwrap();
+        for i in 0..n {
+            let meta = DeliveryMeta::new(i.to_string(), 1, SystemTime::now(), "slow-ack".into());
+            ready.push_back(Delivery::new(
+                Message::new(format!("{i}")),
+                meta,
+                AckHandle::new(slow.clone()),
+            ));
+        }
+    }
+    (consumer, slow)
+}
+
+#[tokio::test(start_paused = true)]
+async fn acks_do_not_hold_the_handler_slot() {
+    let (consumer, slow) = slow_ack_consumer(20);
+    let svc = handler_fn(|_d: Delivery| async {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        Ok::<_, BoxError>(())
+    });
+    // 20 x 10 ms of handling + one 100 ms ack ≈ 0.3 s; holding the slot through
+    // each ack would take 20 x 110 ms = 2.2 s.
+    let summary = Worker::new(consumer)
+        .concurrency(1)
+        .run_until(svc, tokio::time::sleep(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    assert_eq!(summary.succeeded, 20, "{summary}");
+    assert_eq!(slow.acks.load(Ordering::SeqCst), 20);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_waits_for_every_ack_in_flight() {
+    let (consumer, slow) = slow_ack_consumer(20);
+    let svc = handler_fn(|_d: Delivery| async {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        Ok::<_, BoxError>(())
+    });
+    // Shut down while ~10 acks are still on their way.
+    let summary = Worker::new(consumer)
+        .concurrency(1)
+        .prefetch(4)
+        .run_until(svc, tokio::time::sleep(Duration::from_millis(105)))
+        .await
+        .unwrap();
+    let (acks, nacks) = (
+        slow.acks.load(Ordering::SeqCst),
+        slow.nacks.load(Ordering::SeqCst),
+    );
+    assert!(summary.succeeded >= 5, "{summary}");
+    assert_eq!(
+        acks as u64, summary.succeeded,
+        "every ack completed before returning"
+    );
+    assert_eq!(nacks as u64, summary.released, "{summary}");
+    assert_eq!(summary.received, summary.succeeded + summary.released);
+}
+
 /// A consumer that hands out whatever it holds, with no per-key blocking (like a
 /// Kafka partition read ahead), so that ordering is the worker's job alone.
 #[derive(Debug)]

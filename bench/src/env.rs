@@ -55,6 +55,41 @@ impl Env {
             .ok_or_else(|| anyhow!("no Redis server in this run"))
     }
 
+    /// Drain a `backlog` of `size`-byte messages already waiting in `queue` with a
+    /// consumer child of `subject`, and turn its report into an RSS sample.
+    /// `in_process_queue`: the queue lives in the child (memory backends), so its RSS
+    /// before consuming is meaningful and reported.
+    pub async fn rss_sample(
+        &self,
+        subject: &str,
+        queue: String,
+        redis_url: Option<String>,
+        backlog: u64,
+        size: usize,
+        in_process_queue: bool,
+    ) -> Result<crate::model::Sample> {
+        let report = self
+            .run_child(&ChildSpec {
+                subject: subject.into(),
+                queue,
+                backlog,
+                size,
+                redis_url,
+                stall_secs: self.stall.as_secs(),
+                cap_secs: self.rss_cap.as_secs_f64(),
+                worker_prefetch: self.worker_prefetch,
+            })
+            .await?;
+        Ok(crate::model::Sample::Rss {
+            backlog,
+            peak_kib: report.peak_kib,
+            before_consume_kib: in_process_queue.then_some(report.before_consume_kib),
+            secs: report.secs,
+            consumed: report.consumed,
+            capped: report.capped,
+        })
+    }
+
     /// Run this binary as an RSS consumer child and return what it reported.
     pub async fn run_child(&self, spec: &ChildSpec) -> Result<ChildReport> {
         let spec_json = serde_json::to_string(spec)?;

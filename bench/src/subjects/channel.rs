@@ -132,26 +132,8 @@ impl Subject for Channel {
     }
 
     async fn rss(&self, env: &Env, backlog: u64, size: usize) -> Result<Sample> {
-        let report = env
-            .run_child(&ChildSpec {
-                subject: self.name().into(),
-                queue: String::new(),
-                backlog,
-                size,
-                redis_url: None,
-                stall_secs: env.stall.as_secs(),
-                cap_secs: env.rss_cap.as_secs_f64(),
-                worker_prefetch: env.worker_prefetch,
-            })
-            .await?;
-        Ok(Sample::Rss {
-            backlog,
-            peak_kib: report.peak_kib,
-            before_consume_kib: Some(report.before_consume_kib),
-            secs: report.secs,
-            consumed: report.consumed,
-            capped: report.capped,
-        })
+        env.rss_sample(self.name(), String::new(), None, backlog, size, true)
+            .await
     }
 
     async fn rss_child(&self, spec: &ChildSpec) -> Result<ChildReport> {

@@ -205,27 +205,15 @@ impl Subject for FerryTraits {
             // An in-process queue lives in its consumer's process: the child fills it.
             Backend::Memory => None,
         };
-        let report = env
-            .run_child(&ChildSpec {
-                subject: self.name.to_string(),
-                queue,
-                backlog,
-                size,
-                redis_url,
-                stall_secs: env.stall.as_secs(),
-                cap_secs: env.rss_cap.as_secs_f64(),
-                worker_prefetch: env.worker_prefetch,
-            })
-            .await?;
-        Ok(Sample::Rss {
+        env.rss_sample(
+            self.name,
+            queue,
+            redis_url,
             backlog,
-            peak_kib: report.peak_kib,
-            before_consume_kib: (self.backend == Backend::Memory)
-                .then_some(report.before_consume_kib),
-            secs: report.secs,
-            consumed: report.consumed,
-            capped: report.capped,
-        })
+            size,
+            self.backend == Backend::Memory,
+        )
+        .await
     }
 
     async fn rss_child(&self, spec: &ChildSpec) -> Result<ChildReport> {
@@ -471,27 +459,15 @@ impl Subject for FerryWorker {
             }
             Backend::Memory => None,
         };
-        let report = env
-            .run_child(&ChildSpec {
-                subject: self.name.to_string(),
-                queue,
-                backlog,
-                size,
-                redis_url,
-                stall_secs: env.stall.as_secs(),
-                cap_secs: env.rss_cap.as_secs_f64(),
-                worker_prefetch: env.worker_prefetch,
-            })
-            .await?;
-        Ok(Sample::Rss {
+        env.rss_sample(
+            self.name,
+            queue,
+            redis_url,
             backlog,
-            peak_kib: report.peak_kib,
-            before_consume_kib: (self.traits.backend == Backend::Memory)
-                .then_some(report.before_consume_kib),
-            secs: report.secs,
-            consumed: report.consumed,
-            capped: report.capped,
-        })
+            size,
+            self.traits.backend == Backend::Memory,
+        )
+        .await
     }
 
     async fn rss_child(&self, spec: &ChildSpec) -> Result<ChildReport> {

@@ -262,26 +262,8 @@ impl Subject for RawRedis {
         let mut conn = connect(&url).await?;
         create_group(&mut conn, &key).await?;
         produce_all(&mut conn, &key, backlog, size).await?;
-        let report = env
-            .run_child(&ChildSpec {
-                subject: self.name().into(),
-                queue: key,
-                backlog,
-                size,
-                redis_url: Some(url),
-                stall_secs: env.stall.as_secs(),
-                cap_secs: env.rss_cap.as_secs_f64(),
-                worker_prefetch: env.worker_prefetch,
-            })
-            .await?;
-        Ok(Sample::Rss {
-            backlog,
-            peak_kib: report.peak_kib,
-            before_consume_kib: None,
-            secs: report.secs,
-            consumed: report.consumed,
-            capped: report.capped,
-        })
+        env.rss_sample(self.name(), key, Some(url), backlog, size, false)
+            .await
     }
 
     async fn rss_child(&self, spec: &ChildSpec) -> Result<ChildReport> {

@@ -72,6 +72,25 @@ impl FerryTraits {
         )
     }
 
+    /// The RSS workload on this subject's backend, drained by the child `subject`
+    /// (this one, or the Worker subject over the same backend).
+    async fn rss_as(&self, subject: &str, env: &Env, backlog: u64, size: usize) -> Result<Sample> {
+        let queue = env.queue_name(subject);
+        let redis_url = match self.backend {
+            Backend::Redis => {
+                // The backlog goes to the server from this process; the child only consumes.
+                let (producer, _c) = self.pair(env, &queue).await?;
+                produce_all(producer.as_ref(), backlog, size).await?;
+                Some(env.redis()?.url.clone())
+            }
+            // An in-process queue lives in its consumer's process: the child fills it.
+            Backend::Memory => None,
+        };
+        let in_process = self.backend == Backend::Memory;
+        env.rss_sample(subject, queue, redis_url, backlog, size, in_process)
+            .await
+    }
+
     async fn pair(&self, env: &Env, queue: &str) -> Result<Pair> {
         let url = match self.backend {
             Backend::Redis => Some(env.redis()?.url.clone()),
@@ -194,26 +213,7 @@ impl Subject for FerryTraits {
     }
 
     async fn rss(&self, env: &Env, backlog: u64, size: usize) -> Result<Sample> {
-        let queue = env.queue_name(self.name);
-        let redis_url = match self.backend {
-            Backend::Redis => {
-                // The backlog goes to the server from this process; the child only consumes.
-                let (producer, _c) = self.pair(env, &queue).await?;
-                produce_all(producer.as_ref(), backlog, size).await?;
-                Some(env.redis()?.url.clone())
-            }
-            // An in-process queue lives in its consumer's process: the child fills it.
-            Backend::Memory => None,
-        };
-        env.rss_sample(
-            self.name,
-            queue,
-            redis_url,
-            backlog,
-            size,
-            self.backend == Backend::Memory,
-        )
-        .await
+        self.rss_as(self.name, env, backlog, size).await
     }
 
     async fn rss_child(&self, spec: &ChildSpec) -> Result<ChildReport> {
@@ -450,24 +450,7 @@ impl Subject for FerryWorker {
     }
 
     async fn rss(&self, env: &Env, backlog: u64, size: usize) -> Result<Sample> {
-        let queue = env.queue_name(self.name);
-        let redis_url = match self.traits.backend {
-            Backend::Redis => {
-                let (producer, _c) = self.traits.pair(env, &queue).await?;
-                produce_all(producer.as_ref(), backlog, size).await?;
-                Some(env.redis()?.url.clone())
-            }
-            Backend::Memory => None,
-        };
-        env.rss_sample(
-            self.name,
-            queue,
-            redis_url,
-            backlog,
-            size,
-            self.traits.backend == Backend::Memory,
-        )
-        .await
+        self.traits.rss_as(self.name, env, backlog, size).await
     }
 
     async fn rss_child(&self, spec: &ChildSpec) -> Result<ChildReport> {

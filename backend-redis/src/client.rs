@@ -55,7 +55,7 @@ pub(crate) fn capabilities(config: &RedisConfig) -> Capabilities {
     caps.dedup_window = Some(config.dedup_window);
     caps.visibility_timeout = Some(config.visibility_timeout);
     caps.extend_visibility = true;
-    caps.nack_delay = true;
+    caps.max_nack_delay = caps.max_delay;
     caps.priority = if config.priority_levels > 1 {
         Priority::Levels(config.priority_levels)
     } else {
@@ -63,8 +63,9 @@ pub(crate) fn capabilities(config: &RedisConfig) -> Capabilities {
     };
     caps.max_message_size = config.max_message_size;
     caps.max_batch = MAX_BATCH;
-    caps.attempts = true;
-    caps.depth = true;
+    caps.attempts = ferrymq_core::Attempts::Exact;
+    caps.depth = ferrymq_core::Accuracy::Exact;
+    caps.native_dead_letter_after = Some(config.max_deliveries).filter(|n| *n > 0);
     caps.bounded = false;
     caps
 }

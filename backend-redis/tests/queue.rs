@@ -590,7 +590,9 @@ async fn capabilities_are_what_is_proven() {
     assert_eq!(caps.backend, "redis");
     assert_eq!(caps.ordering, ferrymq_core::Ordering::None);
     assert_eq!(caps.visibility_timeout, Some(Duration::from_secs(2)));
-    assert!(caps.extend_visibility && caps.nack_delay && caps.attempts && caps.depth);
+    assert!(caps.extend_visibility && caps.max_nack_delay.is_some());
+    assert_eq!(caps.attempts, ferrymq_core::Attempts::Exact);
+    assert_eq!(caps.depth, ferrymq_core::Accuracy::Exact);
     assert!(!caps.bounded);
     assert_eq!(caps.priority, Priority::Levels(4));
     assert_eq!(caps.dedup_window, Some(Duration::from_secs(300)));

@@ -89,12 +89,12 @@ pub mod requires {
     /// `nack` with a delay is honoured.
     pub const NACK_DELAY: Requirement = Requirement {
         needs: "nack_delay",
-        check: |c| c.nack_delay,
+        check: |c| c.supports_nack_delay(CASE_DELAY),
     };
     /// `Delivery::attempt` counts redeliveries.
     pub const ATTEMPTS: Requirement = Requirement {
         needs: "attempts",
-        check: |c| c.attempts,
+        check: |c| c.attempts.counts_nacks(),
     };
     /// Per-key ordering.
     pub const PER_KEY: Requirement = Requirement {
@@ -114,7 +114,7 @@ pub mod requires {
     /// Depth counts.
     pub const DEPTH: Requirement = Requirement {
         needs: "depth",
-        check: |c| c.depth,
+        check: |c| c.depth.is_available(),
     };
     /// Priority is honoured, exactly or in at least two levels.
     pub const PRIORITY: Requirement = Requirement {

@@ -47,10 +47,64 @@ impl<'de> Deserialize<'de> for Secret {
 }
 
 impl Serialize for Secret {
-    /// Serializes redacted, so a config dumped for diagnostics leaks nothing.
+    /// Serializes redacted, so a config dumped for diagnostics leaks nothing — except
+    /// inside [`with_secrets_exposed`], for a config the user asked to write out and
+    /// use again.
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str("***")
+        if EXPOSE_SECRETS.with(std::cell::Cell::get) {
+            s.serialize_str(&self.0)
+        } else {
+            s.serialize_str("***")
+        }
     }
+}
+
+thread_local! {
+    static EXPOSE_SECRETS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` (a serialization) with every [`Secret`] serialized as its real value.
+/// Everywhere else a secret serializes as `***`. Serialization is synchronous, so the
+/// flag (thread-local) covers exactly the serializer calls made inside `f`.
+///
+/// ```
+/// use ferrymq_core::config::{with_secrets_exposed, Secret};
+/// let s = Secret::new("hunter2");
+/// assert_eq!(serde_json::to_string(&s).unwrap(), "\"***\"");
+/// let exposed = with_secrets_exposed(|| serde_json::to_string(&s)).unwrap();
+/// assert_eq!(exposed, "\"hunter2\"");
+/// ```
+pub fn with_secrets_exposed<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            EXPOSE_SECRETS.with(|e| e.set(self.0));
+        }
+    }
+    let _reset = Reset(EXPOSE_SECRETS.with(|e| e.replace(true)));
+    f()
+}
+
+/// Whether a parameter called `name` holds a secret, by pattern rather than by a
+/// fixed list, so every backend's secrets are covered (`password`, `sasl.password`,
+/// `ssl.key.password`, `aws_secret_access_key`, `session_token`, `sasl.oauthbearer.client.secret` ...).
+pub fn is_secret_param(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    [
+        "password",
+        "passwd",
+        "secret",
+        "token",
+        "credential",
+        "private",
+        "key.pem",
+        "api_key",
+        "apikey",
+        "access_key",
+        "signature",
+    ]
+    .iter()
+    .any(|pattern| name.contains(pattern))
 }
 
 /// `url` with any password replaced by `***`, for logs and errors.
@@ -63,10 +117,7 @@ pub fn redact_url(url: &Url) -> String {
     let pairs: Vec<(String, String)> = shown
         .query_pairs()
         .map(|(k, v)| {
-            let secretish = matches!(
-                k.as_ref(),
-                "password" | "token" | "secret" | "secret_key" | "session_token"
-            );
+            let secretish = is_secret_param(&k);
             (
                 k.into_owned(),
                 if secretish {
@@ -193,6 +244,14 @@ mod tests {
             "{shown}"
         );
         assert!(shown.contains("group=g"));
+        let url = Url::parse(
+            "kafka://h:1/t?rdkafka.sasl.password=p1&rdkafka.ssl.key.password=p2&aws_secret_access_key=p3&session_token=p4",
+        )
+        .unwrap();
+        let shown = redact_url(&url);
+        for secret in ["p1", "p2", "p3", "p4"] {
+            assert!(!shown.contains(&format!("={secret}")), "{shown}");
+        }
     }
 
     #[test]

@@ -1,46 +1,82 @@
 //! A received message, its metadata, and the handle that settles it.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use tokio::time::Instant;
 
+use crate::capabilities::Capabilities;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{Headers, Message};
 
 /// Settles one delivery on its backend. Backends implement this; users call the
-/// methods on [`Delivery`] or [`AckHandle`], which add the once-only bookkeeping.
+/// methods on [`Delivery`] or [`AckHandle`], which add the once-only bookkeeping and
+/// the lease clock.
 #[async_trait]
 pub trait Ack: Send + Sync + fmt::Debug {
     /// The message was handled: remove it for good.
     async fn ack(&self) -> Result<()>;
     /// The message was not handled: deliver it again, no sooner than `redeliver_after`
-    /// (immediately when `None`).
+    /// (immediately when `None`). This counts as a failed attempt.
     async fn nack(&self, redeliver_after: Option<Duration>) -> Result<()>;
     /// Keep the lease: do not redeliver for another `by`, counted from now.
     async fn extend(&self, by: Duration) -> Result<()>;
+    /// Give the message back unhandled — deliver it again no sooner than
+    /// `redeliver_after` — without it counting as a failed attempt where the backend
+    /// can ([`Capabilities::release_keeps_attempt`](crate::Capabilities::release_keeps_attempt)):
+    /// the worker releases what it prefetched but never started (`None`: at once),
+    /// and the Dedup middleware what another consumer is handling (after a pause).
+    /// The default is a nack.
+    async fn release(&self, redeliver_after: Option<Duration>) -> Result<()> {
+        self.nack(redeliver_after).await
+    }
+    /// Whether the backend still holds this lease for us, as far as it knows without
+    /// a round trip (Kafka: the partition is still assigned to this member). The
+    /// lease deadline is checked by [`AckHandle`]; the default is `true`.
+    fn is_live(&self) -> bool {
+        true
+    }
 }
 
 const PENDING: u8 = 0;
 const SETTLING: u8 = 1;
 const ACKED: u8 = 2;
 const NACKED: u8 = 3;
+const RELEASED: u8 = 4;
+/// A settle answered `LeaseExpired`: nobody can settle through this handle any more,
+/// and the message was not acked by it.
+const LOST: u8 = 5;
 
-/// State and backend in one allocation: the backend is the unsized last field.
+/// No lease deadline: the shift field holds this when the deadline was removed.
+const NO_SHIFT: i64 = i64::MIN;
+
+/// State, lease clock and backend in one allocation: the backend is the unsized last
+/// field.
 struct AckShared<A: ?Sized> {
     state: AtomicU8,
+    /// The deadline the backend gave at receive time, if it has leases.
+    lease: Option<Instant>,
+    /// Nanoseconds the deadline moved from `lease` by extends (either way), so the
+    /// clock is kept without a lock.
+    lease_shift: AtomicI64,
     backend: A,
 }
 
 /// Cheap-to-clone, `Send + Sync` handle that settles a delivery exactly once.
 ///
-/// Clones share state: once any clone acks or nacks, every other settle call returns
-/// [`ErrorKind::AlreadyAcked`]. That lets a heartbeat task extend the lease while the
-/// handler owns the payload. A failed settle (network error) leaves the delivery
-/// pending so it can be retried.
+/// Clones share state: once any clone acks, nacks or releases, every other settle
+/// call returns [`ErrorKind::AlreadyAcked`]. That lets a heartbeat task extend the
+/// lease while the handler owns the payload. A failed settle (network error) leaves
+/// the delivery pending so it can be retried, and so does a settle whose future is
+/// dropped before it finished (cancellation-safe).
+///
+/// The handle also keeps the lease's deadline on the local clock (receive time plus
+/// the visibility timeout, moved by each successful [`extend`](AckHandle::extend)),
+/// so [`is_live`](AckHandle::is_live) answers without a round trip.
 #[derive(Clone)]
 pub struct AckHandle {
     shared: Arc<AckShared<dyn Ack>>,
@@ -51,16 +87,45 @@ impl fmt::Debug for AckHandle {
         f.debug_struct("AckHandle")
             .field("backend", &self.shared.backend)
             .field("state", &self.state_name())
+            .field("lease_deadline", &self.lease_deadline())
             .finish()
     }
 }
 
+/// Returns the handle to pending if a settle future is dropped mid-flight.
+struct SettleGuard<'a> {
+    state: &'a AtomicU8,
+    armed: bool,
+}
+
+impl Drop for SettleGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.state.store(PENDING, Ordering::Release);
+        }
+    }
+}
+
 impl AckHandle {
-    /// Wrap a backend's settle implementation.
+    /// Wrap a backend's settle implementation, for a delivery without a lease
+    /// deadline (or one the backend does not know).
     pub fn new(backend: impl Ack + 'static) -> Self {
+        Self::build(backend, None)
+    }
+
+    /// Wrap a backend's settle implementation for a delivery leased until `deadline`
+    /// (on tokio's clock: the time the receive was sent plus the visibility timeout,
+    /// so the local clock errs on the early side).
+    pub fn with_lease(backend: impl Ack + 'static, deadline: Instant) -> Self {
+        Self::build(backend, Some(deadline))
+    }
+
+    fn build(backend: impl Ack + 'static, lease: Option<Instant>) -> Self {
         AckHandle {
             shared: Arc::new(AckShared {
                 state: AtomicU8::new(PENDING),
+                lease,
+                lease_shift: AtomicI64::new(0),
                 backend,
             }),
         }
@@ -71,40 +136,88 @@ impl AckHandle {
             PENDING => "pending",
             SETTLING => "settling",
             ACKED => "acked",
-            _ => "nacked",
+            NACKED => "nacked",
+            RELEASED => "released",
+            _ => "lease lost",
         }
     }
 
-    /// Whether the delivery was acked or nacked (successfully) through any clone.
+    /// Whether nothing is left to do with this delivery through this handle: it was
+    /// acked, nacked or released (successfully) through any clone, or a settle found
+    /// its lease gone.
     pub fn is_settled(&self) -> bool {
-        matches!(self.shared.state.load(Ordering::Acquire), ACKED | NACKED)
+        matches!(
+            self.shared.state.load(Ordering::Acquire),
+            ACKED | NACKED | RELEASED | LOST
+        )
     }
 
-    /// Whether the delivery was acked through any clone.
+    /// Whether the delivery was acked, successfully, through any clone.
     pub fn is_acked(&self) -> bool {
         self.shared.state.load(Ordering::Acquire) == ACKED
     }
 
-    fn begin(&self) -> Result<()> {
+    /// When the lease runs out, if the backend has leases: the receive time plus the
+    /// visibility timeout, moved by every successful extend.
+    pub fn lease_deadline(&self) -> Option<Instant> {
+        let lease = self.shared.lease?;
+        match self.shared.lease_shift.load(Ordering::Acquire) {
+            NO_SHIFT => None,
+            shift if shift >= 0 => Some(
+                lease
+                    .checked_add(Duration::from_nanos(shift.unsigned_abs()))
+                    .unwrap_or(lease),
+            ),
+            shift => Some(
+                lease
+                    .checked_sub(Duration::from_nanos(shift.unsigned_abs()))
+                    .unwrap_or(lease),
+            ),
+        }
+    }
+
+    /// Time left on the lease (zero once past the deadline); `None` when the
+    /// delivery has no deadline.
+    pub fn lease_remaining(&self) -> Option<Duration> {
+        self.lease_deadline()
+            .map(|d| d.saturating_duration_since(Instant::now()))
+    }
+
+    /// Whether this handle may still settle the delivery: not settled, the lease
+    /// deadline not passed, and the backend still holding the lease (a Kafka
+    /// partition not revoked).
+    pub fn is_live(&self) -> bool {
+        matches!(
+            self.shared.state.load(Ordering::Acquire),
+            PENDING | SETTLING
+        ) && self.lease_deadline().map_or(true, |d| Instant::now() < d)
+            && self.shared.backend.is_live()
+    }
+
+    fn begin(&self) -> Result<SettleGuard<'_>> {
         self.shared
             .state
             .compare_exchange(PENDING, SETTLING, Ordering::AcqRel, Ordering::Acquire)
-            .map(|_| ())
+            .map(|_| SettleGuard {
+                state: &self.shared.state,
+                armed: true,
+            })
             .map_err(|state| {
-                let what = if state == SETTLING {
-                    "being settled concurrently"
-                } else {
-                    "already settled"
+                let what = match state {
+                    SETTLING => "being settled concurrently",
+                    LOST => "no longer leased to this consumer",
+                    _ => "already settled",
                 };
                 Error::new(ErrorKind::AlreadyAcked, format!("delivery is {what}"))
             })
     }
 
-    fn finish(&self, outcome: &Result<()>, done: u8) {
+    fn finish(&self, mut guard: SettleGuard<'_>, outcome: &Result<()>, done: u8) {
+        guard.armed = false;
         let next = match outcome {
             Ok(()) => done,
             // A lease that is gone cannot be settled by anyone through this handle.
-            Err(e) if e.kind() == ErrorKind::LeaseExpired => done,
+            Err(e) if e.kind() == ErrorKind::LeaseExpired => LOST,
             Err(_) => PENDING,
         };
         self.shared.state.store(next, Ordering::Release);
@@ -112,29 +225,58 @@ impl AckHandle {
 
     /// Remove the message for good. A second settle returns `AlreadyAcked`.
     pub async fn ack(&self) -> Result<()> {
-        self.begin()?;
+        let guard = self.begin()?;
         let outcome = self.shared.backend.ack().await;
-        self.finish(&outcome, ACKED);
+        self.finish(guard, &outcome, ACKED);
         outcome
     }
 
-    /// Redeliver no sooner than `redeliver_after` (now when `None`).
+    /// Redeliver no sooner than `redeliver_after` (now when `None`); counts as a
+    /// failed attempt.
     pub async fn nack(&self, redeliver_after: Option<Duration>) -> Result<()> {
-        self.begin()?;
+        let guard = self.begin()?;
         let outcome = self.shared.backend.nack(redeliver_after).await;
-        self.finish(&outcome, NACKED);
+        self.finish(guard, &outcome, NACKED);
+        outcome
+    }
+
+    /// Give the message back unhandled, to be delivered again no sooner than
+    /// `redeliver_after`, without counting an attempt where the backend can (see
+    /// [`Ack::release`]).
+    pub async fn release(&self, redeliver_after: Option<Duration>) -> Result<()> {
+        let guard = self.begin()?;
+        let outcome = self.shared.backend.release(redeliver_after).await;
+        self.finish(guard, &outcome, RELEASED);
         outcome
     }
 
     /// Push the redelivery deadline to `by` from now. Only while not yet settled.
     pub async fn extend(&self, by: Duration) -> Result<()> {
         match self.shared.state.load(Ordering::Acquire) {
-            PENDING | SETTLING => self.shared.backend.extend(by).await,
-            _ => Err(Error::new(
-                ErrorKind::AlreadyAcked,
-                "cannot extend a settled delivery",
-            )),
+            PENDING | SETTLING => {}
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::AlreadyAcked,
+                    "cannot extend a settled delivery",
+                ))
+            }
         }
+        // Measured before the call, so the local deadline errs on the early side.
+        let asked_at = Instant::now();
+        self.shared.backend.extend(by).await?;
+        if let Some(lease) = self.shared.lease {
+            let shift = match asked_at.checked_add(by) {
+                Some(deadline) if deadline >= lease => {
+                    i64::try_from(deadline.duration_since(lease).as_nanos()).unwrap_or(i64::MAX)
+                }
+                Some(deadline) => i64::try_from(lease.duration_since(deadline).as_nanos())
+                    .map_or(NO_SHIFT + 1, |n| -n),
+                // Beyond the clock's range: as good as no deadline.
+                None => NO_SHIFT,
+            };
+            self.shared.lease_shift.store(shift, Ordering::Release);
+        }
+        Ok(())
     }
 }
 
@@ -188,6 +330,7 @@ pub struct Delivery {
     message: Message,
     meta: DeliveryMeta,
     acker: AckHandle,
+    capabilities: Option<Arc<Capabilities>>,
 }
 
 impl Delivery {
@@ -197,7 +340,21 @@ impl Delivery {
             message,
             meta,
             acker,
+            capabilities: None,
         }
+    }
+
+    /// Attach what the consumer that received it can do, so middleware can adapt
+    /// (cap a nack delay at the backend's longest, decide before a native
+    /// dead-letter threshold). Backends set it on every delivery.
+    pub fn with_capabilities(mut self, capabilities: Arc<Capabilities>) -> Self {
+        self.capabilities = Some(capabilities);
+        self
+    }
+
+    /// What the consumer that received it can do, if the backend said.
+    pub fn capabilities(&self) -> Option<&Capabilities> {
+        self.capabilities.as_deref()
     }
 
     /// The message as sent (delay cleared).
@@ -261,6 +418,30 @@ impl Delivery {
         self.acker.extend(by).await
     }
 
+    /// Give the message back unhandled, to be delivered again no sooner than
+    /// `redeliver_after`, without counting a failed attempt where the backend can
+    /// ([`Capabilities::release_keeps_attempt`](crate::Capabilities::release_keeps_attempt)).
+    pub async fn release(&self, redeliver_after: Option<Duration>) -> Result<()> {
+        self.acker.release(redeliver_after).await
+    }
+
+    /// When the lease runs out (`None` when the backend has no leases).
+    pub fn lease_deadline(&self) -> Option<Instant> {
+        self.acker.lease_deadline()
+    }
+
+    /// Time left on the lease; `None` when the backend has no leases.
+    pub fn lease_remaining(&self) -> Option<Duration> {
+        self.acker.lease_remaining()
+    }
+
+    /// Whether this delivery may still be settled by this consumer: not settled, the
+    /// lease not run out, the partition not revoked. The worker never starts a
+    /// delivery that is not live.
+    pub fn is_live(&self) -> bool {
+        self.acker.is_live()
+    }
+
     /// Split into the message, metadata and handle.
     pub fn into_parts(self) -> (Message, DeliveryMeta, AckHandle) {
         (self.message, self.meta, self.acker)
@@ -276,11 +457,21 @@ mod tests {
     struct Counting {
         acks: AtomicUsize,
         fail_first: std::sync::atomic::AtomicBool,
+        expired: std::sync::atomic::AtomicBool,
+        /// The next ack waits this long before answering (to cancel it mid-flight).
+        stall: std::sync::Mutex<Option<Duration>>,
     }
 
     #[async_trait]
     impl Ack for Arc<Counting> {
         async fn ack(&self) -> Result<()> {
+            let stall = self.stall.lock().unwrap().take();
+            if let Some(stall) = stall {
+                tokio::time::sleep(stall).await;
+            }
+            if self.expired.load(Ordering::SeqCst) {
+                return Err(Error::new(ErrorKind::LeaseExpired, "gone"));
+            }
             if self.fail_first.swap(false, Ordering::SeqCst) {
                 return Err(Error::new(ErrorKind::Connection, "flaky"));
             }
@@ -323,5 +514,73 @@ mod tests {
         assert!(!h.is_settled());
         h.ack().await.unwrap();
         assert_eq!(backend.acks.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_settle_returns_the_handle_to_pending() {
+        let backend = Arc::new(Counting::default());
+        *backend.stall.lock().unwrap() = Some(Duration::from_secs(10));
+        let h = AckHandle::new(backend.clone());
+        // Cancelled mid-flight: the backend never answered.
+        let cut = tokio::time::timeout(Duration::from_millis(10), h.ack()).await;
+        assert!(cut.is_err(), "the ack should still have been waiting");
+        assert!(
+            !h.is_settled(),
+            "a cancelled ack must not leave it settling"
+        );
+        h.ack().await.unwrap();
+        assert!(h.is_acked());
+        assert_eq!(backend.acks.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_ack_that_found_the_lease_gone_is_not_acked() {
+        let backend = Arc::new(Counting::default());
+        backend.expired.store(true, Ordering::SeqCst);
+        let h = AckHandle::new(backend.clone());
+        assert_eq!(h.ack().await.unwrap_err().kind(), ErrorKind::LeaseExpired);
+        assert!(!h.is_acked(), "a failed ack must not read as acked");
+        assert!(
+            h.is_settled(),
+            "nothing more can be done through this handle"
+        );
+        assert!(!h.is_live());
+        assert_eq!(h.ack().await.unwrap_err().kind(), ErrorKind::AlreadyAcked);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_lease_clock_follows_extends() {
+        let backend = Arc::new(Counting::default());
+        let start = Instant::now();
+        let h = AckHandle::with_lease(backend.clone(), start + Duration::from_secs(2));
+        assert!(h.is_live());
+        assert_eq!(h.lease_remaining(), Some(Duration::from_secs(2)));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        h.extend(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(h.lease_deadline(), Some(start + Duration::from_secs(6)));
+        // Shortening works too, and a huge extend does not panic.
+        h.extend(Duration::from_millis(100)).await.unwrap();
+        assert_eq!(h.lease_remaining(), Some(Duration::from_millis(100)));
+        h.extend(Duration::MAX).await.unwrap();
+        assert!(h.is_live());
+        h.extend(Duration::from_millis(1)).await.unwrap();
+        tokio::time::advance(Duration::from_millis(2)).await;
+        assert!(!h.is_live(), "past its deadline a lease is not live");
+        assert_eq!(h.lease_remaining(), Some(Duration::ZERO));
+        let no_lease = AckHandle::new(backend);
+        assert_eq!(no_lease.lease_deadline(), None);
+        assert!(no_lease.is_live());
+    }
+
+    #[tokio::test]
+    async fn release_defaults_to_nack_and_settles_once() {
+        let backend = Arc::new(Counting::default());
+        let h = AckHandle::new(backend);
+        h.release(None).await.unwrap();
+        assert!(h.is_settled() && !h.is_acked());
+        assert_eq!(
+            h.nack(None).await.unwrap_err().kind(),
+            ErrorKind::AlreadyAcked
+        );
     }
 }

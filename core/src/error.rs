@@ -45,14 +45,27 @@ pub enum ErrorKind {
     Auth,
     /// A key or resource of the wrong type, or state the backend did not expect.
     Backend,
+    /// The broker is throttling this client (SQS `ThrottlingException`, Kafka quota);
+    /// nothing was done. Try again after a pause.
+    Throttled,
+    /// The request may or may not have taken effect: it left this process and no
+    /// answer came back (a send timing out after the request was written, librdkafka's
+    /// "possibly persisted"). Unlike every other error of `send`, the message may be
+    /// on the broker: a retry is at-least-once and may duplicate it.
+    OutcomeUnknown,
 }
 
 impl ErrorKind {
-    /// Whether retrying the same operation later may succeed.
+    /// Whether retrying the same operation later may succeed. For
+    /// [`OutcomeUnknown`](ErrorKind::OutcomeUnknown) a retry may also duplicate.
     pub fn is_transient(self) -> bool {
         matches!(
             self,
-            ErrorKind::QueueFull | ErrorKind::Timeout | ErrorKind::Connection
+            ErrorKind::QueueFull
+                | ErrorKind::Timeout
+                | ErrorKind::Connection
+                | ErrorKind::Throttled
+                | ErrorKind::OutcomeUnknown
         )
     }
 
@@ -72,6 +85,8 @@ impl ErrorKind {
             ErrorKind::Connection => "connection error",
             ErrorKind::Auth => "authentication failed",
             ErrorKind::Backend => "backend error",
+            ErrorKind::Throttled => "throttled",
+            ErrorKind::OutcomeUnknown => "outcome unknown",
         }
     }
 }
@@ -124,6 +139,11 @@ impl Error {
     /// Shorthand for [`ErrorKind::Closed`].
     pub fn closed(what: &str) -> Self {
         Error::new(ErrorKind::Closed, format!("{what} is closed"))
+    }
+
+    /// Shorthand for [`ErrorKind::Unsupported`].
+    pub fn unsupported(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Unsupported, message)
     }
 
     /// Shorthand for [`ErrorKind::Backend`] wrapping a source error.

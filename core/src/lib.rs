@@ -20,6 +20,8 @@
 //! # }
 //! ```
 
+pub mod admin;
+pub mod backend;
 pub mod capabilities;
 pub mod config;
 pub mod consumer;
@@ -30,9 +32,11 @@ pub mod memory;
 pub mod message;
 pub mod middleware;
 pub mod producer;
+pub mod time;
 pub mod worker;
 
-pub use capabilities::{Capabilities, Ordering, Priority};
+pub use admin::Admin;
+pub use capabilities::{Accuracy, Attempts, Capabilities, Ordering, Priority};
 pub use consumer::{into_stream, Consumer};
 pub use delivery::{Ack, AckHandle, Delivery, DeliveryMeta};
 pub use depth::Depth;
@@ -59,6 +63,8 @@ mod send_sync {
         assert_send_sync::<Error>();
         assert_send_sync::<Box<dyn Producer>>();
         assert_send_sync::<Box<dyn Consumer>>();
+        assert_send_sync::<Box<dyn Admin>>();
+        assert_send_sync::<Box<dyn backend::BackendConfig>>();
         assert_send_sync::<memory::MemoryProducer>();
         assert_send_sync::<memory::MemoryConsumer>();
     }
@@ -94,5 +100,6 @@ mod send_sync {
         assert_send(&d.ack());
         assert_send(&d.nack(None));
         assert_send(&d.extend(Duration::from_secs(1)));
+        assert_send(&d.release(None));
     }
 }

@@ -42,8 +42,13 @@ impl SendReceipt {
 /// can use the concrete type instead.
 #[async_trait]
 pub trait Producer: Send + Sync {
-    /// Send one message. On error nothing was enqueued (bad input gets
-    /// `TooLarge` / `InvalidMessage`; a full queue `QueueFull`).
+    /// Send one message.
+    ///
+    /// On error nothing was enqueued — bad input gets `TooLarge` / `InvalidMessage`,
+    /// a delay the backend cannot honour `Unsupported`, a full queue `QueueFull`, a
+    /// throttling broker `Throttled` — with one exception:
+    /// [`ErrorKind::OutcomeUnknown`](crate::ErrorKind::OutcomeUnknown) says the
+    /// request left and no answer came back, so the message may be on the broker.
     async fn send(&self, message: Message) -> Result<SendReceipt>;
 
     /// Send several messages, one result per entry in input order. The outer error is

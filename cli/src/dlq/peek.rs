@@ -71,7 +71,7 @@ pub async fn peek(
     if let Some(e) = receive_error.or(release_error) {
         return Err(e);
     }
-    let not_shown = if dlq.capabilities().depth {
+    let not_shown = if dlq.capabilities().depth.is_available() {
         dlq.depth()
             .await
             .map(|d| d.waiting + d.delayed)

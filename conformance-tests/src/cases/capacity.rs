@@ -45,7 +45,7 @@ pub async fn depth_counts(ctx: &Context) -> CaseResult {
 
     let mut delayed_now = delayed;
     let mut waiting = 3;
-    if ctx.caps().nack_delay {
+    if ctx.caps().max_nack_delay.is_some() {
         let d2 = receive_one(&*c, ctx.prompt()).await?;
         d2.nack(Some(long)).await?;
         delayed_now += 1;

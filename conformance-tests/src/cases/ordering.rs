@@ -176,7 +176,7 @@ pub async fn per_key_next_waits_for_head(ctx: &Context) -> CaseResult {
         }
     }
 
-    if ctx.caps().nack_delay {
+    if ctx.caps().max_nack_delay.is_some() {
         let delay = Duration::from_secs(1);
         let t0 = Instant::now();
         k1.nack(Some(delay)).await?;

@@ -21,7 +21,7 @@ pub async fn ack_removes(ctx: &Context) -> CaseResult {
     expect_none(&*c, watch, "both messages were acked").await?;
     let fresh = ctx.consumer(&q).await?;
     expect_none(&*fresh, ctx.quiet(), "both messages were acked").await?;
-    if ctx.caps().depth {
+    if ctx.caps().depth.is_available() {
         expect_depth(
             "after acking everything",
             crate::support::depth(0, 0, 0),
@@ -112,7 +112,7 @@ pub async fn nack_redelivers(ctx: &Context) -> CaseResult {
     assert_eq!(text(&again), "retry me");
     assert_eq!(again.headers().get("h"), Some("v"));
     assert_eq!(again.key(), Some("k"));
-    if ctx.caps().attempts {
+    if ctx.caps().attempts.counts_nacks() {
         assert_eq!(again.attempt(), 2, "redelivery after a nack is attempt 2");
     }
     again.ack().await?;

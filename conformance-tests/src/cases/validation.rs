@@ -57,7 +57,7 @@ pub async fn invalid_header_rejected_nothing_sent(ctx: &Context) -> CaseResult {
             ErrorKind::InvalidMessage,
         )?;
     }
-    if ctx.caps().depth {
+    if ctx.caps().depth.is_available() {
         expect_depth("after rejected sends", depth(0, 0, 0), ctx.prompt(), || {
             c.depth()
         })

@@ -128,7 +128,7 @@ impl MemoryConfig {
         self
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         if self.queue.is_empty() {
             return Err(Error::invalid_config(
                 "queue",

@@ -16,6 +16,7 @@
 //! Queues are named and shared by every connection in the process. All timing uses
 //! tokio's clock, so tests can run with a paused clock.
 
+mod admin;
 mod config;
 mod queue;
 mod registry;
@@ -27,10 +28,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
+pub use admin::{MemoryAdmin, MemoryDriver};
 pub use config::MemoryConfig;
 pub use registry::delete_queue;
 
-use crate::capabilities::{Capabilities, Ordering, Priority};
+use crate::capabilities::{Accuracy, Attempts, Capabilities, Ordering, Priority};
 use crate::delivery::{Ack, AckHandle, Delivery, DeliveryMeta};
 use crate::depth::Depth;
 use crate::error::{Error, Result};
@@ -39,22 +41,28 @@ use crate::producer::{Producer, SendReceipt};
 use crate::Consumer;
 use queue::{Enqueued, Queue};
 
-fn capabilities(config: &MemoryConfig) -> Capabilities {
-    Capabilities {
-        backend: "memory",
-        ordering: Ordering::PerKey,
-        max_delay: Some(Duration::from_secs(365 * 24 * 3600)),
-        dedup_window: Some(config.dedup_window),
-        visibility_timeout: Some(config.visibility_timeout),
-        extend_visibility: true,
-        nack_delay: true,
-        priority: Priority::Exact,
-        max_message_size: config.max_message_size,
-        max_batch: 10_000,
-        attempts: true,
-        depth: true,
-        bounded: true,
-    }
+/// Longest delay, nack delay and lease the in-memory queue schedules: a year. Longer
+/// ones are refused with `Unsupported` (a process is not a place to keep a message
+/// for longer).
+pub const MAX_DELAY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+pub(crate) fn capabilities(config: &MemoryConfig) -> Capabilities {
+    let mut caps = Capabilities::minimal("memory");
+    caps.ordering = Ordering::PerKey;
+    caps.max_delay = Some(MAX_DELAY);
+    caps.dedup_window = Some(config.dedup_window);
+    caps.visibility_timeout = Some(config.visibility_timeout);
+    caps.max_visibility = Some(MAX_DELAY);
+    caps.extend_visibility = true;
+    caps.max_nack_delay = Some(MAX_DELAY);
+    caps.release_keeps_attempt = true;
+    caps.priority = Priority::Exact;
+    caps.max_message_size = config.max_message_size;
+    caps.max_batch = 10_000;
+    caps.attempts = Attempts::Exact;
+    caps.depth = Accuracy::Exact;
+    caps.bounded = true;
+    caps
 }
 
 /// Sends to a named in-memory queue.
@@ -101,6 +109,7 @@ fn receipt(enqueued: Enqueued) -> SendReceipt {
 impl Producer for MemoryProducer {
     async fn send(&self, message: Message) -> Result<SendReceipt> {
         self.check_open()?;
+        self.capabilities.check_delay(message.get_delay())?;
         let enqueued = {
             let mut state = self.queue.lock();
             let now = Instant::now();
@@ -119,7 +128,10 @@ impl Producer for MemoryProducer {
             state.tick(now);
             messages
                 .into_iter()
-                .map(|m| state.enqueue(m, &self.queue.config, now).map(receipt))
+                .map(|m| {
+                    self.capabilities.check_delay(m.get_delay())?;
+                    state.enqueue(m, &self.queue.config, now).map(receipt)
+                })
                 .collect()
         };
         self.queue.ready_signal.notify_waiters();
@@ -185,12 +197,16 @@ impl MemoryConsumer {
                     l.enqueued_at,
                     self.queue.name.clone(),
                 );
-                let acker = AckHandle::new(MemoryAck {
-                    queue: self.queue.clone(),
-                    seq: l.seq,
-                    receipt: l.receipt,
-                });
-                Delivery::new(l.message, meta, acker)
+                let acker = AckHandle::with_lease(
+                    MemoryAck {
+                        queue: self.queue.clone(),
+                        capabilities: self.capabilities.clone(),
+                        seq: l.seq,
+                        receipt: l.receipt,
+                    },
+                    l.deadline,
+                );
+                Delivery::new(l.message, meta, acker).with_capabilities(self.capabilities.clone())
             })
             .collect()
     }
@@ -199,7 +215,7 @@ impl MemoryConsumer {
 #[async_trait]
 impl Consumer for MemoryConsumer {
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
-        let deadline = Instant::now() + wait;
+        let deadline = crate::time::deadline_in(wait);
         let max = max.max(1);
         loop {
             if self.closed.load(AtomicOrdering::Acquire) {
@@ -252,6 +268,7 @@ impl Consumer for MemoryConsumer {
 
 struct MemoryAck {
     queue: Arc<Queue>,
+    capabilities: Arc<Capabilities>,
     seq: u64,
     receipt: u64,
 }
@@ -281,6 +298,7 @@ impl Ack for MemoryAck {
     }
 
     async fn nack(&self, redeliver_after: Option<Duration>) -> Result<()> {
+        self.capabilities.check_nack_delay(redeliver_after)?;
         {
             let mut state = self.queue.lock();
             let now = Instant::now();
@@ -292,10 +310,27 @@ impl Ack for MemoryAck {
     }
 
     async fn extend(&self, by: Duration) -> Result<()> {
+        if by > MAX_DELAY {
+            return Err(Error::unsupported(format!(
+                "an extension of {by:?} is longer than the in-memory queue's longest lease ({MAX_DELAY:?}); the lease is unchanged"
+            )));
+        }
         let mut state = self.queue.lock();
         let now = Instant::now();
         state.tick(now);
         state.extend(self.seq, self.receipt, now, by)
+    }
+
+    async fn release(&self, redeliver_after: Option<Duration>) -> Result<()> {
+        self.capabilities.check_nack_delay(redeliver_after)?;
+        {
+            let mut state = self.queue.lock();
+            let now = Instant::now();
+            state.tick(now);
+            state.release(self.seq, self.receipt, now, redeliver_after)?;
+        }
+        self.queue.ready_signal.notify_waiters();
+        Ok(())
     }
 }
 

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use crate::depth::Depth;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::Message;
+use crate::time::deadline_after;
 
 use super::MemoryConfig;
 
@@ -82,6 +83,7 @@ pub(crate) struct Leased {
     pub(crate) attempt: u32,
     pub(crate) enqueued_at: SystemTime,
     pub(crate) message: Message,
+    pub(crate) deadline: Instant,
 }
 
 /// Hashes the queue's own dense sequence numbers: one multiply (Fibonacci hashing,
@@ -195,7 +197,7 @@ impl State {
         let seq = self.next_seq;
         self.next_seq += 1;
         if let Some(id) = message.get_dedup_id() {
-            let expires = now + config.dedup_window;
+            let expires = deadline_after(now, config.dedup_window);
             self.dedup.insert(id.to_string(), (expires, seq));
             self.dedup_expiry.push_back((expires, id.to_string()));
         }
@@ -212,7 +214,7 @@ impl State {
         };
         self.entries.insert(seq, entry);
         match delay {
-            Some(d) => self.place_delayed(seq, now + d),
+            Some(d) => self.place_delayed(seq, deadline_after(now, d)),
             None => self.make_available(seq),
         }
         Ok(Enqueued::New(seq))
@@ -221,7 +223,7 @@ impl State {
     /// Lease up to `max` ready messages until `now + visibility`.
     pub(crate) fn take(&mut self, max: usize, now: Instant, visibility: Duration) -> Vec<Leased> {
         let mut out = Vec::with_capacity(max.min(self.ready.len()));
-        let deadline = now + visibility;
+        let deadline = deadline_after(now, visibility);
         while out.len() < max {
             let Some((_, seq)) = self.ready.pop_first() else {
                 break;
@@ -241,6 +243,7 @@ impl State {
                 attempt: entry.attempt,
                 enqueued_at: entry.enqueued_at,
                 message: entry.message.clone(),
+                deadline,
             });
         }
         out
@@ -282,13 +285,70 @@ impl State {
         match after.filter(|d| !d.is_zero()) {
             // The key stays blocked while its head waits out the delay: later
             // messages of the key must not overtake it (SQS FIFO semantics).
-            Some(d) => self.place_delayed(seq, now + d),
+            Some(d) => self.place_delayed(seq, deadline_after(now, d)),
             None => {
                 self.release_key(seq);
                 self.make_available(seq);
             }
         }
         Ok(())
+    }
+
+    /// Give `seq` back unhandled, like a nack, except that the delivery it was
+    /// leased by does not count as an attempt.
+    pub(crate) fn release(
+        &mut self,
+        seq: u64,
+        receipt: u64,
+        now: Instant,
+        after: Option<Duration>,
+    ) -> Result<()> {
+        self.nack(seq, receipt, now, after)?;
+        if let Some(e) = self.entries.get_mut(&seq) {
+            e.attempt = e.attempt.saturating_sub(1);
+        }
+        Ok(())
+    }
+
+    /// Up to `max` of the waiting messages (ready or held behind their key), oldest
+    /// first, without touching them.
+    pub(crate) fn peek(&self, max: usize) -> Vec<(u64, SystemTime, Message)> {
+        let mut waiting: Vec<(u64, &Entry)> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| matches!(e.place, Place::Ready | Place::Held))
+            .map(|(seq, e)| (*seq, e))
+            .collect();
+        waiting.sort_unstable_by_key(|(seq, _)| *seq);
+        waiting
+            .into_iter()
+            .take(max)
+            .map(|(seq, e)| (seq, e.enqueued_at, e.message.clone()))
+            .collect()
+    }
+
+    /// Remove every message that is not leased. Returns how many went.
+    pub(crate) fn purge(&mut self) -> u64 {
+        let gone: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| !matches!(e.place, Place::Leased(_)))
+            .map(|(seq, _)| *seq)
+            .collect();
+        for &seq in &gone {
+            self.detach(seq);
+            self.release_key(seq);
+            self.entries.remove(&seq);
+        }
+        // Groups now only know their leased heads.
+        let entries = &self.entries;
+        self.groups.retain(|_, g| {
+            g.waiting.retain(|seq| entries.contains_key(seq));
+            g.active = g.active.filter(|seq| entries.contains_key(seq));
+            g.active.is_some() || !g.waiting.is_empty()
+        });
+        self.held = self.groups.values().map(|g| g.waiting.len()).sum();
+        gone.len() as u64
     }
 
     pub(crate) fn extend(
@@ -306,7 +366,7 @@ impl State {
             ));
         };
         self.leased.remove(&(old, seq));
-        let deadline = now + by;
+        let deadline = deadline_after(now, by);
         self.leased.insert((deadline, seq));
         if let Some(e) = self.entries.get_mut(&seq) {
             e.place = Place::Leased(deadline);

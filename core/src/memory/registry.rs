@@ -41,3 +41,18 @@ pub fn delete_queue(name: &str) -> bool {
         .remove(name)
         .is_some()
 }
+
+/// The named queue, if it exists.
+pub(super) fn existing(name: &str) -> Result<Arc<Queue>> {
+    table()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(name)
+        .cloned()
+        .ok_or_else(|| {
+            Error::new(
+                crate::error::ErrorKind::NotFound,
+                format!("memory queue {name:?} does not exist"),
+            )
+        })
+}

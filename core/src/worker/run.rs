@@ -42,6 +42,8 @@ enum Settle {
     Done,
     Ack,
     Nack(Option<Duration>),
+    /// Never started: give it back without counting an attempt.
+    Release,
 }
 
 /// A settle on its way: the delivery, its handler's report, and the settle's result.
@@ -67,6 +69,94 @@ struct State<C> {
     busy_keys: HashSet<String>,
     next_task: u64,
     metrics: Metrics,
+    pacing: Pacing,
+}
+
+/// Keeps prefetched deliveries from outliving their leases.
+///
+/// A prefetched delivery waits its turn while holding a lease: with a 200 ms handler,
+/// concurrency 1 and 32 prefetched, the last one waits 6.4 s — past a 2 s visibility
+/// timeout, so the broker hands it to someone else while it is still queued here,
+/// and it runs twice. Two rules prevent that:
+///
+/// - **prefetch bounded by time**: at most as many deliveries wait as the handlers
+///   can start within half the visibility timeout, judged from the observed handler
+///   time (a moving average). Until a handler time has been seen, nothing is
+///   prefetched beyond the free slots.
+/// - **never start a dying lease**: a delivery whose lease has less than a margin
+///   left (the expected handler time, at least a tenth and at most half of the
+///   visibility timeout) is released unstarted, so the redelivery is the only run.
+///
+/// Extending every prefetched lease instead would cost a round trip per waiting
+/// message per period (and money, on SQS) to keep messages that another consumer
+/// could be handling; sizing the prefetch costs nothing.
+struct Pacing {
+    visibility: Option<Duration>,
+    /// Moving average of handler time, in seconds; `None` before the first one.
+    handler_secs: Option<f64>,
+}
+
+impl Pacing {
+    fn new(visibility: Option<Duration>) -> Self {
+        Pacing {
+            visibility: visibility.filter(|v| !v.is_zero()),
+            handler_secs: None,
+        }
+    }
+
+    fn observe(&mut self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        self.handler_secs = Some(match self.handler_secs {
+            None => secs,
+            // Slow handlers count at once, fast ones bring the average down slowly:
+            // waiting too little costs a receive, waiting too long a duplicate.
+            Some(avg) if secs > avg => 0.5 * avg + 0.5 * secs,
+            Some(avg) => 0.9 * avg + 0.1 * secs,
+        });
+    }
+
+    /// How many deliveries may wait for a slot now, at most `configured`.
+    fn prefetch(&self, configured: usize, concurrency: usize) -> usize {
+        let Some(visibility) = self.visibility else {
+            return configured;
+        };
+        let Some(handler) = self.handler_secs else {
+            return 0;
+        };
+        let budget = visibility.as_secs_f64() / 2.0;
+        if handler <= 0.0 {
+            return configured;
+        }
+        let fits = (budget * concurrency as f64 / handler).floor();
+        if fits >= configured as f64 {
+            configured
+        } else {
+            fits.max(0.0) as usize
+        }
+    }
+
+    /// The least lease a delivery must have left to be started.
+    fn start_margin(&self) -> Duration {
+        let Some(visibility) = self.visibility else {
+            return Duration::ZERO;
+        };
+        let expected = self
+            .handler_secs
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            .unwrap_or_default();
+        expected.clamp(visibility / 10, visibility / 2)
+    }
+
+    /// Whether `delivery` may be started now.
+    fn may_start(&self, delivery: &Delivery) -> bool {
+        if !delivery.is_live() {
+            return false;
+        }
+        match delivery.lease_remaining() {
+            Some(left) => left >= self.start_margin(),
+            None => true,
+        }
+    }
 }
 
 /// Metric handles, registered once per worker rather than once per delivery: building
@@ -155,12 +245,8 @@ where
     let prefetch = config
         .prefetch
         .unwrap_or_else(|| default_prefetch(config.concurrency));
-    let capacity = config.concurrency + prefetch;
-    // Refill only once the prefetched buffer has drained to half: each receive then
-    // brings a batch instead of the one delivery a finished handler made room for
-    // (one round trip per message on a networked backend).
-    let low_water = prefetch / 2;
     let max_batch = consumer.capabilities().max_batch.max(1);
+    let pacing = Pacing::new(consumer.capabilities().visibility_timeout);
     let metrics = Metrics::new(&queue);
     let _depth_gauge = spawn_depth_gauge(&consumer, &config, &queue);
     let mut st = State {
@@ -176,6 +262,7 @@ where
         busy_keys: HashSet::new(),
         next_task: 0,
         metrics,
+        pacing,
     };
     tracing::info!(queue = %st.queue, concurrency = st.config.concurrency, prefetch, ordered_by_key = st.config.ordered_by_key, "worker started");
 
@@ -186,6 +273,12 @@ where
     tokio::pin!(shutdown);
 
     loop {
+        let prefetch = st.pacing.prefetch(prefetch, st.config.concurrency);
+        let capacity = st.config.concurrency.saturating_add(prefetch);
+        // Refill only once the prefetched buffer has drained to half: each receive then
+        // brings a batch instead of the one delivery a finished handler made room for
+        // (one round trip per message on a networked backend).
+        let low_water = prefetch / 2;
         let held = st.running.len() + st.pending.len() + st.settling.len();
         if receiving.is_none()
             && receive_pause.is_none()
@@ -215,7 +308,11 @@ where
                 }
                 if let Some(index) = st.startable() {
                     if let Some(delivery) = st.pending.remove(index) {
-                        st.start(&mut service, delivery).await;
+                        if st.pacing.may_start(&delivery) {
+                            st.start(&mut service, delivery).await;
+                        } else {
+                            st.release_unstarted(delivery);
+                        }
                     }
                 }
             }
@@ -249,19 +346,47 @@ where
         }
     }
 
-    // Graceful shutdown. 1: stop receiving (a receive cut short loses nothing: what
-    // it may have leased comes back after the visibility timeout).
+    // Graceful shutdown, all of it within one deadline.
+    let deadline = crate::time::deadline_in(st.config.shutdown_timeout);
+    // 1: stop receiving. A receive cut short loses nothing: what it may have leased
+    // comes back after the visibility timeout. Closing the consumer first stops its
+    // own fetching (a Kafka poll loop, a Redis read-ahead buffer) before anything is
+    // given back; deliveries already handed out can still be settled.
     drop(receiving);
     tracing::info!(queue = %st.queue, running = st.running.len(), prefetched = st.pending.len(), "worker shutting down");
-    // 2: release what was received but not started, so other consumers get it now.
-    while let Some(delivery) = st.pending.pop_front() {
-        if let Err(e) = delivery.nack(None).await {
-            tracing::warn!(queue = %st.queue, id = %delivery.id(), error = %e, "releasing a prefetched delivery failed; it returns after its visibility timeout");
+    let mut closed = false;
+    if st.config.close_consumer {
+        match tokio::time::timeout_at(deadline, st.consumer.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(queue = %st.queue, error = %e, "closing the consumer failed")
+            }
+            Err(_) => {
+                tracing::warn!(queue = %st.queue, "closing the consumer did not finish before the shutdown deadline")
+            }
         }
-        st.report(&delivery, Outcome::Released, None, Duration::ZERO);
+        closed = true;
+    }
+    // 2: release what was received but not started, all at once, so other consumers
+    // get it now rather than after its visibility timeout.
+    let prefetched: Vec<Delivery> = st.pending.drain(..).collect();
+    let releases = futures::future::join_all(prefetched.iter().map(|d| d.release(None)));
+    match tokio::time::timeout_at(deadline, releases).await {
+        Ok(results) => {
+            for (delivery, result) in prefetched.iter().zip(results) {
+                if let Err(e) = result {
+                    tracing::warn!(queue = %st.queue, id = %delivery.id(), error = %e, "releasing a prefetched delivery failed; it returns after its visibility timeout");
+                }
+            }
+        }
+        Err(_) => {
+            tracing::warn!(queue = %st.queue, count = prefetched.len(), "releasing prefetched deliveries did not finish before the shutdown deadline; they return after their visibility timeout")
+        }
+    }
+    for delivery in &prefetched {
+        st.report(delivery, Outcome::Released, None, Duration::ZERO);
     }
     // 3: let running handlers finish, up to the deadline.
-    let deadline = Instant::now() + st.config.shutdown_timeout;
     while !st.running.is_empty() {
         tokio::select! {
             Some(settled) = st.settling.next(), if !st.settling.is_empty() => st.settled(settled),
@@ -283,13 +408,13 @@ where
     while let Some(settled) = st.settling.next().await {
         st.settled(settled);
     }
-    // 5: flush downstream producers, close the consumer.
+    // 5: flush downstream producers.
     for producer in &flush {
         if let Err(e) = producer.flush().await {
             tracing::warn!(producer = %producer.queue(), error = %e, "flush at shutdown failed");
         }
     }
-    if st.config.close_consumer {
+    if st.config.close_consumer && !closed {
         if let Err(e) = st.consumer.close().await {
             tracing::warn!(queue = %st.queue, error = %e, "closing the consumer failed");
         }
@@ -374,6 +499,7 @@ impl<C: Consumer + 'static> State<C> {
                     let result = match finished.settle {
                         Settle::Ack => delivery.ack().await,
                         Settle::Nack(delay) => delivery.nack(delay).await,
+                        Settle::Release => delivery.release(None).await,
                         Settle::Done => Ok(()),
                     };
                     (delivery, finished, result)
@@ -388,9 +514,15 @@ impl<C: Consumer + 'static> State<C> {
                 } else {
                     Outcome::Failed
                 };
-                if let Err(nack) = delivery.nack(None).await {
+                let given_back = if e.is_cancelled() {
+                    // Cut short by the shutdown deadline: not the message's fault.
+                    delivery.release(None).await
+                } else {
+                    delivery.nack(self.config.nack_delay).await
+                };
+                if let Err(nack) = given_back {
                     if nack.kind() != ErrorKind::AlreadyAcked {
-                        tracing::warn!(queue = %self.queue, id = %delivery.id(), error = %nack, "releasing a cancelled delivery failed");
+                        tracing::warn!(queue = %self.queue, id = %delivery.id(), error = %nack, "giving back a cancelled delivery failed");
                     }
                 }
                 Finished {
@@ -406,17 +538,45 @@ impl<C: Consumer + 'static> State<C> {
         self.settled((delivery, finished, Ok(())));
     }
 
+    /// Give back a delivery whose lease is gone or about to go, without running it:
+    /// its redelivery will be the only run. Settled off the loop like an ack.
+    fn release_unstarted(&mut self, delivery: Delivery) {
+        tracing::debug!(queue = %self.queue, id = %delivery.id(), remaining = ?delivery.lease_remaining(), "lease too short to start; releasing");
+        self.summary.expired += 1;
+        let finished = Finished {
+            outcome: Outcome::Released,
+            error: None,
+            elapsed: Duration::ZERO,
+            panicked: false,
+            settle: Settle::Release,
+            span: tracing::Span::none(),
+        };
+        self.settling.push(Box::pin(async move {
+            let result = match delivery.release(None).await {
+                // Already back with the broker: nothing was lost.
+                Err(e) if matches!(e.kind(), ErrorKind::LeaseExpired | ErrorKind::AlreadyAcked) => {
+                    Ok(())
+                }
+                other => other,
+            };
+            (delivery, finished, result)
+        }));
+    }
+
     /// Account for a delivery whose handler finished and whose settle completed.
     fn settled(&mut self, (delivery, mut finished, result): Settled) {
         self.release_key(&delivery);
+        if !matches!(finished.settle, Settle::Release) {
+            self.pacing.observe(finished.elapsed);
+        }
         if let Err(e) = result {
             match finished.settle {
                 Settle::Ack => {
                     tracing::warn!(parent: &finished.span, error = %e, "handled, but the ack failed: the message will be delivered again");
                     finished.outcome = Outcome::Failed;
                 }
-                Settle::Nack(_) => {
-                    tracing::warn!(parent: &finished.span, error = %e, "nack failed: the message returns after its visibility timeout");
+                Settle::Nack(_) | Settle::Release => {
+                    tracing::warn!(parent: &finished.span, error = %e, "giving the message back failed: it returns after its visibility timeout");
                 }
                 Settle::Done => {}
             }
@@ -526,7 +686,7 @@ fn spawn_depth_gauge<C: Consumer + 'static>(
     queue: &Arc<str>,
 ) -> Option<AbortOnDrop> {
     let every = config.depth_interval?;
-    if !consumer.capabilities().depth || every.is_zero() {
+    if !consumer.capabilities().depth.is_available() || every.is_zero() {
         return None;
     }
     let consumer = consumer.clone();

@@ -21,8 +21,12 @@ pub struct WorkerSummary {
     pub deferred: u64,
     /// Failed and nacked by the worker (or settling failed).
     pub failed: u64,
-    /// Received but not started before shutdown: released.
+    /// Received but not started: released at shutdown, or because its lease had too
+    /// little time left to start it (see `expired`).
     pub released: u64,
+    /// Of `released`: given back unstarted because the lease was gone or about to
+    /// go, so that its redelivery is the only run.
+    pub expired: u64,
     /// Still running at the shutdown deadline: cancelled and released.
     pub abandoned: u64,
     /// Handler panics caught (also counted in their outcome).

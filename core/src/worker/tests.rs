@@ -871,3 +871,86 @@ mod observability {
         assert_eq!(running.last(), Some(&0.0));
     }
 }
+
+/// Slow handlers and a short visibility timeout, default prefetch: handler time ×
+/// prefetch (200 ms × 32 = 6.4 s) is far past the 2 s lease. Every message must be
+/// handled exactly once — no lease may run out while its delivery waits in the
+/// worker's buffer.
+async fn slow_handler_run(concurrency: usize) {
+    let name = format!("worker-slow-handler-{concurrency}");
+    let cfg =
+        crate::memory::MemoryConfig::new(name.as_str()).visibility_timeout(Duration::from_secs(2));
+    let (p, c) = cfg.connect().unwrap();
+    for i in 0..100 {
+        p.send(Message::new(format!("m{i}"))).await.unwrap();
+    }
+    let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let r2 = runs.clone();
+    let svc = handler_fn(move |d: Delivery| {
+        let runs = r2.clone();
+        async move {
+            *runs.lock().unwrap().entry(body(&d)).or_default() += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Ok::<(), BoxError>(())
+        }
+    });
+    let secs = 100 * 200 / (1000 * concurrency as u64) + 20;
+    let summary = run_secs(Worker::new(c).concurrency(concurrency), svc, secs).await;
+    let runs = runs.lock().unwrap().clone();
+    let twice: Vec<_> = runs.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "handled more than once: {twice:?} ({summary})"
+    );
+    assert_eq!(runs.len(), 100, "not every message was handled: {summary}");
+    assert_eq!(p.depth().await.unwrap().total(), 0, "{summary}");
+    crate::memory::delete_queue(&name);
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_handlers_with_default_prefetch_run_each_message_once_c1() {
+    slow_handler_run(1).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_handlers_with_default_prefetch_run_each_message_once_c4() {
+    slow_handler_run(4).await;
+}
+
+/// Released at shutdown and never started: no attempt spent.
+#[tokio::test(start_paused = true)]
+async fn shutdown_release_does_not_count_an_attempt() {
+    let cfg = crate::memory::MemoryConfig::new("worker-release-attempt");
+    let (p, c) = cfg.connect().unwrap();
+    for i in 0..10 {
+        p.send(Message::new(format!("m{i}"))).await.unwrap();
+    }
+    p.send(Message::new("quick")).await.unwrap();
+    let svc = handler_fn(|d: Delivery| async move {
+        // The first is quick, so the worker has seen a handler time and prefetches.
+        if body(&d) != "m0" {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        Ok::<(), BoxError>(())
+    });
+    let summary = Worker::new(c)
+        .prefetch(9)
+        .shutdown_timeout(Duration::from_millis(100))
+        .run_until(svc, tokio::time::sleep(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    assert_eq!(summary.succeeded, 1, "{summary}");
+    assert_eq!(summary.released, 9, "{summary}");
+    assert_eq!(summary.abandoned, 1, "{summary}");
+    let c2 = cfg.consumer().unwrap();
+    let again = c2.receive(10, Duration::from_secs(1)).await.unwrap();
+    assert_eq!(again.len(), 10);
+    for d in &again {
+        assert_eq!(
+            d.attempt(),
+            1,
+            "released unstarted must not spend an attempt"
+        );
+    }
+    crate::memory::delete_queue("worker-release-attempt");
+}

@@ -49,7 +49,7 @@ impl<P: Producer> Backpressure<P> {
     /// Room for up to `wanted` messages: how many may be sent now (0 when full).
     /// Refreshes the cached depth when stale (or when `force`).
     async fn room(&self, wanted: u64, force: bool) -> u64 {
-        if !self.inner.capabilities().depth {
+        if !self.inner.capabilities().depth.is_available() {
             return wanted;
         }
         let mut cache = self.cache.lock().await;

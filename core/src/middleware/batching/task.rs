@@ -47,7 +47,7 @@ pub(super) async fn run<P: Producer>(
         match command {
             Some(Command::Send(message, reply)) => {
                 if batch.messages.is_empty() {
-                    batch.due = Instant::now() + linger;
+                    batch.due = crate::time::deadline_in(linger);
                 }
                 batch.messages.push(message);
                 batch.replies.push(reply);

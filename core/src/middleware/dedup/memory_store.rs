@@ -141,7 +141,7 @@ impl DedupStore for MemoryDedupStore {
             Some(State::Done) => Ok(Claim::Duplicate),
             Some(State::Claimed) => Ok(Claim::InProgress),
             None => {
-                inner.set(key, State::Claimed, now + ttl);
+                inner.set(key, State::Claimed, crate::time::deadline_after(now, ttl));
                 let max = self.max_keys;
                 inner.evict_to(max);
                 Ok(Claim::Claimed)
@@ -153,7 +153,11 @@ impl DedupStore for MemoryDedupStore {
         let now = Instant::now();
         let mut inner = self.lock();
         inner.purge(now);
-        inner.set(key, State::Done, now + self.retention);
+        inner.set(
+            key,
+            State::Done,
+            crate::time::deadline_after(now, self.retention),
+        );
         let max = self.max_keys;
         inner.evict_to(max);
         Ok(())

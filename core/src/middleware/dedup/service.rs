@@ -54,6 +54,17 @@ impl Drop for ReleaseOnDrop {
     }
 }
 
+/// Give the delivery back for later without spending an attempt: the handler never
+/// ran. The pause is capped at the backend's longest nack delay (none where it has
+/// no delay: then it comes back at once).
+async fn defer(delivery: &Delivery, pause: std::time::Duration) -> crate::Result<()> {
+    let after = match delivery.capabilities() {
+        Some(caps) => caps.clamp_nack_delay(pause),
+        None => Some(pause),
+    };
+    delivery.release(after).await
+}
+
 impl<S> Service<Delivery> for Dedup<S>
 where
     S: Service<Delivery, Response = ()> + Clone + Send + 'static,
@@ -85,7 +96,7 @@ where
                     // Without the store we cannot tell; do not handle blind.
                     tracing::warn!(%key, error = %e, "dedup: claim failed; deferring");
                     outcome::record(Outcome::Deferred);
-                    delivery.nack(Some(config.retry_in_progress_after)).await?;
+                    defer(&delivery, config.retry_in_progress_after).await?;
                     Err(e.into())
                 }
                 Ok(Claim::Duplicate) => {
@@ -96,7 +107,7 @@ where
                 }
                 Ok(Claim::InProgress) => {
                     tracing::debug!(%key, "dedup: key in progress elsewhere; deferring");
-                    delivery.nack(Some(config.retry_in_progress_after)).await?;
+                    defer(&delivery, config.retry_in_progress_after).await?;
                     outcome::record(Outcome::Deferred);
                     Ok(())
                 }

@@ -1,14 +1,14 @@
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
-use tokio::time::{sleep_until, Instant};
+use tokio::time::sleep_until;
 
 use crate::delivery::AckHandle;
 use crate::error::ErrorKind;
 
 /// Extends `acker` by `timeout` every `every` until settled, lost, or aborted.
 pub(super) async fn run(acker: AckHandle, timeout: Duration, every: Duration) {
-    let mut next = Instant::now() + every;
+    let mut next = crate::time::deadline_in(every);
     loop {
         sleep_until(next).await;
         if acker.is_settled() {
@@ -28,7 +28,7 @@ pub(super) async fn run(acker: AckHandle, timeout: Duration, every: Duration) {
                 tracing::warn!(error = %e, "visibility heartbeat: extend failed; trying again")
             }
         }
-        next += every;
+        next = crate::time::deadline_after(next, every);
     }
 }
 

@@ -954,3 +954,102 @@ async fn shutdown_release_does_not_count_an_attempt() {
     }
     crate::memory::delete_queue("worker-release-attempt");
 }
+
+/// A backend that acks, but whose give-backs (nack, release) never answer: a broker
+/// connection gone silent at shutdown.
+#[derive(Debug, Default)]
+struct SilentGiveBack {
+    acks: AtomicUsize,
+    give_backs_started: AtomicUsize,
+}
+
+#[async_trait]
+impl crate::Ack for Arc<SilentGiveBack> {
+    async fn ack(&self) -> Result<()> {
+        self.acks.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    async fn nack(&self, _: Option<Duration>) -> Result<()> {
+        self.give_backs_started.fetch_add(1, Ordering::SeqCst);
+        std::future::pending().await
+    }
+    async fn extend(&self, _: Duration) -> Result<()> {
+        Ok(())
+    }
+    async fn release(&self, _: Option<Duration>) -> Result<()> {
+        self.give_backs_started.fetch_add(1, Ordering::SeqCst);
+        std::future::pending().await
+    }
+}
+
+/// #11: shutdown is bounded by its timeout even when giving messages back never
+/// completes: 20 prefetched deliveries to release, one handler stuck past the
+/// deadline (cancelled, then released), one failed delivery whose nack hangs. Before,
+/// the prefetched ones were released one at a time with no deadline (hung on the
+/// first), and the cancelled handler's release and the pending nack were awaited
+/// without one.
+#[tokio::test(start_paused = true)]
+async fn shutdown_returns_in_time_when_give_backs_never_answer() {
+    let silent = Arc::new(SilentGiveBack::default());
+    let consumer = Unordered::new(Vec::new());
+    {
+        let mut ready = consumer.ready.lock().unwrap();
+        let bodies = ["fail", "stuck"]
+            .into_iter()
+            .map(String::from)
+            .chain((0..20).map(|i| format!("prefetched-{i}")));
+        for (i, b) in bodies.enumerate() {
+            let meta = DeliveryMeta::new(i.to_string(), 1, SystemTime::now(), "silent".into());
+            ready.push_back(Delivery::new(
+                Message::new(b),
+                meta,
+                AckHandle::new(silent.clone()),
+            ));
+        }
+    }
+    let svc = handler_fn(|d: Delivery| async move {
+        if body(&d) == "fail" {
+            return Err::<(), BoxError>("boom".into());
+        }
+        std::future::pending::<()>().await;
+        Ok(())
+    });
+    let worker = Worker::new(consumer)
+        .concurrency(1)
+        .prefetch(21)
+        .shutdown_timeout(Duration::from_secs(1));
+    let mut events = worker.subscribe();
+    let start = tokio::time::Instant::now();
+    let run = worker.run_until(svc, tokio::time::sleep(Duration::from_secs(1)));
+    let summary = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("shutdown hung on give-backs that never answer")
+        .unwrap();
+    let took = start.elapsed() - Duration::from_secs(1);
+    assert!(
+        took <= Duration::from_millis(1100),
+        "shutdown took {took:?} with a 1 s timeout"
+    );
+    assert_eq!(summary.received, 22, "{summary}");
+    assert_eq!(
+        (summary.failed, summary.abandoned, summary.released),
+        (1, 1, 20),
+        "{summary}"
+    );
+    assert_eq!(
+        summary.release_failed, 22,
+        "every give-back that did not finish is reported: {summary}"
+    );
+    assert_eq!(summary.settled(), summary.received, "{summary}");
+    assert_eq!(silent.give_backs_started.load(Ordering::SeqCst), 22);
+    let mut unfinished = 0;
+    while let Ok(e) = events.try_recv() {
+        if e.error
+            .as_deref()
+            .is_some_and(|e| e.contains("shutdown deadline"))
+        {
+            unfinished += 1;
+        }
+    }
+    assert_eq!(unfinished, 22, "released-failed events say why");
+}

@@ -408,3 +408,73 @@ async fn the_in_progress_pause_grows_only_where_a_release_spends_an_attempt() {
 fn store_is_object_safe() {
     let _: Arc<dyn DedupStore> = Arc::new(MemoryDedupStore::default());
 }
+
+/// #6: a consumer crashed holding the claim of a message (the claim is in the store,
+/// never completed or released). Until the claim TTL passes, every delivery of the
+/// message is deferred without running the handler — ~300 of them. None of those may
+/// count as an attempt: once the claim expires the message is handled as attempt 1,
+/// and a transient failure then is retried, not dead-lettered.
+#[tokio::test(start_paused = true)]
+async fn deferrals_behind_a_crashed_claim_spend_no_attempts() {
+    use crate::middleware::{Backoff, RetryToDlqLayer};
+    let cfg = queue("dedup-crashed-holder");
+    let (p, c) = cfg.connect().unwrap();
+    let (dlq_p, dlq_c) = queue("dedup-crashed-holder-dlq").connect().unwrap();
+    let store = Arc::new(MemoryDedupStore::default());
+    let claim_ttl = Duration::from_secs(300);
+    // The crashed holder's claim, on the key Dedup will use.
+    let key = format!("{}/id:order-9", cfg.queue);
+    assert_eq!(store.claim(&key, claim_ttl).await.unwrap(), Claim::Claimed);
+    p.send(Message::new("order 9").dedup_id("order-9"))
+        .await
+        .unwrap();
+
+    let attempts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = attempts.clone();
+    let handler = handler_fn(move |d: Delivery| {
+        let seen = seen.clone();
+        async move {
+            let first = {
+                let mut seen = seen.lock().unwrap();
+                seen.push(d.attempt());
+                seen.len() == 1
+            };
+            if first {
+                return Err::<(), BoxError>("transient".into());
+            }
+            Ok(())
+        }
+    });
+    let svc = tower::ServiceBuilder::new()
+        .layer(
+            DedupLayer::from_arc(store.clone())
+                .claim_ttl(claim_ttl)
+                .retry_in_progress_after(Duration::from_secs(1)),
+        )
+        .layer(
+            RetryToDlqLayer::new(dlq_p)
+                .max_attempts(3)
+                .backoff(Backoff::new(Duration::from_secs(1)).jitter(0.0)),
+        )
+        .service(handler);
+    let summary = Worker::new(c)
+        .run_until(svc, tokio::time::sleep(Duration::from_secs(330)))
+        .await
+        .unwrap();
+    assert!(
+        summary.deferred >= 250,
+        "deferred while the claim held: {summary}"
+    );
+    assert_eq!(
+        *attempts.lock().unwrap(),
+        vec![1, 2],
+        "the handler ran only after the claim expired, as attempt 1, then 2: {summary}"
+    );
+    assert_eq!(
+        (summary.retried, summary.succeeded, summary.dead_lettered),
+        (1, 1, 0),
+        "{summary}"
+    );
+    assert!(dlq_c.receive(10, NOW).await.unwrap().is_empty());
+    assert_eq!(p.depth().await.unwrap().total(), 0);
+}

@@ -1053,3 +1053,101 @@ async fn shutdown_returns_in_time_when_give_backs_never_answer() {
     }
     assert_eq!(unfinished, 22, "released-failed events say why");
 }
+
+/// #11, the prefetched part alone: 20 prefetched deliveries whose release never
+/// answers and one handler that finishes in time. Shutdown returns at its deadline,
+/// reporting the 20 released — with their release failed.
+#[tokio::test(start_paused = true)]
+async fn prefetched_releases_that_never_answer_end_at_the_deadline() {
+    let silent = Arc::new(SilentGiveBack::default());
+    let consumer = Unordered::new(Vec::new());
+    {
+        let mut ready = consumer.ready.lock().unwrap();
+        for i in 0..21 {
+            let meta = DeliveryMeta::new(i.to_string(), 1, SystemTime::now(), "silent".into());
+            ready.push_back(Delivery::new(
+                Message::new(format!("{i}")),
+                meta,
+                AckHandle::new(silent.clone()),
+            ));
+        }
+    }
+    let svc = handler_fn(|_d: Delivery| async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        Ok::<_, BoxError>(())
+    });
+    let start = tokio::time::Instant::now();
+    let run = Worker::new(consumer)
+        .concurrency(1)
+        .prefetch(20)
+        .shutdown_timeout(Duration::from_secs(1))
+        .run_until(svc, tokio::time::sleep(Duration::from_secs(1)));
+    let summary = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("shutdown hung on releases that never answer")
+        .unwrap();
+    assert_eq!(start.elapsed(), Duration::from_secs(2), "{summary}");
+    assert_eq!((summary.succeeded, summary.released), (1, 20), "{summary}");
+    assert_eq!(summary.release_failed, 20, "{summary}");
+    assert_eq!(silent.acks.load(Ordering::SeqCst), 1);
+}
+
+/// Hands out `first` on the first receive, then reads the memory queue.
+struct HandOver {
+    first: Mutex<Option<Delivery>>,
+    inner: MemoryConsumer,
+}
+
+#[async_trait]
+impl Consumer for HandOver {
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        if let Some(d) = self.first.lock().unwrap().take() {
+            return Ok(vec![d]);
+        }
+        self.inner.receive(max, wait).await
+    }
+    async fn depth(&self) -> Result<Depth> {
+        self.inner.depth().await
+    }
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+    fn queue(&self) -> &str {
+        self.inner.queue()
+    }
+    fn capabilities(&self) -> &Capabilities {
+        self.inner.capabilities()
+    }
+}
+
+/// #6: a delivery whose lease is nearly gone is given back unstarted ("stale buffer
+/// drop"); on memory that release keeps the attempt, so its one real run is attempt 1.
+#[tokio::test(start_paused = true)]
+async fn a_stale_prefetched_delivery_is_released_without_spending_an_attempt() {
+    let cfg = queue("worker-stale").visibility_timeout(Duration::from_secs(10));
+    let (p, c) = cfg.connect().unwrap();
+    p.send(Message::new("late")).await.unwrap();
+    let stale = c.receive(1, NOW).await.unwrap().remove(0);
+    // 0.5 s of lease left: less than the least a delivery must have to be started.
+    tokio::time::advance(Duration::from_millis(9500)).await;
+    let consumer = HandOver {
+        first: Mutex::new(Some(stale)),
+        inner: c,
+    };
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let seen = attempts.clone();
+    let svc = handler_fn(move |d: Delivery| {
+        let seen = seen.clone();
+        async move {
+            seen.lock().unwrap().push(d.attempt());
+            Ok::<_, BoxError>(())
+        }
+    });
+    let summary = Worker::new(consumer)
+        .run_until(svc, tokio::time::sleep(Duration::from_secs(2)))
+        .await
+        .unwrap();
+    assert_eq!(summary.expired, 1, "{summary}");
+    assert_eq!(*attempts.lock().unwrap(), vec![1], "{summary}");
+    assert_eq!(p.depth().await.unwrap().total(), 0);
+}

@@ -373,6 +373,8 @@ where
     // backend without it: a broker gone silent must not keep the process from
     // stopping (what is not given back returns after its visibility timeout).
     let deadline = crate::time::deadline_in(st.config.shutdown_timeout);
+    // What giving back the handlers cancelled at the deadline may take past it.
+    let grace = (st.config.shutdown_timeout / 10).min(Duration::from_secs(1));
     // 1: stop receiving. A receive cut short loses nothing: what it may have leased
     // comes back after the visibility timeout. Closing the consumer first stops its
     // own fetching (a Kafka poll loop, a Redis read-ahead buffer) before anything is
@@ -419,7 +421,6 @@ where
         while let Some(joined) = st.running.next().await {
             st.finish(joined);
         }
-        let grace = (st.config.shutdown_timeout / 10).min(Duration::from_secs(1));
         settle_deadline = settle_deadline.max(crate::time::deadline_in(grace));
     }
     // 4b: the settles still on their way, until then; the rest is reported as given
@@ -443,9 +444,7 @@ where
         }
     }
     // 5: flush downstream producers (bounded like the rest, with at least the grace).
-    let flush_deadline = settle_deadline.max(crate::time::deadline_in(
-        (st.config.shutdown_timeout / 10).min(Duration::from_secs(1)),
-    ));
+    let flush_deadline = settle_deadline.max(crate::time::deadline_in(grace));
     for producer in &flush {
         match tokio::time::timeout_at(flush_deadline, producer.flush()).await {
             Ok(Ok(())) => {}

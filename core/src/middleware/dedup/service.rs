@@ -65,10 +65,10 @@ const MAX_DOUBLINGS: u32 = 16;
 /// Where a release keeps the attempt count, always `pause`: the message comes back
 /// soon and is acked as a duplicate once the holder is done (a delivery without
 /// capabilities is taken to support everything). Where it does not, each deferral
-/// spends a delivery attempt — and a broker
-/// with a native dead-letter threshold counts them — so the pause doubles with the
-/// attempt, capped at the claim TTL: a claim left by a crashed consumer then costs
-/// about log2(ttl / pause) attempts until it expires, not ttl / pause.
+/// spends a delivery attempt — and a broker with a native dead-letter threshold
+/// counts them — so the pause doubles with the attempt, capped at the claim TTL: a
+/// claim left by a crashed consumer then costs about log2(ttl / pause) attempts until
+/// it expires, not ttl / pause.
 fn defer_pause(delivery: &Delivery, pause: Duration, claim_ttl: Duration) -> Duration {
     if delivery
         .capabilities()

@@ -254,15 +254,18 @@ pub async fn dedup_under_redelivery(ctx: &Context) -> CaseResult {
     // The first time, the message comes back after it was handled, as when a consumer
     // crashes between handling and acking: the handler releases its own delivery.
     let store = ctx.dedup_store(&queue).await?;
-    let service = DedupLayer::from_arc(store).layer(handler_fn(move |d: Delivery| {
-        let first = calls2.fetch_add(1, Ordering::SeqCst) == 0;
-        async move {
-            if first {
-                d.nack(None).await?;
+    // Content hashing (an opt-in): without it a second send is a new message.
+    let service = DedupLayer::from_arc(store)
+        .content_hash(true)
+        .layer(handler_fn(move |d: Delivery| {
+            let first = calls2.fetch_add(1, Ordering::SeqCst) == 0;
+            async move {
+                if first {
+                    d.nack(None).await?;
+                }
+                Ok::<(), BoxError>(())
             }
-            Ok::<(), BoxError>(())
-        }
-    }));
+        }));
     let mut worker = Running::start(Worker::new(c), service);
     worker
         .until("redelivery deduplicated", ctx.prompt() * 2, |es| {

@@ -164,7 +164,10 @@ async fn main() -> ferrymq::Result<ExitCode> {
     let service = ServiceBuilder::new()
         .layer(ExtendVisibilityLayer::from_capabilities(&caps))
         .layer(
+            // Each order's payload carries its id, so its content names it: content
+            // hashing (an opt-in) catches the re-sent copy, which has no dedup id.
             DedupLayer::new(MemoryDedupStore::new(Duration::from_secs(3600)))
+                .content_hash(true)
                 .retry_in_progress_after(Duration::from_millis(200)),
         )
         .layer(

@@ -180,22 +180,14 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-#[async_trait]
-impl Ack for RedisAck {
-    async fn ack(&self) -> Result<()> {
-        if self
-            .batcher
-            .ack(self.level, &self.stream_id, self.deliveries)
-            .await?
-        {
-            Ok(())
-        } else {
-            Err(lease_expired())
-        }
-    }
-
-    async fn nack(&self, redeliver_after: Option<Duration>) -> Result<()> {
+impl RedisAck {
+    /// Remove the entry and enqueue the message again (now, or after `delay`): a
+    /// nack counts this delivery as an attempt, a release does not.
+    async fn give_back(&self, redeliver_after: Option<Duration>, release: bool) -> Result<()> {
         let shared = &self.shared;
+        // Refused before anything is sent: a delay past the limit would otherwise
+        // become a bogus script argument (u64::MAX ms is no point in time).
+        shared.capabilities.check_nack_delay(redeliver_after)?;
         let keys = &shared.keys;
         let config = &shared.config;
         let delay = redeliver_after.map_or(0, |d| if d.is_zero() { 0 } else { millis(d).max(1) });
@@ -214,7 +206,8 @@ impl Ack for RedisAck {
             .arg(config.max_deliveries)
             .arg(config.dlq_max_len)
             .arg(millis(config.dlq_retention))
-            .arg(&*shared.queue);
+            .arg(&*shared.queue)
+            .arg(if release { "1" } else { "0" });
         let reply = shared.eval(&scripts().nack, &cmd).await?;
         match reply {
             Value::Int(0) => Err(lease_expired()),
@@ -229,9 +222,39 @@ impl Ack for RedisAck {
             _ => Ok(()),
         }
     }
+}
+
+#[async_trait]
+impl Ack for RedisAck {
+    async fn ack(&self) -> Result<()> {
+        if self
+            .batcher
+            .ack(self.level, &self.stream_id, self.deliveries)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(lease_expired())
+        }
+    }
+
+    async fn nack(&self, redeliver_after: Option<Duration>) -> Result<()> {
+        self.give_back(redeliver_after, false).await
+    }
+
+    async fn release(&self, redeliver_after: Option<Duration>) -> Result<()> {
+        self.give_back(redeliver_after, true).await
+    }
 
     async fn extend(&self, by: Duration) -> Result<()> {
         let shared = &self.shared;
+        if let Some(max) = shared.capabilities.max_visibility {
+            if by > max {
+                return Err(Error::unsupported(format!(
+                    "an extend by {by:?} is longer than redis supports ({max:?}); the lease is unchanged"
+                )));
+            }
+        }
         let keys = &shared.keys;
         let mut cmd = scripts().extend.call(2);
         cmd.arg(&keys.leases)

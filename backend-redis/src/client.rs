@@ -28,6 +28,12 @@ pub(crate) fn ms(d: Duration) -> u64 {
 /// Largest batch per call (send pipeline, receive, ack script).
 pub(crate) const MAX_BATCH: usize = 1000;
 
+/// Longest delay of a send or a nack, and longest lease extension: a year. Redis has
+/// no limit of its own, but a due time is milliseconds in a Lua number (exact to
+/// 2^53), and `Duration::MAX` as a delay is a bug upstream rather than a plan —
+/// it is refused as `Unsupported` before anything is sent.
+pub(crate) const MAX_DELAY: Duration = Duration::from_secs(365 * 24 * 3600);
+
 pub(crate) struct Shared {
     pub(crate) config: RedisConfig,
     pub(crate) queue: Arc<str>,
@@ -35,7 +41,7 @@ pub(crate) struct Shared {
     conns: Vec<ConnectionManager>,
     next_conn: std::sync::atomic::AtomicUsize,
     pub(crate) blocking: deadpool_redis::Pool,
-    pub(crate) capabilities: Capabilities,
+    pub(crate) capabilities: Arc<Capabilities>,
     endpoint: String,
 }
 
@@ -51,11 +57,17 @@ impl std::fmt::Debug for Shared {
 pub(crate) fn capabilities(config: &RedisConfig) -> Capabilities {
     let mut caps = Capabilities::minimal("redis");
     caps.ordering = Ordering::None;
-    caps.max_delay = Some(Duration::from_secs(365 * 24 * 3600));
+    caps.max_delay = Some(MAX_DELAY);
     caps.dedup_window = Some(config.dedup_window);
     caps.visibility_timeout = Some(config.visibility_timeout);
+    // Checked per extend (`by` counted from the extend, which is never less than
+    // the total counted from the receive would allow).
+    caps.max_visibility = Some(MAX_DELAY);
     caps.extend_visibility = true;
-    caps.max_nack_delay = caps.max_delay;
+    caps.max_nack_delay = Some(MAX_DELAY);
+    caps.nack_delay_blocks = false;
+    // Tested: receive → release → receive says attempt 1 (tests/queue.rs).
+    caps.release_keeps_attempt = true;
     caps.priority = if config.priority_levels > 1 {
         Priority::Levels(config.priority_levels)
     } else {
@@ -128,7 +140,7 @@ impl Shared {
         let shared = Arc::new(Shared {
             queue: config.queue.as_str().into(),
             keys: Keys::new(&config.queue, config.priority_levels),
-            capabilities: capabilities(&config),
+            capabilities: Arc::new(capabilities(&config)),
             conns,
             next_conn: std::sync::atomic::AtomicUsize::new(0),
             blocking,
@@ -233,6 +245,61 @@ impl Shared {
         }
     }
 
+    /// [`with_timeout`](Self::with_timeout) for a write whose effect a caller must
+    /// not assume away (a send): an error after the request may have been written
+    /// is `OutcomeUnknown`, see [`map_write_err`](Self::map_write_err).
+    pub(crate) async fn with_write_timeout<T>(
+        &self,
+        what: &str,
+        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.config.command_timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.map_write_err(e, what)),
+            Err(_) => Err(self.outcome_unknown(what)),
+        }
+    }
+
+    /// No answer to a write within `command_timeout`. The request may be on the
+    /// server — written before the server froze, or queued behind a slow command —
+    /// so this is not "nothing enqueued".
+    pub(crate) fn outcome_unknown(&self, what: &str) -> Error {
+        Error::new(
+            ErrorKind::OutcomeUnknown,
+            format!(
+                "{what}: redis at {} did not answer within {:?} (command_timeout); the request \
+                 may have been applied — a retry may duplicate it",
+                self.endpoint, self.config.command_timeout
+            ),
+        )
+    }
+
+    /// Map the error of a write. The server's own error reply (it ran the command
+    /// and refused, or did not know the script) and a refused connection (nothing
+    /// was sent: the connection could not be made) keep their kinds; a response
+    /// timeout or a connection that broke after the request was handed to it is
+    /// `OutcomeUnknown`. An I/O error while reconnecting is also reported as unknown:
+    /// the client cannot tell the two apart, and claiming "nothing enqueued" for a
+    /// message that was is the error that loses or duplicates silently.
+    pub(crate) fn map_write_err(&self, e: RedisError, what: &str) -> Error {
+        let answered = matches!(e.kind(), redis::ErrorKind::Server(_)) || e.code().is_some();
+        if !answered
+            && !e.is_connection_refusal()
+            && (e.is_timeout() || e.is_connection_dropped() || e.is_io_error())
+        {
+            return Error::new(
+                ErrorKind::OutcomeUnknown,
+                format!(
+                    "{what}: the connection to redis at {} failed after the request was sent \
+                     ({e}); it may have been applied — a retry may duplicate it",
+                    self.endpoint
+                ),
+            )
+            .with_source(e);
+        }
+        self.map_err(e, what)
+    }
+
     pub(crate) fn timeout(&self, what: &str) -> Error {
         Error::new(
             ErrorKind::Timeout,
@@ -251,6 +318,16 @@ impl Shared {
 
     /// Run a script by SHA; load it and retry once when the server lost it.
     pub(crate) async fn eval(&self, lua: &Lua, cmd: &Cmd) -> Result<Value> {
+        self.eval_as(lua, cmd, false).await
+    }
+
+    /// [`eval`](Self::eval) for a send: failures after the request went out are
+    /// `OutcomeUnknown`.
+    pub(crate) async fn eval_write(&self, lua: &Lua, cmd: &Cmd) -> Result<Value> {
+        self.eval_as(lua, cmd, true).await
+    }
+
+    async fn eval_as(&self, lua: &Lua, cmd: &Cmd, write: bool) -> Result<Value> {
         let mut conn = self.conn();
         let first = tokio::time::timeout(self.config.command_timeout, async {
             match cmd.query_async::<Value>(&mut conn).await {
@@ -264,7 +341,9 @@ impl Shared {
         .await;
         match first {
             Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) if write => Err(self.map_write_err(e, lua.name)),
             Ok(Err(e)) => Err(self.map_err(e, lua.name)),
+            Err(_) if write => Err(self.outcome_unknown(lua.name)),
             Err(_) => Err(self.timeout(lua.name)),
         }
     }

@@ -550,6 +550,18 @@ impl RedisConfig {
         Ok(url.to_string())
     }
 
+    /// What identifies the queue on its server, however the URL was spelled:
+    /// `redis:<host, lower-cased>:<port>/<db>/<queue>`. No credentials.
+    pub fn identity(&self) -> String {
+        format!(
+            "redis:{}:{}/{}/{}",
+            self.host.to_ascii_lowercase(),
+            self.port,
+            self.db,
+            self.queue
+        )
+    }
+
     /// `host:port/db`, for error messages.
     pub(crate) fn endpoint(&self) -> String {
         format!("{}:{}/{}", self.host, self.port, self.db)

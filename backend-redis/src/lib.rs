@@ -97,6 +97,20 @@
 //!   was applied on the server. `ack_linger` adds a wait to gather more.
 //! - **Nack** removes the entry and re-adds the message (stream tail, or the delayed
 //!   zset when a delay is given) in one script.
+//! - **Release** (`Ack::release`) is a nack whose new entry carries one delivery
+//!   less, so the attempt stays the same (`release_keeps_attempt`), and it never
+//!   dead-letters. The worker releases prefetched deliveries it did not start; the
+//!   consumer releases its read-ahead buffer on `close` and buffered deliveries too
+//!   old to hand out.
+//! - **Leases**: every delivery carries its lease deadline (the time the receive
+//!   was sent + `visibility_timeout`, so the local clock errs early) and the
+//!   consumer's capabilities. Delays, nack delays and extends are limited to a
+//!   year (`max_delay`, `max_nack_delay`, `max_visibility`); longer is
+//!   `Unsupported` and nothing is sent.
+//! - **Admin**: [`RedisAdmin`] (`RedisConfig::admin`) implements
+//!   `ferrymq_core::Admin`: ensure/create (the group), describe, purge (waiting,
+//!   delayed and expired leases; never live ones), peek (no lease taken), the
+//!   dead-letter stream (peek, redrive from a snapshot of its size).
 //! - **Priority**: `Priority::Levels(priority_levels)` (default 4; 1 means
 //!   `Priority::None`); priority `p` maps to level `clamp(p, 0, levels - 1)`; within a
 //!   level, FIFO. No per-key ordering is promised (`Ordering::None`).
@@ -111,7 +125,9 @@
 //!   are deleted, so a queue is one work queue, not a fan-out topic.
 //! - **Failures**: an unreachable server is `Connection` (within `connect_timeout`),
 //!   refused credentials `Auth`, a key of the wrong type `Backend` (naming the key
-//!   at startup), no answer within `command_timeout` `Timeout`. Connections
+//!   at startup), no answer within `command_timeout` `Timeout` — except for a
+//!   send, where no answer (or a connection that broke after the request was
+//!   written) is `OutcomeUnknown`: the message may be enqueued. Connections
 //!   reconnect by themselves; scripts lost by a restarted server are reloaded.
 //!   Startup warns (tracing) when `maxmemory-policy` is `allkeys-*`.
 //! - **Cancellation**: a `receive` future dropped while its call is on the wire may
@@ -130,11 +146,14 @@ mod codec;
 mod config;
 mod consumer;
 mod dedup;
+mod driver;
 mod keys;
 mod producer;
 mod scripts;
 
+pub use admin::RedisAdmin;
 pub use config::{RedisConfig, MAX_PRIORITY_LEVELS};
 pub use consumer::{DeadLetter, RedisConsumer};
 pub use dedup::RedisDedupStore;
+pub use driver::RedisDriver;
 pub use producer::RedisProducer;

@@ -58,6 +58,9 @@ impl RedisProducer {
     fn encode(&self, message: &Message, scratch: &mut Vec<u8>) -> Result<(Cmd, Plan)> {
         let shared = &self.shared;
         message.validate(shared.config.max_message_size)?;
+        // A delay past the limit is refused before anything is sent (`Duration::MAX`
+        // would otherwise saturate into a bogus due time).
+        shared.capabilities.check_delay(message.get_delay())?;
         let level = level(message.get_priority(), shared.config.priority_levels);
         let delay_ms = message
             .get_delay()
@@ -152,7 +155,7 @@ impl RedisProducer {
             return Ok(());
         }
         let replies: Vec<Value> = shared
-            .with_timeout(
+            .with_write_timeout(
                 "send batch",
                 pipe.ignore_errors().query_async(&mut shared.conn()),
             )
@@ -181,7 +184,7 @@ impl RedisProducer {
                 pipe.add_command(cmd);
             }
             let replies: Vec<Value> = shared
-                .with_timeout(
+                .with_write_timeout(
                     "send batch",
                     pipe.ignore_errors().query_async(&mut shared.conn()),
                 )
@@ -203,10 +206,14 @@ impl Producer for RedisProducer {
         self.check_open()?;
         let mut scratch = Vec::new();
         let (cmd, plan) = self.encode(&message, &mut scratch)?;
+        let shared = &self.shared;
         let reply = if plan.scripted {
-            self.shared.eval(&scripts().enqueue, &cmd).await?
+            shared.eval_write(&scripts().enqueue, &cmd).await?
         } else {
-            self.shared.query::<Value>(&cmd, "XADD").await?
+            let mut conn = shared.conn();
+            shared
+                .with_write_timeout("XADD", cmd.query_async::<Value>(&mut conn))
+                .await?
         };
         self.receipt(plan, reply)
     }

@@ -89,12 +89,17 @@ end
 
 -- Drop the revoked-lease tokens `tag/1` .. `tag/upto` of an entry that is leaving
 -- the group (acked, nacked, dead-lettered): its stale handles fail anyway once the
--- entry is no longer pending.
+-- entry is no longer pending. In chunks of 500: `unpack` of a longer list fails
+-- (Lua's stack limit), and a message can be redelivered any number of times.
 local function forget_revoked(key, tag, upto)
-  if upto < 1 then return end
-  local t = {}
-  for c = 1, upto do t[#t + 1] = tag .. '/' .. c end
-  redis.call('SREM', key, unpack(t))
+  local c = 1
+  while c <= upto do
+    local t = {}
+    local last = math.min(c + 499, upto)
+    for j = c, last do t[#t + 1] = tag .. '/' .. j end
+    redis.call('SREM', key, unpack(t))
+    c = last + 1
+  end
 end
 
 local function in_lease(key, group, id, deliveries)
@@ -323,7 +328,11 @@ return res
 ///
 /// KEYS: delayed, jobs, leases, dead, revoked, ready stream of the message's level
 /// ARGV: group, level, stream id, deliveries, delay ms, max deliveries, dead maxlen,
-///       dead retention ms, queue name
+///       dead retention ms, queue name, release 0/1
+///
+/// A release (`1`) gives the message back without counting this delivery: the new
+/// entry carries one delivery less than a nack's would, and it is never
+/// dead-lettered (no attempt was spent).
 /// Returns 0 (lease gone), 1 (re-enqueued), 2 (dead-lettered).
 const NACK: &str = r#"
 local key, group, lvl, id = KEYS[6], ARGV[1], tonumber(ARGV[2]), ARGV[3]
@@ -336,10 +345,13 @@ redis.call('HDEL', KEYS[3], tag)
 forget_revoked(KEYS[5], tag, count - 1)
 if not e[1] then return 0 end
 redis.call('XDEL', key, id)
-local fields, attempts, stable = carry_fields(e[1][2], lvl, id, count)
+local release = ARGV[10] == '1'
+local counted = count
+if release then counted = count - 1 end
+local fields, attempts, stable = carry_fields(e[1][2], lvl, id, counted)
 local maxdel = tonumber(ARGV[6])
 local now = now_ms()
-if maxdel > 0 and attempts >= maxdel then
+if not release and maxdel > 0 and attempts >= maxdel then
   dead_letter(KEYS[4], fields,
     'nacked after ' .. attempts .. ' deliveries (max_deliveries ' .. maxdel .. ')',
     ARGV[9], stable, attempts, ARGV[7], tonumber(ARGV[8]), now)
@@ -421,13 +433,14 @@ end
 return 1
 "#;
 
-/// Move up to N of the oldest dead letters back to their ready stream, with the
-/// attempt count reset.
+/// Move up to N of the oldest dead letters, none newer than a given id (the last
+/// entry when the redrive started), back to their ready stream, with the attempt
+/// count reset.
 ///
-/// KEYS: dead, ready streams; ARGV: count. Returns how many moved.
+/// KEYS: dead, ready streams; ARGV: count, last id. Returns how many moved.
 const REDRIVE: &str = r#"
 local nlevels = #KEYS - 1
-local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', tonumber(ARGV[1]))
+local entries = redis.call('XRANGE', KEYS[1], '-', ARGV[2], 'COUNT', tonumber(ARGV[1]))
 for _, e in ipairs(entries) do
   local out = {}
   local lvl = 0
@@ -448,6 +461,99 @@ end
 return #entries
 "#;
 
+/// The last id the group delivered on a stream (`0-0` when it delivered nothing, nil
+/// when the stream or the group does not exist): entries after it are waiting.
+const LAST_DELIVERED: &str = r#"
+local function last_delivered(key, group)
+  if redis.call('EXISTS', key) == 0 then return nil end
+  local groups = redis.call('XINFO', 'GROUPS', key)
+  for _, g in ipairs(groups) do
+    local name, last
+    for j = 1, #g, 2 do
+      if g[j] == 'name' then name = g[j + 1] elseif g[j] == 'last-delivered-id' then last = g[j + 1] end
+    end
+    if name == group then return last end
+  end
+  return nil
+end
+"#;
+
+/// Up to `max` waiting entries (never delivered to the group), highest level first,
+/// stream order within a level. Reads only: no lease, no delivery counted.
+///
+/// KEYS: ready streams (level 0 first); ARGV: group, max.
+/// Returns {level, stream id, fields, ...}.
+const PEEK: &str = r#"
+local group, maxn = ARGV[1], tonumber(ARGV[2])
+local out = {}
+local n = 0
+for lvl = #KEYS - 1, 0, -1 do
+  if n >= maxn then break end
+  local key = KEYS[lvl + 1]
+  if redis.call('EXISTS', key) == 1 then
+    local last = last_delivered(key, group)
+    local start = '-'
+    if last then start = '(' .. last end
+    local entries = redis.call('XRANGE', key, start, '+', 'COUNT', maxn - n)
+    for _, e in ipairs(entries) do
+      out[#out + 1] = lvl
+      out[#out + 1] = e[1]
+      out[#out + 1] = e[2]
+      n = n + 1
+    end
+  end
+end
+return out
+"#;
+
+/// Remove up to `limit` messages that are not in flight: delayed ones, waiting ones
+/// (never delivered), and pending ones whose lease ran out (not extended). Their
+/// stale handles then get `LeaseExpired` (the entry is no longer pending).
+///
+/// KEYS: delayed, jobs, leases, revoked, ready streams; ARGV: group, visibility ms,
+/// limit. Returns how many went (less than `limit`: nothing more to purge).
+const PURGE: &str = r#"
+local group, vis, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local now = now_ms()
+local n = 0
+local ids = redis.call('ZRANGE', KEYS[1], 0, limit - 1)
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('HDEL', KEYS[2], id)
+  n = n + 1
+end
+for lvl = 0, #KEYS - 5 do
+  if n >= limit then break end
+  local key = KEYS[5 + lvl]
+  if redis.call('EXISTS', key) == 1 then
+    local last = last_delivered(key, group)
+    local start = '-'
+    if last then start = '(' .. last end
+    local entries = redis.call('XRANGE', key, start, '+', 'COUNT', limit - n)
+    for _, e in ipairs(entries) do
+      redis.call('XDEL', key, e[1])
+      n = n + 1
+    end
+    if last and n < limit then
+      local pend = redis.call('XPENDING', key, group, 'IDLE', vis, '-', '+', limit - n)
+      for _, p in ipairs(pend) do
+        local id, count = p[1], tonumber(p[4])
+        local tag = lvl .. '/' .. id
+        local lease = tonumber(redis.call('HGET', KEYS[3], tag))
+        if not lease or lease <= now then
+          redis.call('XACK', key, group, id)
+          redis.call('XDEL', key, id)
+          redis.call('HDEL', KEYS[3], tag)
+          forget_revoked(KEYS[4], tag, count)
+          n = n + 1
+        end
+      end
+    end
+  end
+end
+return n
+"#;
+
 /// One script: its source (for `SCRIPT LOAD`) and SHA (for `EVALSHA`).
 #[derive(Debug)]
 pub(crate) struct Lua {
@@ -458,7 +564,7 @@ pub(crate) struct Lua {
 
 impl Lua {
     fn new(name: &'static str, body: &str) -> Self {
-        let code = format!("{PRELUDE}{body}");
+        let code = format!("{PRELUDE}{LAST_DELIVERED}{body}");
         Lua {
             name,
             script: Script::new(&code),
@@ -490,10 +596,12 @@ pub(crate) struct Scripts {
     pub(crate) depth: Lua,
     pub(crate) release: Lua,
     pub(crate) redrive: Lua,
+    pub(crate) peek: Lua,
+    pub(crate) purge: Lua,
 }
 
 impl Scripts {
-    pub(crate) fn all(&self) -> [&Lua; 8] {
+    pub(crate) fn all(&self) -> [&Lua; 10] {
         [
             &self.enqueue,
             &self.maintain,
@@ -503,6 +611,8 @@ impl Scripts {
             &self.depth,
             &self.release,
             &self.redrive,
+            &self.peek,
+            &self.purge,
         ]
     }
 }
@@ -518,5 +628,7 @@ pub(crate) fn scripts() -> &'static Scripts {
         depth: Lua::new("depth", DEPTH),
         release: Lua::new("release", RELEASE),
         redrive: Lua::new("redrive", REDRIVE),
+        peek: Lua::new("peek", PEEK),
+        purge: Lua::new("purge", PURGE),
     })
 }

@@ -176,6 +176,21 @@ impl std::fmt::Debug for RedisAck {
     }
 }
 
+/// Say so when dead-lettering deleted older dead letters: trimming a dead-letter
+/// store loses data, which should never happen silently.
+pub(crate) fn warn_trimmed(shared: &Shared, trimmed: i64) {
+    if trimmed > 0 {
+        tracing::warn!(
+            queue = %shared.queue,
+            trimmed,
+            dlq_max_len = shared.config.dlq_max_len,
+            dlq_retention = ?shared.config.dlq_retention,
+            "ferrymq-redis: the dead-letter stream was trimmed: {trimmed} older dead letter(s) deleted \
+             (bounded by dlq_max_len and dlq_retention); redrive or raise the bounds to keep them"
+        );
+    }
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -209,9 +224,12 @@ impl RedisAck {
             .arg(&*shared.queue)
             .arg(if release { "1" } else { "0" });
         let reply = shared.eval(&scripts().nack, &cmd).await?;
-        match reply {
-            Value::Int(0) => Err(lease_expired()),
-            Value::Int(2) => {
+        let (code, trimmed): (i64, i64) = redis::from_redis_value(reply)
+            .map_err(|e| Error::new(ErrorKind::Backend, format!("unexpected nack reply: {e}")))?;
+        warn_trimmed(shared, trimmed);
+        match code {
+            0 => Err(lease_expired()),
+            2 => {
                 tracing::info!(
                     queue = %shared.queue,
                     stream_id = %self.stream_id,

@@ -167,6 +167,10 @@ mod defaults {
     }
 }
 
+/// Longest `dlq_retention`: 40 years (of 365.25 days). Dead letters are trimmed by
+/// stream id `now - retention`, which must stay after the epoch.
+pub const MAX_DLQ_RETENTION: Duration = Duration::from_secs(40 * 31_557_600);
+
 /// Largest priority level count (each level is a stream read on every receive).
 pub const MAX_PRIORITY_LEVELS: u8 = 16;
 
@@ -494,6 +498,17 @@ impl RedisConfig {
             return Err(Error::invalid_config(
                 "priority_levels",
                 format!("must be between 1 and {MAX_PRIORITY_LEVELS}"),
+            ));
+        }
+        // A dead letter's age limit is a stream id `now - retention`: past the epoch
+        // (about 55 years back) that is no id at all, and every trim would fail.
+        if self.dlq_retention > MAX_DLQ_RETENTION {
+            return Err(Error::invalid_config(
+                "dlq_retention",
+                format!(
+                    "at most {} (use 0 to bound the dead-letter stream by length only)",
+                    humantime::format_duration(MAX_DLQ_RETENTION)
+                ),
             ));
         }
         if self.dlq_max_len == 0 {

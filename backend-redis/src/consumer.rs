@@ -52,6 +52,8 @@ struct Inner {
     started: Instant,
     /// Milliseconds since `started` of the last reclaim pass (+1; 0 = never).
     last_reclaim: AtomicU64,
+    /// Milliseconds since `started` of the last consumer prune (+1; 0 = never).
+    last_prune: AtomicU64,
     tick: Duration,
     /// Deliveries read beyond a receive's `max` (several priority levels answered
     /// one read), handed out first by the next receive.
@@ -128,6 +130,7 @@ impl RedisConsumer {
                 close_signal: Notify::new(),
                 started: Instant::now(),
                 last_reclaim: AtomicU64::new(0),
+                last_prune: AtomicU64::new(0),
                 tick,
                 buffer: Mutex::new(Vec::new()),
             }),
@@ -157,6 +160,33 @@ impl RedisConsumer {
             .is_ok()
     }
 
+    /// Consumers of the group idle for longer than this and holding nothing are
+    /// removed from it by the reclaim pass (crashed processes leave their names
+    /// behind). A live consumer reads at least every tick, so its idle time stays
+    /// far below this; and one that holds nothing loses nothing when removed — its
+    /// next read recreates it.
+    fn prune_idle(&self) -> Duration {
+        self.inner
+            .shared
+            .config
+            .visibility_timeout
+            .max(Duration::from_secs(5))
+    }
+
+    /// Whether a consumer prune is due (every half prune bound); claims it when so.
+    fn prune_due(&self) -> bool {
+        let inner = &self.inner;
+        let now = ms(inner.started.elapsed()) + 1;
+        let last = inner.last_prune.load(AtomicOrdering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < ms(self.prune_idle() / 2) {
+            return false;
+        }
+        inner
+            .last_prune
+            .compare_exchange(last, now, AtomicOrdering::Relaxed, AtomicOrdering::Relaxed)
+            .is_ok()
+    }
+
     /// The maintenance script call (promotion, and reclaim when due).
     fn maintain_cmd(&self, max: usize) -> Cmd {
         let shared = &self.inner.shared;
@@ -171,16 +201,23 @@ impl RedisConsumer {
         for k in &keys.ready {
             cmd.arg(k);
         }
+        let reclaim = self.reclaim_due();
+        let prune = if reclaim && self.prune_due() {
+            ms(self.prune_idle())
+        } else {
+            0
+        };
         cmd.arg(&config.group)
             .arg(&self.inner.name)
             .arg(max)
             .arg(ms(config.visibility_timeout))
-            .arg(if self.reclaim_due() { "1" } else { "0" })
+            .arg(if reclaim { "1" } else { "0" })
             .arg(config.promote_batch)
             .arg(config.max_deliveries)
             .arg(config.dlq_max_len)
             .arg(ms(config.dlq_retention))
-            .arg(&*shared.queue);
+            .arg(&*shared.queue)
+            .arg(prune);
         cmd
     }
 
@@ -260,6 +297,14 @@ impl RedisConsumer {
                 if let Some(Value::Int(ms)) = items.next() {
                     if ms >= 0 {
                         next_due = Some(Duration::from_millis(ms as u64));
+                    }
+                }
+                if let Some(Value::Int(trimmed)) = items.next() {
+                    crate::ack::warn_trimmed(shared, trimmed);
+                }
+                if let Some(Value::Int(pruned)) = items.next() {
+                    if pruned > 0 {
+                        tracing::debug!(queue = %shared.queue, pruned, "ferrymq-redis: removed idle consumers holding nothing from the group");
                     }
                 }
                 while let (Some(level), Some(id), Some(count), Some(fields)) =

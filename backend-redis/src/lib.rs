@@ -37,7 +37,7 @@
 //! | `ferrymq:{Q}:leases` | hash | `N/stream-id` → deadline (ms) of a lease extended past the visibility timeout |
 //! | `ferrymq:{Q}:dead` | stream | dead-lettered messages, trimmed to `dlq_max_len` (approx.) and `dlq_retention` |
 //! | `ferrymq:{Q}:dedup:ID` | string | message id holding dedup id `ID`; expires after `dedup_window` |
-//! | `ferrymq:{Q}:revoked` | set | `N/stream-id/deliveries` of leases reclaimed while still held, so their stale handles get `LeaseExpired`; emptied as the entries leave |
+//! | `ferrymq:{Q}:revoked` | set | `N/stream-id` of entries reclaimed while still held (one member per entry, however often), so acks of them check the lease and stale handles get `LeaseExpired`; emptied as the entries leave |
 //! | `ferrymq:{Q}:handled:K` | string | [`RedisDedupStore`] (Dedup middleware): `claimed:<store>` (claim TTL) or `done` (retention) |
 //! | `ferrymq:{Q}:seq` | string | counter for the ids of delayed sends |
 //!
@@ -87,10 +87,20 @@
 //!   extends, and the extended handle can still settle).
 //! - **Attempt** = deliveries of the current stream entry (the group's counter) +
 //!   deliveries before it (`a`), so it survives nack, delay and promotion.
-//! - **Stale handles**: a reclaim records the lease it takes away in the revoked
-//!   set; ack refuses revoked leases and entries no longer pending, nack and extend
-//!   check the entry's delivery counter — a stale handle gets `LeaseExpired`, never
-//!   settles the redelivery.
+//! - **Stale handles**: a reclaim marks the entry in the revoked set; an ack of a
+//!   marked entry, a nack and an extend check the entry's delivery counter
+//!   against the handle's — a stale handle gets `LeaseExpired`, never settles the
+//!   redelivery.
+//! - **Bounded state**: the reclaim pass also removes consumers of the group that
+//!   hold nothing and were idle for longer than `max(visibility, 5s)` (crashed
+//!   processes leave their names behind); a consumer holding entries is never
+//!   removed. Revoked markers go with their entries. Dead-lettering that trims older
+//!   dead letters logs a warning saying how many went.
+//! - **Scripts validate first**: every script checks the types of the keys it
+//!   writes and decodes what it reads before its first write (Redis does not roll
+//!   back a failing script), so a foreign key is a `Backend` error with nothing
+//!   changed, and an undecodable delayed message is moved to the dead stream with a
+//!   reason instead of breaking every receive.
 //! - **Ack** is batched: acks arriving while earlier batches are on the wire (up to
 //!   4 in flight) go out together as one script call — `XACK` + `XDEL` per level,
 //!   with no per-entry step in the common case — and `ack()` returns once its batch
@@ -152,7 +162,7 @@ mod producer;
 mod scripts;
 
 pub use admin::RedisAdmin;
-pub use config::{RedisConfig, MAX_PRIORITY_LEVELS};
+pub use config::{RedisConfig, MAX_DLQ_RETENTION, MAX_PRIORITY_LEVELS};
 pub use consumer::{DeadLetter, RedisConsumer};
 pub use dedup::RedisDedupStore;
 pub use driver::RedisDriver;

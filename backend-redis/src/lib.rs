@@ -139,7 +139,9 @@
 //!   send, where no answer (or a connection that broke after the request was
 //!   written) is `OutcomeUnknown`: the message may be enqueued. Connections
 //!   reconnect by themselves; scripts lost by a restarted server are reloaded.
-//!   Startup warns (tracing) when `maxmemory-policy` is `allkeys-*`.
+//!   Startup warns (tracing) when `maxmemory-policy` is `allkeys-*`, and refuses a
+//!   server older than Redis 7.0 (`Unsupported`, naming the version needed; read
+//!   from `INFO server`).
 //! - **Cancellation**: a `receive` future dropped while its call is on the wire may
 //!   leave deliveries leased to nobody; they come back after the visibility timeout
 //!   (attempt + 1). A cancelled blocking read drops its connection, so the server

@@ -19,6 +19,7 @@ use redis::{AsyncConnectionConfig, Cmd, FromRedisValue, RedisError, Value};
 use crate::config::RedisConfig;
 use crate::keys::Keys;
 use crate::scripts::{scripts, Lua};
+use crate::settings::Role;
 
 /// Whole milliseconds of `d`, saturating (a script argument).
 pub(crate) fn ms(d: Duration) -> u64 {
@@ -83,7 +84,7 @@ pub(crate) fn capabilities(config: &RedisConfig) -> Capabilities {
 }
 
 impl Shared {
-    pub(crate) async fn connect(config: RedisConfig) -> Result<Arc<Shared>> {
+    pub(crate) async fn connect(config: RedisConfig, role: Role) -> Result<Arc<Shared>> {
         config.validate()?;
         let endpoint = config.endpoint();
         let url = config.client_url()?;
@@ -137,6 +138,26 @@ impl Shared {
             .build()
             .map_err(|e| Error::new(ErrorKind::InvalidConfig, format!("connection pool: {e}")))?;
 
+        // An admin describes the queue as it is: it adopts the recorded settings
+        // (and the keys of the recorded priority levels) before anything else.
+        let config = if role == Role::Admin {
+            let meta = Keys::new(&config.queue, 1).meta;
+            let reply = tokio::time::timeout(
+                config.command_timeout,
+                redis::cmd("HGETALL")
+                    .arg(&meta)
+                    .query_async::<Value>(&mut conns[0].clone()),
+            )
+            .await;
+            match reply {
+                Ok(Ok(v)) => crate::settings::adopt(config, &crate::settings::recorded(v)),
+                // Refused or timed out: the startup checks below say why.
+                _ => config,
+            }
+        } else {
+            config
+        };
+
         let shared = Arc::new(Shared {
             queue: config.queue.as_str().into(),
             keys: Keys::new(&config.queue, config.priority_levels),
@@ -148,7 +169,25 @@ impl Shared {
             config,
         });
         shared.startup_checks().await?;
+        if !matches!(role, Role::Admin | Role::Other) {
+            shared.record_settings(role).await?;
+        }
         Ok(shared)
+    }
+
+    /// Record this client's settings of `role` where the queue has none yet, and
+    /// refuse the connection when the recorded ones disagree (see
+    /// [`settings`](crate::settings)).
+    pub(crate) async fn record_settings(&self, role: Role) -> Result<()> {
+        let settings = crate::settings::settings_of(&self.config, role);
+        let lua = &scripts().settings;
+        let mut cmd = lua.call(1);
+        cmd.arg(&self.keys.meta).arg("1");
+        for (field, value, _) in &settings {
+            cmd.arg(*field).arg(value);
+        }
+        let recorded = crate::settings::recorded(self.eval(lua, &cmd).await?);
+        crate::settings::check(&self.config, role, &recorded, &self.keys.meta)
     }
 
     /// PING (an unauthenticated connection fails here with `Auth`), the eviction

@@ -587,22 +587,27 @@ impl RedisConfig {
     /// Checks at startup: the server answers within `connect_timeout`
     /// (`Connection`), accepts the credentials (`Auth`), every key of the queue has
     /// the type this backend uses (`Backend`); warns (tracing) when the server's
-    /// `maxmemory-policy` may evict queue keys. Creates the consumer group.
+    /// `maxmemory-policy` may evict queue keys; the settings recorded with the
+    /// queue agree with this config (`InvalidConfig` naming the setting; recorded
+    /// by the first client, see the crate docs). Creates the consumer group.
     pub async fn connect(&self) -> Result<(RedisProducer, RedisConsumer)> {
-        let shared = crate::client::Shared::connect(self.clone()).await?;
+        let shared =
+            crate::client::Shared::connect(self.clone(), crate::settings::Role::Consumer).await?;
         let consumer = RedisConsumer::new(shared.clone()).await?;
         Ok((RedisProducer::new(shared), consumer))
     }
 
     /// A producer only.
     pub async fn producer(&self) -> Result<RedisProducer> {
-        let shared = crate::client::Shared::connect(self.clone()).await?;
+        let shared =
+            crate::client::Shared::connect(self.clone(), crate::settings::Role::Producer).await?;
         Ok(RedisProducer::new(shared))
     }
 
     /// A consumer only.
     pub async fn consumer(&self) -> Result<RedisConsumer> {
-        let shared = crate::client::Shared::connect(self.clone()).await?;
+        let shared =
+            crate::client::Shared::connect(self.clone(), crate::settings::Role::Consumer).await?;
         RedisConsumer::new(shared).await
     }
 }

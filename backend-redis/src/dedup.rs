@@ -147,7 +147,7 @@ impl RedisDedupStore {
     /// A store for the queue of `config`, on its own connection, remembering handled
     /// keys for `retention`.
     pub async fn connect(config: &RedisConfig, retention: Duration) -> Result<Self> {
-        let shared = Shared::connect(config.clone()).await?;
+        let shared = Shared::connect(config.clone(), crate::settings::Role::Other).await?;
         Ok(RedisDedupStore::new(shared, retention))
     }
 

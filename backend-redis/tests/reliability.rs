@@ -105,3 +105,95 @@ async fn a_batch_broken_part_way_says_which_entries_went_in() {
     let landed = p.depth().await.unwrap().waiting;
     assert!(landed > 1000 && landed < 2000, "{landed}");
 }
+
+fn same_queue(cfg: &RedisConfig, query: &str) -> RedisConfig {
+    RedisConfig::from_url(&format!("{}/{}?{query}", common::base_url(), cfg.queue)).unwrap()
+}
+
+/// #2: `ferry send --url '…/pq?priority_levels=8' --priority 7`, then a consumer
+/// with the default 4 levels would never see the message. The queue's settings
+/// are recorded with it; a client that disagrees is refused, naming the setting.
+#[tokio::test]
+async fn clients_that_disagree_on_priority_levels_are_refused() {
+    let cfg = common::config("levels", "priority_levels=8");
+    let p = cfg.producer().await.unwrap();
+    p.send(Message::new("urgent").priority(7)).await.unwrap();
+    let e = same_queue(&cfg, "").consumer().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidConfig, "{e}");
+    assert!(e.to_string().contains("`priority_levels`"), "{e}");
+    assert!(e.to_string().contains("priority_levels=8"), "{e}");
+    let e = same_queue(&cfg, "priority_levels=2")
+        .producer()
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("`priority_levels`"), "{e}");
+    // The agreeing consumer sees it.
+    let c = same_queue(&cfg, "priority_levels=8")
+        .consumer()
+        .await
+        .unwrap();
+    let d = c.receive(1, WAIT).await.unwrap().remove(0);
+    assert_eq!(d.payload().as_ref(), b"urgent");
+    d.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_second_group_or_another_visibility_is_refused() {
+    let cfg = common::config("onegroup", "group=billing&visibility=30s");
+    let _c = cfg.consumer().await.unwrap();
+    let e = same_queue(&cfg, "group=audit&visibility=30s")
+        .consumer()
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidConfig, "{e}");
+    assert!(e.to_string().contains("`group`"), "{e}");
+    let e = same_queue(&cfg, "group=billing&visibility=1s")
+        .consumer()
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("`visibility`"), "{e}");
+    assert!(e.to_string().contains("visibility=30s"), "{e}");
+    let e = same_queue(&cfg, "group=billing&visibility=30s&max_deliveries=3")
+        .consumer()
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("`max_deliveries`"), "{e}");
+    // Producers do not consume: their group and visibility do not matter.
+    let p = same_queue(&cfg, "group=other&visibility=1s")
+        .producer()
+        .await
+        .unwrap();
+    p.send(Message::new("x")).await.unwrap();
+    assert!(same_queue(&cfg, "group=billing&visibility=30s")
+        .consumer()
+        .await
+        .is_ok());
+}
+
+#[tokio::test]
+async fn an_admin_adopts_the_recorded_settings_and_can_forget_them() {
+    use ferrymq_core::admin::Admin;
+    let cfg = common::config("adopt", "priority_levels=8&visibility=9s");
+    let (p, _c) = cfg.connect().await.unwrap();
+    p.send(Message::new("urgent").priority(7)).await.unwrap();
+    let admin = same_queue(&cfg, "").admin().await.unwrap();
+    let info = admin.describe().await.unwrap();
+    assert_eq!(info.depth.waiting, 1, "counted on level 7");
+    assert!(info
+        .settings
+        .contains(&("priority_levels".to_string(), "8".to_string())));
+    assert!(info
+        .settings
+        .contains(&("visibility_timeout".to_string(), "9s".to_string())));
+    assert_eq!(admin.peek(5).await.unwrap().len(), 1);
+    assert!(admin.forget_settings().await.unwrap());
+    drop(p);
+    admin.purge().await.unwrap();
+    // The next client records its own.
+    let c = same_queue(&cfg, "visibility=2s").consumer().await.unwrap();
+    assert_eq!(
+        c.capabilities().visibility_timeout,
+        Some(Duration::from_secs(2))
+    );
+    assert!(same_queue(&cfg, "visibility=9s").consumer().await.is_err());
+}

@@ -143,6 +143,11 @@ impl RetryConfig {
         if !permanent && attempt < max_attempts {
             let after = self.retry_delay(delivery, attempt);
             match delivery.nack(after).await {
+                // A backend that dead-letters natively on this nack (Redis
+                // `max_deliveries`) records that itself: it is not a retry.
+                Ok(()) if outcome::current() == Some(Outcome::DeadLettered) => {
+                    tracing::warn!(queue = %meta.queue, id = %meta.id, attempt, %error, "handler failed; the backend dead-lettered the message on its nack");
+                }
                 Ok(()) => {
                     tracing::info!(queue = %meta.queue, id = %meta.id, attempt, retry_in = ?after, %error, "handler failed; retrying later");
                     outcome::record(Outcome::Retried {

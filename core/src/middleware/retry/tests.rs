@@ -717,3 +717,44 @@ async fn max_attempts_is_clamped_to_the_native_dead_letter_threshold() {
     let (_, o) = outcome::scope(svc.clone().oneshot(d)).await;
     assert!(matches!(o, Some(Outcome::Retried { .. })), "{o:?}");
 }
+
+/// A backend that dead-letters on the nack itself (Redis `max_deliveries`) records
+/// `DeadLettered`; the retry layer's nack must not overwrite it with `Retried`.
+#[tokio::test]
+async fn a_native_dead_letter_on_the_retry_nack_is_not_reported_as_retried() {
+    #[derive(Debug)]
+    struct DeadLettersOnNack;
+    #[async_trait::async_trait]
+    impl crate::Ack for DeadLettersOnNack {
+        async fn ack(&self) -> crate::Result<()> {
+            Ok(())
+        }
+        async fn nack(&self, _: Option<Duration>) -> crate::Result<()> {
+            outcome::record(Outcome::DeadLettered);
+            Ok(())
+        }
+        async fn extend(&self, _: Duration) -> crate::Result<()> {
+            Ok(())
+        }
+    }
+    let dlq = queue("retry-native-dlq").producer().unwrap();
+    let meta = crate::DeliveryMeta::new("m-1", 1, SystemTime::now(), "native".into());
+    let delivery = Delivery::new(
+        Message::new("poison"),
+        meta,
+        crate::AckHandle::new(DeadLettersOnNack),
+    );
+    let svc = RetryToDlqLayer::new(dlq.clone())
+        .max_attempts(5)
+        .layer(handler_fn(|_d: Delivery| async move {
+            Err::<(), BoxError>("always fails".into())
+        }));
+    let (result, recorded) = outcome::scope(svc.oneshot(delivery)).await;
+    assert!(result.is_err());
+    assert_eq!(recorded, Some(Outcome::DeadLettered));
+    assert_eq!(
+        dlq.depth().await.unwrap().total(),
+        0,
+        "not dead-lettered twice"
+    );
+}

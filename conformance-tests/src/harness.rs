@@ -73,8 +73,11 @@ where
 /// that builds the factory.
 pub struct Setup {
     label: String,
-    build: Box<dyn FnOnce() -> LocalBoxFuture<'static, Result<Arc<dyn Backend>, BoxError>>>,
+    build: BuildFn,
 }
+
+/// Builds one setup's factory.
+type BuildFn = Box<dyn FnOnce() -> LocalBoxFuture<'static, Result<Arc<dyn Backend>, BoxError>>>;
 
 impl std::fmt::Debug for Setup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -372,3 +372,37 @@ fn the_probe_finds_admin_operations_and_lease_deadlines() {
         Verdict::NotApplicable("not applicable: needs Admin::peek (probed: Unsupported)".into())
     );
 }
+
+#[test]
+fn run_setups_runs_each_setup_under_its_label() {
+    let setups = || {
+        vec![
+            Setup::new("one", || async { Ok(Minimal::default()) }),
+            Setup::new("two", || async {
+                Err::<Minimal, BoxError>("two: no server".into())
+            }),
+        ]
+    };
+    let mut a = args(&["queue_isolation"]);
+    a.test_threads = Some(1);
+    let c = run_setups_with(&a, setups()).unwrap();
+    // one::queue_isolation passes, two::queue_isolation fails with the setup error.
+    assert_eq!((c.num_passed, c.num_failed), (1, 1));
+    let mut a = args(&["--exact", "one::queue_isolation"]);
+    a.test_threads = Some(1);
+    let c = run_setups_with(&a, setups()).unwrap();
+    assert_eq!(
+        (c.num_passed, c.num_failed, c.num_filtered_out),
+        (1, 0, 2 * CASES.len() as u64 - 1)
+    );
+    // A repeated label fails every case of the run.
+    let twice = vec![
+        Setup::new("same", || async { Ok(Minimal::default()) }),
+        Setup::new("same", || async { Ok(Minimal::default()) }),
+    ];
+    let mut a = args(&["queue_isolation"]);
+    a.test_threads = Some(1);
+    let c = run_setups_with(&a, twice).unwrap();
+    assert_eq!((c.num_passed, c.num_failed), (0, 2));
+    assert!(run_setups_with(&a, Vec::new()).is_none());
+}

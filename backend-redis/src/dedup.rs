@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ferrymq_core::middleware::dedup::{Claim, DedupStore};
+use ferrymq_core::middleware::dedup::{Claim, ClaimToken, DedupStore};
 use ferrymq_core::{Error, ErrorKind, Result};
 use redis::{Script, Value};
 use tokio::task::Id as TaskId;
@@ -151,6 +151,25 @@ impl RedisDedupStore {
         Ok(RedisDedupStore::new(shared, retention))
     }
 
+    /// The value a claim with `token` stores: this store's prefix and the token.
+    fn claim_value(&self, token: ClaimToken) -> String {
+        format!("{}t{:016x}", self.claim_prefix, token.get())
+    }
+
+    /// Delete `key` only while it still holds `value` (this claim's, not a newer
+    /// one's and not `done`).
+    async fn release_value(&self, key: &str, value: &str) -> Result<()> {
+        static SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+        let script = SCRIPT.get_or_init(|| Script::new(RELEASE));
+        let mut invocation = script.key(self.key(key));
+        invocation.arg(value);
+        let mut conn = self.shared.conn();
+        self.shared
+            .with_timeout("dedup release", invocation.invoke_async::<i64>(&mut conn))
+            .await
+            .map(|_| ())
+    }
+
     fn key(&self, key: &str) -> String {
         let mut k = String::with_capacity(self.prefix.len() + key.len());
         k.push_str(&self.prefix);
@@ -208,6 +227,38 @@ impl DedupStore for RedisDedupStore {
         }
     }
 
+    async fn claim_owned(&self, key: &str, ttl: Duration) -> Result<(Claim, ClaimToken)> {
+        let token = ClaimToken::random();
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.key(key))
+            .arg(self.claim_value(token))
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(ttl))
+            .arg("GET");
+        let claim = match self.shared.query::<Value>(&cmd, "dedup claim").await? {
+            Value::Nil => Claim::Claimed,
+            Value::BulkString(v) if v == b"done" => Claim::Duplicate,
+            Value::BulkString(_) | Value::SimpleString(_) => Claim::InProgress,
+            other => {
+                return Err(Error::new(
+                    ErrorKind::Backend,
+                    format!("unexpected reply to a dedup claim: {other:?}"),
+                ))
+            }
+        };
+        Ok((claim, token))
+    }
+
+    async fn complete_owned(&self, key: &str, _token: ClaimToken) -> Result<()> {
+        // Done is done, whoever holds the claim now: the message was handled.
+        self.complete(key).await
+    }
+
+    async fn release_owned(&self, key: &str, token: ClaimToken) -> Result<()> {
+        self.release_value(key, &self.claim_value(token)).await
+    }
+
     async fn complete(&self, key: &str) -> Result<()> {
         let mut cmd = redis::cmd("SET");
         cmd.arg(self.key(key))
@@ -221,19 +272,11 @@ impl DedupStore for RedisDedupStore {
     }
 
     async fn release(&self, key: &str) -> Result<()> {
-        static SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
         let Some(token) = Held::lock(&self.held).take(key) else {
             // Not ours, or not known to be ours: it expires after its TTL.
             return Ok(());
         };
-        let script = SCRIPT.get_or_init(|| Script::new(RELEASE));
-        let mut invocation = script.key(self.key(key));
-        invocation.arg(&token);
-        let mut conn = self.shared.conn();
-        self.shared
-            .with_timeout("dedup release", invocation.invoke_async::<i64>(&mut conn))
-            .await
-            .map(|_| ())
+        self.release_value(key, &token).await
     }
 }
 

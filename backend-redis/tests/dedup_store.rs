@@ -101,7 +101,9 @@ async fn dedup_middleware_across_two_workers() {
     for c in [c1.clone(), c2.clone()] {
         let store = c.dedup_store(Duration::from_secs(60));
         let calls = calls.clone();
+        // The copies are re-sends of the same content: key by content hash.
         let service = DedupLayer::new(store)
+            .content_hash(true)
             .retry_in_progress_after(Duration::from_millis(100))
             .layer(handler_fn(move |d: Delivery| {
                 let calls = calls.clone();
@@ -234,4 +236,47 @@ async fn endless_ttls_are_capped_not_refused() {
         store.claim("k", Duration::MAX).await.unwrap(),
         Claim::Duplicate
     );
+}
+
+/// The Dedup layer's owned claims: a release names its claim's token, so a handler
+/// that outlived its claim cannot free the claim another handler took since.
+#[tokio::test]
+async fn an_owned_release_never_drops_a_newer_claim() {
+    let cfg = config("owned-claims", "");
+    let c = cfg.consumer().await.unwrap();
+    let store = c.dedup_store(Duration::from_secs(60));
+    let (claim, old) = store
+        .claim_owned("k", Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert_eq!(claim, Claim::Claimed);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (claim, newer) = store
+        .claim_owned("k", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(claim, Claim::Claimed, "the old claim expired");
+    store.release_owned("k", old).await.unwrap();
+    let (claim, _) = store
+        .claim_owned("k", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        claim,
+        Claim::InProgress,
+        "the newer claim must survive the old release"
+    );
+    store.release_owned("k", newer).await.unwrap();
+    let (claim, t) = store
+        .claim_owned("k", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(claim, Claim::Claimed);
+    store.complete_owned("k", t).await.unwrap();
+    let (claim, _) = store
+        .claim_owned("k", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(claim, Claim::Duplicate);
+    cfg.delete_queue().await.unwrap();
 }

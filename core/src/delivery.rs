@@ -263,6 +263,8 @@ impl AckHandle {
         }
         // Measured before the call, so the local deadline errs on the early side.
         let asked_at = Instant::now();
+        // A `LeaseExpired` here does not make the handle lost: on some backends (memory,
+        // SQS) the old lease can still settle until someone else received the message.
         self.shared.backend.extend(by).await?;
         if let Some(lease) = self.shared.lease {
             let shift = match asked_at.checked_add(by) {

@@ -106,8 +106,8 @@ struct State<C> {
 ///   time (a moving average). Until a handler time has been seen, nothing is
 ///   prefetched beyond the free slots.
 /// - **never start a dying lease**: a delivery whose lease has less than a margin
-///   left (the expected handler time, at least a tenth and at most half of the
-///   visibility timeout) is released unstarted, so the redelivery is the only run.
+///   left (the expected handler time plus a tenth of the visibility timeout for the
+///   ack, at most half of the visibility timeout) is released unstarted, so the redelivery is the only run.
 ///
 /// Extending every prefetched lease instead would cost a round trip per waiting
 /// message per period (and money, on SQS) to keep messages that another consumer
@@ -166,7 +166,10 @@ impl Pacing {
             .handler_secs
             .and_then(|s| Duration::try_from_secs_f64(s).ok())
             .unwrap_or_default();
-        expected.clamp(visibility / 10, visibility / 2)
+        // Room for the handler and then its ack (a tenth of the lease).
+        expected
+            .saturating_add(visibility / 10)
+            .clamp(visibility / 10, visibility / 2)
     }
 
     /// Whether `delivery` may be started now.

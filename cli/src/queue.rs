@@ -1,5 +1,5 @@
 //! `ferry queue create|ensure|delete|purge|describe|peek URL`: a queue's
-//! administration, over [`Admin`](ferrymq::Admin), the same on every backend. What a
+//! administration, over [`Admin`], the same on every backend. What a
 //! backend cannot do is refused as `unsupported`, by name.
 //!
 //! ```text

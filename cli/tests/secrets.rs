@@ -82,6 +82,26 @@ fn no_subcommand_prints_a_secret_from_its_urls() {
 }
 
 #[test]
+fn a_url_from_ferrymq_url_is_scrubbed_too() {
+    for url in urls() {
+        for args in [
+            &["depth"][..],
+            &["receive", "--wait", "10ms"],
+            &["send", "x"],
+        ] {
+            let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+                .args(args)
+                .env("FERRYMQ_URL", &url)
+                .env("RUST_LOG", "trace")
+                .output()
+                .unwrap();
+            assert!(!out.status.success(), "{url}");
+            assert_no_secret(args, &out);
+        }
+    }
+}
+
+#[test]
 fn debug_logs_print_no_secret_either() {
     for url in urls() {
         for args in commands(&url) {

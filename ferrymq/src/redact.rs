@@ -66,7 +66,7 @@ impl Secrets {
     /// Add the secrets of every URL in `text`: the password of its user info, and the
     /// values of query parameters whose names look secret (`password`, `token`,
     /// `sasl.password`, `aws_secret_access_key` ... see
-    /// [`is_secret_param`](ferrymq_core::config::is_secret_param)). Read without a
+    /// [`is_secret_param`]). Read without a
     /// URL parser, so a URL that does not parse (a bad port, several hosts) is
     /// covered too.
     pub fn add_text(&mut self, text: &str) {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use ferrymq_core::middleware::outcome::{self, Outcome};
 use ferrymq_core::{Ack, Error, ErrorKind, Result};
 use redis::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -235,6 +236,11 @@ impl RedisAck {
                     stream_id = %self.stream_id,
                     "ferrymq-redis: message dead-lettered after max_deliveries"
                 );
+                // The nack succeeded — the message left the queue — but it went to
+                // the dead-letter stream, not back for another attempt. Said through
+                // the worker's outcome record (a no-op outside a handler's scope):
+                // an error would leave the handle pending, which it is not.
+                outcome::record(Outcome::DeadLettered);
                 Ok(())
             }
             _ => Ok(()),

@@ -13,6 +13,7 @@ use crate::client::{map_error, ms, Shared, MAX_BATCH};
 use crate::codec::{decode_fields, stream_id_ms, system_time};
 use crate::config::RedisConfig;
 use crate::scripts::scripts;
+use crate::settings::Role;
 
 /// Administration of one Redis queue (see [`Admin`]): create, describe, purge, peek,
 /// the dead-letter stream and its redrive. Holds its own connection.
@@ -42,10 +43,12 @@ impl std::fmt::Debug for RedisAdmin {
 }
 
 impl RedisConfig {
-    /// Connect the queue's administration.
+    /// Connect the queue's administration. It adopts the settings recorded with
+    /// the queue (priority levels, group, visibility, dead-letter bounds), so it
+    /// describes the queue as it is, whatever this config says of them.
     pub async fn admin(&self) -> Result<RedisAdmin> {
         Ok(RedisAdmin {
-            shared: Shared::connect(self.clone()).await?,
+            shared: Shared::connect(self.clone(), Role::Admin).await?,
         })
     }
 }
@@ -115,6 +118,19 @@ impl RedisAdmin {
         &self.shared.config
     }
 
+    /// Forget the settings recorded with the queue (`ferrymq:{Q}:meta`), so the
+    /// next client records its own: the way to change `priority_levels`,
+    /// `visibility` or the group of a queue. Stop every producer and consumer of
+    /// the queue first — clients still running keep their old settings — and
+    /// drain it before lowering `priority_levels` (levels above the new count are
+    /// no longer read). Returns whether settings were recorded.
+    pub async fn forget_settings(&self) -> Result<bool> {
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(&self.shared.keys.meta);
+        let n: u64 = self.shared.query(&cmd, "DEL").await?;
+        Ok(n > 0)
+    }
+
     /// Whether any key of the queue exists.
     async fn exists(&self) -> Result<bool> {
         let keys = &self.shared.keys;
@@ -122,7 +138,8 @@ impl RedisAdmin {
         cmd.arg(&keys.ready)
             .arg(&keys.delayed)
             .arg(&keys.dead)
-            .arg(&keys.jobs);
+            .arg(&keys.jobs)
+            .arg(&keys.meta);
         let n: u64 = self.shared.query(&cmd, "EXISTS").await?;
         Ok(n > 0)
     }
@@ -232,6 +249,9 @@ impl Admin for RedisAdmin {
 
     async fn ensure(&self, spec: &QueueSpec) -> Result<QueueInfo> {
         check_spec(self.config(), spec)?;
+        // Declares the queue: settings not yet recorded are recorded from this
+        // config, so later clients must agree with them.
+        self.shared.record_settings(Role::Admin).await?;
         self.shared.ensure_group().await?;
         self.info().await
     }

@@ -19,6 +19,7 @@ use redis::{AsyncConnectionConfig, Cmd, FromRedisValue, RedisError, Value};
 use crate::config::RedisConfig;
 use crate::keys::Keys;
 use crate::scripts::{scripts, Lua};
+use crate::settings::Role;
 
 /// Whole milliseconds of `d`, saturating (a script argument).
 pub(crate) fn ms(d: Duration) -> u64 {
@@ -83,7 +84,7 @@ pub(crate) fn capabilities(config: &RedisConfig) -> Capabilities {
 }
 
 impl Shared {
-    pub(crate) async fn connect(config: RedisConfig) -> Result<Arc<Shared>> {
+    pub(crate) async fn connect(config: RedisConfig, role: Role) -> Result<Arc<Shared>> {
         config.validate()?;
         let endpoint = config.endpoint();
         let url = config.client_url()?;
@@ -137,6 +138,26 @@ impl Shared {
             .build()
             .map_err(|e| Error::new(ErrorKind::InvalidConfig, format!("connection pool: {e}")))?;
 
+        // An admin describes the queue as it is: it adopts the recorded settings
+        // (and the keys of the recorded priority levels) before anything else.
+        let config = if role == Role::Admin {
+            let meta = Keys::new(&config.queue, 1).meta;
+            let reply = tokio::time::timeout(
+                config.command_timeout,
+                redis::cmd("HGETALL")
+                    .arg(&meta)
+                    .query_async::<Value>(&mut conns[0].clone()),
+            )
+            .await;
+            match reply {
+                Ok(Ok(v)) => crate::settings::adopt(config, &crate::settings::recorded(v)),
+                // Refused or timed out: the startup checks below say why.
+                _ => config,
+            }
+        } else {
+            config
+        };
+
         let shared = Arc::new(Shared {
             queue: config.queue.as_str().into(),
             keys: Keys::new(&config.queue, config.priority_levels),
@@ -148,7 +169,25 @@ impl Shared {
             config,
         });
         shared.startup_checks().await?;
+        if !matches!(role, Role::Admin | Role::Other) {
+            shared.record_settings(role).await?;
+        }
         Ok(shared)
+    }
+
+    /// Record this client's settings of `role` where the queue has none yet, and
+    /// refuse the connection when the recorded ones disagree (see
+    /// [`settings`](crate::settings)).
+    pub(crate) async fn record_settings(&self, role: Role) -> Result<()> {
+        let settings = crate::settings::settings_of(&self.config, role);
+        let lua = &scripts().settings;
+        let mut cmd = lua.call(1);
+        cmd.arg(&self.keys.meta).arg("1");
+        for (field, value, _) in &settings {
+            cmd.arg(*field).arg(value);
+        }
+        let recorded = crate::settings::recorded(self.eval(lua, &cmd).await?);
+        crate::settings::check(&self.config, role, &recorded, &self.keys.meta)
     }
 
     /// PING (an unauthenticated connection fails here with `Auth`), the eviction
@@ -157,6 +196,7 @@ impl Shared {
         let mut pipe = redis::pipe();
         pipe.cmd("PING");
         pipe.cmd("CONFIG").arg("GET").arg("maxmemory-policy");
+        pipe.cmd("INFO").arg("server");
         let typed = self.keys.typed();
         for (key, _) in &typed {
             pipe.cmd("TYPE").arg(*key);
@@ -180,6 +220,17 @@ impl Shared {
                 "ferrymq-redis: CONFIG GET maxmemory-policy refused; cannot check eviction policy"
             ),
             Some(v) => self.check_eviction(v),
+            None => {}
+        }
+        match replies.next() {
+            Some(Value::ServerError(e)) => tracing::debug!(
+                error = %RedisError::from(e),
+                "ferrymq-redis: INFO server refused; cannot check the server version"
+            ),
+            Some(v) => {
+                let text: String = FromRedisValue::from_redis_value(v).unwrap_or_default();
+                check_version(&text, &self.endpoint)?;
+            }
             None => {}
         }
         for (key, expected) in typed {
@@ -395,6 +446,46 @@ impl Shared {
     }
 }
 
+/// Oldest server this backend works with: `SET … NX GET` (the dedup store's
+/// claim) and `XAUTOCLAIM`-era stream commands are 7.0. On an older server the
+/// dedup claim fails every time, so the Dedup middleware would defer every message
+/// forever.
+pub(crate) const MIN_VERSION: (u32, u32) = (7, 0);
+
+/// `redis_version` of an `INFO server` reply, as (major, minor, patch).
+pub(crate) fn parse_version(info: &str) -> Option<(u32, u32, u32)> {
+    let line = info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("redis_version:"))?;
+    let mut parts = line.trim().split('.').map(|p| {
+        p.chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse::<u32>()
+            .ok()
+    });
+    let major = parts.next()??;
+    let minor = parts.next().flatten().unwrap_or(0);
+    let patch = parts.next().flatten().unwrap_or(0);
+    Some((major, minor, patch))
+}
+
+/// `Unsupported` naming the version needed when the server is older than
+/// [`MIN_VERSION`]; an INFO reply without a version is let through.
+pub(crate) fn check_version(info: &str, endpoint: &str) -> Result<()> {
+    match parse_version(info) {
+        Some((major, minor, patch)) if (major, minor) < MIN_VERSION => Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "redis at {endpoint} is version {major}.{minor}.{patch}; ferrymq-redis needs Redis {}.{} \
+                 or newer (SET … NX GET for dedup claims, stream commands of 7.0)",
+                MIN_VERSION.0, MIN_VERSION.1
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 trait WithContext {
     fn with_context(self, ctx: &str) -> Self;
 }
@@ -486,4 +577,36 @@ fn open_error(e: RedisError, config: &RedisConfig) -> Error {
         );
     }
     Error::invalid_config("url", format!("{}: {e}", config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_read_from_info_server() {
+        let info = "# Server\r\nredis_version:7.0.15\r\nredis_git_sha1:00000000\r\n";
+        assert_eq!(parse_version(info), Some((7, 0, 15)));
+        assert_eq!(parse_version("redis_version:6.2.14\n"), Some((6, 2, 14)));
+        assert_eq!(parse_version("redis_version:8.0-rc1\n"), Some((8, 0, 0)));
+        assert_eq!(
+            parse_version("redis_version:255.255.255"),
+            Some((255, 255, 255))
+        );
+        assert_eq!(parse_version("no version here"), None);
+        assert_eq!(parse_version("redis_version:\n"), None);
+    }
+
+    #[test]
+    fn an_old_server_is_unsupported_naming_the_version_needed() {
+        let e = check_version("redis_version:6.2.14\r\n", "h:6379/0").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        assert!(e.to_string().contains("6.2.14"), "{e}");
+        assert!(e.to_string().contains("needs Redis 7.0 or newer"), "{e}");
+        assert!(check_version("redis_version:5.0.0", "h").is_err());
+        assert!(check_version("redis_version:7.0.0", "h").is_ok());
+        assert!(check_version("redis_version:7.2.4", "h").is_ok());
+        assert!(check_version("redis_version:10.0.0", "h").is_ok());
+        assert!(check_version("", "h").is_ok(), "no version: let through");
+    }
 }

@@ -40,6 +40,7 @@
 //! | `ferrymq:{Q}:revoked` | set | `N/stream-id` of entries reclaimed while still held (one member per entry, however often), so acks of them check the lease and stale handles get `LeaseExpired`; emptied as the entries leave |
 //! | `ferrymq:{Q}:handled:K` | string | [`RedisDedupStore`] (Dedup middleware): `claimed:<store>` (claim TTL) or `done` (retention) |
 //! | `ferrymq:{Q}:seq` | string | counter for the ids of delayed sends |
+//! | `ferrymq:{Q}:meta` | hash | the queue's settings, recorded by its first client and checked by every other (`priority_levels`, `group`, `visibility_ms`, `max_deliveries`, `dlq_max_len`, `dlq_retention_ms`) |
 //!
 //! A stream entry's fields: `p` payload, `h` headers (`<len>:<name><len>:<value>`…,
 //! binary-safe, no escaping), `k` key, `d` dedup id, `r` priority, and, once a
@@ -131,15 +132,21 @@
 //!   `dlq_retention`. See [`RedisConsumer::dead_letters`] and
 //!   [`RedisConsumer::redrive`]. (The `RetryToDlq` middleware is the other way:
 //!   it publishes to a DLQ producer of your choice.)
-//! - **Group**: every consumer of a queue must use the same group — acked entries
-//!   are deleted, so a queue is one work queue, not a fan-out topic.
+//! - **Settings are the queue's**: the first client records the queue's settings
+//!   in `ferrymq:{Q}:meta`; a producer whose `priority_levels`, or a consumer whose
+//!   `priority_levels`, `group`, `visibility`, `max_deliveries`, `dlq_max_len` or
+//!   `dlq_retention` disagree is refused at connect (`InvalidConfig` naming the
+//!   setting). So every consumer of a queue uses the same group — acked entries are
+//!   deleted, so a queue is one work queue, not a fan-out topic.
 //! - **Failures**: an unreachable server is `Connection` (within `connect_timeout`),
 //!   refused credentials `Auth`, a key of the wrong type `Backend` (naming the key
 //!   at startup), no answer within `command_timeout` `Timeout` — except for a
 //!   send, where no answer (or a connection that broke after the request was
 //!   written) is `OutcomeUnknown`: the message may be enqueued. Connections
 //!   reconnect by themselves; scripts lost by a restarted server are reloaded.
-//!   Startup warns (tracing) when `maxmemory-policy` is `allkeys-*`.
+//!   Startup warns (tracing) when `maxmemory-policy` is `allkeys-*`, and refuses a
+//!   server older than Redis 7.0 (`Unsupported`, naming the version needed; read
+//!   from `INFO server`).
 //! - **Cancellation**: a `receive` future dropped while its call is on the wire may
 //!   leave deliveries leased to nobody; they come back after the visibility timeout
 //!   (attempt + 1). A cancelled blocking read drops its connection, so the server
@@ -160,6 +167,7 @@ mod driver;
 mod keys;
 mod producer;
 mod scripts;
+mod settings;
 
 pub use admin::RedisAdmin;
 pub use config::{RedisConfig, MAX_DLQ_RETENTION, MAX_PRIORITY_LEVELS};

@@ -721,10 +721,11 @@ pub(crate) struct Scripts {
     pub(crate) redrive: Lua,
     pub(crate) peek: Lua,
     pub(crate) purge: Lua,
+    pub(crate) settings: Lua,
 }
 
 impl Scripts {
-    pub(crate) fn all(&self) -> [&Lua; 10] {
+    pub(crate) fn all(&self) -> [&Lua; 11] {
         [
             &self.enqueue,
             &self.maintain,
@@ -736,6 +737,7 @@ impl Scripts {
             &self.redrive,
             &self.peek,
             &self.purge,
+            &self.settings,
         ]
     }
 }
@@ -753,5 +755,6 @@ pub(crate) fn scripts() -> &'static Scripts {
         redrive: Lua::new("redrive", REDRIVE),
         peek: Lua::new("peek", PEEK),
         purge: Lua::new("purge", PURGE),
+        settings: Lua::new("settings", crate::settings::SETTINGS),
     })
 }

@@ -20,9 +20,11 @@ macro_rules! reliable {
     ($caps:expr, $dlq:expr, $handler:expr) => {
         ServiceBuilder::new()
             .layer(ExtendVisibilityLayer::from_capabilities($caps))
-            .layer(DedupLayer::new(MemoryDedupStore::new(Duration::from_secs(
-                3600,
-            ))))
+            // The demo re-sends an order with the same content: dedup by content.
+            .layer(
+                DedupLayer::new(MemoryDedupStore::new(Duration::from_secs(3600)))
+                    .content_hash(true),
+            )
             .layer(
                 RetryToDlqLayer::from_arc($dlq)
                     .max_attempts(3)

@@ -106,11 +106,18 @@ pub fn redrive_message(delivery: &Delivery, drop_dedup_id: bool) -> Message {
     let original = delivery.message();
     let mut headers = original.headers().clone();
     headers.remove(reserved::ATTEMPT);
+    // RetryToDlq sends the DLQ copy without its dedup id (so the DLQ's own window
+    // cannot drop a second dead-lettering) and keeps it in a reserved header.
+    let origin_dedup_id = headers.remove(reserved::ORIGIN_DEDUP_ID);
     let mut message = Message::new(original.payload().clone()).with_headers(headers);
     if let Some(key) = original.get_key() {
         message = message.key(key);
     }
-    if let (Some(id), false) = (original.get_dedup_id(), drop_dedup_id) {
+    let dedup_id = original
+        .get_dedup_id()
+        .map(str::to_owned)
+        .or(origin_dedup_id);
+    if let (Some(id), false) = (dedup_id, drop_dedup_id) {
         message = message.dedup_id(id);
     }
     if let Some(priority) = original.get_priority() {

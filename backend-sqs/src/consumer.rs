@@ -1,0 +1,800 @@
+//! Receiving: long polls, the per-consumer buffer, and FIFO runs.
+//!
+//! ## Long polls and cancellation
+//!
+//! A consumer has at most one `ReceiveMessage` call in flight, run by a task of its
+//! own: its result lands in the consumer's buffer, never in a future that may have
+//! been dropped. `receive(max, wait)` hands out what the buffer holds, else starts
+//! a poll (`WaitTimeSeconds` = the wait left, rounded **up** to whole seconds, at
+//! most the `wait` setting ≤ 20 s; polled again until the wait is over) and waits
+//! for it. A `receive` future dropped mid-call therefore leaves nothing leased to
+//! nobody: what its poll brings is served by the next `receive`. Every receive sends
+//! the configured `VisibilityTimeout`, so the capabilities and the queue never
+//! disagree, and asks for at most `min(max, 10, buffer room)` messages.
+//!
+//! ## FIFO: one head per group
+//!
+//! SQS FIFO hands out several messages of one group in one receive, and blocks the
+//! group while any of them is in flight. ferrymq's `Ordering::PerKey` promises one
+//! message of a key in flight at a time, so a receive hands out only the first
+//! message of each group (the *head*) and keeps the rest of the group's *run*
+//! leased in the consumer's buffer, in order:
+//!
+//! - the head **acked** (its delete applied): the next message of the run becomes
+//!   the head and is handed out by the next `receive` (a waiting one wakes);
+//! - the head **nacked, released, or lost** (its lease ran out, a settle found it
+//!   gone): the rest of the run is released at once (visibility 0). SQS keeps the
+//!   group blocked while the nacked head is invisible, then redelivers head and run
+//!   in order — to any consumer;
+//! - while buffered, a run is **extended** (`ChangeMessageVisibilityBatch` to the
+//!   visibility timeout whenever less than half of it is left), so it never comes
+//!   back behind its head's back. Losing any message of a run releases the rest:
+//!   a later message must never go out before an earlier one.
+//!
+//! The buffer is bounded by `fifo_buffer`: polls ask for no more than the room
+//! left. Released run messages count a receive in SQS (`ApproximateReceiveCount`),
+//! so with a native `maxReceiveCount` a group whose head keeps failing moves its
+//! later messages toward the DLQ too — as raw SQS FIFO consumers do.
+//!
+//! Buffered messages not handed out within twice the visibility timeout (at least
+//! 30 s) are released, and so is everything buffered when the consumer is closed
+//! or dropped.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use aws_sdk_sqs::types::{
+    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
+    MessageSystemAttributeName,
+};
+use ferrymq_core::time::{deadline_after, deadline_in};
+use ferrymq_core::{
+    AckHandle, Capabilities, Consumer, Delivery, DeliveryMeta, Depth, Error, ErrorKind, Message,
+    Result,
+};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::ack::{Lease, SqsAck};
+use crate::batcher::Batcher;
+use crate::client::{timeouts, Queue, MAX_BATCH};
+use crate::codec;
+use crate::config::{whole_seconds, MAX_VISIBILITY};
+use crate::error::{batch_entry_kind, map_sdk, Call};
+
+/// A received message in the consumer's hands, not (yet) handed out.
+struct Entry {
+    message: Message,
+    meta: DeliveryMeta,
+    receipt: String,
+    lease: Arc<Lease>,
+    group: Option<String>,
+    held_since: Instant,
+}
+
+/// A FIFO group with its head out (or in `ready`) and the rest buffered.
+struct Run {
+    head: Arc<Lease>,
+    tails: VecDeque<Entry>,
+}
+
+#[derive(Default)]
+struct Held {
+    /// Ready to hand out: standard-queue messages, and FIFO heads.
+    ready: VecDeque<Entry>,
+    /// FIFO: group → its run.
+    runs: HashMap<String, Run>,
+    /// Messages in all runs' tails.
+    tails: usize,
+    /// A poll is in flight.
+    polling: bool,
+    /// Polls completed so far.
+    polls_done: u64,
+    /// The last poll failed; handed to the next waiting receive.
+    error: Option<Error>,
+    /// Receives waiting for a poll.
+    waiters: usize,
+}
+
+impl Held {
+    fn buffered(&self) -> usize {
+        self.ready.len() + self.tails
+    }
+
+    /// Remove the run of `group` if `head` is its head; its tails' receipts.
+    fn take_run(&mut self, group: &str, head: &Arc<Lease>) -> Vec<String> {
+        match self.runs.get(group) {
+            Some(run) if Arc::ptr_eq(&run.head, head) => {}
+            _ => return Vec::new(),
+        }
+        let Some(run) = self.runs.remove(group) else {
+            return Vec::new();
+        };
+        self.tails -= run.tails.len();
+        run.tails.into_iter().map(|e| e.receipt).collect()
+    }
+
+    /// Everything buffered, for release.
+    fn take_all(&mut self) -> Vec<String> {
+        let mut receipts: Vec<String> = self.ready.drain(..).map(|e| e.receipt).collect();
+        for (_, run) in self.runs.drain() {
+            receipts.extend(run.tails.into_iter().map(|e| e.receipt));
+        }
+        self.tails = 0;
+        receipts
+    }
+}
+
+/// What consumers, their acks and their tasks share.
+pub(crate) struct Shared {
+    pub queue: Arc<Queue>,
+    held: Mutex<Held>,
+    notify: Notify,
+    closed: AtomicBool,
+    pub deleter: Batcher<String>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("queue", &self.queue.name)
+            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    fn held(&self) -> MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The head of `group` was acked: its next message becomes the head.
+    pub(crate) fn promote(&self, group: &str, head: &Arc<Lease>) {
+        {
+            let mut held = self.held();
+            let Some(run) = held.runs.get_mut(group) else {
+                return;
+            };
+            if !Arc::ptr_eq(&run.head, head) {
+                return;
+            }
+            match run.tails.pop_front() {
+                Some(next) => {
+                    run.head = next.lease.clone();
+                    held.tails -= 1;
+                    held.ready.push_back(next);
+                }
+                None => {
+                    held.runs.remove(group);
+                }
+            }
+        }
+        self.notify.notify_waiters();
+    }
+
+    /// The head of `group` was nacked, released or lost: give its run back.
+    pub(crate) fn release_run(self: &Arc<Self>, group: &str, head: &Arc<Lease>) {
+        let receipts = self.held().take_run(group, head);
+        self.spawn_release(receipts);
+    }
+
+    /// Release `receipts` (visibility 0) in the background; best effort — what is not
+    /// released comes back when its lease runs out.
+    fn spawn_release(self: &Arc<Self>, receipts: Vec<String>) {
+        if receipts.is_empty() {
+            return;
+        }
+        let queue = self.queue.clone();
+        tokio::spawn(async move {
+            let _ = change_visibility_batch(&queue, &receipts, 0).await;
+        });
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Close: no more receives; release everything buffered.
+    fn close(self: &Arc<Self>) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let receipts = self.held().take_all();
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.spawn_release(receipts);
+        }
+        self.notify.notify_waiters();
+    }
+
+    fn delivery(self: &Arc<Self>, entry: Entry) -> Delivery {
+        let deadline = entry.lease.deadline();
+        let ack = SqsAck {
+            shared: self.clone(),
+            receipt: entry.receipt,
+            lease: entry.lease,
+            group: entry.group,
+            message_id: entry.meta.id.clone(),
+        };
+        Delivery::new(
+            entry.message,
+            entry.meta,
+            AckHandle::with_lease(ack, deadline),
+        )
+        .with_capabilities(self.queue.caps.clone())
+    }
+
+    /// Start a poll for up to `max` messages waiting up to `wait`, unless one runs.
+    fn start_poll(self: &Arc<Self>, held: &mut Held, max: usize, wait: Duration) -> bool {
+        if held.polling {
+            return false;
+        }
+        let room = self
+            .queue
+            .config
+            .fifo_buffer
+            .saturating_sub(held.buffered());
+        let n = max.min(MAX_BATCH).min(room);
+        if n == 0 {
+            return false;
+        }
+        held.polling = true;
+        let wait_secs = whole_seconds(wait.min(self.queue.config.wait));
+        tokio::spawn(poll(self.clone(), n, wait_secs));
+        true
+    }
+
+    /// Place freshly received entries: standard → ready; FIFO → a new run's head
+    /// in ready, or behind its group's run.
+    fn place(&self, held: &mut Held, entries: Vec<Entry>) {
+        for entry in entries {
+            match &entry.group {
+                Some(group) => match held.runs.get_mut(group) {
+                    Some(run) => {
+                        run.tails.push_back(entry);
+                        held.tails += 1;
+                    }
+                    None => {
+                        held.runs.insert(
+                            group.clone(),
+                            Run {
+                                head: entry.lease.clone(),
+                                tails: VecDeque::new(),
+                            },
+                        );
+                        held.ready.push_back(entry);
+                    }
+                },
+                None => held.ready.push_back(entry),
+            }
+        }
+    }
+
+    /// Keep buffered leases alive, release what is stale, drop what is lost.
+    async fn maintain(self: &Arc<Self>) {
+        let now = Instant::now();
+        let vis = self.queue.visibility();
+        let hold_limit = (vis * 2).max(Duration::from_secs(30));
+        let mut release = Vec::new();
+        let mut extend: Vec<(String, Arc<Lease>)> = Vec::new();
+        {
+            let mut held = self.held();
+            // Runs whose head is gone: their tails go back.
+            let gone: Vec<(String, Arc<Lease>)> = held
+                .runs
+                .iter()
+                .filter(|(_, run)| run.head.is_gone(now))
+                .map(|(g, run)| (g.clone(), run.head.clone()))
+                .collect();
+            for (group, head) in gone {
+                release.extend(held.take_run(&group, &head));
+            }
+            // Ready entries waiting too long, or past the 12 h cap: back, with their runs.
+            let (stale, keep): (Vec<Entry>, Vec<Entry>) = held.ready.drain(..).partition(|e| {
+                now.saturating_duration_since(e.held_since) > hold_limit
+                    || e.lease.held_for(now).saturating_add(vis) > MAX_VISIBILITY
+                    || e.lease.is_gone(now)
+            });
+            held.ready = keep.into();
+            for e in stale {
+                if let Some(group) = &e.group {
+                    release.extend(held.take_run(group, &e.lease));
+                }
+                if !e.lease.is_gone(now) {
+                    release.push(e.receipt);
+                }
+            }
+            // Leases with less than half the visibility left: extend.
+            let due = |lease: &Lease| lease.deadline().saturating_duration_since(now) < vis / 2;
+            for e in &held.ready {
+                if due(&e.lease) {
+                    extend.push((e.receipt.clone(), e.lease.clone()));
+                }
+            }
+            for run in held.runs.values() {
+                for e in &run.tails {
+                    if due(&e.lease) {
+                        extend.push((e.receipt.clone(), e.lease.clone()));
+                    }
+                }
+            }
+        }
+        if !release.is_empty() {
+            let _ = change_visibility_batch(&self.queue, &release, 0).await;
+        }
+        if extend.is_empty() {
+            return;
+        }
+        let asked_at = Instant::now();
+        let receipts: Vec<String> = extend.iter().map(|(r, _)| r.clone()).collect();
+        let results =
+            change_visibility_batch(&self.queue, &receipts, self.queue.visibility_secs()).await;
+        let mut lost_any = false;
+        for ((_, lease), ok) in extend.iter().zip(results) {
+            match ok {
+                Ok(()) => lease.set_deadline(deadline_after(asked_at, vis)),
+                Err(e) if e.kind() == ErrorKind::LeaseExpired => {
+                    lease.lose();
+                    lost_any = true;
+                }
+                // Transient: tried again next tick; the entry is dropped once its
+                // lease runs out.
+                Err(_) => {}
+            }
+        }
+        if lost_any || extend.iter().any(|(_, l)| l.is_gone(Instant::now())) {
+            self.drop_lost().await;
+        }
+    }
+
+    /// Drop buffered entries whose lease is gone; a run missing a message gives the
+    /// rest back (its order could not be kept).
+    async fn drop_lost(self: &Arc<Self>) {
+        let now = Instant::now();
+        let mut release = Vec::new();
+        {
+            let mut held = self.held();
+            let (lost, keep): (Vec<Entry>, Vec<Entry>) =
+                held.ready.drain(..).partition(|e| e.lease.is_gone(now));
+            held.ready = keep.into();
+            for e in lost {
+                if let Some(group) = &e.group {
+                    release.extend(held.take_run(group, &e.lease));
+                }
+            }
+            let broken: Vec<(String, Arc<Lease>)> = held
+                .runs
+                .iter()
+                .filter(|(_, run)| run.tails.iter().any(|e| e.lease.is_gone(now)))
+                .map(|(g, run)| (g.clone(), run.head.clone()))
+                .collect();
+            for (group, head) in broken {
+                let receipts = held.take_run(&group, &head);
+                // The run is gone, but its head is still out: keep a run with no
+                // tails so a later receive of this group is not taken for a new head
+                // while the old head is unsettled.
+                held.runs.insert(
+                    group,
+                    Run {
+                        head,
+                        tails: VecDeque::new(),
+                    },
+                );
+                release.extend(receipts);
+            }
+        }
+        if !release.is_empty() {
+            let _ = change_visibility_batch(&self.queue, &release, 0).await;
+        }
+    }
+}
+
+/// `ChangeMessageVisibilityBatch` over `receipts` (chunks of 10), one result each.
+pub(crate) async fn change_visibility_batch(
+    queue: &Queue,
+    receipts: &[String],
+    secs: i32,
+) -> Vec<Result<()>> {
+    let mut results = Vec::with_capacity(receipts.len());
+    for chunk in receipts.chunks(MAX_BATCH) {
+        let entries: Vec<ChangeMessageVisibilityBatchRequestEntry> = chunk
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                ChangeMessageVisibilityBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(r)
+                    .visibility_timeout(secs)
+                    .build()
+                    .ok()
+            })
+            .collect();
+        let out = queue
+            .client
+            .change_message_visibility_batch()
+            .queue_url(queue.url())
+            .set_entries(Some(entries))
+            .send()
+            .await;
+        let mut chunk_results: Vec<Result<()>> = (0..chunk.len()).map(|_| Ok(())).collect();
+        match out {
+            Ok(out) => {
+                for failed in out.failed {
+                    if let Some(slot) = failed
+                        .id
+                        .parse::<usize>()
+                        .ok()
+                        .and_then(|i| chunk_results.get_mut(i))
+                    {
+                        *slot = Err(Error::new(
+                            batch_entry_kind(&failed.code, failed.sender_fault, Call::Other),
+                            format!(
+                                "SQS ChangeMessageVisibilityBatch entry on queue {}: {}",
+                                queue.name, failed.code
+                            ),
+                        ));
+                    }
+                }
+            }
+            Err(e) => {
+                let e = map_sdk(&queue.what("ChangeMessageVisibilityBatch"), Call::Other, e);
+                tracing::debug!(error = %e, "ferrymq-sqs: visibility change failed");
+                for slot in &mut chunk_results {
+                    *slot = Err(Error::new(e.kind(), e.message()));
+                }
+            }
+        }
+        results.extend(chunk_results);
+    }
+    results
+}
+
+/// `DeleteMessageBatch` over up to 10 receipts, one result each.
+pub(crate) async fn delete_batch(queue: &Queue, receipts: Vec<String>) -> Vec<Result<()>> {
+    let entries: Vec<DeleteMessageBatchRequestEntry> = receipts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            DeleteMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .receipt_handle(r)
+                .build()
+                .ok()
+        })
+        .collect();
+    let out = queue
+        .client
+        .delete_message_batch()
+        .queue_url(queue.url())
+        .set_entries(Some(entries))
+        .send()
+        .await;
+    let mut results: Vec<Result<()>> = (0..receipts.len()).map(|_| Ok(())).collect();
+    match out {
+        Ok(out) => {
+            for failed in out.failed {
+                if let Some(slot) = failed
+                    .id
+                    .parse::<usize>()
+                    .ok()
+                    .and_then(|i| results.get_mut(i))
+                {
+                    let kind = batch_entry_kind(&failed.code, failed.sender_fault, Call::Other);
+                    *slot = Err(Error::new(
+                        kind,
+                        format!(
+                            "SQS DeleteMessageBatch entry on queue {}: {} ({})",
+                            queue.name,
+                            failed.message.unwrap_or_default(),
+                            failed.code
+                        ),
+                    ));
+                }
+            }
+        }
+        Err(e) => {
+            let e = map_sdk(&queue.what("DeleteMessageBatch"), Call::Other, e);
+            for slot in &mut results {
+                *slot = Err(Error::new(e.kind(), e.message()));
+            }
+        }
+    }
+    results
+}
+
+fn system_attributes() -> Vec<MessageSystemAttributeName> {
+    vec![
+        MessageSystemAttributeName::ApproximateReceiveCount,
+        MessageSystemAttributeName::SentTimestamp,
+        MessageSystemAttributeName::MessageGroupId,
+        MessageSystemAttributeName::MessageDeduplicationId,
+        MessageSystemAttributeName::SequenceNumber,
+    ]
+}
+
+/// One `ReceiveMessage`; its messages go into the buffer.
+async fn poll(shared: Arc<Shared>, max: usize, wait_secs: i32) {
+    let queue = &shared.queue;
+    let sent_at = Instant::now();
+    let fifo = queue.fifo();
+    let wait = Duration::from_secs(u64::try_from(wait_secs).unwrap_or(0));
+    let result = queue
+        .client
+        .receive_message()
+        .queue_url(queue.url())
+        .max_number_of_messages(i32::try_from(max).unwrap_or(10))
+        .wait_time_seconds(wait_secs)
+        .visibility_timeout(queue.visibility_secs())
+        .set_message_system_attribute_names(Some(system_attributes()))
+        .message_attribute_names("All")
+        // FIFO: an SDK retry of a receive whose answer was lost gets the same messages
+        // back instead of leaving them (and their groups) locked.
+        .set_receive_request_attempt_id(fifo.then(|| format!("{:032x}", rand::random::<u128>())))
+        .customize()
+        .config_override(
+            aws_sdk_sqs::config::Builder::default().timeout_config(timeouts(&queue.config, wait)),
+        )
+        .send()
+        .await;
+    let now = Instant::now();
+    let mut release = Vec::new();
+    {
+        let mut held = shared.held();
+        held.polling = false;
+        held.polls_done += 1;
+        match result {
+            Ok(out) => {
+                let entries: Vec<Entry> = out
+                    .messages
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|m| entry(queue, m, sent_at, now))
+                    .collect();
+                if shared.is_closed() {
+                    release.extend(entries.into_iter().map(|e| e.receipt));
+                } else {
+                    shared.place(&mut held, entries);
+                }
+            }
+            Err(e) => {
+                let e = map_sdk(&queue.what("ReceiveMessage"), Call::Other, e);
+                if held.waiters > 0 {
+                    held.error = Some(e);
+                } else {
+                    tracing::warn!(error = %e, "ferrymq-sqs: a background receive failed");
+                }
+            }
+        }
+    }
+    shared.notify.notify_waiters();
+    if !release.is_empty() {
+        let _ = change_visibility_batch(queue, &release, 0).await;
+    }
+}
+
+/// A received SQS message as a buffered entry.
+fn entry(
+    queue: &Queue,
+    m: aws_sdk_sqs::types::Message,
+    sent_at: Instant,
+    now: Instant,
+) -> Option<Entry> {
+    let receipt = m.receipt_handle?;
+    let system = m.attributes;
+    let get = |name: MessageSystemAttributeName| system.as_ref().and_then(|s| s.get(&name));
+    let fifo = queue.fifo();
+    let message = match codec::decode(
+        m.body.as_deref(),
+        m.message_attributes.as_ref(),
+        system.as_ref(),
+        fifo,
+    ) {
+        Ok(message) => message,
+        Err(e) => {
+            tracing::warn!(queue = %queue.name, error = %e, "ferrymq-sqs: a message could not be decoded; delivering its raw body");
+            Message::new(m.body.unwrap_or_default())
+        }
+    };
+    let attempt = get(MessageSystemAttributeName::ApproximateReceiveCount)
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    let enqueued_at = get(MessageSystemAttributeName::SentTimestamp)
+        .and_then(|v| v.parse::<u64>().ok())
+        .and_then(|ms| UNIX_EPOCH.checked_add(Duration::from_millis(ms)))
+        .unwrap_or_else(SystemTime::now);
+    let mut meta = DeliveryMeta::new(
+        m.message_id.unwrap_or_default(),
+        attempt,
+        enqueued_at,
+        queue.name.clone(),
+    );
+    if let Some(seq) = get(MessageSystemAttributeName::SequenceNumber) {
+        meta = meta.with_position(seq.clone());
+    }
+    let group = if fifo {
+        get(MessageSystemAttributeName::MessageGroupId).cloned()
+    } else {
+        None
+    };
+    Some(Entry {
+        message,
+        meta,
+        receipt,
+        lease: Arc::new(Lease::new(sent_at, queue.visibility())),
+        group,
+        held_since: now,
+    })
+}
+
+/// Receives from one SQS queue.
+///
+/// See the [module docs](self) for long polls, cancellation and FIFO runs.
+/// Dropping the consumer closes it: buffered messages are released.
+#[derive(Debug)]
+pub struct SqsConsumer {
+    shared: Arc<Shared>,
+    maintenance: tokio::task::AbortHandle,
+}
+
+impl SqsConsumer {
+    pub(crate) fn new(queue: Arc<Queue>) -> Self {
+        let deleter = {
+            let queue = queue.clone();
+            Batcher::spawn(
+                "DeleteMessageBatch",
+                queue.config.ack_linger,
+                move |receipts: Vec<String>| {
+                    let queue = queue.clone();
+                    async move { delete_batch(&queue, receipts).await }
+                },
+            )
+        };
+        let shared = Arc::new(Shared {
+            queue,
+            held: Mutex::new(Held::default()),
+            notify: Notify::new(),
+            closed: AtomicBool::new(false),
+            deleter,
+        });
+        let maintenance = tokio::spawn(maintain_loop(Arc::downgrade(&shared))).abort_handle();
+        SqsConsumer {
+            shared,
+            maintenance,
+        }
+    }
+
+    /// The queue URL.
+    pub fn queue_url(&self) -> &str {
+        self.shared.queue.url()
+    }
+
+    /// Messages this consumer holds without having handed them out (FIFO runs behind
+    /// their heads, and what a cancelled receive brought).
+    pub fn buffered(&self) -> usize {
+        self.shared.held().buffered()
+    }
+}
+
+async fn maintain_loop(weak: Weak<Shared>) {
+    let tick = {
+        let Some(shared) = weak.upgrade() else {
+            return;
+        };
+        (shared.queue.visibility() / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
+    };
+    loop {
+        tokio::time::sleep(tick).await;
+        let Some(shared) = weak.upgrade() else {
+            return;
+        };
+        if shared.is_closed() {
+            return;
+        }
+        shared.maintain().await;
+    }
+}
+
+impl Drop for SqsConsumer {
+    fn drop(&mut self) {
+        self.maintenance.abort();
+        self.shared.close();
+    }
+}
+
+#[async_trait]
+impl Consumer for SqsConsumer {
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        let shared = &self.shared;
+        if shared.is_closed() {
+            return Err(Error::closed("SQS consumer"));
+        }
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let deadline = deadline_in(wait);
+        // With no wait, one short poll of our own is still made and waited for.
+        let mut must_see: Option<u64> = None;
+        let mut waiting = WaiterGuard {
+            shared,
+            counted: false,
+        };
+        loop {
+            let notified = shared.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut held = shared.held();
+                if !held.ready.is_empty() {
+                    let n = max.min(held.ready.len());
+                    let entries: Vec<Entry> = held.ready.drain(..n).collect();
+                    drop(held);
+                    return Ok(entries.into_iter().map(|e| shared.delivery(e)).collect());
+                }
+                if let Some(e) = held.error.take() {
+                    return Err(e);
+                }
+                if shared.is_closed() {
+                    return Err(Error::closed("SQS consumer"));
+                }
+                let now = Instant::now();
+                let ours_done = must_see.is_none_or(|gen| held.polls_done > gen);
+                if now >= deadline && ours_done {
+                    return Ok(Vec::new());
+                }
+                if !held.polling {
+                    let gen = held.polls_done;
+                    if shared.start_poll(&mut held, max, deadline.saturating_duration_since(now))
+                        && wait.is_zero()
+                    {
+                        must_see = Some(gen);
+                    }
+                }
+                if !waiting.counted {
+                    held.waiters += 1;
+                    waiting.counted = true;
+                }
+            }
+            if must_see.is_some() {
+                notified.await;
+            } else {
+                let _ = tokio::time::timeout_at(deadline, notified).await;
+            }
+        }
+    }
+
+    async fn depth(&self) -> Result<Depth> {
+        self.shared.queue.depth().await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.shared.close();
+        Ok(())
+    }
+
+    fn queue(&self) -> &str {
+        &self.shared.queue.name
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.shared.queue.caps
+    }
+}
+
+/// Counts a waiting receive (so a failed background poll reports to it) until the
+/// receive returns or is dropped.
+struct WaiterGuard<'a> {
+    shared: &'a Shared,
+    counted: bool,
+}
+
+impl Drop for WaiterGuard<'_> {
+    fn drop(&mut self) {
+        if self.counted {
+            let mut held = self.shared.held();
+            held.waiters = held.waiters.saturating_sub(1);
+        }
+    }
+}

@@ -19,7 +19,7 @@ use ferrymq_core::{Ack, Error, ErrorKind, Result};
 use tokio::time::Instant;
 
 use crate::config::{whole_seconds, MAX_VISIBILITY};
-use crate::consumer::Shared;
+use crate::consumer::{change_visibility_batch, Shared};
 use crate::error::{map_sdk, Call};
 
 const LIVE: u8 = 0;
@@ -127,10 +127,11 @@ impl SqsAck {
         Ok(())
     }
 
-    /// The head of a FIFO run is gone: give the rest of its run back.
+    /// The head of a FIFO run is gone: forget its run (its tails run out no later
+    /// than it did).
     fn after_lost(&self) {
         if let Some(group) = &self.group {
-            self.shared.release_run(group, &self.lease);
+            self.shared.forget_run(group, &self.lease);
         }
     }
 
@@ -178,11 +179,30 @@ impl SqsAck {
         self.shared.queue.caps.check_nack_delay(Some(delay))?;
         self.check_cap(op, delay)?;
         self.check_lease()?;
-        self.change_visibility(op, whole_seconds(delay)).await?;
-        self.lease.settle();
-        if let Some(group) = &self.group {
-            self.shared.release_run(group, &self.lease);
+        let secs = whole_seconds(delay);
+        let changes = match &self.group {
+            Some(group) => self
+                .shared
+                .give_back_run(group, &self.lease, &self.receipt, secs),
+            None => Vec::new(),
+        };
+        if changes.len() > 1 {
+            // A FIFO head with its run: all in one call, the head last.
+            let results = change_visibility_batch(&self.shared.queue, &changes).await;
+            match results.into_iter().last() {
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    if e.kind() == ErrorKind::LeaseExpired {
+                        self.lease.lose();
+                    }
+                    return Err(e);
+                }
+                None => {}
+            }
+        } else {
+            self.change_visibility(op, secs).await?;
         }
+        self.lease.settle();
         Ok(())
     }
 }

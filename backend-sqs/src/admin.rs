@@ -34,8 +34,8 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 ///   `…NotVisible` / `…Delayed` (a nack with a delay counts as in flight: SQS has no
 ///   other word for it) plus the dead-letter queue's count, the queue's attributes as
 ///   settings, and warnings.
-/// - `purge`: `PurgeQueue`; returns the approximate count before it (SQS does not say
-///   how many went, and allows one purge per 60 s).
+/// - `purge`: `Unsupported` — SQS's `PurgeQueue` deletes in-flight messages too,
+///   which `Admin::purge` must spare. [`SqsAdmin::purge_all`] is the SQS purge.
 /// - `peek`, `peek_dead_letters`: `Unsupported`. An SQS receive always leases the
 ///   message and increments its `ApproximateReceiveCount`, which counts toward the
 ///   `maxReceiveCount` of a redrive policy; a "peek" could dead-letter a message.
@@ -222,6 +222,40 @@ impl SqsAdmin {
         let mut config = self.config.clone();
         config.account = account;
         find_queue_url(&self.client, &config, name_of_arn(dlq_arn)).await
+    }
+
+    /// SQS `PurgeQueue`: deletes **every** message of the queue, in-flight ones
+    /// included (their acks then fail or do nothing), within up to 60 s; SQS allows
+    /// one purge per queue per 60 s (`Throttled` otherwise). Returns the approximate
+    /// count of waiting, in-flight and delayed messages before it. Not
+    /// [`Admin::purge`], which must spare in-flight messages.
+    pub async fn purge_all(&self) -> Result<u64> {
+        let url = self.require_url().await?;
+        let before = get_attributes(
+            &self.client,
+            &url,
+            &self.config.queue,
+            &[
+                QueueAttributeName::ApproximateNumberOfMessages,
+                QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+                QueueAttributeName::ApproximateNumberOfMessagesDelayed,
+            ],
+        )
+        .await
+        .map(|a| depth_of(&a).total())?;
+        self.client
+            .purge_queue()
+            .queue_url(&url)
+            .send()
+            .await
+            .map_err(|e| {
+                map_sdk(
+                    &format!("PurgeQueue of queue {}", self.config.queue),
+                    Call::Other,
+                    e,
+                )
+            })?;
+        Ok(before)
     }
 
     async fn own_profile(&self) -> Result<QueueProfile> {
@@ -469,28 +503,11 @@ impl Admin for SqsAdmin {
     }
 
     async fn purge(&self) -> Result<u64> {
-        let url = self.require_url().await?;
-        let before = get_attributes(
-            &self.client,
-            &url,
-            &self.config.queue,
-            &[QueueAttributeName::ApproximateNumberOfMessages],
-        )
-        .await
-        .map(|a| depth_of(&a).waiting)?;
-        self.client
-            .purge_queue()
-            .queue_url(&url)
-            .send()
-            .await
-            .map_err(|e| {
-                map_sdk(
-                    &format!("PurgeQueue of queue {}", self.config.queue),
-                    Call::Other,
-                    e,
-                )
-            })?;
-        Ok(before)
+        Err(Error::unsupported(
+            "SQS's PurgeQueue deletes in-flight messages too, so it cannot purge only what \
+             is not in flight (the Admin::purge contract); SqsAdmin::purge_all does the SQS \
+             purge, in-flight messages included",
+        ))
     }
 
     async fn peek(&self, max: usize) -> Result<Vec<Peeked>> {

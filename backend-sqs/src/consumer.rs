@@ -75,9 +75,13 @@ struct Entry {
     held_since: Instant,
 }
 
-/// A FIFO group with its head out (or in `ready`) and the rest buffered.
+/// A FIFO group whose head is out (or waiting in `ready`), with the rest of its
+/// run buffered behind it.
 struct Run {
     head: Arc<Lease>,
+    head_receipt: String,
+    /// The head was handed out (else it waits in `ready`, leased by us).
+    head_out: bool,
     tails: VecDeque<Entry>,
 }
 
@@ -99,13 +103,16 @@ struct Held {
     waiters: usize,
 }
 
+/// Visibility changes to make: `(receipt handle, seconds)`, in order.
+type Changes = Vec<(String, i32)>;
+
 impl Held {
     fn buffered(&self) -> usize {
         self.ready.len() + self.tails
     }
 
-    /// Remove the run of `group` if `head` is its head; its tails' receipts.
-    fn take_run(&mut self, group: &str, head: &Arc<Lease>) -> Vec<String> {
+    /// Remove the run of `group` if `head` is its head; its tails.
+    fn take_run(&mut self, group: &str, head: &Arc<Lease>) -> Vec<Entry> {
         match self.runs.get(group) {
             Some(run) if Arc::ptr_eq(&run.head, head) => {}
             _ => return Vec::new(),
@@ -114,18 +121,43 @@ impl Held {
             return Vec::new();
         };
         self.tails -= run.tails.len();
-        run.tails.into_iter().map(|e| e.receipt).collect()
+        run.tails.into()
     }
 
-    /// Everything buffered, for release.
-    fn take_all(&mut self) -> Vec<String> {
-        let mut receipts: Vec<String> = self.ready.drain(..).map(|e| e.receipt).collect();
-        for (_, run) in self.runs.drain() {
-            receipts.extend(run.tails.into_iter().map(|e| e.receipt));
+    /// Give back everything not handed out; forget the tails of heads that are out
+    /// (they run out no later than their head, see [`run_back`]).
+    fn take_all(&mut self) -> Changes {
+        let ready: Vec<Entry> = self.ready.drain(..).collect();
+        let mut changes = Changes::new();
+        for e in ready {
+            let tails = match &e.group {
+                Some(group) => self.take_run(group, &e.lease),
+                None => Vec::new(),
+            };
+            changes.extend(run_back(e.receipt, tails, 0));
         }
+        self.runs.clear();
         self.tails = 0;
-        receipts
+        changes
     }
+}
+
+/// The visibility changes that give a FIFO run back: its tails, then its head, all
+/// with the same timeout — at least 1 s when there are tails.
+///
+/// SQS returns a group's visible messages up to its first invisible one, so any
+/// order of changes is safe there. LocalStack (4.13.1, localstack#12457) hands out
+/// a message made visible by `ChangeMessageVisibility` even while an earlier
+/// message of its group is in flight; a run whose head and tails come back in one
+/// requeue pass of its (once a second) timer cannot be split that way. So the whole
+/// run goes back together after ≥ 1 s, the tails' deadlines no later than the
+/// head's (tails first in the batch), and nothing is made visible at once while a
+/// later message of its group is still in flight.
+fn run_back(head: String, tails: Vec<Entry>, secs: i32) -> Changes {
+    let secs = if tails.is_empty() { secs } else { secs.max(1) };
+    let mut changes: Changes = tails.into_iter().map(|t| (t.receipt, secs)).collect();
+    changes.push((head, secs));
+    changes
 }
 
 /// What consumers, their acks and their tasks share.
@@ -164,6 +196,8 @@ impl Shared {
             match run.tails.pop_front() {
                 Some(next) => {
                     run.head = next.lease.clone();
+                    run.head_receipt = next.receipt.clone();
+                    run.head_out = false;
                     held.tails -= 1;
                     held.ready.push_back(next);
                 }
@@ -175,21 +209,35 @@ impl Shared {
         self.notify.notify_waiters();
     }
 
-    /// The head of `group` was nacked, released or lost: give its run back.
-    pub(crate) fn release_run(self: &Arc<Self>, group: &str, head: &Arc<Lease>) {
-        let receipts = self.held().take_run(group, head);
-        self.spawn_release(receipts);
+    /// The head of `group` is being nacked or released: the changes that give back
+    /// its whole run with it, the head's change last (see [`run_back`]).
+    pub(crate) fn give_back_run(
+        &self,
+        group: &str,
+        head: &Arc<Lease>,
+        head_receipt: &str,
+        secs: i32,
+    ) -> Changes {
+        let tails = self.held().take_run(group, head);
+        run_back(head_receipt.to_string(), tails, secs)
     }
 
-    /// Release `receipts` (visibility 0) in the background; best effort — what is not
-    /// released comes back when its lease runs out.
-    fn spawn_release(self: &Arc<Self>, receipts: Vec<String>) {
-        if receipts.is_empty() {
+    /// The head of `group` is gone (lease ran out, or SQS said so): forget its run.
+    /// The tails are not released: they were kept no longer than the head's lease,
+    /// so SQS returns them with or after it, in order.
+    pub(crate) fn forget_run(&self, group: &str, head: &Arc<Lease>) {
+        let _ = self.held().take_run(group, head);
+    }
+
+    /// Make `changes` in the background; best effort — what is not changed comes
+    /// back when its lease runs out.
+    fn spawn_changes(self: &Arc<Self>, changes: Changes) {
+        if changes.is_empty() {
             return;
         }
         let queue = self.queue.clone();
         tokio::spawn(async move {
-            let _ = change_visibility_batch(&queue, &receipts, 0).await;
+            let _ = change_visibility_batch(&queue, &changes).await;
         });
     }
 
@@ -197,14 +245,14 @@ impl Shared {
         self.closed.load(Ordering::Acquire)
     }
 
-    /// Close: no more receives; release everything buffered.
+    /// Close: no more receives; give back everything buffered.
     fn close(self: &Arc<Self>) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        let receipts = self.held().take_all();
+        let changes = self.held().take_all();
         if tokio::runtime::Handle::try_current().is_ok() {
-            self.spawn_release(receipts);
+            self.spawn_changes(changes);
         }
         self.notify.notify_waiters();
     }
@@ -261,6 +309,8 @@ impl Shared {
                             group.clone(),
                             Run {
                                 head: entry.lease.clone(),
+                                head_receipt: entry.receipt.clone(),
+                                head_out: false,
                                 tails: VecDeque::new(),
                             },
                         );
@@ -272,26 +322,49 @@ impl Shared {
         }
     }
 
-    /// Keep buffered leases alive, release what is stale, drop what is lost.
+    /// Hand out up to `max` ready entries.
+    fn take_ready(self: &Arc<Self>, held: &mut Held, max: usize) -> Vec<Entry> {
+        let n = max.min(held.ready.len());
+        let entries: Vec<Entry> = held.ready.drain(..n).collect();
+        for e in &entries {
+            if let Some(run) = e.group.as_ref().and_then(|g| held.runs.get_mut(g)) {
+                if Arc::ptr_eq(&run.head, &e.lease) {
+                    run.head_out = true;
+                }
+            }
+        }
+        entries
+    }
+
+    /// Keep buffered leases alive, give back what is stale, forget what is lost.
+    ///
+    /// Leases we hold ourselves (ready entries, the tails of heads in `ready`) are
+    /// extended to the visibility timeout once less than half of it is left. The
+    /// tails of a head that is out follow the head's deadline instead, rounded down
+    /// to whole seconds, never past it: should the head's lease run out (dropped,
+    /// crashed), its tails come back with it or before it — and SQS does not hand
+    /// out a later message of a group while an earlier one is in flight.
     async fn maintain(self: &Arc<Self>) {
         let now = Instant::now();
         let vis = self.queue.visibility();
+        let vis_secs = self.queue.visibility_secs();
         let hold_limit = (vis * 2).max(Duration::from_secs(30));
-        let mut release = Vec::new();
-        let mut extend: Vec<(String, Arc<Lease>)> = Vec::new();
+        let mut back = Changes::new();
+        let mut extend: Vec<(String, i32, Arc<Lease>)> = Vec::new();
         {
             let mut held = self.held();
-            // Runs whose head is gone: their tails go back.
+            // Runs whose head is out and gone: forget them.
             let gone: Vec<(String, Arc<Lease>)> = held
                 .runs
                 .iter()
-                .filter(|(_, run)| run.head.is_gone(now))
+                .filter(|(_, run)| run.head_out && run.head.is_gone(now))
                 .map(|(g, run)| (g.clone(), run.head.clone()))
                 .collect();
             for (group, head) in gone {
-                release.extend(held.take_run(&group, &head));
+                let _ = held.take_run(&group, &head);
             }
-            // Ready entries waiting too long, or past the 12 h cap: back, with their runs.
+            // Ready entries waiting too long, near the 12 h cap, or lost: back, with
+            // their runs.
             let (stale, keep): (Vec<Entry>, Vec<Entry>) = held.ready.drain(..).partition(|e| {
                 now.saturating_duration_since(e.held_since) > hold_limit
                     || e.lease.held_for(now).saturating_add(vis) > MAX_VISIBILITY
@@ -299,42 +372,65 @@ impl Shared {
             });
             held.ready = keep.into();
             for e in stale {
-                if let Some(group) = &e.group {
-                    release.extend(held.take_run(group, &e.lease));
-                }
+                let tails = match &e.group {
+                    Some(group) => held.take_run(group, &e.lease),
+                    None => Vec::new(),
+                };
                 if !e.lease.is_gone(now) {
-                    release.push(e.receipt);
+                    back.extend(run_back(e.receipt, tails, 0));
                 }
             }
-            // Leases with less than half the visibility left: extend.
             let due = |lease: &Lease| lease.deadline().saturating_duration_since(now) < vis / 2;
-            for e in &held.ready {
-                if due(&e.lease) {
-                    extend.push((e.receipt.clone(), e.lease.clone()));
+            for run in held.runs.values() {
+                if run.head_out {
+                    let left = run.head.deadline().saturating_duration_since(now);
+                    let secs = i32::try_from(left.as_secs()).unwrap_or(i32::MAX);
+                    let target = Duration::from_secs(left.as_secs());
+                    for e in &run.tails {
+                        let remaining = e.lease.deadline().saturating_duration_since(now);
+                        if due(&e.lease)
+                            && secs >= 1
+                            && target > remaining + Duration::from_millis(250)
+                        {
+                            extend.push((e.receipt.clone(), secs, e.lease.clone()));
+                        }
+                    }
+                } else if due(&run.head) || run.tails.iter().any(|e| due(&e.lease)) {
+                    // The head waits in `ready`: the whole run is ours. Tails first,
+                    // so the head's deadline is never earlier than its tails'.
+                    for e in &run.tails {
+                        extend.push((e.receipt.clone(), vis_secs, e.lease.clone()));
+                    }
+                    extend.push((run.head_receipt.clone(), vis_secs, run.head.clone()));
                 }
             }
-            for run in held.runs.values() {
-                for e in &run.tails {
-                    if due(&e.lease) {
-                        extend.push((e.receipt.clone(), e.lease.clone()));
-                    }
+            for e in &held.ready {
+                let in_a_run = e
+                    .group
+                    .as_ref()
+                    .and_then(|g| held.runs.get(g))
+                    .is_some_and(|run| Arc::ptr_eq(&run.head, &e.lease));
+                if !in_a_run && due(&e.lease) {
+                    extend.push((e.receipt.clone(), vis_secs, e.lease.clone()));
                 }
             }
         }
-        if !release.is_empty() {
-            let _ = change_visibility_batch(&self.queue, &release, 0).await;
+        if !back.is_empty() {
+            let _ = change_visibility_batch(&self.queue, &back).await;
         }
         if extend.is_empty() {
             return;
         }
         let asked_at = Instant::now();
-        let receipts: Vec<String> = extend.iter().map(|(r, _)| r.clone()).collect();
-        let results =
-            change_visibility_batch(&self.queue, &receipts, self.queue.visibility_secs()).await;
+        let changes: Changes = extend.iter().map(|(r, s, _)| (r.clone(), *s)).collect();
+        let results = change_visibility_batch(&self.queue, &changes).await;
         let mut lost_any = false;
-        for ((_, lease), ok) in extend.iter().zip(results) {
+        for ((_, secs, lease), ok) in extend.iter().zip(results) {
             match ok {
-                Ok(()) => lease.set_deadline(deadline_after(asked_at, vis)),
+                Ok(()) => lease.set_deadline(deadline_after(
+                    asked_at,
+                    Duration::from_secs(u64::try_from(*secs).unwrap_or(0)),
+                )),
                 Err(e) if e.kind() == ErrorKind::LeaseExpired => {
                     lease.lose();
                     lost_any = true;
@@ -344,16 +440,18 @@ impl Shared {
                 Err(_) => {}
             }
         }
-        if lost_any || extend.iter().any(|(_, l)| l.is_gone(Instant::now())) {
+        if lost_any || extend.iter().any(|(_, _, l)| l.is_gone(Instant::now())) {
             self.drop_lost().await;
         }
     }
 
-    /// Drop buffered entries whose lease is gone; a run missing a message gives the
-    /// rest back (its order could not be kept).
+    /// Drop buffered entries whose lease is gone. A run missing a message cannot
+    /// keep its order: its other tails are forgotten (they come back no later than
+    /// their head), and it stays as a run without tails so that acking its head
+    /// promotes nothing.
     async fn drop_lost(self: &Arc<Self>) {
         let now = Instant::now();
-        let mut release = Vec::new();
+        let mut back = Changes::new();
         {
             let mut held = self.held();
             let (lost, keep): (Vec<Entry>, Vec<Entry>) =
@@ -361,52 +459,48 @@ impl Shared {
             held.ready = keep.into();
             for e in lost {
                 if let Some(group) = &e.group {
-                    release.extend(held.take_run(group, &e.lease));
+                    // A lost head in ready: its tails go back with at least 1 s.
+                    let tails = held.take_run(group, &e.lease);
+                    let changes: Changes = tails.into_iter().map(|t| (t.receipt, 1)).collect();
+                    back.extend(changes);
                 }
             }
-            let broken: Vec<(String, Arc<Lease>)> = held
+            let broken: Vec<String> = held
                 .runs
                 .iter()
                 .filter(|(_, run)| run.tails.iter().any(|e| e.lease.is_gone(now)))
-                .map(|(g, run)| (g.clone(), run.head.clone()))
+                .map(|(g, _)| g.clone())
                 .collect();
-            for (group, head) in broken {
-                let receipts = held.take_run(&group, &head);
-                // The run is gone, but its head is still out: keep a run with no
-                // tails so a later receive of this group is not taken for a new head
-                // while the old head is unsettled.
-                held.runs.insert(
-                    group,
-                    Run {
-                        head,
-                        tails: VecDeque::new(),
-                    },
-                );
-                release.extend(receipts);
+            for group in broken {
+                if let Some(run) = held.runs.get_mut(&group) {
+                    let n = run.tails.len();
+                    run.tails.clear();
+                    held.tails -= n;
+                }
             }
         }
-        if !release.is_empty() {
-            let _ = change_visibility_batch(&self.queue, &release, 0).await;
+        if !back.is_empty() {
+            let _ = change_visibility_batch(&self.queue, &back).await;
         }
     }
 }
 
-/// `ChangeMessageVisibilityBatch` over `receipts` (chunks of 10), one result each.
+/// `ChangeMessageVisibilityBatch` over `changes` (chunks of 10, in order), one
+/// result each.
 pub(crate) async fn change_visibility_batch(
     queue: &Queue,
-    receipts: &[String],
-    secs: i32,
+    changes: &[(String, i32)],
 ) -> Vec<Result<()>> {
-    let mut results = Vec::with_capacity(receipts.len());
-    for chunk in receipts.chunks(MAX_BATCH) {
+    let mut results = Vec::with_capacity(changes.len());
+    for chunk in changes.chunks(MAX_BATCH) {
         let entries: Vec<ChangeMessageVisibilityBatchRequestEntry> = chunk
             .iter()
             .enumerate()
-            .filter_map(|(i, r)| {
+            .filter_map(|(i, (r, secs))| {
                 ChangeMessageVisibilityBatchRequestEntry::builder()
                     .id(i.to_string())
                     .receipt_handle(r)
-                    .visibility_timeout(secs)
+                    .visibility_timeout(*secs)
                     .build()
                     .ok()
             })
@@ -431,8 +525,10 @@ pub(crate) async fn change_visibility_batch(
                         *slot = Err(Error::new(
                             batch_entry_kind(&failed.code, failed.sender_fault, Call::Other),
                             format!(
-                                "SQS ChangeMessageVisibilityBatch entry on queue {}: {}",
-                                queue.name, failed.code
+                                "SQS ChangeMessageVisibilityBatch entry on queue {}: {} ({})",
+                                queue.name,
+                                failed.message.unwrap_or_default(),
+                                failed.code
                             ),
                         ));
                     }
@@ -539,19 +635,26 @@ async fn poll(shared: Arc<Shared>, max: usize, wait_secs: i32) {
         .send()
         .await;
     let now = Instant::now();
+    let result = match result {
+        Ok(out) => {
+            let entries: Vec<Entry> = out
+                .messages
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|m| entry(queue, m, sent_at, now))
+                .collect();
+            reanchor(queue, &entries, now.saturating_duration_since(sent_at)).await;
+            Ok(entries)
+        }
+        Err(e) => Err(e),
+    };
     let mut release = Vec::new();
     {
         let mut held = shared.held();
         held.polling = false;
         held.polls_done += 1;
         match result {
-            Ok(out) => {
-                let entries: Vec<Entry> = out
-                    .messages
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter_map(|m| entry(queue, m, sent_at, now))
-                    .collect();
+            Ok(entries) => {
                 if shared.is_closed() {
                     release.extend(entries.into_iter().map(|e| e.receipt));
                 } else {
@@ -570,7 +673,45 @@ async fn poll(shared: Arc<Shared>, max: usize, wait_secs: i32) {
     }
     shared.notify.notify_waiters();
     if !release.is_empty() {
-        let _ = change_visibility_batch(queue, &release, 0).await;
+        let changes: Changes = release.into_iter().map(|r| (r, 0)).collect();
+        let _ = change_visibility_batch(queue, &changes).await;
+    }
+}
+
+/// A long poll that waited before its messages came: SQS started their visibility
+/// timeout when it handed them out, somewhere between the request and the answer,
+/// and the local lease clock must not run later than SQS's. It starts at the
+/// request (early by up to the wait); when that cost more than a tenth of the
+/// visibility timeout, one `ChangeMessageVisibilityBatch` restarts the leases at a
+/// known time, so deliveries of an idle queue do not arrive with their lease half
+/// gone. A busy queue's polls answer at once and never pay for this.
+async fn reanchor(queue: &Queue, entries: &[Entry], waited: Duration) {
+    let threshold = (queue.visibility() / 10).max(Duration::from_millis(100));
+    if entries.is_empty() || waited <= threshold {
+        return;
+    }
+    let mut changes: Changes = entries
+        .iter()
+        .map(|e| (e.receipt.clone(), queue.visibility_secs()))
+        .collect();
+    // FIFO: later messages first, so no head's deadline is earlier than its tails'.
+    if queue.fifo() {
+        changes.reverse();
+    }
+    let asked_at = Instant::now();
+    let results = change_visibility_batch(queue, &changes).await;
+    let mut results = results;
+    if queue.fifo() {
+        results.reverse();
+    }
+    for (entry, result) in entries.iter().zip(results) {
+        match result {
+            Ok(()) => entry
+                .lease
+                .set_deadline(deadline_after(asked_at, queue.visibility())),
+            Err(e) if e.kind() == ErrorKind::LeaseExpired => entry.lease.lose(),
+            Err(_) => {}
+        }
     }
 }
 
@@ -728,8 +869,7 @@ impl Consumer for SqsConsumer {
             {
                 let mut held = shared.held();
                 if !held.ready.is_empty() {
-                    let n = max.min(held.ready.len());
-                    let entries: Vec<Entry> = held.ready.drain(..n).collect();
+                    let entries = shared.take_ready(&mut held, max);
                     drop(held);
                     return Ok(entries.into_iter().map(|e| shared.delivery(e)).collect());
                 }

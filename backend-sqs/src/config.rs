@@ -518,6 +518,13 @@ impl SqsConfig {
         Ok((SqsProducer::new(queue.clone()), SqsConsumer::new(queue)))
     }
 
+    /// The SDK client these settings build (region, endpoint, credentials,
+    /// timeouts, retries): for what ferrymq does not wrap.
+    pub async fn sdk_client(&self) -> Result<aws_sdk_sqs::Client> {
+        self.validate()?;
+        crate::client::sdk_client(self).await
+    }
+
     /// The queue's administration. Does not need the queue to exist.
     pub async fn admin(&self) -> Result<SqsAdmin> {
         SqsAdmin::connect(self).await

@@ -14,31 +14,44 @@
 //!
 //! ## FIFO: one head per group
 //!
-//! SQS FIFO hands out several messages of one group in one receive, and blocks the
-//! group while any of them is in flight. ferrymq's `Ordering::PerKey` promises one
-//! message of a key in flight at a time, so a receive hands out only the first
-//! message of each group (the *head*) and keeps the rest of the group's *run*
-//! leased in the consumer's buffer, in order:
+//! SQS FIFO hands out several messages of one group in one receive, and holds back
+//! a group's later messages while an earlier one is in flight. ferrymq's
+//! `Ordering::PerKey` promises one message of a key in flight at a time, so a
+//! receive hands out only the first message of each group (the *head*) and keeps the
+//! rest of the group's *run* leased in the consumer's buffer, in order:
 //!
 //! - the head **acked** (its delete applied): the next message of the run becomes
 //!   the head and is handed out by the next `receive` (a waiting one wakes);
-//! - the head **nacked, released, or lost** (its lease ran out, a settle found it
-//!   gone): the rest of the run is released at once (visibility 0). SQS keeps the
-//!   group blocked while the nacked head is invisible, then redelivers head and run
-//!   in order — to any consumer;
-//! - while buffered, a run is **extended** (`ChangeMessageVisibilityBatch` to the
-//!   visibility timeout whenever less than half of it is left), so it never comes
-//!   back behind its head's back. Losing any message of a run releases the rest:
-//!   a later message must never go out before an earlier one.
+//! - the head **nacked or released** with delay `d`: one
+//!   `ChangeMessageVisibilityBatch` gives back the whole run — tails first, the head
+//!   last, all with the same timeout, at least 1 s when the run has tails — so SQS
+//!   redelivers head and run together, in order, to any consumer;
+//! - the head **lost** (its lease ran out, a settle found it gone): the run is
+//!   forgotten, not released. Its tails' leases never run past the head's (below),
+//!   so they come back with the head or before it, and SQS does not hand out a
+//!   group's later message while an earlier one is invisible;
+//! - while buffered, tails are **extended**: behind a head that is out, up to the
+//!   head's deadline (rounded down to whole seconds), following the head's extends;
+//!   behind a head still in the buffer, to the visibility timeout, with the head.
+//!   Losing any tail of a run leaves the run without tails: a later message must
+//!   never go out before an earlier one.
+//!
+//! Why no tail is ever made visible at once ("released with visibility 0") while
+//! its head is in flight: SQS would hold it back, but LocalStack 4.13.1 hands it
+//! out (localstack#12457: a message made visible by `ChangeMessageVisibility`
+//! unblocks its group). Moving a run back as one batch, never letting tails outlive
+//! their head, is correct on both; its only cost is that `nack(None)` of a head
+//! with a buffered run redelivers after 1 s instead of at once.
 //!
 //! The buffer is bounded by `fifo_buffer`: polls ask for no more than the room
-//! left. Released run messages count a receive in SQS (`ApproximateReceiveCount`),
-//! so with a native `maxReceiveCount` a group whose head keeps failing moves its
-//! later messages toward the DLQ too — as raw SQS FIFO consumers do.
+//! left. A run given back counts a receive for every message in it
+//! (`ApproximateReceiveCount`), so with a native `maxReceiveCount` a group whose
+//! head keeps failing moves its later messages toward the DLQ too — as raw SQS FIFO
+//! consumers that receive batches do.
 //!
 //! Buffered messages not handed out within twice the visibility timeout (at least
-//! 30 s) are released, and so is everything buffered when the consumer is closed
-//! or dropped.
+//! 30 s) are given back, and so is everything buffered when the consumer is closed
+//! or dropped (the tails of heads that are out are forgotten, as above).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -302,8 +302,8 @@ async fn fifo_order_under_nacks_and_competing_consumers() {
                     };
                     let give_back = match verdict {
                         0 => Some(None),
-                        1 if seq % 3 == 0 => Some(Some(Duration::from_secs(1))),
-                        2 if seq % 5 == 0 => Some(Some(Duration::ZERO)),
+                        1 if seq.is_multiple_of(3) => Some(Some(Duration::from_secs(1))),
+                        2 if seq.is_multiple_of(5) => Some(Some(Duration::ZERO)),
                         _ => None,
                     };
                     match give_back {
@@ -334,26 +334,27 @@ async fn fifo_order_under_nacks_and_competing_consumers() {
     for t in tasks {
         t.await.unwrap();
     }
-    let log = log.lock().unwrap();
-    assert!(
-        log.violations.is_empty(),
-        "{} violations, first: {:?}",
-        log.violations.len(),
-        &log.violations[..log.violations.len().min(5)]
-    );
-    assert_eq!(log.handled, N, "not all handled in time");
-    assert!(
-        log.settles > N + N / 50,
-        "too few nacks exercised: {}",
-        log.settles
-    );
-    for k in 0..KEYS {
-        assert_eq!(
-            log.next[&format!("key-{k:02}")],
-            N / KEYS + usize::from(k < N % KEYS)
+    {
+        let log = log.lock().unwrap();
+        assert!(
+            log.violations.is_empty(),
+            "{} violations, first: {:?}",
+            log.violations.len(),
+            &log.violations[..log.violations.len().min(5)]
         );
+        assert_eq!(log.handled, N, "not all handled in time");
+        assert!(
+            log.settles > N + N / 50,
+            "too few nacks exercised: {}",
+            log.settles
+        );
+        for k in 0..KEYS {
+            assert_eq!(
+                log.next[&format!("key-{k:02}")],
+                N / KEYS + usize::from(k < N % KEYS)
+            );
+        }
     }
-    drop(log);
     cleanup(&cfg).await;
 }
 

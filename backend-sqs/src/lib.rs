@@ -41,13 +41,23 @@
 //!   see [`consumer`](crate::consumer).
 //! - **Settle**: `ack` → `DeleteMessageBatch` (short linger; `ack()` returns once its
 //!   batch was applied); `nack(d)` / `release(d)` → `ChangeMessageVisibility(d)`
-//!   (SQS counts every receive, so release counts an attempt); `extend` →
+//!   (SQS counts every receive, so release counts an attempt; a FIFO head with a
+//!   buffered run takes its run back with it in one batch, after at least 1 s);
+//!   `extend` →
 //!   `ChangeMessageVisibility`, capped at 12 h from the receive (`Unsupported`
 //!   beyond). A client-side lease clock answers `LeaseExpired` past the deadline
 //!   without calling SQS, which would accept the stale receipt handle.
 //! - **Attempts** from `ApproximateReceiveCount` ([`Attempts::Approximate`]:
 //!   a receive whose answer was lost counts too), `enqueued_at` from `SentTimestamp`,
 //!   `position` the FIFO sequence number.
+//! - **Admin** ([`SqsAdmin`]): create / ensure (FIFO from the name, visibility,
+//!   retention, native `RedrivePolicy` + the DLQ's `RedriveAllowPolicy`), delete,
+//!   describe (approximate depth incl. the DLQ's count, attributes, warnings),
+//!   `redrive_dead_letters` (`StartMessageMoveTask` with `ListMessageMoveTasks`
+//!   progress; a receive-send-delete copy for FIFO or with a limit). `peek` and
+//!   `purge` are `Unsupported`: an SQS receive always counts toward
+//!   `maxReceiveCount`, and `PurgeQueue` deletes in-flight messages too
+//!   ([`SqsAdmin::purge_all`] is that purge).
 //! - **Errors**: throttling → `Throttled`; no connection → `Connection`; a send whose
 //!   request left without an answer → `OutcomeUnknown`; timeouts of other calls →
 //!   `Timeout`. The SDK's standard retries (`max_attempts`) are the only retries.

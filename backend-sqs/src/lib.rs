@@ -38,7 +38,7 @@
 //!   limit, one result per entry.
 //! - **Receive**: long polling, cancel-safe, one head per FIFO group with the rest of
 //!   the group's run kept leased in a bounded buffer (so `Ordering::PerKey` holds);
-//!   see [`consumer`](crate::consumer).
+//!   see [`consumer`].
 //! - **Settle**: `ack` → `DeleteMessageBatch` (short linger; `ack()` returns once its
 //!   batch was applied); `nack(d)` / `release(d)` → `ChangeMessageVisibility(d)`
 //!   (SQS counts every receive, so release counts an attempt; a FIFO head with a

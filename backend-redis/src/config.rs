@@ -167,6 +167,10 @@ mod defaults {
     }
 }
 
+/// Longest `dlq_retention`: 40 years (of 365.25 days). Dead letters are trimmed by
+/// stream id `now - retention`, which must stay after the epoch.
+pub const MAX_DLQ_RETENTION: Duration = Duration::from_secs(40 * 31_557_600);
+
 /// Largest priority level count (each level is a stream read on every receive).
 pub const MAX_PRIORITY_LEVELS: u8 = 16;
 
@@ -478,6 +482,14 @@ impl RedisConfig {
         if self.visibility_timeout < Duration::from_millis(10) {
             return Err(Error::invalid_config("visibility", "must be at least 10ms"));
         }
+        // Durations become milliseconds in script arguments and `PX`/`IDLE`: past
+        // these bounds they would be refused by the server on every call.
+        if self.visibility_timeout > crate::client::MAX_DELAY {
+            return Err(Error::invalid_config(
+                "visibility",
+                "must be at most 365 days",
+            ));
+        }
         if self.max_message_size == 0 || self.max_message_size > 512 * 1024 * 1024 {
             return Err(Error::invalid_config(
                 "max_message_size",
@@ -490,10 +502,30 @@ impl RedisConfig {
                 "must be at least 1ms",
             ));
         }
+        if self.dedup_window > MAX_DLQ_RETENTION {
+            return Err(Error::invalid_config(
+                "dedup_window",
+                format!(
+                    "must be at most {}",
+                    humantime::format_duration(MAX_DLQ_RETENTION)
+                ),
+            ));
+        }
         if self.priority_levels == 0 || self.priority_levels > MAX_PRIORITY_LEVELS {
             return Err(Error::invalid_config(
                 "priority_levels",
                 format!("must be between 1 and {MAX_PRIORITY_LEVELS}"),
+            ));
+        }
+        // A dead letter's age limit is a stream id `now - retention`: past the epoch
+        // (about 55 years back) that is no id at all, and every trim would fail.
+        if self.dlq_retention > MAX_DLQ_RETENTION {
+            return Err(Error::invalid_config(
+                "dlq_retention",
+                format!(
+                    "at most {} (use 0 to bound the dead-letter stream by length only)",
+                    humantime::format_duration(MAX_DLQ_RETENTION)
+                ),
             ));
         }
         if self.dlq_max_len == 0 {
@@ -550,6 +582,18 @@ impl RedisConfig {
         Ok(url.to_string())
     }
 
+    /// What identifies the queue on its server, however the URL was spelled:
+    /// `redis:<host, lower-cased>:<port>/<db>/<queue>`. No credentials.
+    pub fn identity(&self) -> String {
+        format!(
+            "redis:{}:{}/{}/{}",
+            self.host.to_ascii_lowercase(),
+            self.port,
+            self.db,
+            self.queue
+        )
+    }
+
     /// `host:port/db`, for error messages.
     pub(crate) fn endpoint(&self) -> String {
         format!("{}:{}/{}", self.host, self.port, self.db)
@@ -560,22 +604,27 @@ impl RedisConfig {
     /// Checks at startup: the server answers within `connect_timeout`
     /// (`Connection`), accepts the credentials (`Auth`), every key of the queue has
     /// the type this backend uses (`Backend`); warns (tracing) when the server's
-    /// `maxmemory-policy` may evict queue keys. Creates the consumer group.
+    /// `maxmemory-policy` may evict queue keys; the settings recorded with the
+    /// queue agree with this config (`InvalidConfig` naming the setting; recorded
+    /// by the first client, see the crate docs). Creates the consumer group.
     pub async fn connect(&self) -> Result<(RedisProducer, RedisConsumer)> {
-        let shared = crate::client::Shared::connect(self.clone()).await?;
+        let shared =
+            crate::client::Shared::connect(self.clone(), crate::settings::Role::Consumer).await?;
         let consumer = RedisConsumer::new(shared.clone()).await?;
         Ok((RedisProducer::new(shared), consumer))
     }
 
     /// A producer only.
     pub async fn producer(&self) -> Result<RedisProducer> {
-        let shared = crate::client::Shared::connect(self.clone()).await?;
+        let shared =
+            crate::client::Shared::connect(self.clone(), crate::settings::Role::Producer).await?;
         Ok(RedisProducer::new(shared))
     }
 
     /// A consumer only.
     pub async fn consumer(&self) -> Result<RedisConsumer> {
-        let shared = crate::client::Shared::connect(self.clone()).await?;
+        let shared =
+            crate::client::Shared::connect(self.clone(), crate::settings::Role::Consumer).await?;
         RedisConsumer::new(shared).await
     }
 }
@@ -657,6 +706,9 @@ mod tests {
             ("redis://h/q?priority_levels=0", "priority_levels"),
             ("redis://h/q?nope=1", "nope"),
             ("redis://h/q%7B?", "queue"),
+            ("redis://h/q?visibility=400days", "visibility"),
+            ("redis://h/q?dedup_window=100y", "dedup_window"),
+            ("redis://h/q?dlq_retention=60y", "dlq_retention"),
         ] {
             let err = RedisConfig::from_url(url).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{url}");

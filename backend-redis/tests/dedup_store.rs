@@ -101,7 +101,9 @@ async fn dedup_middleware_across_two_workers() {
     for c in [c1.clone(), c2.clone()] {
         let store = c.dedup_store(Duration::from_secs(60));
         let calls = calls.clone();
+        // The copies are re-sends of the same content: key by content hash.
         let service = DedupLayer::new(store)
+            .content_hash(true)
             .retry_in_progress_after(Duration::from_millis(100))
             .layer(handler_fn(move |d: Delivery| {
                 let calls = calls.clone();
@@ -144,4 +146,137 @@ async fn dedup_middleware_across_two_workers() {
         deduplicated, n as u64,
         "every second copy acked as a duplicate"
     );
+}
+
+/// #7: two handlers of one worker share one store. A's claim runs out while A is
+/// still busy, B claims the key, then A fails and releases: B's live claim must
+/// survive (each claim has a token of its own, not one per process).
+#[tokio::test]
+async fn a_release_never_drops_another_handlers_claim() {
+    let (_p, c, _cfg) = connect("dedup-owner", "").await;
+    let store = c.dedup_store(Duration::from_secs(60));
+    let a = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            assert_eq!(
+                store.claim("k", Duration::from_millis(200)).await.unwrap(),
+                Claim::Claimed
+            );
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            // A's claim ran out meanwhile; A fails and releases, in its own task.
+            store.release("k").await.unwrap();
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b_claimed = {
+        let store = store.clone();
+        tokio::spawn(async move { store.claim("k", Duration::from_secs(30)).await.unwrap() })
+            .await
+            .unwrap()
+    };
+    assert_eq!(b_claimed, Claim::Claimed, "A's claim expired");
+    a.await.unwrap();
+    assert_eq!(
+        store.claim("k", Duration::from_secs(30)).await.unwrap(),
+        Claim::InProgress,
+        "B still holds the key"
+    );
+}
+
+/// The same task releases what it claimed; a release from elsewhere (the Dedup
+/// middleware releases an abandoned claim from a task of its own) drops the claim
+/// only when this store holds exactly one live claim on the key.
+#[tokio::test]
+async fn releases_find_their_claim() {
+    let (_p, c, _cfg) = connect("dedup-owner2", "").await;
+    let store = c.dedup_store(Duration::from_secs(60));
+    let ttl = Duration::from_secs(30);
+    // Same task.
+    assert_eq!(store.claim("a", ttl).await.unwrap(), Claim::Claimed);
+    store.release("a").await.unwrap();
+    assert_eq!(store.claim("a", ttl).await.unwrap(), Claim::Claimed);
+    // From another task, one claim held: released at once.
+    let s = store.clone();
+    tokio::spawn(async move { s.release("a").await.unwrap() })
+        .await
+        .unwrap();
+    assert_eq!(store.claim("a", ttl).await.unwrap(), Claim::Claimed);
+    // Complete marks it done whoever completes.
+    store.complete("a").await.unwrap();
+    assert_eq!(store.claim("a", ttl).await.unwrap(), Claim::Duplicate);
+    // Two claims of this store on one key (the first expired): a release from an
+    // unknown task cannot tell whose it is and drops neither.
+    let s = store.clone();
+    tokio::spawn(async move { s.claim("b", Duration::from_millis(100)).await.unwrap() })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let s = store.clone();
+    let second = tokio::spawn(async move { s.claim("b", ttl).await.unwrap() })
+        .await
+        .unwrap();
+    assert_eq!(second, Claim::Claimed);
+    let s = store.clone();
+    tokio::spawn(async move { s.release("b").await.unwrap() })
+        .await
+        .unwrap();
+    assert_eq!(store.claim("b", ttl).await.unwrap(), Claim::InProgress);
+}
+
+#[tokio::test]
+async fn endless_ttls_are_capped_not_refused() {
+    let (_p, c, _cfg) = connect("dedup-max", "").await;
+    let store = c.dedup_store(Duration::MAX);
+    assert_eq!(
+        store.claim("k", Duration::MAX).await.unwrap(),
+        Claim::Claimed
+    );
+    store.complete("k").await.unwrap();
+    assert_eq!(
+        store.claim("k", Duration::MAX).await.unwrap(),
+        Claim::Duplicate
+    );
+}
+
+/// The Dedup layer's owned claims: a release names its claim's token, so a handler
+/// that outlived its claim cannot free the claim another handler took since.
+#[tokio::test]
+async fn an_owned_release_never_drops_a_newer_claim() {
+    let cfg = config("owned-claims", "");
+    let c = cfg.consumer().await.unwrap();
+    let store = c.dedup_store(Duration::from_secs(60));
+    let (claim, old) = store
+        .claim_owned("k", Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert_eq!(claim, Claim::Claimed);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (claim, newer) = store
+        .claim_owned("k", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(claim, Claim::Claimed, "the old claim expired");
+    store.release_owned("k", old).await.unwrap();
+    let (claim, _) = store
+        .claim_owned("k", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        claim,
+        Claim::InProgress,
+        "the newer claim must survive the old release"
+    );
+    store.release_owned("k", newer).await.unwrap();
+    let (claim, t) = store
+        .claim_owned("k", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(claim, Claim::Claimed);
+    store.complete_owned("k", t).await.unwrap();
+    let (claim, _) = store
+        .claim_owned("k", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(claim, Claim::Duplicate);
+    cfg.delete_queue().await.unwrap();
 }

@@ -3,7 +3,7 @@
 use std::io::Read;
 use std::time::Duration;
 
-use ferrymq::{Consumer, Delivery, Error, Message, Producer, Result};
+use ferrymq::{Config, Consumer, Delivery, Error, Message, Producer, Result};
 
 #[derive(Debug, clap::Args)]
 pub struct SendArgs {
@@ -40,7 +40,8 @@ pub struct ReceiveArgs {
     /// Wait this long for the first message.
     #[arg(long, default_value = "5s")]
     wait: humantime::Duration,
-    /// Release the messages (nack, redelivered at once) instead of acking them.
+    /// Release the messages instead of acking them: deliverable again at once, without
+    /// counting an attempt where the backend can (capability `release_keeps_attempt`).
     #[arg(long)]
     release: bool,
     /// One JSON object per message.
@@ -65,8 +66,15 @@ fn parse_header(s: &str) -> std::result::Result<(String, String), String> {
     }
 }
 
-fn warn_if_memory(url: &str) {
-    if url.starts_with("memory:") {
+/// Parse `url`, saying so when it names an in-process queue.
+pub fn open(url: &str) -> Result<Config> {
+    let config = Config::from_url(url)?;
+    warn_if_memory(&config);
+    Ok(config)
+}
+
+pub fn warn_if_memory(config: &Config) {
+    if config.backend() == "memory" {
         eprintln!(
             "note: memory:// queues live inside one process; this command sees only its own queue"
         );
@@ -74,8 +82,7 @@ fn warn_if_memory(url: &str) {
 }
 
 pub async fn send(args: SendArgs) -> Result<()> {
-    warn_if_memory(&args.url);
-    let producer = ferrymq::connect_producer(&args.url).await?;
+    let producer = open(&args.url)?.producer().await?;
     let payloads = if args.payloads.is_empty() {
         let mut buf = Vec::new();
         std::io::stdin().read_to_end(&mut buf).map_err(|e| {
@@ -116,8 +123,7 @@ pub async fn send(args: SendArgs) -> Result<()> {
 }
 
 pub async fn receive(args: ReceiveArgs) -> Result<()> {
-    warn_if_memory(&args.url);
-    let consumer = ferrymq::connect_consumer(&args.url).await?;
+    let consumer = open(&args.url)?.consumer().await?;
     let wait: Duration = args.wait.into();
     let mut got = 0;
     while got < args.max {
@@ -135,7 +141,7 @@ pub async fn receive(args: ReceiveArgs) -> Result<()> {
                 print_delivery(&d);
             }
             if args.release {
-                d.nack(None).await?;
+                d.release(None).await?;
             } else {
                 d.ack().await?;
             }
@@ -185,8 +191,7 @@ fn delivery_json(d: &Delivery) -> serde_json::Value {
 }
 
 pub async fn depth(args: DepthArgs) -> Result<()> {
-    warn_if_memory(&args.url);
-    let consumer = ferrymq::connect_consumer(&args.url).await?;
+    let consumer = open(&args.url)?.consumer().await?;
     let depth = consumer.depth().await?;
     if args.json {
         println!("{}", serde_json::to_string(&depth)?);

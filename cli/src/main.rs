@@ -1,4 +1,5 @@
-//! `ferry`: send, receive and inspect ferrymq queues, and run the order-pipeline demo.
+//! `ferry`: send, receive and inspect ferrymq queues, administer them, and run the
+//! order-pipeline demo.
 //!
 //! ```text
 //! ferry demo                                   # the order pipeline, in process
@@ -6,18 +7,23 @@
 //! ferry send --url redis://127.0.0.1:6379/orders '{"order": 42}' --key customer-7
 //! ferry receive --url redis://127.0.0.1:6379/orders --max 10
 //! ferry depth --url redis://127.0.0.1:6379/orders
+//! ferry queue describe redis://127.0.0.1:6379/orders
+//! ferry queue peek redis://127.0.0.1:6379/orders -n 5
 //! ferry dlq peek redis://127.0.0.1:6379/orders-dlq
 //! ferry dlq redrive redis://127.0.0.1:6379/orders-dlq --to redis://127.0.0.1:6379/orders
 //! ```
 //!
-//! `--url` defaults to `$FERRYMQ_URL`.
+//! `--url` defaults to `$FERRYMQ_URL`. Nothing `ferry` prints — output, errors,
+//! logs at any level — shows a password or token from the URLs it was given.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod commands;
 mod demo;
 mod dlq;
-mod queue_url;
+mod queue;
+mod scrub;
+mod show;
 
 use std::process::ExitCode;
 
@@ -28,7 +34,7 @@ use tracing_subscriber::EnvFilter;
 #[command(
     name = "ferry",
     version,
-    about = "Send, receive and inspect ferrymq queues; run the order-pipeline demo"
+    about = "Send, receive, inspect and administer ferrymq queues; run the order-pipeline demo"
 )]
 struct Cli {
     /// More logging (-v info, -vv debug). RUST_LOG overrides.
@@ -49,11 +55,13 @@ enum Command {
     Receive(commands::ReceiveArgs),
     /// Print a queue's depth.
     Depth(commands::DepthArgs),
+    /// Create, ensure, describe, peek, purge or delete a queue.
+    Queue(queue::Args),
     /// Inspect a dead-letter queue (peek) and move its messages back (redrive).
     Dlq(dlq::Args),
 }
 
-fn init_tracing(verbose: u8) {
+fn init_tracing(verbose: u8, secrets: &scrub::Scrubbed) {
     let default = match verbose {
         0 => "error",
         1 => "info",
@@ -62,25 +70,32 @@ fn init_tracing(verbose: u8) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(secrets.clone())
         .try_init();
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_tracing(cli.verbose);
+    // Whatever secrets the URLs on the command line (or in FERRYMQ_URL) hold, scrubbed
+    // from everything printed on standard error: errors, usage errors and logs.
+    let secrets = scrub::Scrubbed::from_command_line();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return secrets.clap_exit(&e),
+    };
+    init_tracing(cli.verbose, &secrets);
     let result = match cli.command {
         Command::Demo(args) => demo::run(args).await,
         Command::Send(args) => commands::send(args).await,
         Command::Receive(args) => commands::receive(args).await,
         Command::Depth(args) => commands::depth(args).await,
+        Command::Queue(args) => queue::run(args).await,
         Command::Dlq(args) => dlq::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ferry: {e}");
+            eprintln!("ferry: {}", secrets.scrub(&e.to_string()));
             ExitCode::FAILURE
         }
     }

@@ -44,10 +44,15 @@ fn help_states_what_peek_and_redrive_promise() {
     assert!(out.status.success());
     let text = stdout(&out);
     assert!(
-        text.contains("Peek leases the messages (receives them) and then releases them"),
+        text.contains("Peek reads the messages without receiving them"),
+        "{text}"
+    );
+    assert!(
+        text.contains("no lease is taken, no receive count or attempt is spent"),
         "{text}"
     );
     assert!(text.contains("they stay in the DLQ"), "{text}");
+    assert!(text.contains("--lease"), "{text}");
 
     let out = ferry(&["dlq", "redrive", "--help"]);
     assert!(out.status.success());
@@ -58,6 +63,8 @@ fn help_states_what_peek_and_redrive_promise() {
         "{text}"
     );
     assert!(text.contains("--to <TARGET_URL>"), "{text}");
+    assert!(text.contains("from a snapshot"), "{text}");
+    assert!(text.contains("never \"until empty\""), "{text}");
 }
 
 #[test]
@@ -125,17 +132,31 @@ fn redrive_refuses_to_target_the_dlq_itself() {
 
 #[test]
 fn empty_memory_dlq_says_so() {
-    let out = ferry(&["dlq", "peek", "memory://orders-dlq", "--wait", "50ms"]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    // A fresh process has no memory queue of that name: peeking creates nothing.
+    let out = ferry(&["dlq", "peek", "memory://orders-dlq"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert_eq!(stdout(&out), "");
     let err = stderr(&out);
     assert!(
         err.contains("memory:// queues live inside one process"),
         "{err}"
     );
+    assert!(err.contains("\"orders-dlq\" does not exist"), "{err}");
+
+    // --lease receives, which creates the queue: empty.
+    let out = ferry(&[
+        "dlq",
+        "peek",
+        "memory://orders-dlq",
+        "--lease",
+        "--wait",
+        "50ms",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        err.contains("orders-dlq: no dead-lettered message within 50ms"),
-        "{err}"
+        stderr(&out).contains("orders-dlq: no dead-lettered message within 50ms"),
+        "{}",
+        stderr(&out)
     );
 
     let out = ferry(&[
@@ -153,6 +174,32 @@ fn empty_memory_dlq_says_so() {
         "{}",
         stdout(&out)
     );
+    assert!(
+        stderr(&out).contains("nothing to redrive (the DLQ was empty)"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn native_and_to_are_exclusive_and_memory_has_no_native_store() {
+    let out = ferry(&[
+        "dlq",
+        "redrive",
+        "memory://orders",
+        "--native",
+        "--to",
+        "memory://x",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let out = ferry(&["dlq", "redrive", "memory://orders", "--native"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("memory does not support native redrive"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("--to TARGET_URL"), "{}", stderr(&out));
 }
 
 // ---- against Redis -------------------------------------------------------------
@@ -202,11 +249,8 @@ async fn dead_letter(source_url: &str, dlq_url: &str, messages: Vec<Message>) {
 
 async fn delete_queues(urls: &[&str]) {
     for url in urls {
-        #[cfg(feature = "redis")]
-        if let Ok(ferrymq::Config::Redis(r)) = ferrymq::Config::from_url(url) {
-            let _ = r.delete_queue().await;
-        }
-        let _ = url;
+        let admin = ferrymq::connect_admin(url).await.unwrap();
+        admin.delete().await.unwrap();
     }
 }
 
@@ -249,7 +293,7 @@ async fn peek_and_redrive_through_the_binary_on_redis() {
     assert_eq!(text.matches("first failure   20").count(), 2, "{text}");
     assert_eq!(text.matches("dead-lettered   20").count(), 2, "{text}");
     assert!(
-        stderr(&out).contains("2 message(s) shown and released"),
+        stderr(&out).contains("2 message(s) shown; peek leaves them in the DLQ untouched"),
         "{}",
         stderr(&out)
     );
@@ -259,6 +303,15 @@ async fn peek_and_redrive_through_the_binary_on_redis() {
         (2, 0),
         "peek consumed nothing"
     );
+    // Nor did it count a delivery: received now, each is on its first attempt.
+    let leased = dlq.receive(2, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(leased.len(), 2);
+    for d in &leased {
+        assert_eq!(d.attempt(), 1, "peek spent an attempt");
+    }
+    for d in leased {
+        d.release(None).await.unwrap();
+    }
 
     // peek --json --max 1: one object, fields parsed.
     let out = ferry(&["dlq", "peek", &dlq_url, "--json", "--max", "1"]);

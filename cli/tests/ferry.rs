@@ -108,3 +108,19 @@ fn bad_urls_fail_with_the_parameter_named() {
     let out = ferry(&["send", "--url", "memory://q", "-H", "no-equals-sign", "x"]);
     assert!(!out.status.success());
 }
+
+#[test]
+fn a_backend_that_is_not_compiled_in_is_named() {
+    for (url, feature) in [
+        ("kafka://h1:9092,h2:9092/orders", "kafka"),
+        (
+            "https://sqs.eu-west-1.amazonaws.com/123456789012/orders",
+            "sqs",
+        ),
+    ] {
+        let out = ferry(&["depth", "--url", url]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("cargo feature `{feature}`")), "{err}");
+    }
+}

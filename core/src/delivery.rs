@@ -263,6 +263,8 @@ impl AckHandle {
         }
         // Measured before the call, so the local deadline errs on the early side.
         let asked_at = Instant::now();
+        // A `LeaseExpired` here does not make the handle lost: on some backends (memory,
+        // SQS) the old lease can still settle until someone else received the message.
         self.shared.backend.extend(by).await?;
         if let Some(lease) = self.shared.lease {
             let shift = match asked_at.checked_add(by) {
@@ -458,8 +460,10 @@ mod tests {
         acks: AtomicUsize,
         fail_first: std::sync::atomic::AtomicBool,
         expired: std::sync::atomic::AtomicBool,
-        /// The next ack waits this long before answering (to cancel it mid-flight).
+        /// The next settle waits this long before answering (to cancel it mid-flight).
         stall: std::sync::Mutex<Option<Duration>>,
+        nacks: AtomicUsize,
+        releases: AtomicUsize,
     }
 
     #[async_trait]
@@ -479,10 +483,26 @@ mod tests {
             Ok(())
         }
         async fn nack(&self, _: Option<Duration>) -> Result<()> {
+            self.stall_if_asked().await;
+            self.nacks.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
         async fn extend(&self, _: Duration) -> Result<()> {
             Ok(())
+        }
+        async fn release(&self, _: Option<Duration>) -> Result<()> {
+            self.stall_if_asked().await;
+            self.releases.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    impl Counting {
+        async fn stall_if_asked(&self) {
+            let stall = self.stall.lock().unwrap().take();
+            if let Some(stall) = stall {
+                tokio::time::sleep(stall).await;
+            }
         }
     }
 
@@ -533,6 +553,47 @@ mod tests {
         assert_eq!(backend.acks.load(Ordering::SeqCst), 1);
     }
 
+    /// #10: the same for a nack and a release cut short: the handle goes back to
+    /// pending (not "being settled concurrently" for ever), and settles once after.
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_nack_or_release_returns_the_handle_to_pending() {
+        for release in [false, true] {
+            let backend = Arc::new(Counting::default());
+            *backend.stall.lock().unwrap() = Some(Duration::from_secs(10));
+            let h =
+                AckHandle::with_lease(backend.clone(), Instant::now() + Duration::from_secs(60));
+            let settle = |h: &AckHandle| {
+                let h = h.clone();
+                async move {
+                    if release {
+                        h.release(Some(Duration::from_secs(1))).await
+                    } else {
+                        h.nack(Some(Duration::from_secs(1))).await
+                    }
+                }
+            };
+            let cut = tokio::time::timeout(Duration::from_millis(10), settle(&h)).await;
+            assert!(
+                cut.is_err(),
+                "release {release}: should still have been waiting"
+            );
+            assert!(!h.is_settled(), "release {release}: not left settling");
+            assert!(h.is_live(), "release {release}: still ours to settle");
+            settle(&h).await.unwrap();
+            assert!(h.is_settled() && !h.is_acked());
+            assert_eq!(h.ack().await.unwrap_err().kind(), ErrorKind::AlreadyAcked);
+            let (nacks, releases) = (
+                backend.nacks.load(Ordering::SeqCst),
+                backend.releases.load(Ordering::SeqCst),
+            );
+            assert_eq!(
+                (nacks, releases),
+                if release { (0, 1) } else { (1, 0) },
+                "one completed settle"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn an_ack_that_found_the_lease_gone_is_not_acked() {
         let backend = Arc::new(Counting::default());
@@ -574,10 +635,30 @@ mod tests {
 
     #[tokio::test]
     async fn release_defaults_to_nack_and_settles_once() {
+        /// A backend with no release of its own.
+        #[derive(Debug)]
+        struct NackOnly(Arc<Counting>);
+        #[async_trait]
+        impl Ack for NackOnly {
+            async fn ack(&self) -> Result<()> {
+                self.0.ack().await
+            }
+            async fn nack(&self, after: Option<Duration>) -> Result<()> {
+                self.0.nack(after).await
+            }
+            async fn extend(&self, by: Duration) -> Result<()> {
+                self.0.extend(by).await
+            }
+        }
         let backend = Arc::new(Counting::default());
-        let h = AckHandle::new(backend);
+        let h = AckHandle::new(NackOnly(backend.clone()));
         h.release(None).await.unwrap();
         assert!(h.is_settled() && !h.is_acked());
+        assert_eq!(
+            backend.nacks.load(Ordering::SeqCst),
+            1,
+            "released by a nack"
+        );
         assert_eq!(
             h.nack(None).await.unwrap_err().kind(),
             ErrorKind::AlreadyAcked

@@ -245,6 +245,12 @@ impl Message {
         self.dedup_id.as_deref()
     }
 
+    /// Remove the deduplication id, returning it (the dead-letter copy of a message
+    /// carries it in a header instead).
+    pub fn take_dedup_id(&mut self) -> Option<String> {
+        self.dedup_id.take()
+    }
+
     /// The requested delay.
     pub fn get_delay(&self) -> Option<Duration> {
         self.delay
@@ -320,6 +326,12 @@ pub mod reserved {
     pub const ORIGIN_MESSAGE_ID: &str = "ferrymq-origin-message-id";
     /// Attempt counter carried by backends that count attempts in a header.
     pub const ATTEMPT: &str = "ferrymq-attempt";
+    /// The message's own dedup id, moved here when it is dead-lettered: the DLQ copy
+    /// is sent without a dedup id, so that the DLQ's dedup window can never drop it
+    /// (a message redriven and dead-lettered again within the window would otherwise
+    /// be acked at the source and dropped by the DLQ). A redrive puts it back with
+    /// [`restore_origin_dedup_id`](crate::middleware::retry::restore_origin_dedup_id).
+    pub const ORIGIN_DEDUP_ID: &str = "ferrymq-origin-dedup-id";
 
     /// All reserved names ferrymq itself writes.
     pub const ALL: &[&str] = &[
@@ -330,6 +342,7 @@ pub mod reserved {
         DEAD_LETTERED_AT,
         ORIGIN_MESSAGE_ID,
         ATTEMPT,
+        ORIGIN_DEDUP_ID,
     ];
 }
 

@@ -34,9 +34,9 @@ const REFRESH: Duration = Duration::from_millis(50);
 
 #[tokio::main]
 async fn main() -> ferrymq::Result<ExitCode> {
-    let base = support::base_url("memory://example-orders?visibility=1s");
-    let url = support::queue_url(&base, &format!("bp-{}", support::run_id()));
-    let (producer, consumer) = ferrymq::connect(&url).await?;
+    let base = support::base_config("memory://example-orders?visibility=1s")?;
+    let queue = support::queue(&base, &format!("bp-{}", support::run_id()))?;
+    let (producer, consumer) = queue.connect().await?;
     let producer: Arc<dyn Producer> = Arc::from(producer);
     let consumer: Arc<dyn Consumer> = Arc::from(consumer);
     println!(
@@ -165,6 +165,6 @@ async fn main() -> ferrymq::Result<ExitCode> {
     }
     producer.close().await?;
     consumer.close().await?;
-    support::delete_queues(&[&url]).await;
+    support::delete_queues(&[&queue]).await;
     Ok(checks.exit_code())
 }

@@ -84,11 +84,11 @@ fn taken(batches: &Mutex<Vec<usize>>) -> Vec<usize> {
 
 #[tokio::main]
 async fn main() -> ferrymq::Result<ExitCode> {
-    let base = support::base_url("memory://example-orders?visibility=1s");
-    let url = support::queue_url(&base, &format!("batch-{}", support::run_id()));
+    let base = support::base_config("memory://example-orders?visibility=1s")?;
+    let queue = support::queue(&base, &format!("batch-{}", support::run_id()))?;
     let batches: Arc<Mutex<Vec<usize>>> = Arc::default();
     let counting = Counting {
-        inner: ferrymq::connect_producer(&url).await?,
+        inner: queue.producer().await?,
         batches: batches.clone(),
     };
     let backend = counting.capabilities().backend;
@@ -169,7 +169,7 @@ async fn main() -> ferrymq::Result<ExitCode> {
             .max_size(MAX_SIZE)
             .linger(Duration::from_secs(10))
             .layer(Counting {
-                inner: ferrymq::connect_producer(&url).await?,
+                inner: queue.producer().await?,
                 batches: slow_batches.clone(),
             }),
     );
@@ -198,7 +198,7 @@ async fn main() -> ferrymq::Result<ExitCode> {
     producer.close().await?;
 
     println!("\n4. consume everything");
-    let consumer = ferrymq::connect_consumer(&url).await?;
+    let consumer = queue.consumer().await?;
     let mut received: HashMap<String, usize> = HashMap::new();
     let deadline = Instant::now() + support::patience(Duration::ZERO);
     while received.values().sum::<usize>() < 29 && Instant::now() < deadline {
@@ -217,7 +217,7 @@ async fn main() -> ferrymq::Result<ExitCode> {
         d.ack().await?;
     }
     consumer.close().await?;
-    support::delete_queues(&[&url]).await;
+    support::delete_queues(&[&queue]).await;
     let once = received.len() == 29 && received.values().all(|&n| n == 1);
     println!(
         "  received {} messages, {} distinct",

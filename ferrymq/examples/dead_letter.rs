@@ -65,15 +65,15 @@ fn handler(
     })
 }
 
-/// Run a worker on `url` until `expected` deliveries reached a final outcome (or the
+/// Run a worker on `queue` until `expected` deliveries reached a final outcome (or the
 /// deadline); print each event; return the final outcomes as (order id, outcome, attempt).
 async fn work(
-    url: &str,
+    queue: &ferrymq::Config,
     dlq: Arc<dyn Producer>,
     fixed: Arc<AtomicBool>,
     expected: usize,
 ) -> ferrymq::Result<Vec<(u32, Outcome, u32)>> {
-    let consumer = ferrymq::connect_consumer(url).await?;
+    let consumer = queue.consumer().await?;
     let visibility = consumer
         .capabilities()
         .visibility_timeout
@@ -124,12 +124,12 @@ async fn work(
 
 #[tokio::main]
 async fn main() -> ferrymq::Result<ExitCode> {
-    let base = support::base_url("memory://example-orders?visibility=1s");
+    let base = support::base_config("memory://example-orders?visibility=1s")?;
     let run = support::run_id();
-    let orders_url = support::queue_url(&base, &format!("dl-{run}"));
-    let dlq_url = support::queue_url(&base, &format!("dl-{run}-dlq"));
-    let orders = ferrymq::connect_producer(&orders_url).await?;
-    let (dlq_out, dlq_in) = ferrymq::connect(&dlq_url).await?;
+    let orders_queue = support::queue(&base, &format!("dl-{run}"))?;
+    let dlq_queue = support::queue(&base, &format!("dl-{run}-dlq"))?;
+    let orders = orders_queue.producer().await?;
+    let (dlq_out, dlq_in) = dlq_queue.connect().await?;
     let dlq_out: Arc<dyn Producer> = Arc::from(dlq_out);
     let fixed = Arc::new(AtomicBool::new(false));
     println!(
@@ -162,7 +162,7 @@ async fn main() -> ferrymq::Result<ExitCode> {
     println!("sent orders 1..=4; order {POISON} has currency XXX, which the handler rejects\n");
 
     println!("1. the worker retries order {POISON} with backoff, then dead-letters it:");
-    let first = work(&orders_url, dlq_out.clone(), fixed.clone(), 4).await?;
+    let first = work(&orders_queue, dlq_out.clone(), fixed.clone(), 4).await?;
 
     println!("\n2. the dead-letter queue holds:");
     let dead = dlq_in.receive(10, Duration::from_secs(5)).await?;
@@ -211,14 +211,14 @@ async fn main() -> ferrymq::Result<ExitCode> {
     }
 
     println!("\n4. the worker handles the redriven order:");
-    let second = work(&orders_url, dlq_out.clone(), fixed.clone(), 1).await?;
+    let second = work(&orders_queue, dlq_out.clone(), fixed.clone(), 1).await?;
 
     let orders_depth = orders.depth().await?;
     let dlq_depth = dlq_in.depth().await?;
     orders.close().await?;
     dlq_out.close().await?;
     dlq_in.close().await?;
-    support::delete_queues(&[&orders_url, &dlq_url]).await;
+    support::delete_queues(&[&orders_queue, &dlq_queue]).await;
 
     println!();
     let mut checks = Checks::new();

@@ -63,9 +63,9 @@ fn work_for(key: &str, seq: u32) -> Duration {
 
 #[tokio::main]
 async fn main() -> ferrymq::Result<ExitCode> {
-    let base = support::base_url("memory://example-orders?visibility=1s");
-    let url = support::queue_url(&base, &format!("order-{}", support::run_id()));
-    let (producer, consumer) = ferrymq::connect(&url).await?;
+    let base = support::base_config("memory://example-orders?visibility=1s")?;
+    let queue = support::queue(&base, &format!("order-{}", support::run_id()))?;
+    let (producer, consumer) = queue.connect().await?;
     let caps = consumer.capabilities().clone();
     let visibility = caps.visibility_timeout.unwrap_or(Duration::from_secs(1));
     println!(
@@ -158,7 +158,7 @@ async fn main() -> ferrymq::Result<ExitCode> {
     };
     let depth = producer.depth().await?;
     producer.close().await?;
-    support::delete_queues(&[&url]).await;
+    support::delete_queues(&[&queue]).await;
 
     let seen = lock(&seen);
     for key in KEYS {

@@ -103,12 +103,12 @@ async fn main() -> ferrymq::Result<ExitCode> {
             .unwrap_or("(non-string panic)");
         eprintln!("  (a handler panicked: {message})");
     }));
-    let base = support::base_url("memory://example-orders?visibility=1s");
+    let base = support::base_config("memory://example-orders?visibility=1s")?;
     let run = support::run_id();
-    let orders_url = support::queue_url(&base, &format!("worker-{run}"));
-    let dlq_url = support::queue_url(&base, &format!("worker-{run}-dlq"));
-    let (producer, consumer) = ferrymq::connect(&orders_url).await?;
-    let dlq: Arc<dyn Producer> = Arc::from(ferrymq::connect_producer(&dlq_url).await?);
+    let orders_queue = support::queue(&base, &format!("worker-{run}"))?;
+    let dlq_queue = support::queue(&base, &format!("worker-{run}-dlq"))?;
+    let (producer, consumer) = orders_queue.connect().await?;
+    let dlq: Arc<dyn Producer> = Arc::from(dlq_queue.producer().await?);
     let caps = consumer.capabilities().clone();
     let visibility = caps.visibility_timeout.unwrap_or(Duration::from_secs(1));
     let slow_for = visibility * 3 / 2;
@@ -164,7 +164,10 @@ async fn main() -> ferrymq::Result<ExitCode> {
     let service = ServiceBuilder::new()
         .layer(ExtendVisibilityLayer::from_capabilities(&caps))
         .layer(
+            // Each order's payload carries its id, so its content names it: content
+            // hashing (an opt-in) catches the re-sent copy, which has no dedup id.
             DedupLayer::new(MemoryDedupStore::new(Duration::from_secs(3600)))
+                .content_hash(true)
                 .retry_in_progress_after(Duration::from_millis(200)),
         )
         .layer(
@@ -241,7 +244,7 @@ async fn main() -> ferrymq::Result<ExitCode> {
     );
     producer.close().await?;
     dlq.close().await?;
-    support::delete_queues(&[&orders_url, &dlq_url]).await;
+    support::delete_queues(&[&orders_queue, &dlq_queue]).await;
 
     let seen = lock(&seen);
     let mut checks = Checks::new();

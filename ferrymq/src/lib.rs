@@ -24,16 +24,20 @@
 //! # }
 //! ```
 
+mod drivers;
+pub mod redact;
 mod select;
 
+pub use drivers::drivers;
 pub use ferrymq_core::*;
-pub use select::Config;
+pub use select::{from_toml, Config};
 
 /// Connect to the queue named by `url` and return a producer and a consumer on it.
 ///
-/// The scheme selects the backend: `memory://NAME` always; others when their cargo
-/// feature is enabled. A malformed URL, unknown scheme, missing queue name or bad
-/// parameter is [`ErrorKind::InvalidConfig`] naming the parameter.
+/// The scheme selects the backend (see [`drivers`]): `memory://NAME` always; others
+/// when their cargo feature is enabled. A malformed URL, unknown scheme, missing
+/// queue name or bad parameter is [`ErrorKind::InvalidConfig`] naming the parameter;
+/// a backend that exists but is not compiled in names its cargo feature.
 pub async fn connect(url: &str) -> Result<(Box<dyn Producer>, Box<dyn Consumer>)> {
     Config::from_url(url)?.connect().await
 }
@@ -46,4 +50,11 @@ pub async fn connect_producer(url: &str) -> Result<Box<dyn Producer>> {
 /// A consumer for the queue named by `url` (see [`connect`]).
 pub async fn connect_consumer(url: &str) -> Result<Box<dyn Consumer>> {
     Config::from_url(url)?.consumer().await
+}
+
+/// The administration of the queue named by `url` (see [`connect`]): create, ensure,
+/// describe, purge, delete, peek, dead letters. What a backend cannot do answers
+/// [`ErrorKind::Unsupported`].
+pub async fn connect_admin(url: &str) -> Result<Box<dyn Admin>> {
+    Config::from_url(url)?.admin().await
 }

@@ -19,18 +19,19 @@ use std::time::Duration;
 
 use ferrymq::middleware::{BackpressureLayer, BatchingLayer, Outcome};
 use ferrymq::worker::{Worker, WorkerEvent};
-use ferrymq::{reserved, Consumer, Error, ErrorKind, Message, Producer, Result, WorkerSummary};
+use ferrymq::{
+    reserved, Config, Consumer, Error, ErrorKind, Message, Producer, Result, WorkerSummary,
+};
 use tokio::sync::{broadcast, oneshot};
 use tokio::time::Instant;
 use tower::Layer;
 
-use crate::queue_url::for_queue;
 use model::{money, Invoice, Order, Script};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Backend URL; `{queue}` (or the queue name in the URL) is replaced by each of the
-    /// demo's three queues.
+    /// Backend URL. The demo's three queues live on its server, with its settings; the
+    /// queue name in the URL (or `{queue}`) only stands for them.
     #[arg(long, default_value = "memory://{queue}?visibility=2s")]
     url: String,
     /// Orders the order service enqueues (plus one duplicate send).
@@ -70,13 +71,12 @@ pub async fn run(args: Args) -> Result<()> {
     let script = Script::new(n);
     let run_id = run_id();
     let name = |q: &str| format!("ferry-demo-{run_id}-{q}");
-    let orders_url = for_queue(&args.url, &name("orders"))?;
-    let invoices_url = for_queue(&args.url, &name("invoices"))?;
-    let dlq_url = for_queue(&args.url, &name("orders-dlq"))?;
-
-    let (orders_out, orders_in) = ferrymq::connect(&orders_url).await?;
-    let (invoices_out, invoices_in) = ferrymq::connect(&invoices_url).await?;
-    let (dlq_out, dlq_in) = ferrymq::connect(&dlq_url).await?;
+    // `{queue}` is a placeholder for a name; with_queue then names each queue, the
+    // same way on every backend.
+    let base = Config::from_url(&args.url.replace("{queue}", "ferry-demo"))?;
+    let (orders_out, orders_in) = base.with_queue(&name("orders"))?.connect().await?;
+    let (invoices_out, invoices_in) = base.with_queue(&name("invoices"))?.connect().await?;
+    let (dlq_out, dlq_in) = base.with_queue(&name("orders-dlq"))?.connect().await?;
     let dlq_out: Arc<dyn Producer> = Arc::from(dlq_out);
 
     println!(

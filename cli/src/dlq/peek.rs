@@ -1,13 +1,15 @@
-//! Look at a dead-letter queue without taking anything out of it.
+//! Peeking by leasing: the fallback of `ferry dlq peek --lease` for backends without
+//! a native peek ([`Admin::peek`](ferrymq::Admin::peek) answering `Unsupported`, as
+//! SQS does: it has no way to read a message without receiving it).
 //!
-//! A queue has no "read without consuming" operation on every backend (SQS and Redis
-//! consumer groups have none that keeps the lease semantics), so peeking is: receive —
-//! which leases the messages — show them, then release every lease with `nack(None)`.
-//! The messages stay in the queue, deliverable again at once. Side effects a user
-//! should know about, and which `ferry dlq peek --help` states:
+//! Receive — which leases the messages — show them, then give every lease back with
+//! `release(None)` (a `nack(None)` where the backend cannot release without
+//! counting). The messages stay in the queue, deliverable again at once. Side
+//! effects a user should know about, and which `ferry dlq peek --help` states:
 //!
 //! - while peek holds them (a moment), other consumers do not see them;
-//! - on backends that count deliveries, each peek counts as one;
+//! - on backends that count receives (SQS `ApproximateReceiveCount`), each peek
+//!   counts as one — and can push a message over a native `maxReceiveCount`;
 //! - on backends with per-key ordering, a key's later messages stay hidden while its
 //!   first one is leased, so peek shows the first message of each key.
 //!
@@ -64,7 +66,7 @@ pub async fn peek(
     let shown = held.len();
     let mut release_error = None;
     for d in held {
-        if let Err(e) = d.nack(None).await {
+        if let Err(e) = d.release(None).await {
             release_error.get_or_insert(e);
         }
     }

@@ -1,5 +1,13 @@
 //! Move dead-lettered messages back to a queue where they can be handled again.
 //!
+//! **A redrive moves a snapshot**: the messages waiting in the DLQ when it starts
+//! (or fewer, with `max`), never "until the DLQ is empty". Redriving into a queue
+//! whose handler still fails puts the copies straight back into the DLQ; a redrive
+//! that ran until empty would cycle them forever. Copies that come back during the
+//! run (their `ferrymq-origin-message-id` is a copy this run sent) are left in the
+//! DLQ and counted, not redriven again. A backend that cannot count a queue
+//! (`depth: Unavailable`) needs `max` (the CLI counts by peeking when it can).
+//!
 //! For each message: send a copy to the target, and only once the target accepted it,
 //! ack it in the DLQ. That makes a redrive **at-least-once**: a crash (or a failed ack)
 //! between the two steps leaves the message in both queues, never in neither — the
@@ -21,7 +29,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use ferrymq::{reserved, Consumer, Delivery, Error, Message, Producer, SendReceipt};
+use ferrymq::{reserved, Consumer, Delivery, Error, Message, Producer, Result, SendReceipt};
 
 /// At most this many messages leased per receive call.
 const BATCH: usize = 10;
@@ -29,7 +37,8 @@ const BATCH: usize = 10;
 /// How a redrive runs.
 #[derive(Debug, Clone)]
 pub struct RedriveOptions {
-    /// Move at most this many (`None`: until the DLQ is empty).
+    /// Move at most this many. Never more than the DLQ held at the start; required
+    /// when the DLQ's backend cannot count it.
     pub max: Option<usize>,
     /// How long to wait for the first message.
     pub wait: Duration,
@@ -51,6 +60,11 @@ impl Default for RedriveOptions {
 /// One step of a redrive, for progress output.
 #[derive(Debug)]
 pub enum Step<'a> {
+    /// The snapshot was taken: at most `total` messages will be moved.
+    Started {
+        /// Messages waiting in the DLQ at the start, capped at `max`.
+        total: usize,
+    },
     /// Sent to the target and acked in the DLQ.
     Moved {
         /// The DLQ delivery.
@@ -63,15 +77,24 @@ pub enum Step<'a> {
         /// The DLQ delivery.
         from: &'a Delivery,
     },
+    /// A copy this run sent failed again and was dead-lettered back: left in the DLQ.
+    CameBack {
+        /// The DLQ delivery.
+        from: &'a Delivery,
+    },
 }
 
 /// What a redrive did.
 #[derive(Debug, Default)]
 pub struct RedriveReport {
+    /// The snapshot: how many it set out to move.
+    pub total: usize,
     /// Sent to the target and acked in the DLQ.
     pub moved: usize,
     /// Dropped by the target as duplicates; still in the DLQ.
     pub held_back: usize,
+    /// Copies sent by this run that failed again and came back; still in the DLQ.
+    pub came_back: usize,
     /// Why the redrive stopped early, if it did. Everything not counted in `moved` is
     /// still in the DLQ (released); a failed ack after a successful send says so in
     /// its message: that one is in both queues.
@@ -96,9 +119,28 @@ pub fn redrive_message(delivery: &Delivery, drop_dedup_id: bool) -> Message {
     message
 }
 
-/// Move messages from `dlq` to `target`; see the [module docs](self). Stops when the
-/// DLQ has nothing more to deliver, at `options.max`, or at the first failure (a
-/// failed send or ack), releasing whatever it still holds.
+/// How many messages a redrive of `dlq` sets out to move: those waiting now, capped
+/// at `max`; `max` itself when the backend cannot count.
+pub async fn snapshot(dlq: &dyn Consumer, max: Option<usize>) -> Result<usize> {
+    if !dlq.capabilities().depth.is_available() {
+        return max.ok_or_else(|| {
+            Error::invalid_config(
+                "max",
+                format!(
+                    "{} cannot count the messages in {}, so a redrive has no snapshot to stop                      at; give the number to move",
+                    dlq.capabilities().backend,
+                    dlq.queue()
+                ),
+            )
+        });
+    }
+    let waiting = usize::try_from(dlq.depth().await?.waiting).unwrap_or(usize::MAX);
+    Ok(max.map_or(waiting, |max| max.min(waiting)))
+}
+
+/// Move messages from `dlq` to `target`; see the [module docs](self). Stops once the
+/// snapshot is moved (or held back), when the DLQ has nothing more to deliver, or at
+/// the first failure (a failed send or ack), releasing whatever it still holds.
 pub async fn redrive(
     dlq: &dyn Consumer,
     target: &dyn Producer,
@@ -106,6 +148,19 @@ pub async fn redrive(
     mut progress: impl FnMut(Step<'_>),
 ) -> RedriveReport {
     let mut report = RedriveReport::default();
+    report.total = match snapshot(dlq, options.max).await {
+        Ok(total) => total,
+        Err(e) => {
+            report.error = Some(e);
+            return report;
+        }
+    };
+    progress(Step::Started {
+        total: report.total,
+    });
+    // Ids of the copies this run sent: a dead letter naming one as its origin came
+    // back during the run.
+    let mut sent: HashSet<String> = HashSet::new();
     // Held-back deliveries keep their lease until the end, so they are not received
     // again; their ids, in case a lease runs out and one comes back anyway.
     let mut held: Vec<Delivery> = Vec::new();
@@ -114,11 +169,10 @@ pub async fn redrive(
     let mut first = true;
     'receiving: loop {
         let done = report.moved + report.held_back;
-        let want = match options.max {
-            Some(max) if done >= max => break,
-            Some(max) => (max - done).min(BATCH),
-            None => BATCH,
-        };
+        if done >= report.total {
+            break;
+        }
+        let want = (report.total - done).min(BATCH);
         let wait = if first { options.wait } else { Duration::ZERO };
         first = false;
         let batch = match dlq.receive(want, wait).await {
@@ -132,6 +186,17 @@ pub async fn redrive(
         let mut batch = batch.into_iter();
         while let Some(d) = batch.next() {
             if held_ids.contains(d.id()) {
+                held.push(d);
+                continue;
+            }
+            let came_back = d
+                .headers()
+                .get(reserved::ORIGIN_MESSAGE_ID)
+                .is_some_and(|origin| sent.contains(origin));
+            if came_back {
+                progress(Step::CameBack { from: &d });
+                report.came_back += 1;
+                held_ids.insert(d.id().to_string());
                 held.push(d);
                 continue;
             }
@@ -161,6 +226,7 @@ pub async fn redrive(
                 }
                 Ok(receipt) => match d.ack().await {
                     Ok(()) => {
+                        sent.insert(receipt.id.clone());
                         report.moved += 1;
                         progress(Step::Moved {
                             from: &d,

@@ -10,7 +10,7 @@ use tower::{Layer, ServiceExt};
 
 use super::peek::peek;
 use super::redrive::{redrive, RedriveOptions, Step};
-use super::same_queue;
+use crate::queue::peek_messages;
 
 const WAIT: Duration = Duration::from_millis(200);
 
@@ -173,7 +173,12 @@ async fn a_failed_send_acks_nothing() {
 
     let dlq_c = consumer(&dlq).await;
     let mut steps = 0;
-    let report = redrive(&*dlq_c, &*full, &opts(), |_| steps += 1).await;
+    let report = redrive(&*dlq_c, &*full, &opts(), |step| {
+        if !matches!(step, Step::Started { .. }) {
+            steps += 1;
+        }
+    })
+    .await;
     let error = report.error.expect("the send failed");
     assert_eq!(error.kind(), ErrorKind::QueueFull);
     assert!(error.message().contains("stays in the DLQ"), "{error}");
@@ -228,6 +233,12 @@ async fn a_copy_the_target_drops_as_duplicate_stays_in_the_dlq() {
     assert_eq!(back[0].message().get_dedup_id(), None);
 }
 
+async fn admin(name: &str) -> Box<dyn ferrymq::Admin> {
+    ferrymq::connect_admin(&format!("memory://{name}"))
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn peek_shows_messages_and_leaves_them_in_the_queue() {
     let (source, dlq) = (unique("src"), unique("dlq"));
@@ -237,34 +248,34 @@ async fn peek_shows_messages_and_leaves_them_in_the_queue() {
         vec![Message::new("1"), Message::new("2"), Message::new("3")],
     )
     .await;
-    let dlq_c = consumer(&dlq).await;
-
-    let mut shown = Vec::new();
-    let peeked = peek(&*dlq_c, 10, WAIT, |n, d| {
-        assert_eq!(n, shown.len() + 1);
+    let dlq_admin = admin(&dlq).await;
+    let (shown, more) = peek_messages(&*dlq_admin, 10, false).await.unwrap();
+    assert_eq!((shown.len(), more), (3, Some(0)));
+    for p in &shown {
         assert_eq!(
-            d.headers().get(reserved::FAILURE_REASON),
+            p.message.headers().get(reserved::FAILURE_REASON),
             Some("invoicing service rejected it")
         );
-        shown.push(d.id().to_string());
-    })
-    .await
-    .unwrap();
-    assert_eq!((peeked.shown, peeked.not_shown), (3, 0));
-    assert_eq!(shown.iter().collect::<HashSet<_>>().len(), 3, "no repeats");
+    }
+    assert_eq!(
+        shown.iter().map(|p| &p.id).collect::<HashSet<_>>().len(),
+        3,
+        "no repeats"
+    );
+    let dlq_c = consumer(&dlq).await;
     let depth = dlq_c.depth().await.unwrap();
-    assert_eq!((depth.waiting, depth.in_flight), (3, 0), "released");
+    assert_eq!((depth.waiting, depth.in_flight), (3, 0), "nothing leased");
 
     // --max: shows fewer, says how many it did not show.
-    let peeked = peek(&*dlq_c, 2, WAIT, |_, _| {}).await.unwrap();
-    assert_eq!((peeked.shown, peeked.not_shown), (2, 1));
+    let (shown, more) = peek_messages(&*dlq_admin, 2, false).await.unwrap();
+    assert_eq!((shown.len(), more), (2, Some(1)));
 
     // Still all there for a real consumer.
     assert_eq!(drain(&*dlq_c).await.len(), 3);
 }
 
 #[tokio::test]
-async fn peek_on_per_key_backend_shows_a_keys_first_message() {
+async fn native_peek_sees_past_a_keys_first_message() {
     let (source, dlq) = (unique("src"), unique("dlq"));
     dead_letter(
         &source,
@@ -272,38 +283,99 @@ async fn peek_on_per_key_backend_shows_a_keys_first_message() {
         vec![Message::new("1").key("k"), Message::new("2").key("k")],
     )
     .await;
-    let dlq_c = consumer(&dlq).await;
-    let peeked = peek(&*dlq_c, 10, WAIT, |_, _| {}).await.unwrap();
-    assert_eq!((peeked.shown, peeked.not_shown), (1, 1));
+    let (shown, more) = peek_messages(&*admin(&dlq).await, 10, false).await.unwrap();
+    assert_eq!((shown.len(), more), (2, Some(0)));
 }
 
 #[tokio::test]
 async fn peek_of_an_empty_queue_shows_nothing() {
-    let dlq_c = consumer(&unique("empty")).await;
-    let peeked = peek(&*dlq_c, 10, Duration::from_millis(50), |_, _| {
-        panic!("nothing to show")
+    let name = unique("empty");
+    let _created = consumer(&name).await;
+    let (shown, more) = peek_messages(&*admin(&name).await, 10, false)
+        .await
+        .unwrap();
+    assert_eq!((shown.len(), more), (0, Some(0)));
+}
+
+#[tokio::test]
+async fn peek_of_a_missing_memory_queue_is_not_found() {
+    let err = peek_messages(&*admin(&unique("missing")).await, 10, false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+}
+
+/// `--lease`, for backends without a native peek: receive, show, release.
+#[tokio::test]
+async fn lease_peek_shows_and_releases() {
+    let (source, dlq) = (unique("src"), unique("dlq"));
+    dead_letter(
+        &source,
+        &dlq,
+        vec![
+            Message::new("1").key("k"),
+            Message::new("2").key("k"),
+            Message::new("3"),
+        ],
+    )
+    .await;
+    let dlq_c = consumer(&dlq).await;
+    let mut shown = Vec::new();
+    let peeked = peek(&*dlq_c, 10, WAIT, |n, d| {
+        assert_eq!(n, shown.len() + 1);
+        shown.push(d.id().to_string());
     })
     .await
     .unwrap();
-    assert_eq!((peeked.shown, peeked.not_shown), (0, 0));
+    // Per-key ordering hides a key's second message while its first is leased.
+    assert_eq!((peeked.shown, peeked.not_shown), (2, 1));
+    let depth = dlq_c.depth().await.unwrap();
+    assert_eq!((depth.waiting, depth.in_flight), (3, 0), "released");
+    // Released, not nacked: memory keeps the attempt (release_keeps_attempt).
+    for d in drain(&*dlq_c).await {
+        assert_eq!(d.attempt(), 1);
+    }
+}
+
+#[tokio::test]
+async fn the_snapshot_is_the_dlq_size_at_the_start_capped_at_max() {
+    let (source, dlq) = (unique("src"), unique("dlq"));
+    dead_letter(&source, &dlq, vec![Message::new("1"), Message::new("2")]).await;
+    let dlq_c = consumer(&dlq).await;
+    assert_eq!(super::redrive::snapshot(&*dlq_c, None).await.unwrap(), 2);
+    assert_eq!(super::redrive::snapshot(&*dlq_c, Some(1)).await.unwrap(), 1);
+    assert_eq!(super::redrive::snapshot(&*dlq_c, Some(9)).await.unwrap(), 2);
 }
 
 #[test]
 fn same_queue_ignores_query_and_credentials() {
-    assert!(same_queue("memory://a?visibility=1s", "memory://a"));
-    assert!(!same_queue("memory://a", "memory://b"));
-    assert!(same_queue(
-        "redis://u:p@127.0.0.1:6379/orders-dlq",
-        "redis://127.0.0.1:6379/orders-dlq?group=x"
-    ));
-    assert!(!same_queue(
-        "redis://127.0.0.1:6379/orders-dlq",
-        "redis://127.0.0.1:6380/orders-dlq"
-    ));
-    assert!(!same_queue(
-        "redis://127.0.0.1:6379/orders-dlq",
-        "redis://127.0.0.1:6379/orders"
-    ));
+    let same = |a: &str, b: &str| {
+        ferrymq::Config::from_url(a)
+            .unwrap()
+            .same_queue(&ferrymq::Config::from_url(b).unwrap())
+    };
+    assert!(same("memory://a?visibility=1s", "memory://a"));
+    assert!(!same("memory://a", "memory://b"));
+    #[cfg(feature = "redis")]
+    {
+        assert!(same(
+            "redis://u:p@127.0.0.1:6379/orders-dlq",
+            "redis://127.0.0.1:6379/orders-dlq?group=x"
+        ));
+        // Audit #15: spelled differently, the same queue.
+        assert!(same(
+            "redis://127.0.0.1/orders-dlq",
+            "redis://127.0.0.1:6379/0/orders-dlq"
+        ));
+        assert!(!same(
+            "redis://127.0.0.1:6379/orders-dlq",
+            "redis://127.0.0.1:6380/orders-dlq"
+        ));
+        assert!(!same(
+            "redis://127.0.0.1:6379/orders-dlq",
+            "redis://127.0.0.1:6379/orders"
+        ));
+    }
 }
 
 #[tokio::test]
@@ -329,4 +401,100 @@ async fn redrive_drops_the_backend_attempt_header() {
         back[0].headers().get(reserved::FAILURE_REASON),
         Some("boom")
     );
+}
+
+async fn still_broken(_d: Delivery) -> Result<(), BoxError> {
+    Err("still broken".into())
+}
+
+/// A target queue whose worker fails every message at once: each send lands in the
+/// target, is received there and goes through a real `RetryToDlq(max_attempts = 1)`
+/// back into the DLQ before `send` returns (a worker infinitely fast at failing).
+struct Bouncing {
+    target: Box<dyn Producer>,
+    target_consumer: Box<dyn Consumer>,
+    layer: RetryToDlqLayer,
+}
+
+#[async_trait::async_trait]
+impl Producer for Bouncing {
+    async fn send(&self, message: Message) -> ferrymq::Result<ferrymq::SendReceipt> {
+        let receipt = self.target.send(message).await?;
+        for d in self.target_consumer.receive(10, WAIT).await? {
+            let _ = self.layer.layer(handler_fn(still_broken)).oneshot(d).await;
+        }
+        Ok(receipt)
+    }
+    async fn close(&self) -> ferrymq::Result<()> {
+        self.target.close().await
+    }
+    async fn depth(&self) -> ferrymq::Result<ferrymq::Depth> {
+        self.target.depth().await
+    }
+    fn queue(&self) -> &str {
+        self.target.queue()
+    }
+    fn capabilities(&self) -> &ferrymq::Capabilities {
+        self.target.capabilities()
+    }
+}
+
+/// Audit #15: a target whose handler fails again puts every redriven message straight
+/// back into the DLQ. A redrive that runs "until the DLQ is empty" never ends; one that
+/// redrives a snapshot moves exactly the messages that were there when it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redrive_into_a_failing_target_moves_the_snapshot_and_stops() {
+    const N: usize = 5;
+    let (source, dlq) = (unique("src"), unique("dlq"));
+    dead_letter(
+        &source,
+        &dlq,
+        (0..N).map(|i| Message::new(i.to_string())).collect(),
+    )
+    .await;
+    let target = Bouncing {
+        target: producer(&source).await,
+        target_consumer: consumer(&source).await,
+        layer: RetryToDlqLayer::new(producer(&dlq).await).max_attempts(1),
+    };
+    let dlq_c = consumer(&dlq).await;
+    // On a thread and runtime of its own, watched from this one: the in-process
+    // queue never makes a receive wait, so a redrive that never stops would starve
+    // any timer on its own runtime.
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let report = redrive(&*dlq_c, &target, &opts(), |_| {}).await;
+            let _ = done.send((report, dlq_c.depth().await));
+        });
+    });
+    let (report, depth) =
+        tokio::task::spawn_blocking(move || finished.recv_timeout(Duration::from_secs(10)))
+            .await
+            .unwrap()
+            .expect("redrive did not stop: it keeps redriving what comes back");
+    assert!(report.error.is_none(), "{:?}", report.error);
+    assert_eq!(report.moved, N, "exactly the snapshot");
+    assert_eq!(
+        depth.unwrap().waiting,
+        N as u64,
+        "the bounced copies are back in the DLQ, not redriven again"
+    );
+}
+
+/// `dlq peek` must not spend a delivery attempt: after a peek, the next receive is
+/// still the message's first attempt in the DLQ.
+#[tokio::test]
+async fn peek_spends_no_attempt() {
+    let (source, dlq) = (unique("src"), unique("dlq"));
+    dead_letter(&source, &dlq, vec![Message::new("1")]).await;
+    let (shown, _) = peek_messages(&*admin(&dlq).await, 10, false).await.unwrap();
+    assert_eq!(shown.len(), 1);
+    let got = consumer(&dlq).await.receive(1, WAIT).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].attempt(), 1, "peek counted as a delivery");
 }

@@ -68,6 +68,11 @@ pub fn record(outcome: Outcome) {
     let _ = OUTCOME.try_with(|cell| cell.set(Some(outcome)));
 }
 
+/// The outcome recorded so far in this handler scope, if any (`None` outside one).
+pub fn current() -> Option<Outcome> {
+    OUTCOME.try_with(Cell::get).ok().flatten()
+}
+
 /// Run `future` and return its output together with the outcome recorded inside it.
 pub async fn scope<F: Future>(future: F) -> (F::Output, Option<Outcome>) {
     OUTCOME

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 
 use crate::memory::MemoryConfig;
-use crate::{Ack, AckHandle, Delivery, DeliveryMeta, Message, Result};
+use crate::{Ack, AckHandle, Capabilities, Delivery, DeliveryMeta, Message, Result};
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
@@ -23,6 +23,14 @@ pub(crate) struct CountingAck {
     pub(crate) acks: AtomicUsize,
     pub(crate) nacks: AtomicUsize,
     pub(crate) extends: AtomicUsize,
+    /// The delay of every nack (and release, which defaults to a nack), in order.
+    pub(crate) nack_delays: std::sync::Mutex<Vec<Option<Duration>>>,
+}
+
+impl CountingAck {
+    pub(crate) fn nack_delays(&self) -> Vec<Option<Duration>> {
+        self.nack_delays.lock().unwrap().clone()
+    }
 }
 
 #[async_trait]
@@ -31,8 +39,9 @@ impl Ack for Arc<CountingAck> {
         self.acks.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
-    async fn nack(&self, _: Option<Duration>) -> Result<()> {
+    async fn nack(&self, after: Option<Duration>) -> Result<()> {
         self.nacks.fetch_add(1, Ordering::SeqCst);
+        self.nack_delays.lock().unwrap().push(after);
         Ok(())
     }
     async fn extend(&self, _: Duration) -> Result<()> {
@@ -53,4 +62,15 @@ pub(crate) fn loose_delivery(
         Delivery::new(message, meta, AckHandle::new(counts.clone())),
         counts,
     )
+}
+
+/// [`loose_delivery`] from a backend that says it can do `caps`.
+pub(crate) fn loose_delivery_with(
+    message: Message,
+    id: &str,
+    attempt: u32,
+    caps: Capabilities,
+) -> (Delivery, Arc<CountingAck>) {
+    let (d, counts) = loose_delivery(message, id, attempt);
+    (d.with_capabilities(Arc::new(caps)), counts)
 }

@@ -106,7 +106,11 @@ impl<C: Consumer + 'static> Worker<C> {
         self
     }
 
-    /// How long running handlers may take to finish after shutdown is requested.
+    /// How long running handlers may take to finish after shutdown is requested;
+    /// also the bound on giving back what was prefetched and settling what finished
+    /// (a backend that never answers cannot hold the shutdown up). Handlers still
+    /// running then are cancelled, and their releases get a further tenth of this
+    /// (at most 1 s).
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.config.shutdown_timeout = timeout;
         self

@@ -44,10 +44,16 @@
 //! - **Panics** in a handler are caught; they fail that delivery, never the worker.
 //! - **Per-key order** (opt-in): deliveries with the same key run one at a time in
 //!   receive order; different keys run in parallel.
-//! - **Graceful shutdown**: when the shutdown future completes, receiving stops,
-//!   deliveries received but not started are released (`nack(None)`), running
-//!   handlers get until the shutdown timeout to finish (then are cancelled and
-//!   released), registered producers are flushed, and a [`WorkerSummary`] is returned.
+//! - **Graceful shutdown**: when the shutdown future completes, receiving stops (the
+//!   consumer is closed), deliveries received but not started are
+//!   [released](crate::Delivery::release) all at once, running handlers get until the
+//!   shutdown timeout to finish (then are cancelled and released), registered
+//!   producers are flushed, and a [`WorkerSummary`] is returned.
+//! - **Bounded shutdown**: all of that happens within the shutdown timeout, plus a
+//!   grace of a tenth of it (at most 1 s) for giving back the handlers cancelled at
+//!   the deadline. An ack, nack or release the backend has not answered by then is
+//!   given up (the message returns after its visibility timeout) and reported:
+//!   [`WorkerSummary::release_failed`], and the event's error.
 //!
 //! # Observability
 //!

@@ -35,6 +35,20 @@ struct Finished {
     span: tracing::Span,
 }
 
+impl Finished {
+    /// The report of a delivery given back without being started.
+    fn unstarted() -> Self {
+        Finished {
+            outcome: Outcome::Released,
+            error: None,
+            elapsed: Duration::ZERO,
+            panicked: false,
+            settle: Settle::Release,
+            span: tracing::Span::none(),
+        }
+    }
+}
+
 /// A settle left to the worker once the handler has finished.
 #[derive(Debug, Clone, Copy)]
 enum Settle {
@@ -46,8 +60,11 @@ enum Settle {
     Release,
 }
 
-/// A settle on its way: the delivery, its handler's report, and the settle's result.
+/// A settle that completed: the delivery, its handler's report, and the settle's result.
 type Settled = (Delivery, Finished, Result<()>);
+
+/// A settle on its way answers with its id (see `State::settle_items`) and result.
+type Settling = (u64, Result<()>);
 
 type Joined = (u64, std::result::Result<Finished, JoinError>);
 
@@ -63,9 +80,14 @@ struct State<C> {
     /// Started: task id -> (delivery, abort handle).
     in_flight: HashMap<u64, (Delivery, AbortHandle)>,
     running: FuturesUnordered<BoxFuture<Joined>>,
-    /// Handled, being acked or nacked. Their leases count against the capacity like
-    /// running and pending ones, so this set is bounded by `concurrency + prefetch`.
-    settling: FuturesUnordered<BoxFuture<Settled>>,
+    /// Handled (or given back unstarted), being acked, nacked or released. Their
+    /// leases count against the capacity like running and pending ones, so this set
+    /// is bounded by `concurrency + prefetch`.
+    settling: FuturesUnordered<BoxFuture<Settling>>,
+    /// The delivery and report of each settle in `settling`, by id: kept out of the
+    /// future so that one which never answers can still be accounted for at the
+    /// shutdown deadline.
+    settle_items: HashMap<u64, (Delivery, Finished)>,
     busy_keys: HashSet<String>,
     next_task: u64,
     metrics: Metrics,
@@ -84,8 +106,8 @@ struct State<C> {
 ///   time (a moving average). Until a handler time has been seen, nothing is
 ///   prefetched beyond the free slots.
 /// - **never start a dying lease**: a delivery whose lease has less than a margin
-///   left (the expected handler time, at least a tenth and at most half of the
-///   visibility timeout) is released unstarted, so the redelivery is the only run.
+///   left (the expected handler time plus a tenth of the visibility timeout for the
+///   ack, at most half of the visibility timeout) is released unstarted, so the redelivery is the only run.
 ///
 /// Extending every prefetched lease instead would cost a round trip per waiting
 /// message per period (and money, on SQS) to keep messages that another consumer
@@ -144,7 +166,10 @@ impl Pacing {
             .handler_secs
             .and_then(|s| Duration::try_from_secs_f64(s).ok())
             .unwrap_or_default();
-        expected.clamp(visibility / 10, visibility / 2)
+        // Room for the handler and then its ack (a tenth of the lease).
+        expected
+            .saturating_add(visibility / 10)
+            .clamp(visibility / 10, visibility / 2)
     }
 
     /// Whether `delivery` may be started now.
@@ -259,6 +284,7 @@ where
         in_flight: HashMap::new(),
         running: FuturesUnordered::new(),
         settling: FuturesUnordered::new(),
+        settle_items: HashMap::new(),
         busy_keys: HashSet::new(),
         next_task: 0,
         metrics,
@@ -295,11 +321,11 @@ where
         tokio::select! {
             biased;
             () = &mut shutdown => break,
-            Some(settled) = st.settling.next(), if !st.settling.is_empty() => {
-                st.settled(settled);
+            Some(settling) = st.settling.next(), if !st.settling.is_empty() => {
+                st.settle_done(settling);
             }
             Some(joined) = st.running.next(), if !st.running.is_empty() => {
-                st.finish(joined).await;
+                st.finish(joined);
             }
             ready = poll_fn(|cx| service.poll_ready(cx)), if can_start => {
                 if let Err(e) = ready {
@@ -309,7 +335,7 @@ where
                 if let Some(index) = st.startable() {
                     if let Some(delivery) = st.pending.remove(index) {
                         if st.pacing.may_start(&delivery) {
-                            st.start(&mut service, delivery).await;
+                            st.start(&mut service, delivery);
                         } else {
                             st.release_unstarted(delivery);
                         }
@@ -346,8 +372,12 @@ where
         }
     }
 
-    // Graceful shutdown, all of it within one deadline.
+    // Graceful shutdown, all of it within one deadline. Nothing below waits on the
+    // backend without it: a broker gone silent must not keep the process from
+    // stopping (what is not given back returns after its visibility timeout).
     let deadline = crate::time::deadline_in(st.config.shutdown_timeout);
+    // What giving back the handlers cancelled at the deadline may take past it.
+    let grace = (st.config.shutdown_timeout / 10).min(Duration::from_secs(1));
     // 1: stop receiving. A receive cut short loses nothing: what it may have leased
     // comes back after the visibility timeout. Closing the consumer first stops its
     // own fetching (a Kafka poll loop, a Redis read-ahead buffer) before anything is
@@ -367,51 +397,66 @@ where
         }
         closed = true;
     }
-    // 2: release what was received but not started, all at once, so other consumers
-    // get it now rather than after its visibility timeout.
-    let prefetched: Vec<Delivery> = st.pending.drain(..).collect();
-    let releases = futures::future::join_all(prefetched.iter().map(|d| d.release(None)));
-    match tokio::time::timeout_at(deadline, releases).await {
-        Ok(results) => {
-            for (delivery, result) in prefetched.iter().zip(results) {
-                if let Err(e) = result {
-                    tracing::warn!(queue = %st.queue, id = %delivery.id(), error = %e, "releasing a prefetched delivery failed; it returns after its visibility timeout");
-                }
-            }
-        }
-        Err(_) => {
-            tracing::warn!(queue = %st.queue, count = prefetched.len(), "releasing prefetched deliveries did not finish before the shutdown deadline; they return after their visibility timeout")
-        }
+    // 2: release what was received but not started, all at once (settled alongside
+    // the running handlers), so other consumers get it now rather than after its
+    // visibility timeout.
+    for delivery in std::mem::take(&mut st.pending) {
+        st.push_settle(delivery, Finished::unstarted());
     }
-    for delivery in &prefetched {
-        st.report(delivery, Outcome::Released, None, Duration::ZERO);
-    }
-    // 3: let running handlers finish, up to the deadline.
-    while !st.running.is_empty() {
+    // 3: let running handlers finish, and every ack, nack and release complete, up
+    // to the deadline.
+    while !st.running.is_empty() || !st.settling.is_empty() {
         tokio::select! {
-            Some(settled) = st.settling.next(), if !st.settling.is_empty() => st.settled(settled),
-            Some(joined) = st.running.next() => st.finish(joined).await,
+            biased;
+            Some(settling) = st.settling.next(), if !st.settling.is_empty() => st.settle_done(settling),
+            Some(joined) = st.running.next(), if !st.running.is_empty() => st.finish(joined),
             () = sleep_until(deadline) => break,
         }
     }
-    // 4: cancel the stragglers; `finish` releases their deliveries.
+    // 4: cancel the stragglers; `finish` releases their deliveries. Those releases
+    // get a short grace past the deadline (a tenth of the timeout, at most 1 s).
+    let mut settle_deadline = deadline;
     if !st.running.is_empty() {
         tracing::warn!(queue = %st.queue, remaining = st.running.len(), "shutdown timeout: cancelling running handlers");
         for (_, abort) in st.in_flight.values() {
             abort.abort();
         }
         while let Some(joined) = st.running.next().await {
-            st.finish(joined).await;
+            st.finish(joined);
+        }
+        settle_deadline = settle_deadline.max(crate::time::deadline_in(grace));
+    }
+    // 4b: the settles still on their way, until then; the rest is reported as given
+    // back too late.
+    while !st.settling.is_empty() {
+        tokio::select! {
+            biased;
+            Some(settling) = st.settling.next() => st.settle_done(settling),
+            () = sleep_until(settle_deadline) => break,
         }
     }
-    // 4b: every ack and nack of a finished handler completes before returning.
-    while let Some(settled) = st.settling.next().await {
-        st.settled(settled);
+    if !st.settle_items.is_empty() {
+        tracing::warn!(queue = %st.queue, count = st.settle_items.len(), "acks, nacks and releases did not finish before the shutdown deadline; those messages return after their visibility timeout");
+        st.settling = FuturesUnordered::new();
+        for (_, (delivery, finished)) in std::mem::take(&mut st.settle_items) {
+            let late = Error::new(
+                ErrorKind::Timeout,
+                "it did not finish before the shutdown deadline",
+            );
+            st.settled((delivery, finished, Err(late)));
+        }
     }
-    // 5: flush downstream producers.
+    // 5: flush downstream producers (bounded like the rest, with at least the grace).
+    let flush_deadline = settle_deadline.max(crate::time::deadline_in(grace));
     for producer in &flush {
-        if let Err(e) = producer.flush().await {
-            tracing::warn!(producer = %producer.queue(), error = %e, "flush at shutdown failed");
+        match tokio::time::timeout_at(flush_deadline, producer.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(producer = %producer.queue(), error = %e, "flush at shutdown failed")
+            }
+            Err(_) => {
+                tracing::warn!(producer = %producer.queue(), "flush at shutdown did not finish before the shutdown deadline")
+            }
         }
     }
     if st.config.close_consumer && !closed {
@@ -438,7 +483,7 @@ impl<C: Consumer + 'static> State<C> {
             .position(|d| d.key().map_or(true, |k| !self.busy_keys.contains(k)))
     }
 
-    async fn start<S>(&mut self, service: &mut S, delivery: Delivery)
+    fn start<S>(&mut self, service: &mut S, delivery: Delivery)
     where
         S: Service<Delivery, Response = ()>,
         S::Error: Into<BoxError>,
@@ -464,15 +509,15 @@ impl<C: Consumer + 'static> State<C> {
                 // The service panicked before returning a future: fail this delivery.
                 let error = HandlerPanicked::from_payload(&*payload);
                 tracing::error!(parent: &span, %error, "handler panicked in call");
-                let _ = delivery.nack(self.config.nack_delay).await;
-                self.summary.panics += 1;
-                self.release_key(&delivery);
-                self.report(
-                    &delivery,
-                    Outcome::Failed,
-                    Some(error.to_string().into()),
-                    Duration::ZERO,
-                );
+                let finished = Finished {
+                    outcome: Outcome::Failed,
+                    error: Some(error.to_string().into()),
+                    elapsed: Duration::ZERO,
+                    panicked: true,
+                    settle: Settle::Nack(self.config.nack_delay),
+                    span,
+                };
+                self.push_settle(delivery, finished);
                 return;
             }
         };
@@ -486,56 +531,73 @@ impl<C: Consumer + 'static> State<C> {
         self.metrics.in_flight.set(self.in_flight.len() as f64);
     }
 
-    async fn finish(&mut self, (id, joined): Joined) {
+    fn finish(&mut self, (id, joined): Joined) {
         let Some((delivery, _)) = self.in_flight.remove(&id) else {
             return;
         };
         self.metrics.in_flight.set(self.in_flight.len() as f64);
         let finished = match joined {
-            Ok(finished) if matches!(finished.settle, Settle::Done) => finished,
-            Ok(finished) => {
-                // Settle off the handler slot; `settled` accounts for it when done.
-                self.settling.push(Box::pin(async move {
-                    let result = match finished.settle {
-                        Settle::Ack => delivery.ack().await,
-                        Settle::Nack(delay) => delivery.nack(delay).await,
-                        Settle::Release => delivery.release(None).await,
-                        Settle::Done => Ok(()),
-                    };
-                    (delivery, finished, result)
-                }));
-                return;
-            }
+            Ok(finished) => finished,
             Err(e) => {
                 // Cancelled at the shutdown deadline (or, should it ever happen, a
-                // panic outside the handler): release the delivery.
-                let outcome = if e.is_cancelled() {
-                    Outcome::Abandoned
-                } else {
-                    Outcome::Failed
-                };
-                let given_back = if e.is_cancelled() {
+                // panic outside the handler): give the delivery back.
+                let (outcome, settle) = if e.is_cancelled() {
                     // Cut short by the shutdown deadline: not the message's fault.
-                    delivery.release(None).await
+                    (Outcome::Abandoned, Settle::Release)
                 } else {
-                    delivery.nack(self.config.nack_delay).await
+                    (Outcome::Failed, Settle::Nack(self.config.nack_delay))
                 };
-                if let Err(nack) = given_back {
-                    if nack.kind() != ErrorKind::AlreadyAcked {
-                        tracing::warn!(queue = %self.queue, id = %delivery.id(), error = %nack, "giving back a cancelled delivery failed");
-                    }
-                }
                 Finished {
                     outcome,
                     error: Some(e.to_string().into()),
                     elapsed: Duration::ZERO,
                     panicked: e.is_panic(),
-                    settle: Settle::Done,
+                    settle,
                     span: tracing::Span::none(),
                 }
             }
         };
-        self.settled((delivery, finished, Ok(())));
+        match finished.settle {
+            Settle::Done => self.settled((delivery, finished, Ok(()))),
+            // Settled off the handler slot; `settle_done` accounts for it when done.
+            _ => self.push_settle(delivery, finished),
+        }
+    }
+
+    /// Start settling `delivery` as `finished.settle` says, alongside the loop.
+    fn push_settle(&mut self, delivery: Delivery, finished: Finished) {
+        let id = self.next_task;
+        self.next_task += 1;
+        let settle = finished.settle;
+        // The handle alone (one `Arc`), not a copy of the message.
+        let handle = delivery.acker().clone();
+        self.settle_items.insert(id, (delivery, finished));
+        self.settling.push(Box::pin(async move {
+            let result = match settle {
+                Settle::Ack => handle.ack().await,
+                Settle::Nack(delay) => handle.nack(delay).await,
+                Settle::Release => handle.release(None).await,
+                Settle::Done => Ok(()),
+            };
+            let result = match (settle, result) {
+                // Given back already (its lease ran out, or the handler settled it
+                // before it was cancelled): nothing was lost.
+                (Settle::Nack(_) | Settle::Release, Err(e))
+                    if matches!(e.kind(), ErrorKind::LeaseExpired | ErrorKind::AlreadyAcked) =>
+                {
+                    Ok(())
+                }
+                (_, other) => other,
+            };
+            (id, result)
+        }));
+    }
+
+    /// A settle from `settling` answered.
+    fn settle_done(&mut self, (id, result): Settling) {
+        if let Some((delivery, finished)) = self.settle_items.remove(&id) {
+            self.settled((delivery, finished, result));
+        }
     }
 
     /// Give back a delivery whose lease is gone or about to go, without running it:
@@ -543,24 +605,7 @@ impl<C: Consumer + 'static> State<C> {
     fn release_unstarted(&mut self, delivery: Delivery) {
         tracing::debug!(queue = %self.queue, id = %delivery.id(), remaining = ?delivery.lease_remaining(), "lease too short to start; releasing");
         self.summary.expired += 1;
-        let finished = Finished {
-            outcome: Outcome::Released,
-            error: None,
-            elapsed: Duration::ZERO,
-            panicked: false,
-            settle: Settle::Release,
-            span: tracing::Span::none(),
-        };
-        self.settling.push(Box::pin(async move {
-            let result = match delivery.release(None).await {
-                // Already back with the broker: nothing was lost.
-                Err(e) if matches!(e.kind(), ErrorKind::LeaseExpired | ErrorKind::AlreadyAcked) => {
-                    Ok(())
-                }
-                other => other,
-            };
-            (delivery, finished, result)
-        }));
+        self.push_settle(delivery, Finished::unstarted());
     }
 
     /// Account for a delivery whose handler finished and whose settle completed.
@@ -570,16 +615,24 @@ impl<C: Consumer + 'static> State<C> {
             self.pacing.observe(finished.elapsed);
         }
         if let Err(e) = result {
-            match finished.settle {
+            let what = match finished.settle {
                 Settle::Ack => {
                     tracing::warn!(parent: &finished.span, error = %e, "handled, but the ack failed: the message will be delivered again");
                     finished.outcome = Outcome::Failed;
+                    "acking it failed"
                 }
                 Settle::Nack(_) | Settle::Release => {
-                    tracing::warn!(parent: &finished.span, error = %e, "giving the message back failed: it returns after its visibility timeout");
+                    tracing::warn!(parent: &finished.span, queue = %self.queue, id = %delivery.id(), error = %e, "giving the message back failed: it returns after its visibility timeout");
+                    self.summary.release_failed += 1;
+                    "giving it back failed, it returns after its visibility timeout"
                 }
-                Settle::Done => {}
-            }
+                Settle::Done => "settling failed",
+            };
+            let note = format!("{what}: {}", e.message());
+            finished.error = Some(match finished.error.take() {
+                Some(error) => format!("{error}; {note}").into(),
+                None => note.into(),
+            });
             finished.span.record("outcome", finished.outcome.as_str());
         }
         if finished.panicked {

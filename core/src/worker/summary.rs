@@ -29,6 +29,11 @@ pub struct WorkerSummary {
     pub expired: u64,
     /// Still running at the shutdown deadline: cancelled and released.
     pub abandoned: u64,
+    /// Deliveries the worker gave back (released or nacked) whose give-back failed,
+    /// or did not finish before the shutdown deadline: they are counted in their
+    /// outcome too (`released`, `abandoned`, `failed`), and come back only after
+    /// their visibility timeout.
+    pub release_failed: u64,
     /// Handler panics caught (also counted in their outcome).
     pub panics: u64,
     /// How long the worker ran.
@@ -68,7 +73,7 @@ impl fmt::Display for WorkerSummary {
         write!(
             f,
             "received {}, succeeded {}, retried {}, dead-lettered {}, deduplicated {}, \
-             deferred {}, failed {}, released {}, abandoned {} in {:.2?}",
+             deferred {}, failed {}, released {}, abandoned {}, give-backs failed {} in {:.2?}",
             self.received,
             self.succeeded,
             self.retried,
@@ -78,6 +83,7 @@ impl fmt::Display for WorkerSummary {
             self.failed,
             self.released,
             self.abandoned,
+            self.release_failed,
             self.elapsed
         )
     }

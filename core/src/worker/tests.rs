@@ -954,3 +954,200 @@ async fn shutdown_release_does_not_count_an_attempt() {
     }
     crate::memory::delete_queue("worker-release-attempt");
 }
+
+/// A backend that acks, but whose give-backs (nack, release) never answer: a broker
+/// connection gone silent at shutdown.
+#[derive(Debug, Default)]
+struct SilentGiveBack {
+    acks: AtomicUsize,
+    give_backs_started: AtomicUsize,
+}
+
+#[async_trait]
+impl crate::Ack for Arc<SilentGiveBack> {
+    async fn ack(&self) -> Result<()> {
+        self.acks.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    async fn nack(&self, _: Option<Duration>) -> Result<()> {
+        self.give_backs_started.fetch_add(1, Ordering::SeqCst);
+        std::future::pending().await
+    }
+    async fn extend(&self, _: Duration) -> Result<()> {
+        Ok(())
+    }
+    async fn release(&self, _: Option<Duration>) -> Result<()> {
+        self.give_backs_started.fetch_add(1, Ordering::SeqCst);
+        std::future::pending().await
+    }
+}
+
+/// #11: shutdown is bounded by its timeout even when giving messages back never
+/// completes: 20 prefetched deliveries to release, one handler stuck past the
+/// deadline (cancelled, then released), one failed delivery whose nack hangs. Before,
+/// the prefetched ones were released one at a time with no deadline (hung on the
+/// first), and the cancelled handler's release and the pending nack were awaited
+/// without one.
+#[tokio::test(start_paused = true)]
+async fn shutdown_returns_in_time_when_give_backs_never_answer() {
+    let silent = Arc::new(SilentGiveBack::default());
+    let consumer = Unordered::new(Vec::new());
+    {
+        let mut ready = consumer.ready.lock().unwrap();
+        let bodies = ["fail", "stuck"]
+            .into_iter()
+            .map(String::from)
+            .chain((0..20).map(|i| format!("prefetched-{i}")));
+        for (i, b) in bodies.enumerate() {
+            let meta = DeliveryMeta::new(i.to_string(), 1, SystemTime::now(), "silent".into());
+            ready.push_back(Delivery::new(
+                Message::new(b),
+                meta,
+                AckHandle::new(silent.clone()),
+            ));
+        }
+    }
+    let svc = handler_fn(|d: Delivery| async move {
+        if body(&d) == "fail" {
+            return Err::<(), BoxError>("boom".into());
+        }
+        std::future::pending::<()>().await;
+        Ok(())
+    });
+    let worker = Worker::new(consumer)
+        .concurrency(1)
+        .prefetch(21)
+        .shutdown_timeout(Duration::from_secs(1));
+    let mut events = worker.subscribe();
+    let start = tokio::time::Instant::now();
+    let run = worker.run_until(svc, tokio::time::sleep(Duration::from_secs(1)));
+    let summary = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("shutdown hung on give-backs that never answer")
+        .unwrap();
+    let took = start.elapsed() - Duration::from_secs(1);
+    assert!(
+        took <= Duration::from_millis(1100),
+        "shutdown took {took:?} with a 1 s timeout"
+    );
+    assert_eq!(summary.received, 22, "{summary}");
+    assert_eq!(
+        (summary.failed, summary.abandoned, summary.released),
+        (1, 1, 20),
+        "{summary}"
+    );
+    assert_eq!(
+        summary.release_failed, 22,
+        "every give-back that did not finish is reported: {summary}"
+    );
+    assert_eq!(summary.settled(), summary.received, "{summary}");
+    assert_eq!(silent.give_backs_started.load(Ordering::SeqCst), 22);
+    let mut unfinished = 0;
+    while let Ok(e) = events.try_recv() {
+        if e.error
+            .as_deref()
+            .is_some_and(|e| e.contains("shutdown deadline"))
+        {
+            unfinished += 1;
+        }
+    }
+    assert_eq!(unfinished, 22, "released-failed events say why");
+}
+
+/// #11, the prefetched part alone: 20 prefetched deliveries whose release never
+/// answers and one handler that finishes in time. Shutdown returns at its deadline,
+/// reporting the 20 released — with their release failed.
+#[tokio::test(start_paused = true)]
+async fn prefetched_releases_that_never_answer_end_at_the_deadline() {
+    let silent = Arc::new(SilentGiveBack::default());
+    let consumer = Unordered::new(Vec::new());
+    {
+        let mut ready = consumer.ready.lock().unwrap();
+        for i in 0..21 {
+            let meta = DeliveryMeta::new(i.to_string(), 1, SystemTime::now(), "silent".into());
+            ready.push_back(Delivery::new(
+                Message::new(format!("{i}")),
+                meta,
+                AckHandle::new(silent.clone()),
+            ));
+        }
+    }
+    let svc = handler_fn(|_d: Delivery| async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        Ok::<_, BoxError>(())
+    });
+    let start = tokio::time::Instant::now();
+    let run = Worker::new(consumer)
+        .concurrency(1)
+        .prefetch(20)
+        .shutdown_timeout(Duration::from_secs(1))
+        .run_until(svc, tokio::time::sleep(Duration::from_secs(1)));
+    let summary = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("shutdown hung on releases that never answer")
+        .unwrap();
+    assert_eq!(start.elapsed(), Duration::from_secs(2), "{summary}");
+    assert_eq!((summary.succeeded, summary.released), (1, 20), "{summary}");
+    assert_eq!(summary.release_failed, 20, "{summary}");
+    assert_eq!(silent.acks.load(Ordering::SeqCst), 1);
+}
+
+/// Hands out `first` on the first receive, then reads the memory queue.
+struct HandOver {
+    first: Mutex<Option<Delivery>>,
+    inner: MemoryConsumer,
+}
+
+#[async_trait]
+impl Consumer for HandOver {
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        if let Some(d) = self.first.lock().unwrap().take() {
+            return Ok(vec![d]);
+        }
+        self.inner.receive(max, wait).await
+    }
+    async fn depth(&self) -> Result<Depth> {
+        self.inner.depth().await
+    }
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+    fn queue(&self) -> &str {
+        self.inner.queue()
+    }
+    fn capabilities(&self) -> &Capabilities {
+        self.inner.capabilities()
+    }
+}
+
+/// #6: a delivery whose lease is nearly gone is given back unstarted ("stale buffer
+/// drop"); on memory that release keeps the attempt, so its one real run is attempt 1.
+#[tokio::test(start_paused = true)]
+async fn a_stale_prefetched_delivery_is_released_without_spending_an_attempt() {
+    let cfg = queue("worker-stale").visibility_timeout(Duration::from_secs(10));
+    let (p, c) = cfg.connect().unwrap();
+    p.send(Message::new("late")).await.unwrap();
+    let stale = c.receive(1, NOW).await.unwrap().remove(0);
+    // 0.5 s of lease left: less than the least a delivery must have to be started.
+    tokio::time::advance(Duration::from_millis(9500)).await;
+    let consumer = HandOver {
+        first: Mutex::new(Some(stale)),
+        inner: c,
+    };
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let seen = attempts.clone();
+    let svc = handler_fn(move |d: Delivery| {
+        let seen = seen.clone();
+        async move {
+            seen.lock().unwrap().push(d.attempt());
+            Ok::<_, BoxError>(())
+        }
+    });
+    let summary = Worker::new(consumer)
+        .run_until(svc, tokio::time::sleep(Duration::from_secs(2)))
+        .await
+        .unwrap();
+    assert_eq!(summary.expired, 1, "{summary}");
+    assert_eq!(*attempts.lock().unwrap(), vec![1], "{summary}");
+    assert_eq!(p.depth().await.unwrap().total(), 0);
+}

@@ -11,32 +11,23 @@ use std::fmt::Display;
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// The backend URL: `$FERRYMQ_URL`, else `default`.
-pub fn base_url(default: &str) -> String {
-    std::env::var("FERRYMQ_URL")
+use ferrymq::Config;
+
+/// The backend: `$FERRYMQ_URL`, else `default`. A URL whose queue is written as
+/// `{queue}` gets `example` there; each example then names its own queues from it
+/// with [`queue`].
+pub fn base_config(default: &str) -> ferrymq::Result<Config> {
+    let url = std::env::var("FERRYMQ_URL")
         .ok()
         .filter(|u| !u.trim().is_empty())
-        .unwrap_or_else(|| default.to_string())
+        .unwrap_or_else(|| default.to_string());
+    Config::from_url(&url.replace("{queue}", "example"))
 }
 
-/// `base` with its queue name (the last `/`-separated segment before the query:
-/// `memory://NAME`, `redis://host:port/[db/]NAME`, `kafka://host:port/NAME`) suffixed
-/// with `-<suffix>`. A URL whose queue is written as `{queue}` gets it replaced.
-pub fn queue_url(base: &str, suffix: &str) -> String {
-    if base.contains("{queue}") {
-        return base.replace("{queue}", &format!("example-{suffix}"));
-    }
-    let (path, query) = match base.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (base, None),
-    };
-    let path = path.trim_end_matches('/');
-    let mut url = format!("{path}-{suffix}");
-    if let Some(q) = query {
-        url.push('?');
-        url.push_str(q);
-    }
-    url
+/// `base` for the queue `<base queue>-<suffix>`, same server and settings
+/// (`Config::with_queue`: no URL rewriting, whatever the backend).
+pub fn queue(base: &Config, suffix: &str) -> ferrymq::Result<Config> {
+    base.with_queue(&format!("{}-{suffix}", base.queue()))
 }
 
 /// A short id, different on every run (time and process id, base 36).
@@ -56,16 +47,18 @@ pub fn run_id() -> String {
 }
 
 /// Remove the example's queues from a broker that keeps them (Redis), so that runs
-/// leave nothing behind. In-process queues go away with the process.
-pub async fn delete_queues(urls: &[&str]) {
-    for url in urls {
-        #[cfg(feature = "redis")]
-        if let Ok(ferrymq::Config::Redis(redis)) = ferrymq::Config::from_url(url) {
-            if let Err(e) = redis.delete_queue().await {
-                eprintln!("note: could not delete queue {}: {e}", redis.queue);
+/// leave nothing behind. In-process queues go away with the process anyway.
+pub async fn delete_queues(queues: &[&Config]) {
+    for queue in queues {
+        let deleted = match queue.admin().await {
+            Ok(admin) => admin.delete().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = deleted {
+            if e.kind() != ferrymq::ErrorKind::Unsupported {
+                eprintln!("note: could not delete queue {}: {e}", queue.queue());
             }
         }
-        let _ = url;
     }
 }
 

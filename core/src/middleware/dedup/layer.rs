@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use tower::Layer;
 
-use super::{Dedup, DedupStore};
+use super::{Dedup, DedupStore, KeyStrategy};
 
 #[derive(Debug, Clone)]
 pub(super) struct DedupConfig {
@@ -11,6 +11,7 @@ pub(super) struct DedupConfig {
     pub(super) claim_ttl: Duration,
     pub(super) retry_in_progress_after: Duration,
     pub(super) namespace: Option<String>,
+    pub(super) key_strategy: KeyStrategy,
 }
 
 /// Layer producing [`Dedup`].
@@ -31,7 +32,9 @@ pub struct DedupLayer {
 
 impl DedupLayer {
     /// Dedup through `store`. Claims last 5 minutes; a key in progress elsewhere is
-    /// retried after 1 second; keys are namespaced by the delivery's queue.
+    /// retried after 1 second; keys are namespaced by the delivery's queue; a
+    /// message is known by its dedup id, else by its backend message id
+    /// ([`KeyStrategy::MessageId`]).
     pub fn new(store: impl DedupStore + 'static) -> Self {
         DedupLayer::from_arc(Arc::new(store))
     }
@@ -44,6 +47,7 @@ impl DedupLayer {
                 claim_ttl: Duration::from_secs(300),
                 retry_in_progress_after: Duration::from_secs(1),
                 namespace: None,
+                key_strategy: KeyStrategy::default(),
             }),
         }
     }
@@ -58,6 +62,13 @@ impl DedupLayer {
     }
 
     /// Redelivery delay for a message whose key another consumer is handling.
+    ///
+    /// The delivery is [released](crate::Delivery::release): on a backend where that
+    /// keeps the attempt count ([`Capabilities::release_keeps_attempt`](crate::Capabilities::release_keeps_attempt))
+    /// the pause stays this short. Where a release spends an attempt, the pause
+    /// doubles with each attempt (up to the claim TTL), so that a claim left behind by
+    /// a crashed consumer costs a handful of attempts before it expires, not one per
+    /// pause.
     pub fn retry_in_progress_after(mut self, delay: Duration) -> Self {
         Arc::make_mut(&mut self.config).retry_in_progress_after = delay;
         self
@@ -68,6 +79,28 @@ impl DedupLayer {
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
         Arc::make_mut(&mut self.config).namespace = Some(namespace.into());
         self
+    }
+}
+
+impl DedupLayer {
+    /// How a message without a dedup id is recognised; see [`KeyStrategy`].
+    pub fn key_strategy(mut self, strategy: KeyStrategy) -> Self {
+        Arc::make_mut(&mut self.config).key_strategy = strategy;
+        self
+    }
+
+    /// `true`: a message without a dedup id is keyed by the SHA-256 of its payload,
+    /// ordering key and headers ([`KeyStrategy::ContentHash`]), so a re-send of the
+    /// same content is dropped too — and so is **any other message with the same
+    /// bytes** (two orders with identical payloads are taken as one). Only for
+    /// messages whose content identifies them. `false`: back to the default,
+    /// [`KeyStrategy::MessageId`].
+    pub fn content_hash(self, enabled: bool) -> Self {
+        self.key_strategy(if enabled {
+            KeyStrategy::ContentHash
+        } else {
+            KeyStrategy::MessageId
+        })
     }
 }
 

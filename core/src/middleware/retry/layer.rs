@@ -1,3 +1,4 @@
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -13,6 +14,8 @@ pub(super) struct RetryConfig {
     pub(super) backoff: Backoff,
     pub(super) failures: Failures,
     pub(super) now: fn() -> SystemTime,
+    /// The clamp to the broker's own dead-letter threshold was logged.
+    pub(super) warned_native_limit: AtomicBool,
 }
 
 impl std::fmt::Debug for RetryConfig {
@@ -74,12 +77,21 @@ impl RetryToDlqLayer {
     }
 
     /// Attempts before dead-lettering (at least 1; 1 means never retry).
+    ///
+    /// On a backend that dead-letters by itself after `n` deliveries
+    /// ([`Capabilities::native_dead_letter_after`](crate::Capabilities::native_dead_letter_after)),
+    /// a larger value is lowered to `n` (with a warning, once): the middleware must
+    /// decide before the broker moves the message without its headers.
     pub fn max_attempts(mut self, n: u32) -> Self {
         self.max_attempts = n.max(1);
         self
     }
 
-    /// Delay before each retry.
+    /// Delay before each retry, capped at the backend's
+    /// [`max_nack_delay`](crate::Capabilities::max_nack_delay); on a backend that
+    /// cannot delay a nack at all, retries are redelivered at once (and the attempts
+    /// are still bounded by `max_attempts`, counted in this process if the backend
+    /// does not count them).
     pub fn backoff(mut self, backoff: Backoff) -> Self {
         self.backoff = backoff;
         self
@@ -99,6 +111,7 @@ impl RetryToDlqLayer {
             backoff: self.backoff,
             failures: Failures::new(self.memory, Duration::from_secs(24 * 3600)),
             now: SystemTime::now,
+            warned_native_limit: AtomicBool::new(false),
         }
     }
 

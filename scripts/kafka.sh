@@ -1,0 +1,318 @@
+#!/usr/bin/env bash
+# Start or stop a throwaway Apache Kafka (KRaft, one combined broker+controller) for
+# ferrymq's tests, bound to 127.0.0.1.
+#
+#   scripts/kafka.sh start  [PORT]   # default port 9092; the controller listens on PORT+1
+#   scripts/kafka.sh stop   [PORT]
+#   scripts/kafka.sh status [PORT]   # exit 0 only when the broker answers ApiVersions
+#
+# Kafka comes from the Maven repository, not a tarball: the jars listed by
+# scripts/services/kafka-pom.xml (kafka_2.13, kafka-tools, a log4j2 binding) and their
+# runtime dependencies are copied by Maven into
+# ${FERRYMQ_CACHE:-$HOME/.cache/ferrymq}/kafka-VERSION/lib (local repository beside it in
+# .../m2). The lib dir counts only when the marker written after a successful copy is there
+# (and names the same pom); otherwise it is resolved again. Installs Debian's JRE 17 and
+# Maven when missing.
+#
+# Idempotent: `start` on a port where the broker already answers reuses it. Otherwise a
+# fresh data dir is formatted and the broker started. State (server.properties, log4j2
+# config, pid, logs, data) lives in ${FERRYMQ_KAFKA_STATE:-/tmp/ferrymq-kafka-PORT}; the
+# broker's log is server.log there. A broker that does not answer within ~90 s fails the
+# script with its log tail.
+#
+# Env: FERRYMQ_KAFKA_CONTROLLER_PORT (default PORT+1), FERRYMQ_KAFKA_HEAP_OPTS
+# (default "-Xmx512m -Xms256m"), JAVA (default java).
+#
+# The Kafka tools run from the same jars, e.g.
+#   java -cp "$FERRYMQ_CACHE/kafka-4.1.2/lib/*" org.apache.kafka.tools.TopicCommand \
+#       --bootstrap-server 127.0.0.1:9092 --list
+set -euo pipefail
+
+usage() {
+    echo "usage: $0 start [PORT] | stop [PORT] | status [PORT]" >&2
+    exit 2
+}
+
+cmd="${1:-}"
+[ -n "$cmd" ] || usage
+shift
+port=9092
+while [ $# -gt 0 ]; do
+    case "$1" in
+        [0-9]*)
+            port="$1"
+            shift
+            ;;
+        *) usage ;;
+    esac
+done
+cport="${FERRYMQ_KAFKA_CONTROLLER_PORT:-$((port + 1))}"
+
+here="$(cd "$(dirname "$0")" && pwd)"
+pom="$here/services/kafka-pom.xml"
+kafka_version="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$pom")"
+[ -n "$kafka_version" ] || {
+    echo "kafka.sh: no <kafka.version> in $pom" >&2
+    exit 1
+}
+cache="${FERRYMQ_CACHE:-$HOME/.cache/ferrymq}"
+install_dir="$cache/kafka-$kafka_version"
+lib="$install_dir/lib"
+marker="$install_dir/installed"
+m2="$cache/m2"
+java="${JAVA:-java}"
+# shellcheck disable=SC2206 # word splitting of the heap options is intended
+heap_opts=(${FERRYMQ_KAFKA_HEAP_OPTS:--Xmx512m -Xms256m})
+
+state="${FERRYMQ_KAFKA_STATE:-/tmp/ferrymq-kafka-$port}"
+pidfile="$state/kafka.pid"
+logfile="$state/server.log"    # the broker's log4j2 log
+consolefile="$state/console.log" # the JVM's stdout and stderr
+
+apt_install() {
+    echo "kafka.sh: installing $* (apt-get)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    local out
+    if ! out="$(apt-get update -qq 2>&1)"; then
+        echo "$out" >&2
+        echo "kafka.sh: apt-get update failed" >&2
+        exit 1
+    fi
+    if ! out="$(apt-get install -y -qq "$@" 2>&1)"; then
+        echo "$out" >&2
+        echo "kafka.sh: apt-get install $* failed" >&2
+        exit 1
+    fi
+}
+
+ensure_java() {
+    if ! command -v "$java" >/dev/null 2>&1; then
+        [ "$java" = java ] || {
+            echo "kafka.sh: JAVA=$java not found" >&2
+            exit 1
+        }
+        apt_install openjdk-17-jre-headless
+    fi
+}
+
+ensure_installed() {
+    ensure_java
+    local id
+    id="$(sha256sum <"$pom" | cut -d' ' -f1)"
+    if [ -f "$marker" ] && [ "$(cat "$marker")" = "$id" ] && [ -d "$lib" ]; then
+        return
+    fi
+    command -v mvn >/dev/null 2>&1 || apt_install maven
+    echo "kafka.sh: resolving Kafka $kafka_version jars into $lib (Maven)" >&2
+    rm -rf "$lib" "$marker" "$install_dir/lib.partial"
+    mkdir -p "$install_dir"
+    cp "$pom" "$install_dir/pom.xml"
+    local out
+    if ! out="$(mvn -B -q -Dstyle.color=never -f "$install_dir/pom.xml" -Dmaven.repo.local="$m2" \
+        dependency:copy-dependencies -DincludeScope=runtime \
+        -DoutputDirectory="$install_dir/lib.partial" 2>&1)"; then
+        echo "$out" >&2
+        echo "kafka.sh: Maven could not resolve Kafka $kafka_version" >&2
+        exit 1
+    fi
+    mv "$install_dir/lib.partial" "$lib"
+    echo "$id" >"$marker"
+}
+
+# The broker answers an ApiVersions (v0) request with error code 0. Bash only, no JVM.
+ready() {
+    local reply
+    # shellcheck disable=SC2016 # $1 expands in the inner bash
+    reply="$(timeout 3 bash -c '
+        exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
+        # size 15 | api_key 18 | api_version 0 | correlation_id 1 | client_id "probe"
+        printf "\x00\x00\x00\x0f\x00\x12\x00\x00\x00\x00\x00\x01\x00\x05probe" >&3
+        head -c 10 <&3 | od -An -tx1 | tr -d " \n"
+    ' _ "$port" 2>/dev/null || true)"
+    # size (4 bytes), correlation_id 1, error_code 0
+    [ "${#reply}" = 20 ] && [ "${reply:8}" = "000000010000" ]
+}
+
+# Something accepts connections on a port (used to refuse a port taken by another server).
+port_taken() {
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+running_pid() {
+    local pid=""
+    [ -f "$pidfile" ] && pid="$(cat "$pidfile" 2>/dev/null || true)"
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+        echo "$pid"
+    fi
+}
+
+fail_with_log() {
+    echo "kafka.sh: $1; last lines of $logfile (config dumps left out):" >&2
+    grep -v $'^\t' "$logfile" 2>/dev/null | tail -n 60 >&2 || true
+    if [ -s "$consolefile" ]; then
+        echo "kafka.sh: last lines of $consolefile:" >&2
+        tail -n 30 "$consolefile" >&2 || true
+    fi
+    stop >/dev/null 2>&1 || true
+    exit 1
+}
+
+# A Kafka cluster id: 16 random bytes, base64url without padding (as `random-uuid` prints);
+# never starting with '-', which the storage tool would read as an option.
+cluster_id() {
+    local id
+    while :; do
+        id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')"
+        [ "${id:0:1}" != "-" ] && break
+    done
+    echo "$id"
+}
+
+write_config() {
+    cat >"$state/server.properties" <<EOF
+# Generated by scripts/kafka.sh: one KRaft node, broker and controller, on 127.0.0.1.
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$cport
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs=$state/data
+num.partitions=1
+auto.create.topics.enable=false
+delete.topic.enable=true
+group.initial.rebalance.delay.ms=0
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=8
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=8
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+log.segment.bytes=16777216
+log.retention.check.interval.ms=60000
+EOF
+    cat >"$state/log4j2.properties" <<EOF
+# Generated by scripts/kafka.sh: the broker logs to server.log in its state dir.
+status = warn
+appender.file.type = File
+appender.file.name = FILE
+appender.file.fileName = $logfile
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = FILE
+logger.state.name = state.change.logger
+logger.state.level = WARN
+logger.request.name = kafka.request.logger
+logger.request.level = WARN
+EOF
+    cat >"$state/tools-log4j2.properties" <<EOF
+# Generated by scripts/kafka.sh: for the storage tool and other Kafka tools, warnings to stderr.
+status = warn
+appender.err.type = Console
+appender.err.name = STDERR
+appender.err.target = SYSTEM_ERR
+appender.err.layout.type = PatternLayout
+appender.err.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = WARN
+rootLogger.appenderRef.err.ref = STDERR
+EOF
+}
+
+start() {
+    ensure_installed
+    if ready; then
+        echo "kafka.sh: Kafka already answering on 127.0.0.1:$port, reusing it"
+        return 0
+    fi
+    if [ -n "$(running_pid)" ]; then
+        # Ours, but not answering (still starting, or hung): start over.
+        stop >/dev/null
+    fi
+    local p
+    for p in "$port" "$cport"; do
+        if port_taken "$p"; then
+            echo "kafka.sh: 127.0.0.1:$p is taken by a server that is not our Kafka" >&2
+            exit 1
+        fi
+    done
+    mkdir -p "$state"
+    rm -rf "$state/data"
+    : >"$logfile"
+    : >"$consolefile"
+    write_config
+    local jvm=(-Dlog4j2.configurationFile="$state/log4j2.properties" -Dkafka.logs.dir="$state"
+        -Djava.awt.headless=true)
+    local out
+    # A short-lived JVM: C1 only and the serial GC start it ~0.3 s faster.
+    if ! out="$("$java" -XX:TieredStopAtLevel=1 -XX:+UseSerialGC \
+        -Dlog4j2.configurationFile="$state/tools-log4j2.properties" \
+        -cp "$lib/*" kafka.tools.StorageTool format \
+        -t "$(cluster_id)" -c "$state/server.properties" 2>&1)"; then
+        echo "$out" >&2
+        fail_with_log "formatting $state/data failed"
+    fi
+    (
+        cd "$state"
+        # setsid: its own process group, so `stop` can end it with everything it spawned.
+        exec setsid nohup "$java" "${heap_opts[@]}" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+            -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent \
+            "${jvm[@]}" -cp "$lib/*" kafka.Kafka "$state/server.properties" \
+            >"$consolefile" 2>&1 </dev/null
+    ) &
+    echo $! >"$pidfile"
+    local pid
+    pid="$(cat "$pidfile")"
+    for _ in $(seq 1 360); do
+        if ready; then
+            echo "kafka.sh: Kafka $kafka_version ready on 127.0.0.1:$port (controller 127.0.0.1:$cport, state $state)"
+            return 0
+        fi
+        kill -0 "$pid" 2>/dev/null || fail_with_log "Kafka on port $port exited during start"
+        sleep 0.25
+    done
+    fail_with_log "Kafka on port $port did not answer ApiVersions within 90 s"
+}
+
+stop() {
+    local pid
+    pid="$(running_pid)"
+    if [ -n "$pid" ]; then
+        # The pid is the leader of its own process group (setsid): end the group.
+        kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 1 300); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+            for _ in $(seq 1 50); do
+                kill -0 "$pid" 2>/dev/null || break
+                sleep 0.1
+            done
+        fi
+        echo "kafka.sh: stopped Kafka on port $port (pid $pid)"
+    elif ready; then
+        echo "kafka.sh: Kafka answers on port $port but was not started from $state; leaving it running" >&2
+    else
+        echo "kafka.sh: no Kafka running on port $port"
+    fi
+    rm -f "$pidfile"
+}
+
+case "$cmd" in
+    start) start ;;
+    stop) stop ;;
+    status)
+        if ready; then
+            echo "running on 127.0.0.1:$port"
+        else
+            echo "not running on 127.0.0.1:$port"
+            exit 1
+        fi
+        ;;
+    *) usage ;;
+esac

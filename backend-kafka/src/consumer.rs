@@ -1,0 +1,956 @@
+//! The receiving side: one group member, polled by a thread of its own, with
+//! per-partition watermark commits and tiered retries.
+//!
+//! See the crate docs for the design; the invariants kept here:
+//!
+//! - Every record polled and not yet done is in its partition's `outstanding` set
+//!   (buffered, handed out, or re-queued by a release). The commit position of a
+//!   partition is the smallest outstanding offset, or the next offset to fetch when
+//!   nothing is outstanding: an ack never moves it past an unprocessed record.
+//! - A partition's `live` flag is its epoch: a fresh one per assignment, cleared
+//!   under the state lock when the partition is revoked. A handle whose flag is
+//!   cleared answers `LeaseExpired`.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use ferrymq_core::depth::Depth;
+use ferrymq_core::time::deadline_in;
+use ferrymq_core::{
+    Ack, AckHandle, Capabilities, Consumer, Delivery, DeliveryMeta, Error, ErrorKind, Result,
+};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+use crate::admin::{ensure_topics, kafka_error, lag_depth, LagClient};
+use crate::capabilities;
+use crate::config::KafkaConfig;
+use crate::producer::{config_error, Sender};
+use crate::record::{
+    self, unix_ms, with_header, Received, H_ATTEMPT, H_ENQUEUED_AT, H_ID, H_NOT_BEFORE,
+};
+
+/// How long one poll waits when librdkafka has nothing: also the longest a resume
+/// (buffer drained, tier head due) or a store waits.
+const POLL_WAIT: Duration = Duration::from_millis(20);
+/// Records taken from librdkafka per lock of the shared state.
+const POLL_BATCH: usize = 128;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Tp {
+    /// 0: the queue's topic; 1..: its retry tiers.
+    topic: usize,
+    partition: i32,
+}
+
+struct Requeued {
+    due: Instant,
+    record: Arc<Received>,
+    attempt: u32,
+}
+
+struct Part {
+    /// This assignment's epoch: cleared when the partition is revoked.
+    live: Arc<AtomicBool>,
+    /// Polled, not handed out, in offset order.
+    buffered: VecDeque<Arc<Received>>,
+    /// Released (or dropped) deliveries, to be handed out again in this session.
+    requeued: Vec<Requeued>,
+    /// Polled and not done.
+    outstanding: BTreeSet<i64>,
+    handed_out: usize,
+    /// Offset after the last record polled (-1: none yet).
+    next_fetch: i64,
+    /// Last offset stored for commit (-1: none).
+    stored: i64,
+    paused: bool,
+    revoking: bool,
+}
+
+impl Part {
+    fn new() -> Self {
+        Part {
+            live: Arc::new(AtomicBool::new(true)),
+            buffered: VecDeque::new(),
+            requeued: Vec::new(),
+            outstanding: BTreeSet::new(),
+            handed_out: 0,
+            next_fetch: -1,
+            stored: -1,
+            paused: false,
+            revoking: false,
+        }
+    }
+
+    /// Where a restart must begin: the first record not done.
+    fn position(&self) -> Option<i64> {
+        self.outstanding
+            .first()
+            .copied()
+            .or((self.next_fetch >= 0).then_some(self.next_fetch))
+    }
+}
+
+#[derive(Default)]
+struct State {
+    parts: HashMap<Tp, Part>,
+    order: Vec<Tp>,
+    rr: usize,
+    handed_out: usize,
+    dirty: bool,
+    /// `close` was called: the deadline for handed-out deliveries.
+    closing: Option<Instant>,
+    /// The poll thread left the group.
+    finished: bool,
+    /// The first assignment (possibly empty) arrived.
+    joined: bool,
+    /// Assignments seen, for tests and diagnostics.
+    rebalances: u64,
+}
+
+pub(crate) struct Shared {
+    cfg: Arc<KafkaConfig>,
+    topics: Vec<String>,
+    queue: Arc<str>,
+    caps: Arc<Capabilities>,
+    state: Mutex<State>,
+    /// Settles wake the poll thread (revoke grace, close).
+    settled: Condvar,
+    /// New records, revokes and close wake receivers.
+    notify: Notify,
+    sender: Arc<Sender>,
+    joined_tx: watch::Sender<bool>,
+    finished_tx: watch::Sender<bool>,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("topic", &self.cfg.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent data (every step is
+        // completed before anything can panic), so a poisoned lock is used as is.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn topic_index(&self, name: &str) -> Option<usize> {
+        self.topics.iter().position(|t| t == name)
+    }
+
+    fn tps(&self, tpl: &TopicPartitionList) -> Vec<Tp> {
+        tpl.elements()
+            .iter()
+            .filter_map(|e| {
+                self.topic_index(e.topic()).map(|topic| Tp {
+                    topic,
+                    partition: e.partition(),
+                })
+            })
+            .collect()
+    }
+
+    fn commit_list(&self, positions: &[(Tp, i64)]) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::with_capacity(positions.len());
+        for (tp, pos) in positions {
+            let _ = tpl.add_partition_offset(
+                &self.topics[tp.topic],
+                tp.partition,
+                Offset::Offset(*pos),
+            );
+        }
+        tpl
+    }
+
+    fn on_assign(&self, tpl: &TopicPartitionList) {
+        let tps = self.tps(tpl);
+        let mut st = self.lock();
+        for tp in tps {
+            if let std::collections::hash_map::Entry::Vacant(v) = st.parts.entry(tp) {
+                v.insert(Part::new());
+                st.order.push(tp);
+            }
+        }
+        st.rebalances += 1;
+        st.joined = true;
+    }
+
+    /// Revoke: stop handing the partitions out, drop their buffered records, give
+    /// handed-out deliveries `revoke_grace` to settle, retire the epoch, commit.
+    /// After a lost assignment nothing is committed and nobody is waited for.
+    fn on_revoke(&self, consumer: &BaseConsumer<Ctx>, tpl: &TopicPartitionList) {
+        let lost = consumer.assignment_lost();
+        let tps = self.tps(tpl);
+        {
+            let mut st = self.lock();
+            for tp in &tps {
+                if let Some(part) = st.parts.get_mut(tp) {
+                    part.revoking = true;
+                    part.buffered.clear();
+                    part.requeued.clear();
+                }
+            }
+            st.rebalances += 1;
+        }
+        self.notify.notify_waiters();
+        if !lost {
+            let deadline = std::time::Instant::now() + self.cfg.revoke_grace;
+            let mut st = self.lock();
+            loop {
+                let busy = tps
+                    .iter()
+                    .any(|tp| st.parts.get(tp).is_some_and(|p| p.handed_out > 0));
+                let now = std::time::Instant::now();
+                if !busy || now >= deadline {
+                    break;
+                }
+                st = self
+                    .settled
+                    .wait_timeout(st, deadline - now)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+        }
+        let mut positions = Vec::new();
+        {
+            let mut st = self.lock();
+            for tp in &tps {
+                if let Some(part) = st.parts.remove(tp) {
+                    part.live.store(false, AtomicOrdering::Release);
+                    st.handed_out = st.handed_out.saturating_sub(part.handed_out);
+                    if part.handed_out > 0 {
+                        tracing::warn!(
+                            topic = %self.topics[tp.topic], partition = tp.partition,
+                            unsettled = part.handed_out,
+                            "partition revoked with deliveries unsettled after revoke_grace; \
+                             they will be redelivered to the partition's next owner"
+                        );
+                    }
+                    if let Some(pos) = part.position() {
+                        positions.push((*tp, pos));
+                    }
+                }
+            }
+            st.order.retain(|tp| !tps.contains(tp));
+        }
+        if lost {
+            tracing::warn!(topic = %self.cfg.topic, "assignment lost: nothing committed for the lost partitions");
+            return;
+        }
+        if !positions.is_empty() {
+            let tpl = self.commit_list(&positions);
+            let _ = consumer.store_offsets(&tpl);
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                tracing::warn!(topic = %self.cfg.topic, error = %e, "commit on revoke failed; the next owner may replay acked records");
+            }
+        }
+    }
+
+    /// The delivery for `record`, handed out now.
+    fn delivery(
+        self: &Arc<Self>,
+        tp: Tp,
+        live: &Arc<AtomicBool>,
+        record: Arc<Received>,
+        attempt: u32,
+    ) -> Delivery {
+        let meta = DeliveryMeta::new(
+            record.id.clone(),
+            attempt,
+            record.enqueued_at,
+            self.queue.clone(),
+        )
+        .with_position(record.position.clone());
+        let message = record.message();
+        let ack = KafkaAck {
+            shared: self.clone(),
+            tp,
+            live: live.clone(),
+            record,
+            attempt,
+            settled: AtomicBool::new(false),
+        };
+        Delivery::new(message, meta, AckHandle::new(ack)).with_capabilities(self.caps.clone())
+    }
+
+    /// Take up to `max` deliverable records, round robin over partitions; or the
+    /// time until the next one is due.
+    fn take(self: &Arc<Self>, max: usize) -> Result<(Vec<Delivery>, Option<Duration>)> {
+        let mut st = self.lock();
+        if st.closing.is_some() || st.finished {
+            return Err(Error::closed("consumer"));
+        }
+        let mut out: Vec<(Tp, Arc<AtomicBool>, Arc<Received>, u32)> = Vec::new();
+        let mut next_due: Option<Duration> = None;
+        let mut soonest = |d: Duration| {
+            next_due = Some(next_due.map_or(d, |n: Duration| n.min(d)));
+        };
+        let n = st.order.len();
+        if n == 0 || max == 0 {
+            return Ok((Vec::new(), None));
+        }
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let start = st.rr;
+        st.rr = st.rr.wrapping_add(1);
+        let mut progress = true;
+        let mut taken = 0usize;
+        while taken < max && progress {
+            progress = false;
+            for i in 0..n {
+                if taken >= max {
+                    break;
+                }
+                let tp = st.order[(start + i) % n];
+                let Some(part) = st.parts.get_mut(&tp) else {
+                    continue;
+                };
+                if part.revoking {
+                    continue;
+                }
+                let picked = if let Some(idx) = part.requeued.iter().position(|r| r.due <= now) {
+                    let r = part.requeued.swap_remove(idx);
+                    Some((r.record, r.attempt))
+                } else {
+                    for r in &part.requeued {
+                        soonest(r.due.saturating_duration_since(now));
+                    }
+                    match part.buffered.front() {
+                        Some(front) => match front.not_before {
+                            Some(t) if t > wall => {
+                                soonest(t.duration_since(wall).unwrap_or_default());
+                                None
+                            }
+                            _ => part.buffered.pop_front().map(|r| {
+                                let a = r.attempt;
+                                (r, a)
+                            }),
+                        },
+                        None => None,
+                    }
+                };
+                if let Some((record, attempt)) = picked {
+                    part.handed_out += 1;
+                    let live = part.live.clone();
+                    out.push((tp, live, record, attempt));
+                    taken += 1;
+                    progress = true;
+                }
+            }
+        }
+        st.handed_out += taken;
+        drop(st);
+        let deliveries = out
+            .into_iter()
+            .map(|(tp, live, record, attempt)| self.delivery(tp, &live, record, attempt))
+            .collect();
+        Ok((deliveries, next_due))
+    }
+
+    /// Mark a handed-out record done (acked, or its retry copy confirmed).
+    fn done(&self, tp: Tp, live: &Arc<AtomicBool>, offset: i64) -> Result<()> {
+        let mut st = self.lock();
+        let Some(part) = st.parts.get_mut(&tp).filter(|p| Arc::ptr_eq(&p.live, live)) else {
+            return Err(lease_gone());
+        };
+        part.outstanding.remove(&offset);
+        part.handed_out = part.handed_out.saturating_sub(1);
+        let wake = part.revoking || st.closing.is_some();
+        st.handed_out = st.handed_out.saturating_sub(1);
+        st.dirty = true;
+        drop(st);
+        if wake {
+            self.settled.notify_all();
+        }
+        Ok(())
+    }
+
+    /// Give a handed-out record back: delivered again in this session after
+    /// `after` (not done, so never committed past), unless the partition is going
+    /// away or the consumer closing — then the next owner or session gets it.
+    fn give_back(
+        &self,
+        tp: Tp,
+        live: &Arc<AtomicBool>,
+        record: &Arc<Received>,
+        attempt: u32,
+        after: Duration,
+    ) -> Result<()> {
+        let mut st = self.lock();
+        let closing = st.closing.is_some();
+        let Some(part) = st.parts.get_mut(&tp).filter(|p| Arc::ptr_eq(&p.live, live)) else {
+            return Err(lease_gone());
+        };
+        part.handed_out = part.handed_out.saturating_sub(1);
+        let wake = part.revoking || closing;
+        if !part.revoking && !closing {
+            part.requeued.push(Requeued {
+                due: deadline_in(after),
+                record: record.clone(),
+                attempt,
+            });
+        }
+        st.handed_out = st.handed_out.saturating_sub(1);
+        drop(st);
+        if wake {
+            self.settled.notify_all();
+        }
+        self.notify.notify_waiters();
+        Ok(())
+    }
+
+    /// Whether the consumer is closing and nothing is handed out any more.
+    fn close_ready(&self) -> bool {
+        let st = self.lock();
+        st.closing.is_some() && st.handed_out == 0
+    }
+
+    /// Wait until the poll thread has committed and left (bounded).
+    async fn wait_finished(&self, limit: Duration) -> Result<()> {
+        let mut rx = self.finished_tx.subscribe();
+        let waited = tokio::time::timeout(limit, rx.wait_for(|f| *f))
+            .await
+            .map(|r| r.is_ok());
+        match waited {
+            Ok(_) => Ok(()),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!("the consumer did not commit and leave its group within {limit:?}"),
+            )),
+        }
+    }
+
+    /// Push polled records into their partitions' buffers.
+    fn push(&self, records: Vec<Received>) {
+        if records.is_empty() {
+            return;
+        }
+        let mut st = self.lock();
+        for r in records {
+            let tp = Tp {
+                topic: r.topic_index,
+                partition: r.partition,
+            };
+            let Some(part) = st.parts.get_mut(&tp) else {
+                continue;
+            };
+            if part.revoking || (part.next_fetch >= 0 && r.offset < part.next_fetch) {
+                // Revoked meanwhile, or a re-fetch of what we hold already.
+                continue;
+            }
+            part.next_fetch = r.offset + 1;
+            part.outstanding.insert(r.offset);
+            part.buffered.push_back(Arc::new(r));
+        }
+        drop(st);
+        self.notify.notify_waiters();
+    }
+
+    /// Pause partitions that are full, revoking, or whose head is not due yet;
+    /// resume the others. Store the watermarks that moved.
+    fn maintain(&self, consumer: &BaseConsumer<Ctx>) {
+        let mut pause = TopicPartitionList::new();
+        let mut resume = TopicPartitionList::new();
+        let mut store = Vec::new();
+        {
+            let mut st = self.lock();
+            let wall = SystemTime::now();
+            let cap = self.cfg.buffer;
+            let dirty = std::mem::take(&mut st.dirty);
+            for (tp, part) in st.parts.iter_mut() {
+                let head_waits = part
+                    .buffered
+                    .front()
+                    .and_then(|r| r.not_before)
+                    .is_some_and(|t| t > wall);
+                // Resume only below half the cap, so a busy partition is not toggled
+                // per record.
+                let full = if part.paused {
+                    part.buffered.len() > cap / 2
+                } else {
+                    part.buffered.len() >= cap
+                };
+                let want = part.revoking || head_waits || full;
+                if want != part.paused {
+                    let list = if want { &mut pause } else { &mut resume };
+                    list.add_partition(&self.topics[tp.topic], tp.partition);
+                    part.paused = want;
+                }
+                if dirty {
+                    if let Some(pos) = part.position() {
+                        if pos > part.stored {
+                            part.stored = pos;
+                            store.push((*tp, pos));
+                        }
+                    }
+                }
+            }
+        }
+        if pause.count() > 0 {
+            if let Err(e) = consumer.pause(&pause) {
+                tracing::debug!(error = %e, "pause failed");
+            }
+        }
+        if resume.count() > 0 {
+            if let Err(e) = consumer.resume(&resume) {
+                tracing::debug!(error = %e, "resume failed");
+            }
+        }
+        if !store.is_empty() {
+            let tpl = self.commit_list(&store);
+            if let Err(e) = consumer.store_offsets(&tpl) {
+                tracing::debug!(error = %e, "storing offsets failed");
+            }
+        }
+    }
+
+    /// Close: commit every partition's watermark (unless the assignment was lost)
+    /// and retire every epoch.
+    fn final_commit(&self, consumer: &BaseConsumer<Ctx>) {
+        let lost = consumer.assignment_lost();
+        let mut positions = Vec::new();
+        {
+            let mut st = self.lock();
+            for (tp, part) in st.parts.drain() {
+                part.live.store(false, AtomicOrdering::Release);
+                if let Some(pos) = part.position() {
+                    positions.push((tp, pos));
+                }
+            }
+            st.order.clear();
+            st.handed_out = 0;
+        }
+        if lost || positions.is_empty() {
+            return;
+        }
+        let tpl = self.commit_list(&positions);
+        let _ = consumer.store_offsets(&tpl);
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+            tracing::warn!(topic = %self.cfg.topic, error = %e, "commit on close failed; acked records may be replayed");
+        }
+    }
+}
+
+fn lease_gone() -> Error {
+    Error::new(
+        ErrorKind::LeaseExpired,
+        "the partition was revoked from this consumer (rebalance or close); its next owner \
+         delivers the record again",
+    )
+}
+
+/// The librdkafka context: rebalance callbacks run on the poll thread.
+pub(crate) struct Ctx {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => self.shared.on_assign(tpl),
+            Rebalance::Revoke(tpl) => self.shared.on_revoke(consumer, tpl),
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(_) = rebalance {
+            self.shared.joined_tx.send_replace(true);
+            self.shared.notify.notify_waiters();
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _: &TopicPartitionList) {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "offset commit failed");
+        }
+    }
+}
+
+fn poll_thread(shared: Arc<Shared>, consumer: BaseConsumer<Ctx>) {
+    loop {
+        let mut batch = Vec::new();
+        let mut wait = POLL_WAIT;
+        while batch.len() < POLL_BATCH {
+            match consumer.poll(wait) {
+                Some(Ok(m)) => {
+                    let topic = rdkafka::Message::topic(&m);
+                    if let Some(i) = shared.topic_index(topic) {
+                        batch.push(Received::parse(&m, i));
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "consumer poll error");
+                    break;
+                }
+                None => break,
+            }
+            wait = Duration::ZERO;
+        }
+        shared.push(batch);
+        shared.maintain(&consumer);
+        let leave = {
+            let st = shared.lock();
+            match st.closing {
+                Some(deadline) => st.handed_out == 0 || Instant::now() >= deadline,
+                None => false,
+            }
+        };
+        if leave {
+            break;
+        }
+    }
+    shared.final_commit(&consumer);
+    // Dropping the consumer leaves the group (rd_kafka_consumer_close).
+    drop(consumer);
+    shared.lock().finished = true;
+    shared.finished_tx.send_replace(true);
+    shared.notify.notify_waiters();
+}
+
+/// Settles one delivery: ack marks it done, nack produces a retry copy first.
+struct KafkaAck {
+    shared: Arc<Shared>,
+    tp: Tp,
+    live: Arc<AtomicBool>,
+    record: Arc<Received>,
+    attempt: u32,
+    settled: AtomicBool,
+}
+
+impl fmt::Debug for KafkaAck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaAck")
+            .field("position", &self.record.position)
+            .field("attempt", &self.attempt)
+            .finish()
+    }
+}
+
+impl KafkaAck {
+    fn check_live(&self) -> Result<()> {
+        if self.live.load(AtomicOrdering::Acquire) {
+            Ok(())
+        } else {
+            Err(lease_gone())
+        }
+    }
+
+    /// After a settle: if that was the last delivery a closing consumer waited
+    /// for, wait for its final commit, so the settle is on the broker when the
+    /// caller (a worker shutting down) moves on.
+    async fn after_settle(&self) {
+        if self.shared.close_ready() {
+            let limit = self.shared.cfg.close_timeout + Duration::from_secs(10);
+            let _ = self.shared.wait_finished(limit).await;
+        }
+    }
+
+    async fn settled_ok(&self, r: Result<()>) -> Result<()> {
+        if r.is_ok() {
+            self.settled.store(true, AtomicOrdering::Release);
+            self.after_settle().await;
+        }
+        r
+    }
+}
+
+#[async_trait]
+impl Ack for KafkaAck {
+    async fn ack(&self) -> Result<()> {
+        let r = self.shared.done(self.tp, &self.live, self.record.offset);
+        self.settled_ok(r).await
+    }
+
+    /// Produces a copy to the smallest retry tier holding `redeliver_after` (now:
+    /// the shortest tier, due at once) with attempt + 1, a not-before time, and the
+    /// original id and enqueue time; only once the broker confirmed the copy is
+    /// the original marked done. A crash in between duplicates, never loses.
+    async fn nack(&self, redeliver_after: Option<Duration>) -> Result<()> {
+        self.check_live()?;
+        self.shared.caps.check_nack_delay(redeliver_after)?;
+        let delay = redeliver_after.unwrap_or_default();
+        let cfg = &self.shared.cfg;
+        let attempt = self.attempt.saturating_add(1);
+        let Some(tier) = cfg.tier_for(delay) else {
+            // No tiers configured: redeliver in this session (attempt counted in
+            // memory only).
+            let r = self
+                .shared
+                .give_back(self.tp, &self.live, &self.record, attempt, delay);
+            return self.settled_ok(r).await;
+        };
+        let now = SystemTime::now();
+        let due = now.checked_add(delay).unwrap_or(now);
+        let r = &self.record;
+        let headers = record::user_headers(&r.headers);
+        let headers = with_header(headers, H_ID, &r.id);
+        let headers = with_header(headers, H_ENQUEUED_AT, &unix_ms(r.enqueued_at).to_string());
+        let headers = with_header(headers, H_ATTEMPT, &attempt.to_string());
+        let headers = with_header(headers, H_NOT_BEFORE, &unix_ms(due).to_string());
+        let topic = cfg.tier_topic(tier);
+        self.shared
+            .sender
+            .produce(&topic, r.key.as_deref(), &r.payload, headers)
+            .await?;
+        let done = self
+            .shared
+            .done(self.tp, &self.live, r.offset)
+            .map_err(|_| {
+                Error::new(
+                ErrorKind::LeaseExpired,
+                "the retry copy was produced, but the partition was revoked before the original \
+                 could be marked done: both will be delivered",
+            )
+            });
+        self.settled_ok(done).await
+    }
+
+    /// Kafka has no leases: nothing to extend while the partition is ours.
+    async fn extend(&self, _by: Duration) -> Result<()> {
+        self.check_live()
+    }
+
+    /// Re-queued locally and handed out again in this session (not committed past
+    /// meanwhile), attempt unchanged. While the partition is being revoked or the
+    /// consumer closing, it is left uncommitted for the next owner instead.
+    async fn release(&self, redeliver_after: Option<Duration>) -> Result<()> {
+        let r = self.shared.give_back(
+            self.tp,
+            &self.live,
+            &self.record,
+            self.attempt,
+            redeliver_after.unwrap_or_default(),
+        );
+        self.settled_ok(r).await
+    }
+
+    fn is_live(&self) -> bool {
+        self.live.load(AtomicOrdering::Acquire)
+    }
+}
+
+impl Drop for KafkaAck {
+    /// A delivery dropped unsettled comes back in this session (like a release).
+    fn drop(&mut self) {
+        if !self.settled.load(AtomicOrdering::Acquire) && self.live.load(AtomicOrdering::Acquire) {
+            let _ = self.shared.give_back(
+                self.tp,
+                &self.live,
+                &self.record,
+                self.attempt,
+                Duration::ZERO,
+            );
+        }
+    }
+}
+
+/// One member of the queue's consumer group. See the crate docs.
+pub struct KafkaConsumer {
+    shared: Arc<Shared>,
+    lag: Arc<LagClient>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl fmt::Debug for KafkaConsumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaConsumer")
+            .field("topic", &self.shared.cfg.topic)
+            .field("group", &self.shared.cfg.group)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaConsumer {
+    pub(crate) async fn connect(cfg: KafkaConfig) -> Result<Self> {
+        cfg.validate()?;
+        if cfg.create {
+            ensure_topics(&cfg).await?;
+        }
+        let cfg = Arc::new(cfg);
+        let mut topics = vec![cfg.topic.clone()];
+        topics.extend(cfg.tier_topics());
+        let (joined_tx, mut joined_rx) = watch::channel(false);
+        let (finished_tx, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            caps: Arc::new(capabilities(&cfg)),
+            queue: Arc::from(cfg.topic.as_str()),
+            sender: Arc::new(Sender::new(cfg.clone())?),
+            topics,
+            state: Mutex::new(State::default()),
+            settled: Condvar::new(),
+            notify: Notify::new(),
+            joined_tx,
+            finished_tx,
+            cfg: cfg.clone(),
+        });
+        let lag = Arc::new(LagClient::new(&cfg)?);
+
+        let mut c = cfg.base_client_config();
+        c.set("group.id", &cfg.group)
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("enable.auto.commit", "true")
+            .set(
+                "auto.commit.interval.ms",
+                cfg.commit_interval.as_millis().to_string(),
+            )
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false");
+        cfg.apply_overrides(&mut c);
+        let consumer: BaseConsumer<Ctx> = c
+            .create_with_context(Ctx {
+                shared: shared.clone(),
+            })
+            .map_err(|e| config_error("consumer", e))?;
+        let names: Vec<&str> = shared.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&names)
+            .map_err(|e| kafka_error("subscribing", e))?;
+        let thread = std::thread::Builder::new()
+            .name(format!("ferrymq-kafka-{}", cfg.topic))
+            .spawn({
+                let shared = shared.clone();
+                move || poll_thread(shared, consumer)
+            })
+            .map_err(|e| Error::backend("cannot start the poll thread", e))?;
+        let me = KafkaConsumer {
+            shared,
+            lag,
+            thread: Mutex::new(Some(thread)),
+        };
+        let joined = tokio::time::timeout(cfg.join_timeout, joined_rx.wait_for(|j| *j)).await;
+        if joined.is_err() {
+            me.begin_close(Duration::ZERO);
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "no partition assignment from group {:?} within join_timeout ({:?}); is the \
+                     broker at {} reachable?",
+                    cfg.group,
+                    cfg.join_timeout,
+                    cfg.brokers.join(",")
+                ),
+            ));
+        }
+        Ok(me)
+    }
+
+    fn begin_close(&self, timeout: Duration) -> bool {
+        let nothing_out = {
+            let mut st = self.shared.lock();
+            if st.closing.is_none() {
+                st.closing = Some(deadline_in(timeout));
+            }
+            st.handed_out == 0
+        };
+        self.shared.notify.notify_waiters();
+        self.shared.settled.notify_all();
+        nothing_out
+    }
+
+    /// Partitions currently assigned to this member: `(topic, partition)`.
+    pub fn assignment(&self) -> Vec<(String, i32)> {
+        let st = self.shared.lock();
+        let mut v: Vec<(String, i32)> = st
+            .parts
+            .keys()
+            .map(|tp| (self.shared.topics[tp.topic].clone(), tp.partition))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Rebalance callbacks (assign and revoke) seen so far.
+    pub fn rebalances(&self) -> u64 {
+        self.shared.lock().rebalances
+    }
+
+    /// Wait until the member has committed and left the group (after `close`).
+    pub async fn closed(&self) -> Result<()> {
+        self.shared
+            .wait_finished(self.shared.cfg.close_timeout + Duration::from_secs(30))
+            .await
+    }
+}
+
+impl Drop for KafkaConsumer {
+    /// Dropped without `close`: the poll thread waits for handed-out deliveries up
+    /// to `close_timeout`, commits and leaves, in the background.
+    fn drop(&mut self) {
+        self.begin_close(self.shared.cfg.close_timeout);
+        if let Ok(mut t) = self.thread.lock() {
+            t.take();
+        }
+    }
+}
+
+#[async_trait]
+impl Consumer for KafkaConsumer {
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        let deadline = deadline_in(wait);
+        loop {
+            let notified = self.shared.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (got, next_due) = self.shared.take(max)?;
+            if !got.is_empty() {
+                return Ok(got);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(Vec::new());
+            }
+            let until = match next_due {
+                Some(d) => deadline.min(ferrymq_core::time::deadline_after(now, d)),
+                None => deadline,
+            };
+            tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep_until(until) => {}
+            }
+        }
+    }
+
+    /// Group lag (end offsets − committed) of the topic (`waiting`, less what this
+    /// member holds, `in_flight`) and of its tiers (`delayed`). Approximate.
+    async fn depth(&self) -> Result<Depth> {
+        let held = u64::try_from(self.shared.lock().handed_out).unwrap_or(u64::MAX);
+        lag_depth(&self.lag, held).await
+    }
+
+    /// Stop handing out deliveries. With none outstanding, commits and leaves the
+    /// group before returning. Otherwise returns at once and keeps the membership
+    /// until they are settled (the last settle waits for the commit) or
+    /// `close_timeout` passes; [`KafkaConsumer::closed`] waits for that.
+    async fn close(&self) -> Result<()> {
+        if self.begin_close(self.shared.cfg.close_timeout) {
+            self.shared
+                .wait_finished(self.shared.cfg.close_timeout + Duration::from_secs(30))
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn queue(&self) -> &str {
+        &self.shared.cfg.topic
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.shared.caps
+    }
+}

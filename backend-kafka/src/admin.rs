@@ -157,7 +157,10 @@ pub(crate) async fn ensure_topics(cfg: &KafkaConfig) -> Result<()> {
 /// A group-bound client for lag and offsets (never subscribes, never commits by
 /// itself). Its calls block, so they run on the blocking pool.
 pub(crate) struct LagClient {
-    consumer: Arc<BaseConsumer>,
+    /// Bound to the queue's group.
+    consumer: BaseConsumer,
+    /// Bound to the group reading the tiers (`GROUP.retry`).
+    retry: BaseConsumer,
     topics: Vec<String>,
 }
 
@@ -234,7 +237,8 @@ fn topic_lag(consumer: &BaseConsumer, topic: &str) -> Result<Vec<PartitionLag>> 
 impl LagClient {
     pub fn new(cfg: &KafkaConfig) -> Result<Self> {
         Ok(LagClient {
-            consumer: Arc::new(group_client(cfg, &cfg.group)?),
+            consumer: group_client(cfg, &cfg.group())?,
+            retry: group_client(cfg, &cfg.retry_group())?,
             topics: topics_of(cfg, false),
         })
     }
@@ -248,7 +252,8 @@ pub(crate) async fn lag_depth(lag: &Arc<LagClient>, in_flight: u64) -> Result<De
     tokio::task::spawn_blocking(move || {
         let mut depth = Depth::default();
         for (i, topic) in lag.topics.iter().enumerate() {
-            let sum: u64 = topic_lag(&lag.consumer, topic)?.iter().map(|l| l.lag).sum();
+            let client = if i == 0 { &lag.consumer } else { &lag.retry };
+            let sum: u64 = topic_lag(client, topic)?.iter().map(|l| l.lag).sum();
             if i == 0 {
                 depth.waiting = sum.saturating_sub(in_flight);
                 depth.in_flight = in_flight.min(sum);
@@ -282,11 +287,11 @@ impl KafkaAdmin {
 
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&BaseConsumer, &KafkaConfig) -> Result<T> + Send + 'static,
+        f: impl FnOnce(&LagClient, &KafkaConfig) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let lag = self.lag.clone();
         let cfg = self.cfg.clone();
-        tokio::task::spawn_blocking(move || f(&lag.consumer, &cfg))
+        tokio::task::spawn_blocking(move || f(&lag, &cfg))
             .await
             .map_err(|e| Error::backend("admin task failed", e))?
     }
@@ -346,11 +351,13 @@ impl KafkaAdmin {
         Ok(tpl)
     }
 
-    fn describe_blocking(consumer: &BaseConsumer, cfg: &KafkaConfig) -> Result<QueueInfo> {
+    fn describe_blocking(lag: &LagClient, cfg: &KafkaConfig) -> Result<QueueInfo> {
+        let consumer = &lag.consumer;
         let parts = partitions_of(consumer, &cfg.topic)?;
         let mut depth = Depth::default();
         for (i, topic) in topics_of(cfg, false).iter().enumerate() {
-            let lag: u64 = match topic_lag(consumer, topic) {
+            let client = if i == 0 { &lag.consumer } else { &lag.retry };
+            let lag: u64 = match topic_lag(client, topic) {
                 Ok(l) => l.iter().map(|l| l.lag).sum(),
                 Err(e) if e.kind() == ErrorKind::NotFound && i > 0 => 0,
                 Err(e) => return Err(e),
@@ -363,7 +370,8 @@ impl KafkaAdmin {
         }
         let mut info = QueueInfo::new(cfg.topic.clone(), depth, capabilities(cfg))
             .setting("partitions", parts.len())
-            .setting("group", &cfg.group)
+            .setting("group", cfg.group())
+            .setting("retry_group", cfg.retry_group())
             .setting("retry_tiers", cfg.tier_topics().join(", "))
             .setting("dead_letter_topic", cfg.dlq_topic());
         for t in cfg.tier_topics() {
@@ -467,7 +475,8 @@ impl Admin for KafkaAdmin {
     /// (`DeleteRecords`); returns how many went.
     async fn purge(&self) -> Result<u64> {
         let (tpl, count) = self
-            .blocking(|consumer, cfg| {
+            .blocking(|lag, cfg| {
+                let consumer = &lag.consumer;
                 let mut tpl = TopicPartitionList::new();
                 let mut count = 0u64;
                 for topic in topics_of(cfg, false) {
@@ -506,7 +515,7 @@ impl Admin for KafkaAdmin {
         let cfg = self.cfg.clone();
         let lag = self.lag.clone();
         tokio::task::spawn_blocking(move || match group {
-            Some(g) if g != cfg.group => topic_lag(&group_client(&cfg, &g)?, &cfg.topic),
+            Some(g) if g != cfg.group() => topic_lag(&group_client(&cfg, &g)?, &cfg.topic),
             _ => topic_lag(&lag.consumer, &cfg.topic),
         })
         .await
@@ -563,7 +572,7 @@ fn peek_blocking(cfg: &KafkaConfig, lag: &BaseConsumer, max: usize) -> Result<Ve
     let mut c = cfg.base_client_config();
     // A group id is required by librdkafka's consumer; this one never joins (assign,
     // not subscribe) and never commits.
-    c.set("group.id", format!("{}.peek", cfg.group))
+    c.set("group.id", format!("{}.peek", cfg.group()))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false");

@@ -59,9 +59,10 @@ pub struct KafkaConfig {
     #[serde(alias = "queue")]
     pub topic: String,
     /// Consumer group: consumers of one group share the partitions (a work queue);
-    /// another group reads every message again.
-    #[serde(default = "defaults::group")]
-    pub group: String,
+    /// another group reads every message again. Unset: `ferrymq.TOPIC`, one group
+    /// per queue, so a rebalance of one queue never stalls another.
+    #[serde(default)]
+    pub group: Option<String>,
     /// Partitions of the topics ferrymq creates (the topic, its tiers, its DLQ).
     #[serde(default = "defaults::partitions")]
     pub partitions: u32,
@@ -122,9 +123,6 @@ mod defaults {
     use std::time::Duration;
     pub fn brokers() -> Vec<String> {
         vec!["127.0.0.1:9092".into()]
-    }
-    pub fn group() -> String {
-        "ferrymq".into()
     }
     pub fn partitions() -> u32 {
         3
@@ -295,7 +293,7 @@ impl KafkaConfig {
                 .filter(|s| !s.is_empty())
                 .collect(),
             topic: topic.into(),
-            group: defaults::group(),
+            group: None,
             partitions: defaults::partitions(),
             replication: None,
             create: defaults::create(),
@@ -373,7 +371,7 @@ impl KafkaConfig {
             }
         };
         match k {
-            "group" => self.group = v.to_string(),
+            "group" => self.group = Some(v.to_string()),
             "partitions" => {
                 self.partitions =
                     u32::try_from(num(v)?).map_err(|_| Error::invalid_config(k, "too large"))?
@@ -425,7 +423,7 @@ impl KafkaConfig {
         for b in &self.brokers {
             valid_broker(b)?;
         }
-        if self.group.is_empty() || self.group.len() > 249 {
+        if self.group().is_empty() || self.group().len() > 249 {
             return Err(Error::invalid_config("group", "1-249 bytes"));
         }
         if self.partitions == 0 || self.partitions > 10_000 {
@@ -481,6 +479,18 @@ impl KafkaConfig {
             }
         }
         Ok(())
+    }
+
+    /// The consumer group: [`group`](Self::group) or `ferrymq.TOPIC`.
+    pub fn group(&self) -> String {
+        self.group
+            .clone()
+            .unwrap_or_else(|| format!("ferrymq.{}", self.topic))
+    }
+
+    /// The group that reads the retry tier topics: `GROUP.retry`.
+    pub fn retry_group(&self) -> String {
+        format!("{}.retry", self.group())
     }
 
     /// The retry tier topic for delay `tier` (one of [`retry_tiers`](Self::retry_tiers)).
@@ -559,7 +569,9 @@ impl KafkaConfig {
     fn to_url(&self, expose: bool) -> String {
         let mut s = format!("kafka://{}/{}", self.brokers.join(","), self.topic);
         let mut q = url::form_urlencoded::Serializer::new(String::new());
-        q.append_pair("group", &self.group);
+        if let Some(g) = &self.group {
+            q.append_pair("group", g);
+        }
         let d = KafkaConfig::new("x:1", "x");
         if self.partitions != d.partitions {
             q.append_pair("partitions", &self.partitions.to_string());
@@ -698,7 +710,7 @@ impl BackendConfig for KafkaConfig {
             "kafka://{}/{}#{}",
             brokers.join(","),
             self.topic,
-            self.group
+            self.group()
         )
     }
 
@@ -747,7 +759,8 @@ mod tests {
         .unwrap();
         assert_eq!(c.brokers, ["h1:9092", "H2:9093"]);
         assert_eq!(c.topic, "orders.v1");
-        assert_eq!(c.group, "g");
+        assert_eq!(c.group(), "g");
+        assert_eq!(KafkaConfig::new("h:1", "t").group(), "ferrymq.t");
         assert_eq!(c.partitions, 6);
         assert_eq!(c.retry_tiers.len(), 3);
         assert_eq!(c.tier_topic(c.retry_tiers[2]), "orders.v1.retry-1m");

@@ -105,13 +105,14 @@ struct State {
     order: Vec<Tp>,
     rr: usize,
     handed_out: usize,
-    dirty: bool,
+    /// Watermarks moved since the last store: `[queue topic, tier topics]`.
+    dirty: [bool; 2],
     /// `close` was called: the deadline for handed-out deliveries.
     closing: Option<Instant>,
     /// The poll thread left the group.
     finished: bool,
-    /// The first assignment (possibly empty) arrived.
-    joined: bool,
+    /// The first assignment (possibly empty) arrived: `[main member, retry member]`.
+    joined: [bool; 2],
     /// Assignments seen, for tests and diagnostics.
     rebalances: u64,
 }
@@ -174,7 +175,7 @@ impl Shared {
         tpl
     }
 
-    fn on_assign(&self, tpl: &TopicPartitionList) {
+    fn on_assign(&self, tpl: &TopicPartitionList, kind: usize) {
         let tps = self.tps(tpl);
         let mut st = self.lock();
         for tp in tps {
@@ -184,7 +185,12 @@ impl Shared {
             }
         }
         st.rebalances += 1;
-        st.joined = true;
+        st.joined[kind] = true;
+        let joined = st.joined[0] && (st.joined[1] || self.topics.len() == 1);
+        drop(st);
+        if joined {
+            self.joined_tx.send_replace(true);
+        }
     }
 
     /// Revoke: stop handing the partitions out, drop their buffered records, give
@@ -369,7 +375,7 @@ impl Shared {
         part.handed_out = part.handed_out.saturating_sub(1);
         let wake = part.revoking || st.closing.is_some();
         st.handed_out = st.handed_out.saturating_sub(1);
-        st.dirty = true;
+        st.dirty[usize::from(tp.topic > 0)] = true;
         drop(st);
         if wake {
             self.settled.notify_all();
@@ -460,7 +466,7 @@ impl Shared {
 
     /// Pause partitions that are full, revoking, or whose head is not due yet;
     /// resume the others. Store the watermarks that moved.
-    fn maintain(&self, consumer: &BaseConsumer<Ctx>) {
+    fn maintain(&self, consumer: &BaseConsumer<Ctx>, kind: usize) {
         let mut pause = TopicPartitionList::new();
         let mut resume = TopicPartitionList::new();
         let mut store = Vec::new();
@@ -468,8 +474,11 @@ impl Shared {
             let mut st = self.lock();
             let wall = SystemTime::now();
             let cap = self.cfg.buffer;
-            let dirty = std::mem::take(&mut st.dirty);
+            let dirty = std::mem::take(&mut st.dirty[kind]);
             for (tp, part) in st.parts.iter_mut() {
+                if usize::from(tp.topic > 0) != kind {
+                    continue;
+                }
                 let head_waits = part
                     .buffered
                     .front()
@@ -518,19 +527,27 @@ impl Shared {
 
     /// Close: commit every partition's watermark (unless the assignment was lost)
     /// and retire every epoch.
-    fn final_commit(&self, consumer: &BaseConsumer<Ctx>) {
+    fn final_commit(&self, consumer: &BaseConsumer<Ctx>, kind: usize) {
         let lost = consumer.assignment_lost();
         let mut positions = Vec::new();
         {
             let mut st = self.lock();
-            for (tp, part) in st.parts.drain() {
-                part.live.store(false, AtomicOrdering::Release);
-                if let Some(pos) = part.position() {
-                    positions.push((tp, pos));
+            let mine: Vec<Tp> = st
+                .parts
+                .keys()
+                .filter(|tp| usize::from(tp.topic > 0) == kind)
+                .copied()
+                .collect();
+            for tp in mine {
+                if let Some(part) = st.parts.remove(&tp) {
+                    part.live.store(false, AtomicOrdering::Release);
+                    st.handed_out = st.handed_out.saturating_sub(part.handed_out);
+                    if let Some(pos) = part.position() {
+                        positions.push((tp, pos));
+                    }
                 }
             }
-            st.order.clear();
-            st.handed_out = 0;
+            st.order.retain(|tp| usize::from(tp.topic > 0) != kind);
         }
         if lost || positions.is_empty() {
             return;
@@ -554,6 +571,8 @@ fn lease_gone() -> Error {
 /// The librdkafka context: rebalance callbacks run on the poll thread.
 pub(crate) struct Ctx {
     shared: Arc<Shared>,
+    /// 0: the member reading the queue's topic; 1: the one reading its tiers.
+    kind: usize,
 }
 
 impl ClientContext for Ctx {}
@@ -561,7 +580,7 @@ impl ClientContext for Ctx {}
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Assign(tpl) => self.shared.on_assign(tpl),
+            Rebalance::Assign(tpl) => self.shared.on_assign(tpl, self.kind),
             Rebalance::Revoke(tpl) => self.shared.on_revoke(consumer, tpl),
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
@@ -569,7 +588,6 @@ impl ConsumerContext for Ctx {
 
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(_) = rebalance {
-            self.shared.joined_tx.send_replace(true);
             self.shared.notify.notify_waiters();
         }
     }
@@ -581,28 +599,43 @@ impl ConsumerContext for Ctx {
     }
 }
 
-fn poll_thread(shared: Arc<Shared>, consumer: BaseConsumer<Ctx>) {
-    loop {
-        let mut batch = Vec::new();
-        let mut wait = POLL_WAIT;
-        while batch.len() < POLL_BATCH {
-            match consumer.poll(wait) {
-                Some(Ok(m)) => {
-                    let topic = rdkafka::Message::topic(&m);
-                    if let Some(i) = shared.topic_index(topic) {
-                        batch.push(Received::parse(&m, i));
-                    }
+/// Poll one member: up to [`POLL_BATCH`] records, waiting at most `wait` for the
+/// first.
+fn poll_into(shared: &Shared, consumer: &BaseConsumer<Ctx>, mut wait: Duration) {
+    let mut batch = Vec::new();
+    while batch.len() < POLL_BATCH {
+        match consumer.poll(wait) {
+            Some(Ok(m)) => {
+                let topic = rdkafka::Message::topic(&m);
+                if let Some(i) = shared.topic_index(topic) {
+                    batch.push(Received::parse(&m, i));
                 }
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "consumer poll error");
-                    break;
-                }
-                None => break,
             }
-            wait = Duration::ZERO;
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "consumer poll error");
+                break;
+            }
+            None => break,
         }
-        shared.push(batch);
-        shared.maintain(&consumer);
+        wait = Duration::ZERO;
+    }
+    shared.push(batch);
+}
+
+/// The poll thread: serves both members (the queue's topic in group G, the tiers
+/// in group `G.retry`), so neither ever exceeds `max.poll.interval.ms` however
+/// slow the handlers are.
+fn poll_thread(shared: Arc<Shared>, main: BaseConsumer<Ctx>, retry: Option<BaseConsumer<Ctx>>) {
+    loop {
+        match &retry {
+            Some(r) => {
+                poll_into(&shared, &main, POLL_WAIT / 2);
+                poll_into(&shared, r, POLL_WAIT / 2);
+                shared.maintain(r, 1);
+            }
+            None => poll_into(&shared, &main, POLL_WAIT),
+        }
+        shared.maintain(&main, 0);
         let leave = {
             let st = shared.lock();
             match st.closing {
@@ -614,9 +647,13 @@ fn poll_thread(shared: Arc<Shared>, consumer: BaseConsumer<Ctx>) {
             break;
         }
     }
-    shared.final_commit(&consumer);
-    // Dropping the consumer leaves the group (rd_kafka_consumer_close).
-    drop(consumer);
+    shared.final_commit(&main, 0);
+    if let Some(r) = &retry {
+        shared.final_commit(r, 1);
+    }
+    // Dropping a consumer leaves its group (rd_kafka_consumer_close).
+    drop(main);
+    drop(retry);
     shared.lock().finished = true;
     shared.finished_tx.send_replace(true);
     shared.notify.notify_waiters();
@@ -770,7 +807,7 @@ impl fmt::Debug for KafkaConsumer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KafkaConsumer")
             .field("topic", &self.shared.cfg.topic)
-            .field("group", &self.shared.cfg.group)
+            .field("group", &self.shared.cfg.group())
             .finish_non_exhaustive()
     }
 }
@@ -800,32 +837,46 @@ impl KafkaConsumer {
         });
         let lag = Arc::new(LagClient::new(&cfg)?);
 
-        let mut c = cfg.base_client_config();
-        c.set("group.id", &cfg.group)
-            .set("partition.assignment.strategy", "cooperative-sticky")
-            .set("enable.auto.commit", "true")
-            .set(
-                "auto.commit.interval.ms",
-                cfg.commit_interval.as_millis().to_string(),
-            )
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false");
-        cfg.apply_overrides(&mut c);
-        let consumer: BaseConsumer<Ctx> = c
-            .create_with_context(Ctx {
-                shared: shared.clone(),
-            })
-            .map_err(|e| config_error("consumer", e))?;
-        let names: Vec<&str> = shared.topics.iter().map(String::as_str).collect();
-        consumer
-            .subscribe(&names)
-            .map_err(|e| kafka_error("subscribing", e))?;
+        let member = |group: String, topics: &[String], kind: usize| -> Result<BaseConsumer<Ctx>> {
+            let mut c = cfg.base_client_config();
+            c.set("group.id", group)
+                .set("partition.assignment.strategy", "cooperative-sticky")
+                .set("enable.auto.commit", "true")
+                .set(
+                    "auto.commit.interval.ms",
+                    cfg.commit_interval.as_millis().to_string(),
+                )
+                .set("enable.auto.offset.store", "false")
+                .set("auto.offset.reset", "earliest")
+                .set("enable.partition.eof", "false");
+            cfg.apply_overrides(&mut c);
+            let consumer: BaseConsumer<Ctx> = c
+                .create_with_context(Ctx {
+                    shared: shared.clone(),
+                    kind,
+                })
+                .map_err(|e| config_error("consumer", e))?;
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            consumer
+                .subscribe(&names)
+                .map_err(|e| kafka_error("subscribing", e))?;
+            Ok(consumer)
+        };
+        // Two members: the queue's topic in the group, the tiers in `GROUP.retry`.
+        // One member for both would let the sticky assignor balance partition
+        // *counts* across all topics — one member could get every tier partition
+        // and the other every partition of the queue.
+        let main = member(cfg.group(), &shared.topics[..1], 0)?;
+        let retry = if shared.topics.len() > 1 {
+            Some(member(cfg.retry_group(), &shared.topics[1..], 1)?)
+        } else {
+            None
+        };
         let thread = std::thread::Builder::new()
             .name(format!("ferrymq-kafka-{}", cfg.topic))
             .spawn({
                 let shared = shared.clone();
-                move || poll_thread(shared, consumer)
+                move || poll_thread(shared, main, retry)
             })
             .map_err(|e| Error::backend("cannot start the poll thread", e))?;
         let me = KafkaConsumer {
@@ -841,7 +892,7 @@ impl KafkaConsumer {
                 format!(
                     "no partition assignment from group {:?} within join_timeout ({:?}); is the \
                      broker at {} reachable?",
-                    cfg.group,
+                    cfg.group(),
                     cfg.join_timeout,
                     cfg.brokers.join(",")
                 ),

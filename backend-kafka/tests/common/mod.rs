@@ -30,15 +30,27 @@ pub fn unique(label: &str) -> String {
 
 /// A config for a fresh topic with test-friendly timings and `extra` URL params.
 pub fn config(label: &str, extra: &str) -> KafkaConfig {
-    let mut url = format!(
-        "kafka://{}/{}?retry_tiers=1s,3s,10s&revoke_grace=1s&close_timeout=3s&commit_interval=100ms",
-        brokers(),
-        unique(label)
-    );
-    if !extra.is_empty() {
-        url.push('&');
-        url.push_str(extra);
+    let mut params: Vec<(String, String)> = [
+        ("retry_tiers", "1s,3s,10s"),
+        ("revoke_grace", "1s"),
+        ("close_timeout", "3s"),
+        ("commit_interval", "100ms"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    for pair in extra.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').expect("k=v");
+        params.retain(|(n, _)| n != k);
+        params.push((k.to_string(), v.to_string()));
     }
+    let query: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let url = format!(
+        "kafka://{}/{}?{}",
+        brokers(),
+        unique(label),
+        query.join("&")
+    );
     KafkaConfig::from_url(&url).expect("test config")
 }
 

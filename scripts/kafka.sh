@@ -23,8 +23,10 @@
 # Env: FERRYMQ_KAFKA_CONTROLLER_PORT (default PORT+1), FERRYMQ_KAFKA_HEAP_OPTS
 # (default "-Xmx512m -Xms256m"), JAVA (default java).
 #
-# The Kafka tools run from the same jars, e.g.
-#   java -cp "$FERRYMQ_CACHE/kafka-4.1.2/lib/*" org.apache.kafka.tools.TopicCommand \
+# The Kafka tools run from the same jars (tools-log4j2.properties in the state dir keeps
+# them quiet), e.g.
+#   java -Dlog4j2.configurationFile=/tmp/ferrymq-kafka-9092/tools-log4j2.properties \
+#       -cp "$FERRYMQ_CACHE/kafka-4.1.2/lib/*" org.apache.kafka.tools.TopicCommand \
 #       --bootstrap-server 127.0.0.1:9092 --list
 set -euo pipefail
 
@@ -92,6 +94,12 @@ ensure_java() {
             exit 1
         }
         apt_install openjdk-17-jre-headless
+    fi
+    local major
+    major="$("$java" -version 2>&1 | sed -n 's/.* version "\([0-9]*\).*/\1/p' | head -n 1 || true)"
+    if [ -z "$major" ] || [ "$major" -lt 17 ]; then
+        echo "kafka.sh: Kafka $kafka_version needs Java 17 or newer; '$java' is ${major:-unknown} (set JAVA)" >&2
+        exit 1
     fi
 }
 

@@ -59,7 +59,18 @@ install_id() {
     } | sha256sum | cut -d' ' -f1
 }
 
+ensure_curl() {
+    command -v curl >/dev/null 2>&1 && return
+    echo "sqs.sh: installing curl (apt-get)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    if ! apt-get update -qq >/dev/null 2>&1 || ! apt-get install -y -qq curl >/dev/null 2>&1; then
+        echo "sqs.sh: apt-get install curl failed" >&2
+        exit 1
+    fi
+}
+
 ensure_installed() {
+    ensure_curl
     local id
     id="$(install_id)"
     if [ -f "$marker" ] && [ "$(cat "$marker")" = "$id" ] && [ -x "$venv/bin/python" ]; then
@@ -186,7 +197,7 @@ stop() {
             done
         fi
         echo "sqs.sh: stopped LocalStack on port $port (pid $pid)"
-    elif ready; then
+    elif command -v curl >/dev/null 2>&1 && ready; then
         echo "sqs.sh: SQS answers on port $port but was not started from $state; leaving it running" >&2
     else
         echo "sqs.sh: no LocalStack running on port $port"
@@ -198,7 +209,7 @@ case "$cmd" in
     start) start ;;
     stop) stop ;;
     status)
-        if ready; then
+        if command -v curl >/dev/null 2>&1 && ready; then
             echo "running on http://127.0.0.1:$port"
         else
             echo "not running on 127.0.0.1:$port"

@@ -5,26 +5,46 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use ferrymq_core::admin::Admin;
 use ferrymq_core::middleware::{DedupStore, MemoryDedupStore};
 use ferrymq_core::{Capabilities, Consumer, Error, ErrorKind, Producer, Result};
+
+use crate::registry::Case;
 
 /// Opens producers and consumers on fresh queues of one backend, configured for
 /// testing.
 ///
 /// The suite never matches on backend names: what a case checks is decided by
-/// [`capabilities`](Backend::capabilities), and what the factory chooses (a short
-/// visibility timeout, a server address) is read back from there.
+/// [`capabilities`](Backend::capabilities) (and by what the harness probes, see
+/// [`Claims`](crate::Claims)), and what the factory chooses (a short visibility
+/// timeout, a server address) is read back from there.
 ///
 /// Contract the cases rely on:
 ///
 /// - Queue names come from [`queue_name`](Backend::queue_name) and are never reused,
 ///   so a queue starts empty. The factory creates the queue on first use.
+/// - **The queue exists when [`consumer`](Backend::consumer) returns**, and the
+///   consumer is ready to be handed messages: a message sent after `consumer()`
+///   returned is delivered to it (cases send right after opening). For a backend
+///   with consumer groups this means the consumer has **joined its group and holds
+///   its assignment** before it is returned (Kafka: the first rebalance finished and
+///   partitions are assigned, with the group's start offset at the beginning of the
+///   fresh topic), so no case races a rebalance that would deliver nothing, or
+///   deliver a message twice, in its first seconds.
 /// - Every [`consumer`](Backend::consumer) call returns a new, independent consumer
 ///   of the queue; consumers of one queue *compete* (one consumer group). A consumer
 ///   receives messages sent before it was created.
 /// - [`capabilities`](Backend::capabilities) equals what the producers and consumers
 ///   it opens report. Choose a short visibility timeout (about 1–2 s): cases wait for
 ///   it to pass, and every case must finish in seconds.
+/// - [`admin`](Backend::admin) answers for the queue it names; the harness asks it
+///   at setup which operations it supports, and the admin cases apply only to those
+///   (reported by name as not applicable otherwise).
+/// - A case the backend's **server** is known to fail can be listed in
+///   [`known_defects`](Backend::known_defects) with the evidence; it is then
+///   reported as `ignored (server defect: <evidence>)` — never passed — and still
+///   runs with `--ignored` / `--include-ignored`, to see whether the server was
+///   fixed.
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
     /// Short name for reports, such as `memory` or `redis`.
@@ -42,7 +62,9 @@ pub trait Backend: Send + Sync + 'static {
     /// A new producer on `queue`.
     async fn producer(&self, queue: &str) -> Result<Box<dyn Producer>>;
 
-    /// A new consumer on `queue`, competing with every other consumer of it.
+    /// A new consumer on `queue`, competing with every other consumer of it. The
+    /// queue exists when it returns, and a consumer of a group has joined the group
+    /// and holds its assignment (see the contract above).
     async fn consumer(&self, queue: &str) -> Result<Box<dyn Consumer>>;
 
     /// A producer and a consumer on `queue`.
@@ -85,6 +107,54 @@ pub trait Backend: Send + Sync + 'static {
     /// delays are allowed to come due up to this much after their time (never before).
     fn timer_slack(&self) -> Duration {
         Duration::from_millis(500)
+    }
+
+    /// The administration of `queue`. The default answers `Unsupported`: the admin
+    /// cases are then reported as not applicable. The harness probes which
+    /// operations the admin answers (see [`AdminOps::probe`](crate::AdminOps::probe)),
+    /// so an admin that gains an operation makes its case apply with no other change.
+    async fn admin(&self, queue: &str) -> Result<Box<dyn Admin>> {
+        let _ = queue;
+        Err(Error::unsupported(format!(
+            "the {} conformance factory offers no Admin",
+            self.name()
+        )))
+    }
+
+    /// Cases of this backend alone, run and listed with the shared ones (a Redis case
+    /// about its key layout, a Kafka case about rebalances). Their names must differ
+    /// from every shared case's. They get the same [`Context`](crate::Context), and
+    /// reach the concrete factory through [`Context::backend_as`](crate::Context::backend_as).
+    fn extra_cases(&self) -> Vec<Case> {
+        Vec::new()
+    }
+
+    /// Cases this backend's server is known to fail, each with the evidence (the
+    /// server's issue, version, the observed behaviour): `(case name, evidence)`.
+    ///
+    /// Such a case is reported as `ignored (server defect: <evidence>)`, never as a
+    /// pass, and runs anyway under `--ignored` / `--include-ignored`. Only for
+    /// defects of the server that ferrymq cannot work around; a defect of the
+    /// backend's own code fails its case until fixed. A name that is not a case of
+    /// the run, or empty evidence, fails the whole run.
+    fn known_defects(&self) -> Vec<(&'static str, &'static str)> {
+        Vec::new()
+    }
+
+    /// How long an approximate depth ([`Accuracy::Approximate`]) may take to show a
+    /// change; the bound of the eventually-true depth checks. Unused when depth is
+    /// exact.
+    ///
+    /// [`Accuracy::Approximate`]: ferrymq_core::Accuracy::Approximate
+    fn approximate_depth_lag(&self) -> Duration {
+        Duration::from_secs(30)
+    }
+
+    /// The factory as `Any`, for backend-specific cases that need the concrete type
+    /// ([`Context::backend_as`](crate::Context::backend_as)). Implement it as
+    /// `Some(self)`; the default is `None`.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
     }
 
     /// A fresh queue name for a case called `label`. Override to add what the backend

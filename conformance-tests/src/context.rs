@@ -4,9 +4,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferrymq_core::{Capabilities, Consumer, Producer};
+use ferrymq_core::admin::Admin;
+use ferrymq_core::{Accuracy, Capabilities, Consumer, Producer};
 
 use crate::backend::Backend;
+use crate::claims::Claims;
 use crate::failure::{CaseResult, Failure};
 
 /// Longest a single backend call (open, send, ack, depth) may take before the case
@@ -17,7 +19,7 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// harness can [`cleanup`](Backend::cleanup) after the case.
 pub struct Context {
     backend: Arc<dyn Backend>,
-    caps: Capabilities,
+    claims: Claims,
     case: &'static str,
     queues: Mutex<Vec<String>>,
 }
@@ -32,12 +34,20 @@ impl std::fmt::Debug for Context {
 }
 
 impl Context {
-    /// A context for running `case` against `backend` (the harness builds these; build
-    /// one yourself to call a case directly).
+    /// A context for running `case` against `backend`, with claims made of its
+    /// capabilities alone (see [`Claims::from_capabilities`]); build one yourself to
+    /// call a case directly. The harness uses [`with_claims`](Context::with_claims)
+    /// with what it probed.
     pub fn new(backend: Arc<dyn Backend>, case: &'static str) -> Self {
+        let claims = Claims::from_capabilities(backend.capabilities());
+        Self::with_claims(backend, claims, case)
+    }
+
+    /// A context for running `case` against `backend`, which makes `claims`.
+    pub fn with_claims(backend: Arc<dyn Backend>, claims: Claims, case: &'static str) -> Self {
         Context {
-            caps: backend.capabilities(),
             backend,
+            claims,
             case,
             queues: Mutex::new(Vec::new()),
         }
@@ -48,9 +58,21 @@ impl Context {
         &self.backend
     }
 
+    /// The concrete factory, for a backend's own cases
+    /// ([`Backend::extra_cases`]); `None` when it is another type or does not
+    /// implement [`Backend::as_any`].
+    pub fn backend_as<B: Backend>(&self) -> Option<&B> {
+        self.backend.as_any()?.downcast_ref::<B>()
+    }
+
     /// The backend's capabilities.
     pub fn caps(&self) -> &Capabilities {
-        &self.caps
+        &self.claims.capabilities
+    }
+
+    /// Everything the backend claims: capabilities and what the harness probed.
+    pub fn claims(&self) -> &Claims {
+        &self.claims
     }
 
     /// The case being run.
@@ -106,6 +128,15 @@ impl Context {
         .await
     }
 
+    /// The administration of `queue` (the factory's [`Backend::admin`]).
+    pub async fn admin(&self, queue: &str) -> CaseResult<Box<dyn Admin>> {
+        bounded(
+            format!("opening the admin of {queue}"),
+            self.backend.admin(queue),
+        )
+        .await
+    }
+
     /// The dedup store the backend wants the Dedup middleware cases to prove.
     pub async fn dedup_store(
         &self,
@@ -120,7 +151,7 @@ impl Context {
 
     /// The visibility timeout the factory chose, if the backend has leases.
     pub fn visibility(&self) -> Option<Duration> {
-        self.caps.visibility_timeout
+        self.claims.capabilities.visibility_timeout
     }
 
     /// How late the backend's timers may fire.
@@ -144,6 +175,28 @@ impl Context {
     /// slack, plus the prompt bound.
     pub fn redelivery_bound(&self) -> Duration {
         self.visibility().unwrap_or_default() + self.prompt()
+    }
+
+    /// Bound for something that must happen well before a lease could have run out
+    /// (a nacked or released message coming back): three quarters of the visibility
+    /// timeout, so it cannot be mistaken for a lease expiry; the prompt bound
+    /// without leases.
+    pub fn before_lease_expiry(&self) -> Duration {
+        match self.visibility() {
+            Some(vis) => vis.mul_f64(0.75),
+            None => self.prompt(),
+        }
+    }
+
+    /// Bound for a depth count to show a change: the prompt bound for exact depth,
+    /// the backend's [`approximate_depth_lag`](Backend::approximate_depth_lag) for
+    /// approximate depth (an eventually-true check). Passing checks return as soon
+    /// as the count matches.
+    pub fn depth_bound(&self) -> Duration {
+        match self.claims.capabilities.depth {
+            Accuracy::Approximate => self.backend.approximate_depth_lag().max(self.prompt()),
+            _ => self.prompt(),
+        }
     }
 
     pub(crate) async fn cleanup(&self) -> Result<(), String> {

@@ -7,7 +7,8 @@
 //! holds under redelivery; a handler running 3x the visibility timeout with
 //! ExtendVisibility is not delivered twice; graceful shutdown under load loses and
 //! duplicates nothing; backpressure refuses at its bound; per-key order holds with
-//! concurrency 8.
+//! concurrency 8 (with retries where a retry keeps its place); a worker with slow
+//! handlers and the default prefetch handles each message once.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -461,9 +462,26 @@ pub async fn backpressure_refuses_at_bound(ctx: &Context) -> CaseResult {
     Ok(())
 }
 
-/// With a worker running 8 handlers at once and per-key ordering on, each key's
-/// messages are handled in send order while different keys run in parallel.
+/// With a worker running 8 handlers at once and `ordered_by_key`, each key's
+/// messages are handled in send order while different keys run in parallel. Every
+/// handler succeeds: no retry, so this holds for `Ordering::PerKeyPipelined` too (the
+/// backend hands a key's messages out in order, several at a time, and the worker
+/// runs one per key at a time). With retries see
+/// [`per_key_order_with_concurrency_8_and_retries`].
 pub async fn per_key_order_with_concurrency_8(ctx: &Context) -> CaseResult {
+    worker_key_order(ctx, false).await
+}
+
+/// As [`per_key_order_with_concurrency_8`], but about one handler in four fails on its
+/// message's first attempt (the worker nacks it): the successful handling of each
+/// key is still in send order, as `Ordering::PerKey` promises a nacked message is
+/// delivered again before any later message of its key. Not for
+/// `Ordering::PerKeyPipelined`, where a retry goes behind later messages of its key.
+pub async fn per_key_order_with_concurrency_8_and_retries(ctx: &Context) -> CaseResult {
+    worker_key_order(ctx, true).await
+}
+
+async fn worker_key_order(ctx: &Context, retries: bool) -> CaseResult {
     const KEYS: usize = 8;
     const PER_KEY: usize = 10;
     let (_queue, p, c) = ctx.fresh().await?;
@@ -475,9 +493,10 @@ pub async fn per_key_order_with_concurrency_8(ctx: &Context) -> CaseResult {
     }
     send_all(&*p, messages).await?;
     let log: Arc<Mutex<Vec<(String, usize)>>> = Arc::default();
-    let log2 = log.clone();
+    let failed_once: Arc<Mutex<std::collections::HashSet<(String, usize)>>> = Arc::default();
+    let (log2, failed2) = (log.clone(), failed_once.clone());
     let handler = handler_fn(move |d: Delivery| {
-        let log = log2.clone();
+        let (log, failed) = (log2.clone(), failed2.clone());
         async move {
             let seq: usize = text(&d).parse()?;
             let key = d.key().unwrap_or_default().to_string();
@@ -485,6 +504,15 @@ pub async fn per_key_order_with_concurrency_8(ctx: &Context) -> CaseResult {
             // Uneven durations: without ordering, later messages would overtake.
             let ms = 5 * ((seq as u64 * 7 + k * 13) % 10 + 1);
             tokio::time::sleep(Duration::from_millis(ms)).await;
+            if retries
+                && (seq as u64 * 3 + k) % 4 == 1
+                && failed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert((key.clone(), seq))
+            {
+                return Err::<(), BoxError>(format!("{key}/{seq}: first attempt fails").into());
+            }
             log.lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push((key, seq));
@@ -500,7 +528,7 @@ pub async fn per_key_order_with_concurrency_8(ctx: &Context) -> CaseResult {
     );
     worker
         .until("all handled", ctx.prompt() * 2, |es| {
-            es.len() == KEYS * PER_KEY
+            count(es, |o| *o == Outcome::Succeeded) == KEYS * PER_KEY
         })
         .await?;
     let summary = worker.stop().await?;
@@ -508,6 +536,17 @@ pub async fn per_key_order_with_concurrency_8(ctx: &Context) -> CaseResult {
         summary.succeeded as usize == KEYS * PER_KEY,
         "summary: {summary}"
     );
+    let failures = failed_once.lock().unwrap_or_else(|e| e.into_inner()).len();
+    if retries {
+        ensure!(
+            failures > 0,
+            "no handler failed: the retries were not exercised"
+        );
+        ensure!(
+            summary.failed as usize == failures,
+            "{failures} first attempts failed, summary: {summary}"
+        );
+    }
     let log = log.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let mut next: HashMap<&str, usize> = HashMap::new();
     for (key, seq) in &log {
@@ -517,6 +556,115 @@ pub async fn per_key_order_with_concurrency_8(ctx: &Context) -> CaseResult {
             "key {key}: handled message {seq} when {expected} was next"
         );
         *expected += 1;
+    }
+    Ok(())
+}
+
+/// A worker with the default settings but `concurrency(1)` and a handler taking a
+/// tenth of the visibility timeout: every message handled exactly once, the queue
+/// empty at the end. See [`slow_handler_worker_handles_each_once_c4`].
+pub async fn slow_handler_worker_handles_each_once_c1(ctx: &Context) -> CaseResult {
+    slow_handler_each_once(ctx, 1).await
+}
+
+/// A worker with the default settings but `concurrency(4)`, whose handlers are slow
+/// enough that the default prefetch (32) would keep deliveries waiting for twice the
+/// visibility timeout: every message is handled exactly once, and the queue is empty
+/// at the end.
+///
+/// A worker that prefetches by count alone starts deliveries whose lease already ran
+/// out; the broker has handed them out again meanwhile, so they are handled twice
+/// (and their acks fail). The worker must bound its prefetch by time and never start
+/// a delivery with too little lease left (it gives those back unstarted).
+pub async fn slow_handler_worker_handles_each_once_c4(ctx: &Context) -> CaseResult {
+    slow_handler_each_once(ctx, 4).await
+}
+
+async fn slow_handler_each_once(ctx: &Context, concurrency: usize) -> CaseResult {
+    /// The default prefetch at these concurrencies.
+    const DEFAULT_PREFETCH: u32 = 32;
+    let visibility = ctx
+        .visibility()
+        .ok_or_else(|| Failure::new("needs a visibility timeout"))?;
+    let c = u32::try_from(concurrency).unwrap_or(u32::MAX);
+    // Slow enough that a full default prefetch waits twice the visibility timeout
+    // for a handler slot, and at least a tenth of the timeout.
+    let handler_time = (visibility / 10).max(visibility * 2 * c / DEFAULT_PREFETCH);
+    ensure!(
+        handler_time * DEFAULT_PREFETCH / c > visibility,
+        "the case cannot fail: {DEFAULT_PREFETCH} x {handler_time:?} / {c} is within {visibility:?}"
+    );
+    // Fewer messages on slow backends: about 20 s of handler time in all.
+    let budget = Duration::from_secs(20);
+    let n = ((budget.as_secs_f64() * f64::from(c) / handler_time.as_secs_f64()) as usize)
+        .clamp(20, 100);
+    let (queue, p, consumer) = ctx.fresh().await?;
+    let chunk = ctx.caps().max_batch.clamp(1, 100);
+    let messages: Vec<Message> = (0..n).map(|i| Message::new(format!("m{i:03}"))).collect();
+    for batch in messages.chunks(chunk) {
+        send_all(&*p, batch.to_vec()).await?;
+    }
+    let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let runs2 = runs.clone();
+    let handler = handler_fn(move |d: Delivery| {
+        let runs = runs2.clone();
+        async move {
+            *runs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(text(&d))
+                .or_default() += 1;
+            tokio::time::sleep(handler_time).await;
+            Ok::<(), BoxError>(())
+        }
+    });
+    let mut worker = Running::start(Worker::new(consumer).concurrency(concurrency), handler);
+    let expected = handler_time * u32::try_from(n).unwrap_or(u32::MAX) / c;
+    let within = expected * 3 + visibility * 2 + ctx.prompt();
+    let waited = worker
+        .until("every message handled", within, |es| {
+            count(es, |o| *o == Outcome::Succeeded) >= n
+        })
+        .await;
+    let summary = worker.stop().await?;
+    let runs = runs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let twice: Vec<(&String, &u32)> = {
+        let mut v: Vec<_> = runs.iter().filter(|(_, r)| **r > 1).collect();
+        v.sort();
+        v
+    };
+    ensure!(
+        twice.is_empty(),
+        "{} of {n} messages were handled more than once (handler {handler_time:?},          visibility {visibility:?}, concurrency {concurrency}; first: {:?}); worker: {summary}",
+        twice.len(),
+        &twice[..twice.len().min(5)]
+    );
+    waited?;
+    ensure!(
+        runs.len() == n,
+        "{} of {n} messages were handled; worker: {summary}",
+        runs.len()
+    );
+    ensure!(
+        summary.succeeded as usize == n,
+        "the worker reports {} successes for {n} messages: {summary}",
+        summary.succeeded
+    );
+    let last = ctx.consumer(&queue).await?;
+    expect_none(
+        &*last,
+        visibility + ctx.slack(),
+        "every message was handled and acked",
+    )
+    .await?;
+    if ctx.caps().depth.is_available() {
+        expect_depth(
+            "the queue after the worker",
+            crate::support::depth(0, 0, 0),
+            ctx.depth_bound(),
+            || last.depth(),
+        )
+        .await?;
     }
     Ok(())
 }

@@ -1,14 +1,15 @@
-//! The one list of cases, and what each needs from a backend's capabilities.
+//! The one list of cases, and what each needs from a backend.
 
 use std::time::Duration;
 
-use ferrymq_core::{Capabilities, Ordering, Priority};
-use futures::future::BoxFuture;
+use ferrymq_core::{Accuracy, Ordering, Priority};
+pub use futures::future::BoxFuture;
 
 use crate::cases::{
-    basics, capacity, concurrency, lifecycle, ordering, receiving, scheduling, settle, validation,
-    visibility,
+    admin, basics, capacity, concurrency, lifecycle, limits, ordering, receiving, scheduling,
+    settle, validation, visibility,
 };
+use crate::claims::Claims;
 use crate::context::Context;
 use crate::failure::CaseResult;
 use crate::middleware;
@@ -16,13 +17,13 @@ use crate::middleware;
 /// Runs a case against a context.
 pub type CaseFn = for<'a> fn(&'a Context) -> BoxFuture<'a, CaseResult>;
 
-/// One capability a case needs, with the name reported when it is missing.
+/// One thing a case needs from a backend, with the name reported when it is missing.
 #[derive(Clone, Copy)]
 pub struct Requirement {
     /// What is needed, as reported: `not applicable: needs <needs>`.
     pub needs: &'static str,
-    /// Whether the capabilities provide it.
-    pub check: fn(&Capabilities) -> bool,
+    /// Whether the backend's claims provide it.
+    pub check: fn(&Claims) -> bool,
 }
 
 impl std::fmt::Debug for Requirement {
@@ -52,13 +53,13 @@ impl std::fmt::Debug for Case {
 }
 
 impl Case {
-    /// `Ok` when the case applies to `caps`; otherwise the reason, naming every
-    /// missing capability: `not applicable: needs A, B`.
-    pub fn applies(&self, caps: &Capabilities) -> Result<(), String> {
+    /// `Ok` when the case applies to a backend making these claims; otherwise the
+    /// reason, naming every missing requirement: `not applicable: needs A, B`.
+    pub fn applies(&self, claims: &Claims) -> Result<(), String> {
         let missing: Vec<&str> = self
             .requires
             .iter()
-            .filter(|r| !(r.check)(caps))
+            .filter(|r| !(r.check)(claims))
             .map(|r| r.needs)
             .collect();
         if missing.is_empty() {
@@ -69,7 +70,7 @@ impl Case {
     }
 }
 
-/// The capabilities cases can require.
+/// What cases can require.
 pub mod requires {
     use super::*;
 
@@ -79,47 +80,63 @@ pub mod requires {
     /// Un-acked deliveries come back after a visibility timeout.
     pub const VISIBILITY_TIMEOUT: Requirement = Requirement {
         needs: "visibility_timeout",
-        check: |c| c.visibility_timeout.is_some(),
+        check: |c| c.capabilities.visibility_timeout.is_some(),
     };
     /// `extend` pushes the redelivery deadline (meaningful only with a timeout).
     pub const EXTEND_VISIBILITY: Requirement = Requirement {
         needs: "extend_visibility",
-        check: |c| c.extend_visibility && c.visibility_timeout.is_some(),
+        check: |c| c.capabilities.extend_visibility && c.capabilities.visibility_timeout.is_some(),
     };
-    /// `nack` with a delay is honoured.
+    /// `nack` with a delay of [`CASE_DELAY`] is honoured.
     pub const NACK_DELAY: Requirement = Requirement {
-        needs: "nack_delay",
-        check: |c| c.supports_nack_delay(CASE_DELAY),
+        needs: "max_nack_delay >= 2s",
+        check: |c| c.capabilities.supports_nack_delay(CASE_DELAY),
     };
-    /// `Delivery::attempt` counts redeliveries.
-    pub const ATTEMPTS: Requirement = Requirement {
-        needs: "attempts",
-        check: |c| c.attempts.counts_nacks(),
+    /// `Delivery::attempt` goes up on a redelivery after a nack.
+    pub const ATTEMPTS_ON_NACK: Requirement = Requirement {
+        needs: "attempts.counts_nacks()",
+        check: |c| c.capabilities.attempts.counts_nacks(),
     };
-    /// Per-key ordering.
+    /// `Ack::release` gives a message back without counting an attempt.
+    pub const RELEASE_KEEPS_ATTEMPT: Requirement = Requirement {
+        needs: "release_keeps_attempt",
+        check: |c| c.capabilities.release_keeps_attempt,
+    };
+    /// Per-key ordering in the strict sense: one message of a key in flight at a
+    /// time, and a retry keeps its place.
     pub const PER_KEY: Requirement = Requirement {
         needs: "Ordering::PerKey",
-        check: |c| c.ordering == Ordering::PerKey,
+        check: |c| c.capabilities.ordering == Ordering::PerKey,
+    };
+    /// A key's messages are handed out in send order (either per-key variant); a
+    /// retry may lose its place.
+    pub const KEY_ORDER: Requirement = Requirement {
+        needs: "Ordering::PerKey or Ordering::PerKeyPipelined",
+        check: |c| c.capabilities.ordering.keeps_key_order(),
     };
     /// Native per-message delay of at least [`CASE_DELAY`].
     pub const DELAY: Requirement = Requirement {
-        needs: "max_delay",
-        check: |c| c.supports_delay(CASE_DELAY),
+        needs: "max_delay >= 2s",
+        check: |c| c.capabilities.supports_delay(CASE_DELAY),
     };
     /// Broker-side deduplication on `dedup_id`.
     pub const DEDUP: Requirement = Requirement {
-        needs: "dedup_window",
-        check: |c| c.dedup_window.is_some_and(|w| w >= Duration::from_secs(10)),
+        needs: "dedup_window >= 10s",
+        check: |c| {
+            c.capabilities
+                .dedup_window
+                .is_some_and(|w| w >= Duration::from_secs(10))
+        },
     };
-    /// Depth counts.
-    pub const DEPTH: Requirement = Requirement {
-        needs: "depth",
-        check: |c| c.depth.is_available(),
+    /// Depth counts, exact at the moment they are read.
+    pub const DEPTH_EXACT: Requirement = Requirement {
+        needs: "depth == Accuracy::Exact",
+        check: |c| c.capabilities.depth == Accuracy::Exact,
     };
     /// Priority is honoured, exactly or in at least two levels.
     pub const PRIORITY: Requirement = Requirement {
         needs: "Priority::Exact or Priority::Levels(n >= 2)",
-        check: |c| match c.priority {
+        check: |c| match c.capabilities.priority {
             Priority::Exact => true,
             Priority::Levels(n) => n >= 2,
             _ => false,
@@ -128,7 +145,22 @@ pub mod requires {
     /// The queue has a bound.
     pub const BOUNDED: Requirement = Requirement {
         needs: "bounded",
-        check: |c| c.bounded,
+        check: |c| c.capabilities.bounded,
+    };
+    /// Deliveries carry their lease deadline (probed at setup).
+    pub const LEASE_DEADLINE: Requirement = Requirement {
+        needs: "a lease deadline on deliveries (probed: Delivery::lease_deadline() was None)",
+        check: |c| c.lease_deadline && c.capabilities.visibility_timeout.is_some(),
+    };
+    /// The backend's admin answers `peek` (probed at setup).
+    pub const ADMIN_PEEK: Requirement = Requirement {
+        needs: "Admin::peek (probed: Unsupported)",
+        check: |c| c.admin.peek,
+    };
+    /// The backend's admin answers `purge` (probed at setup).
+    pub const ADMIN_PURGE: Requirement = Requirement {
+        needs: "Admin::purge (probed: Unsupported)",
+        check: |c| c.admin.purge,
     };
 }
 
@@ -147,8 +179,37 @@ macro_rules! case {
     }};
 }
 
-/// Every case, in report order. To add one, write the function in a `cases/` module
-/// (or `middleware.rs`) and add a line here.
+/// `backend_case!(function, requirement...)`: a [`Case`] named after `function`
+/// (in scope, `async fn function(ctx: &Context) -> CaseResult`), for a backend's
+/// [`extra_cases`](crate::Backend::extra_cases).
+///
+/// ```
+/// use ferrymq_conformance::{backend_case, requires, CaseResult, Context};
+///
+/// async fn redis_keys_expire(ctx: &Context) -> CaseResult {
+///     let _ = ctx.queue();
+///     Ok(())
+/// }
+///
+/// let case = backend_case!(redis_keys_expire, requires::VISIBILITY_TIMEOUT);
+/// assert_eq!(case.name, "redis_keys_expire");
+/// ```
+#[macro_export]
+macro_rules! backend_case {
+    ($name:ident $(, $req:expr)* $(,)?) => {{
+        fn run(ctx: &$crate::Context) -> $crate::registry::BoxFuture<'_, $crate::CaseResult> {
+            ::std::boxed::Box::pin($name(ctx))
+        }
+        $crate::Case {
+            name: ::std::stringify!($name),
+            requires: &[$($req),*],
+            run,
+        }
+    }};
+}
+
+/// Every shared case, in report order. To add one, write the function in a `cases/`
+/// module (or `middleware.rs`) and add a line here.
 pub static CASES: &[Case] = &[
     // basics: what goes in comes out
     case!(basics, round_trip),
@@ -161,12 +222,26 @@ pub static CASES: &[Case] = &[
     case!(validation, oversize_rejected_too_large),
     case!(validation, batch_send_per_entry_results),
     case!(validation, batch_larger_than_max_batch),
+    // limits: what a backend cannot do is refused, typed; nothing panics
+    case!(limits, delay_beyond_max_delay_is_unsupported),
+    case!(limits, huge_durations_never_panic),
     // settling
     case!(settle, ack_removes),
     case!(settle, second_ack_is_typed_error),
     case!(settle, concurrent_acks_exactly_one_wins),
     case!(settle, nack_redelivers),
-    case!(settle, attempt_increments_on_redelivery, requires::ATTEMPTS),
+    case!(
+        settle,
+        attempt_increments_on_redelivery,
+        requires::ATTEMPTS_ON_NACK
+    ),
+    case!(settle, release_is_prompt, requires::VISIBILITY_TIMEOUT),
+    case!(
+        settle,
+        release_does_not_count_an_attempt,
+        requires::RELEASE_KEEPS_ATTEMPT,
+        requires::ATTEMPTS_ON_NACK
+    ),
     // leases and redelivery timing
     case!(
         visibility,
@@ -180,13 +255,18 @@ pub static CASES: &[Case] = &[
     ),
     case!(
         visibility,
-        stale_ack_after_redelivery_is_lease_expired,
+        stale_handle_after_lease_gone_is_lease_expired,
         requires::VISIBILITY_TIMEOUT
     ),
     case!(
         visibility,
         extend_prevents_redelivery,
         requires::EXTEND_VISIBILITY
+    ),
+    case!(
+        visibility,
+        lease_deadline_is_known,
+        requires::LEASE_DEADLINE
     ),
     // ordering and priority
     case!(ordering, per_key_order, requires::PER_KEY),
@@ -212,8 +292,11 @@ pub static CASES: &[Case] = &[
     case!(lifecycle, receive_after_close_is_closed),
     case!(lifecycle, stream_ends_after_close),
     // depth and bounds
-    case!(capacity, depth_counts, requires::DEPTH),
+    case!(capacity, depth_counts, requires::DEPTH_EXACT),
     case!(capacity, queue_full_when_bounded, requires::BOUNDED),
+    // admin (ferrymq_core::admin)
+    case!(admin, admin_peek_has_no_side_effects, requires::ADMIN_PEEK),
+    case!(admin, admin_purge_removes_waiting, requires::ADMIN_PURGE),
     // middleware and worker (ferrymq_core::middleware, ferrymq_core::worker)
     case!(
         middleware,
@@ -228,11 +311,30 @@ pub static CASES: &[Case] = &[
         requires::EXTEND_VISIBILITY
     ),
     case!(middleware, graceful_shutdown_under_load_loses_nothing),
-    case!(middleware, backpressure_refuses_at_bound, requires::DEPTH),
+    case!(
+        middleware,
+        backpressure_refuses_at_bound,
+        requires::DEPTH_EXACT
+    ),
     case!(
         middleware,
         per_key_order_with_concurrency_8,
+        requires::KEY_ORDER
+    ),
+    case!(
+        middleware,
+        per_key_order_with_concurrency_8_and_retries,
         requires::PER_KEY
+    ),
+    case!(
+        middleware,
+        slow_handler_worker_handles_each_once_c1,
+        requires::VISIBILITY_TIMEOUT
+    ),
+    case!(
+        middleware,
+        slow_handler_worker_handles_each_once_c4,
+        requires::VISIBILITY_TIMEOUT
     ),
 ];
 
@@ -245,42 +347,47 @@ pub fn case(name: &str) -> Option<&'static Case> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use ferrymq_core::Capabilities;
+
+    fn minimal() -> Claims {
+        Claims::from_capabilities(Capabilities::minimal("none"))
+    }
 
     #[test]
     fn names_are_unique_identifiers() {
         let mut seen = std::collections::HashSet::new();
         for case in CASES {
             assert!(seen.insert(case.name), "duplicate case {}", case.name);
-            assert!(case
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'));
+            assert!(crate::harness::is_identifier(case.name), "{}", case.name);
         }
         assert!(CASES.len() >= 25, "only {} cases", CASES.len());
     }
 
     #[test]
     fn minimal_capabilities_gate_by_name() {
-        let caps = Capabilities::minimal("none");
+        let claims = minimal();
         let per_key = case("per_key_order").unwrap();
         assert_eq!(
-            per_key.applies(&caps),
+            per_key.applies(&claims),
             Err("not applicable: needs Ordering::PerKey".to_string())
         );
-        assert_eq!(case("round_trip").unwrap().applies(&caps), Ok(()));
+        assert_eq!(case("round_trip").unwrap().applies(&claims), Ok(()));
         let gated: Vec<&str> = CASES
             .iter()
-            .filter(|c| c.applies(&caps).is_err())
+            .filter(|c| c.applies(&claims).is_err())
             .map(|c| c.name)
             .collect();
         assert_eq!(
             gated,
             [
                 "attempt_increments_on_redelivery",
+                "release_is_prompt",
+                "release_does_not_count_an_attempt",
                 "nack_with_delay_not_redelivered_early",
                 "dropped_delivery_comes_back_after_visibility",
-                "stale_ack_after_redelivery_is_lease_expired",
+                "stale_handle_after_lease_gone_is_lease_expired",
                 "extend_prevents_redelivery",
+                "lease_deadline_is_known",
                 "per_key_order",
                 "per_key_next_waits_for_head",
                 "priority_order",
@@ -288,25 +395,74 @@ mod tests {
                 "duplicate_dedup_id_delivered_once",
                 "depth_counts",
                 "queue_full_when_bounded",
+                "admin_peek_has_no_side_effects",
+                "admin_purge_removes_waiting",
                 "poison_reaches_dlq_after_exactly_n_attempts",
                 "extend_visibility_long_handler_delivered_once",
                 "backpressure_refuses_at_bound",
                 "per_key_order_with_concurrency_8",
+                "per_key_order_with_concurrency_8_and_retries",
+                "slow_handler_worker_handles_each_once_c1",
+                "slow_handler_worker_handles_each_once_c4",
             ]
         );
     }
 
     #[test]
+    fn capabilities_split_the_requirements() {
+        use ferrymq_core::{Accuracy, Attempts};
+        let mut caps = Capabilities::minimal("kafka-like");
+        caps.ordering = Ordering::PerKeyPipelined;
+        caps.attempts = Attempts::NacksOnly;
+        caps.depth = Accuracy::Approximate;
+        caps.visibility_timeout = Some(Duration::from_secs(2));
+        caps.max_nack_delay = Some(Duration::from_secs(1));
+        let claims = Claims::from_capabilities(caps);
+        let applies = |name: &str| case(name).unwrap().applies(&claims);
+        // Pipelined key order: the worker keeps order one key at a time, but a
+        // retry loses its place, so the strict cases do not apply.
+        assert_eq!(applies("per_key_order_with_concurrency_8"), Ok(()));
+        assert!(applies("per_key_order_with_concurrency_8_and_retries").is_err());
+        assert!(applies("per_key_order").is_err());
+        assert!(applies("per_key_next_waits_for_head").is_err());
+        // Nacks count; release does not keep the attempt here.
+        assert_eq!(applies("attempt_increments_on_redelivery"), Ok(()));
+        assert_eq!(
+            applies("release_does_not_count_an_attempt"),
+            Err("not applicable: needs release_keeps_attempt".to_string())
+        );
+        // Approximate depth: no exact-count case.
+        assert!(applies("depth_counts").is_err());
+        assert!(applies("backpressure_refuses_at_bound").is_err());
+        // A 1 s nack delay does not cover the 2 s the cases use.
+        assert_eq!(
+            applies("nack_with_delay_not_redelivered_early"),
+            Err("not applicable: needs max_nack_delay >= 2s".to_string())
+        );
+        // Probed claims.
+        assert_eq!(applies("lease_deadline_is_known"), Ok(()));
+        let no_deadline = claims.clone().with_lease_deadline(false);
+        assert!(case("lease_deadline_is_known")
+            .unwrap()
+            .applies(&no_deadline)
+            .is_err());
+        let admin = claims.with_admin(crate::AdminOps::ALL);
+        assert_eq!(
+            case("admin_purge_removes_waiting").unwrap().applies(&admin),
+            Ok(())
+        );
+    }
+
+    #[test]
     fn reasons_name_every_missing_capability() {
-        let caps = Capabilities::minimal("none");
         let c = Case {
             name: "x",
             requires: &[requires::PER_KEY, requires::NACK_DELAY],
             run: CASES[0].run,
         };
         assert_eq!(
-            c.applies(&caps).unwrap_err(),
-            "not applicable: needs Ordering::PerKey, nack_delay"
+            c.applies(&minimal()).unwrap_err(),
+            "not applicable: needs Ordering::PerKey, max_nack_delay >= 2s"
         );
     }
 }

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::panic::Location;
 use std::time::Duration;
 
-use ferrymq_core::{Consumer, Delivery, Depth, ErrorKind, Message, Producer, Result};
+use ferrymq_core::{Attempts, Consumer, Delivery, Depth, ErrorKind, Message, Producer, Result};
 use tokio::time::Instant;
 
 use crate::context::CALL_TIMEOUT;
@@ -338,6 +338,27 @@ pub fn expect_kind<T: Debug>(what: &str, result: Result<T>, kind: ErrorKind) -> 
         Ok(v) => Err(Failure::new(format!(
             "{what}: expected a {kind:?} error, but it succeeded with {v:?}"
         ))),
+    }
+}
+
+/// Check the attempt of `d`, which would be `want` if every counted redelivery
+/// counted once, as the backend's `attempts` counts: exactly (`Exact`, `NacksOnly`;
+/// callers pass the count of what the backend counts), at least `want`
+/// (`Approximate`, which may over-count), or 1 (`Untracked`: every delivery says 1).
+#[track_caller]
+pub fn expect_attempt(d: &Delivery, want: u32, attempts: Attempts, what: &str) -> CaseResult {
+    let got = d.attempt();
+    let (ok, expected) = match attempts {
+        Attempts::Untracked => (got == 1, "1 (attempts are untracked)".to_string()),
+        Attempts::Approximate => (got >= want, format!("at least {want}")),
+        _ => (got == want, want.to_string()),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Failure::new(format!(
+            "{what}: attempt {got}, expected {expected} ({attempts:?})"
+        )))
     }
 }
 

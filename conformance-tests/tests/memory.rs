@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ferrymq_conformance::Backend;
+use ferrymq_core::admin::Admin;
 use ferrymq_core::memory::{delete_queue, MemoryConfig};
 use ferrymq_core::{Capabilities, Consumer, Producer, Result};
 
@@ -62,6 +63,10 @@ impl Backend for Memory {
     ) -> Result<(Box<dyn Producer>, Box<dyn Consumer>)> {
         let (p, c) = Memory::config(queue).capacity(capacity).connect()?;
         Ok((Box::new(p), Box::new(c)))
+    }
+
+    async fn admin(&self, queue: &str) -> Result<Box<dyn Admin>> {
+        Ok(Box::new(Memory::config(queue).admin()))
     }
 
     async fn cleanup(&self, queue: &str) -> Result<()> {

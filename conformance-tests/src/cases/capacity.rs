@@ -10,9 +10,9 @@ use crate::support::{
 };
 use crate::{CaseResult, Context, Failure};
 
-/// Depth follows the queue: waiting, in flight (received, not acked), delayed
-/// (delayed sends and nacks with a delay), as seen by producer and consumer alike;
-/// an ack leaves in flight, an expired lease goes back to waiting.
+/// Where depth is exact: depth follows the queue — waiting, in flight (received, not
+/// acked), delayed (delayed sends and nacks with a delay), as seen by producer and
+/// consumer alike; an ack leaves in flight, an expired lease goes back to waiting.
 pub async fn depth_counts(ctx: &Context) -> CaseResult {
     let (_, p, c) = ctx.fresh().await?;
     let within = ctx.prompt();
@@ -45,7 +45,7 @@ pub async fn depth_counts(ctx: &Context) -> CaseResult {
 
     let mut delayed_now = delayed;
     let mut waiting = 3;
-    if ctx.caps().max_nack_delay.is_some() {
+    if ctx.caps().supports_nack_delay(long) {
         let d2 = receive_one(&*c, ctx.prompt()).await?;
         d2.nack(Some(long)).await?;
         delayed_now += 1;

@@ -9,10 +9,12 @@
 //!
 //! [`Context::queue`]: crate::Context::queue
 
+pub mod admin;
 pub mod basics;
 pub mod capacity;
 pub mod concurrency;
 pub mod lifecycle;
+pub mod limits;
 pub mod ordering;
 pub mod receiving;
 pub mod scheduling;

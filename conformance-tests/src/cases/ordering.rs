@@ -176,8 +176,8 @@ pub async fn per_key_next_waits_for_head(ctx: &Context) -> CaseResult {
         }
     }
 
-    if ctx.caps().max_nack_delay.is_some() {
-        let delay = Duration::from_secs(1);
+    let delay = Duration::from_secs(1);
+    if ctx.caps().supports_nack_delay(delay) {
         let t0 = Instant::now();
         k1.nack(Some(delay)).await?;
         let early = expect_none_until(

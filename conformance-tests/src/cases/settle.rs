@@ -4,11 +4,13 @@ use std::time::Duration;
 
 use ferrymq_core::{ErrorKind, Message};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use crate::support::{
-    ack_all, expect_depth, expect_kind, expect_none, receive_n, receive_one, send, send_all, text,
+    ack_all, expect_attempt, expect_depth, expect_kind, expect_none, receive_n, receive_one, send,
+    send_all, text,
 };
-use crate::{CaseResult, Context};
+use crate::{ensure, CaseResult, Context, Failure};
 
 /// An acked message is gone for good: not redelivered after the visibility timeout
 /// passes, not to a new consumer, and not counted in depth.
@@ -25,7 +27,7 @@ pub async fn ack_removes(ctx: &Context) -> CaseResult {
         expect_depth(
             "after acking everything",
             crate::support::depth(0, 0, 0),
-            ctx.prompt(),
+            ctx.depth_bound(),
             || c.depth(),
         )
         .await?;
@@ -104,34 +106,120 @@ pub async fn nack_redelivers(ctx: &Context) -> CaseResult {
     let first = receive_one(&*c, ctx.prompt()).await?;
     first.nack(None).await?;
     // Must beat the visibility timeout, or it is indistinguishable from a lease expiry.
-    let bound = match ctx.visibility() {
-        Some(vis) => vis.mul_f64(0.75),
-        None => ctx.prompt(),
-    };
-    let again = receive_one(&*c, bound).await?;
+    let again = receive_one(&*c, ctx.before_lease_expiry()).await?;
     assert_eq!(text(&again), "retry me");
     assert_eq!(again.headers().get("h"), Some("v"));
     assert_eq!(again.key(), Some("k"));
-    if ctx.caps().attempts.counts_nacks() {
-        assert_eq!(again.attempt(), 2, "redelivery after a nack is attempt 2");
-    }
+    expect_attempt(
+        &again,
+        2,
+        ctx.caps().attempts,
+        "the redelivery after a nack",
+    )?;
     again.ack().await?;
     expect_none(&*c, ctx.quiet(), "the redelivery was acked").await
 }
 
-/// With attempt counting, each redelivery increments `attempt`: 1, 2, 3, 4.
+/// Where nacks count (`attempts.counts_nacks()`), each redelivery after a nack
+/// increments `attempt`: 1, 2, 3, 4 (at least that, where counts are approximate).
 pub async fn attempt_increments_on_redelivery(ctx: &Context) -> CaseResult {
     let (_, p, c) = ctx.fresh().await?;
     send(&*p, Message::new("counted")).await?;
     for expected in 1..=4u32 {
         let d = receive_one(&*c, ctx.prompt()).await?;
-        assert_eq!(d.attempt(), expected, "attempt of delivery #{expected}");
-        assert_eq!(d.meta().attempt, expected);
+        expect_attempt(&d, expected, ctx.caps().attempts, "delivery after nacks")?;
+        assert_eq!(d.meta().attempt, d.attempt());
         if expected < 4 {
             d.nack(None).await?;
         } else {
             d.ack().await?;
         }
     }
+    expect_none(&*c, ctx.quiet(), "the message was acked").await
+}
+
+/// `release(None)` gives a delivery back at once: it comes back well before the
+/// visibility timeout (a release that only let the lease run out would take the whole
+/// timeout), with its payload, headers and key, and the released handle is settled.
+/// Its attempt follows the capabilities: unchanged where `release_keeps_attempt`,
+/// counted like a nack otherwise.
+pub async fn release_is_prompt(ctx: &Context) -> CaseResult {
+    let (_, p, c) = ctx.fresh().await?;
+    send(&*p, Message::new("given back").header("h", "v").key("k")).await?;
+    let first = receive_one(&*c, ctx.prompt()).await?;
+    let t0 = Instant::now();
+    first
+        .release(None)
+        .await
+        .map_err(|e| Failure::new(format!("release(None) failed: {e}")))?;
+    ensure!(
+        first.acker().is_settled() && !first.acker().is_acked(),
+        "a released handle must read as settled and not acked"
+    );
+    expect_kind(
+        "ack after release",
+        first.ack().await,
+        ErrorKind::AlreadyAcked,
+    )?;
+    let bound = ctx.before_lease_expiry();
+    let again = receive_one(&*c, bound).await.map_err(|f| {
+        Failure::new(format!(
+            "a released message must come back at once, well before the visibility \
+             timeout of {:?}: {}",
+            ctx.visibility(),
+            f.message()
+        ))
+    })?;
+    let took = t0.elapsed();
+    assert_eq!(text(&again), "given back");
+    assert_eq!(again.headers().get("h"), Some("v"));
+    assert_eq!(again.key(), Some("k"));
+    let caps = ctx.caps();
+    let want = if caps.release_keeps_attempt { 1 } else { 2 };
+    expect_attempt(
+        &again,
+        want,
+        caps.attempts,
+        &format!(
+            "the redelivery after a release (release_keeps_attempt = {}, came back after {took:?})",
+            caps.release_keeps_attempt
+        ),
+    )?;
+    again.ack().await?;
+    expect_none(&*c, ctx.quiet(), "the redelivery was acked").await
+}
+
+/// Where `release_keeps_attempt` is claimed: a released delivery comes back promptly
+/// with the same attempt (1, also after a second release), and a nack after that
+/// counts (attempt 2). The worker releases what it prefetched but never started, so
+/// a release that counted would dead-letter messages that were never handled.
+pub async fn release_does_not_count_an_attempt(ctx: &Context) -> CaseResult {
+    let (_, p, c) = ctx.fresh().await?;
+    send(&*p, Message::new("kept")).await?;
+    let attempts = ctx.caps().attempts;
+    let mut d = receive_one(&*c, ctx.prompt()).await?;
+    expect_attempt(&d, 1, attempts, "the first delivery")?;
+    for round in 1..=2 {
+        d.release(None).await?;
+        d = receive_one(&*c, ctx.before_lease_expiry())
+            .await
+            .map_err(|f| {
+                Failure::new(format!(
+                    "release #{round}: the message must come back well before the \
+                     visibility timeout: {}",
+                    f.message()
+                ))
+            })?;
+        ensure!(
+            d.attempt() == 1,
+            "after release #{round} the delivery says attempt {}: a release must not count \
+             an attempt (release_keeps_attempt is claimed)",
+            d.attempt()
+        );
+    }
+    d.nack(None).await?;
+    let after_nack = receive_one(&*c, ctx.before_lease_expiry()).await?;
+    expect_attempt(&after_nack, 2, attempts, "the redelivery after a nack")?;
+    after_nack.ack().await?;
     expect_none(&*c, ctx.quiet(), "the message was acked").await
 }

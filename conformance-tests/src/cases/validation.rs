@@ -58,9 +58,12 @@ pub async fn invalid_header_rejected_nothing_sent(ctx: &Context) -> CaseResult {
         )?;
     }
     if ctx.caps().depth.is_available() {
-        expect_depth("after rejected sends", depth(0, 0, 0), ctx.prompt(), || {
-            c.depth()
-        })
+        expect_depth(
+            "after rejected sends",
+            depth(0, 0, 0),
+            ctx.depth_bound(),
+            || c.depth(),
+        )
         .await?;
     }
     send(&*p, Message::new("valid").header("ok", "fine")).await?;

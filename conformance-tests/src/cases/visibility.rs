@@ -5,14 +5,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferrymq_core::{ErrorKind, Message};
+use ferrymq_core::{Delivery, ErrorKind, Message};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::registry::requires::CASE_DELAY;
 use crate::support::{
-    expect_kind, expect_none, expect_none_until, receive_one, send, take_or_receive_one, text,
+    expect_attempt, expect_kind, expect_none, expect_none_until, receive_n, receive_one, send,
+    send_all, sorted_texts, take_or_receive_one, text,
 };
-use crate::{CaseResult, Context, Failure};
+use crate::{ensure, CaseResult, Context, Failure};
 
 /// How much earlier than its due time a timer may be observed to fire, for clock
 /// granularity (servers keep milliseconds).
@@ -24,9 +26,10 @@ fn visibility(ctx: &Context) -> CaseResult<Duration> {
 }
 
 /// `nack(Some(2s))`: the message is not redelivered before 2 s, is redelivered soon
-/// after, and other messages keep flowing meanwhile.
+/// after, and — unless the backend says a nack delay blocks (`nack_delay_blocks`,
+/// Kafka's pause and seek) — other messages keep flowing meanwhile.
 pub async fn nack_with_delay_not_redelivered_early(ctx: &Context) -> CaseResult {
-    let delay = Duration::from_secs(2);
+    let delay = CASE_DELAY;
     let (_, p, c) = ctx.fresh().await?;
     // Distinct keys, so per-key backends do not hold one behind the other.
     send(&*p, Message::new("delayed retry").key("k-delayed")).await?;
@@ -34,14 +37,16 @@ pub async fn nack_with_delay_not_redelivered_early(ctx: &Context) -> CaseResult 
     let t0 = Instant::now();
     d.nack(Some(delay)).await?;
 
-    send(&*p, Message::new("other").key("k-other")).await?;
-    let other = receive_one(&*c, ctx.prompt()).await?;
-    assert_eq!(
-        text(&other),
-        "other",
-        "a message sent during the nack delay must be delivered meanwhile"
-    );
-    other.ack().await?;
+    if !ctx.caps().nack_delay_blocks {
+        send(&*p, Message::new("other").key("k-other")).await?;
+        let other = receive_one(&*c, ctx.prompt()).await?;
+        assert_eq!(
+            text(&other),
+            "other",
+            "a message sent during the nack delay must be delivered meanwhile"
+        );
+        other.ack().await?;
+    }
 
     let early =
         expect_none_until(&*c, t0 + delay - EARLY_TOLERANCE, "nacked with a 2 s delay").await?;
@@ -56,11 +61,14 @@ pub async fn nack_with_delay_not_redelivered_early(ctx: &Context) -> CaseResult 
     assert_eq!(text(&again), "delayed retry");
     assert!(
         after + EARLY_TOLERANCE >= delay,
-        "redelivered after {after:?}, before the 2 s nack delay"
+        "redelivered after {after:?}, before the {delay:?} nack delay"
     );
-    if ctx.caps().attempts.counts_nacks() {
-        assert_eq!(again.attempt(), 2);
-    }
+    expect_attempt(
+        &again,
+        2,
+        ctx.caps().attempts,
+        "the redelivery after a nack",
+    )?;
     again.ack().await?;
     expect_none(&*c, ctx.quiet(), "everything was acked").await
 }
@@ -94,41 +102,193 @@ pub async fn dropped_delivery_comes_back_after_visibility(ctx: &Context) -> Case
         after + EARLY_TOLERANCE >= vis,
         "came back after {after:?}, before the visibility timeout of {vis:?}"
     );
-    if ctx.caps().attempts.counts_expiry() {
-        assert_eq!(
-            again.attempt(),
-            2,
-            "a redelivery after the timeout is attempt 2"
-        );
-    }
+    // A lease expiry counts only where `attempts.counts_expiry()`.
+    let want = if ctx.caps().attempts.counts_expiry() {
+        2
+    } else {
+        1
+    };
+    expect_attempt(
+        &again,
+        want,
+        ctx.caps().attempts,
+        "the redelivery after the visibility timeout",
+    )?;
     again.ack().await?;
     expect_none(&*c, vis + ctx.slack(), "the redelivery was acked").await
 }
 
-/// Once a delivery's lease expired and the message was redelivered, the old handle
-/// can neither extend nor ack (`LeaseExpired`), and the new holder's ack still works.
-pub async fn stale_ack_after_redelivery_is_lease_expired(ctx: &Context) -> CaseResult {
+/// Once a delivery's lease ran out and a second consumer received the message, the
+/// first handle is stale: its `extend`, `ack`, `nack` and `release` answer
+/// `LeaseExpired` (never `Ok`: an ack through a stale handle would remove a message
+/// someone else is handling), it reads as not live (`is_live()` false — also before
+/// any settle, from its own clock, where deliveries carry a lease deadline) and not
+/// acked; the second consumer's acks work and nothing comes back.
+pub async fn stale_handle_after_lease_gone_is_lease_expired(ctx: &Context) -> CaseResult {
     let vis = visibility(ctx)?;
-    let (_, p, c) = ctx.fresh().await?;
-    send(&*p, Message::new("contested")).await?;
-    let old = receive_one(&*c, ctx.prompt()).await?;
-    let new = receive_one(&*c, ctx.redelivery_bound()).await?;
-    assert_eq!(text(&new), "contested");
+    let (q, p, first) = ctx.fresh().await?;
+    let second = ctx.consumer(&q).await?;
+    send_all(
+        &*p,
+        ["stale-ack", "stale-nack", "stale-release"]
+            .iter()
+            .map(|t| Message::new(*t))
+            .collect(),
+    )
+    .await?;
+    let old = receive_n(&*first, 3, ctx.prompt()).await?;
+    let new = receive_n(&*second, 3, ctx.redelivery_bound() + ctx.slack()).await?;
+    assert_eq!(
+        sorted_texts(&new),
+        ["stale-ack", "stale-nack", "stale-release"],
+        "the second consumer must get all three once the leases ran out"
+    );
+    if ctx.caps().attempts.counts_expiry() {
+        for d in &new {
+            expect_attempt(
+                d,
+                2,
+                ctx.caps().attempts,
+                "a redelivery after the lease ran out",
+            )?;
+        }
+    }
+    for d in &old {
+        if let Some(deadline) = d.lease_deadline() {
+            ensure!(
+                !d.is_live(),
+                "{}: is_live() is true although its lease deadline {:?} ago passed",
+                text(d),
+                Instant::now().saturating_duration_since(deadline)
+            );
+        }
+    }
+    let find = |t: &str| -> CaseResult<&Delivery> {
+        old.iter()
+            .find(|d| text(d) == t)
+            .ok_or_else(|| Failure::new(format!("{t} missing from the first receive")))
+    };
 
+    let stale = find("stale-ack")?;
     expect_kind(
         "extend through the expired lease",
-        old.extend(vis).await,
+        stale.extend(vis).await,
         ErrorKind::LeaseExpired,
     )?;
     expect_kind(
         "ack through the expired lease",
-        old.ack().await,
+        stale.ack().await,
         ErrorKind::LeaseExpired,
     )?;
-    new.ack()
-        .await
-        .map_err(|e| Failure::new(format!("ack through the current lease failed: {e}")))?;
-    expect_none(&*c, vis + ctx.slack(), "acked through the current lease").await
+    let stale_nack = find("stale-nack")?;
+    expect_kind(
+        "nack through the expired lease",
+        stale_nack.nack(None).await,
+        ErrorKind::LeaseExpired,
+    )?;
+    let stale_release = find("stale-release")?;
+    expect_kind(
+        "release through the expired lease",
+        stale_release.release(None).await,
+        ErrorKind::LeaseExpired,
+    )?;
+    for d in &old {
+        ensure!(
+            !d.is_live(),
+            "{}: is_live() is true after a settle answered LeaseExpired",
+            text(d)
+        );
+        ensure!(
+            !d.acker().is_acked(),
+            "{}: reads as acked though its ack failed",
+            text(d)
+        );
+    }
+
+    for d in &new {
+        d.ack().await.map_err(|e| {
+            Failure::new(format!(
+                "ack of {} through the current lease failed: {e}",
+                text(d)
+            ))
+        })?;
+    }
+    expect_none(
+        &*first,
+        vis + ctx.slack(),
+        "all three were acked through their current leases",
+    )
+    .await
+}
+
+/// A fresh delivery knows its lease deadline: about the visibility timeout after the
+/// receive — not later than the receive's return plus the timeout (and the timer
+/// slack), where the broker may already hand it to someone else — and it is live.
+/// An `extend(d)` moves the deadline to about `d` from the extend, and the
+/// delivery stays live past the original deadline; once acked it is not live.
+///
+/// The worker decides from this deadline whether a prefetched delivery may still
+/// start: a deadline later than the real lease would start handlers on messages
+/// that are already someone else's.
+pub async fn lease_deadline_is_known(ctx: &Context) -> CaseResult {
+    let vis = visibility(ctx)?;
+    let slack = ctx.slack();
+    let (_, p, c) = ctx.fresh().await?;
+    send(&*p, Message::new("timed")).await?;
+    let before = Instant::now();
+    let d = receive_one(&*c, ctx.prompt()).await?;
+    let after = Instant::now();
+    let deadline = d.lease_deadline().ok_or_else(|| {
+        Failure::new("a delivery with a visibility timeout has no lease deadline")
+    })?;
+    ensure!(
+        deadline <= after + vis + slack,
+        "the lease deadline is {:?} after the receive returned, later than the visibility \
+         timeout {vis:?} (+ slack {slack:?})",
+        deadline.saturating_duration_since(after)
+    );
+    ensure!(
+        deadline + slack >= before + vis,
+        "the lease deadline is only {:?} after the receive started, much earlier than the \
+         visibility timeout {vis:?}",
+        deadline.saturating_duration_since(before)
+    );
+    ensure!(d.is_live(), "a fresh delivery is not live");
+    let remaining = d
+        .lease_remaining()
+        .ok_or_else(|| Failure::new("lease_remaining() is None though lease_deadline() is not"))?;
+    ensure!(
+        !remaining.is_zero() && remaining <= vis + slack,
+        "lease_remaining() of a fresh delivery is {remaining:?} (visibility {vis:?})"
+    );
+
+    if ctx.caps().extend_visibility {
+        let by = vis * 3;
+        let asked = Instant::now();
+        d.extend(by).await?;
+        let answered = Instant::now();
+        let moved = d
+            .lease_deadline()
+            .ok_or_else(|| Failure::new("the lease deadline is gone after an extend"))?;
+        ensure!(
+            moved > deadline,
+            "extend({by:?}) did not move the lease deadline"
+        );
+        ensure!(
+            moved <= answered + by + slack && moved + slack >= asked + by,
+            "after extend({by:?}) the deadline is {:?} after the extend returned, expected \
+             about {by:?}",
+            moved.saturating_duration_since(answered)
+        );
+        tokio::time::sleep_until(deadline + slack).await;
+        ensure!(
+            d.is_live(),
+            "an extended delivery is not live past its original deadline"
+        );
+    }
+    d.ack().await?;
+    ensure!(!d.is_live(), "an acked delivery is still live");
+    expect_none(&*c, ctx.quiet(), "the message was acked").await
 }
 
 /// A heartbeat extending the lease (every third of the timeout, from a clone of the

@@ -471,33 +471,15 @@ impl Admin for KafkaAdmin {
         self.blocking(Self::describe_blocking).await
     }
 
-    /// Deletes every record of the topic and its tiers up to their end offsets
-    /// (`DeleteRecords`); returns how many went.
+    /// Unsupported: Kafka deletes records by position (`DeleteRecords` up to an
+    /// offset), in-flight ones included, while a purge must keep what is in flight.
+    /// To skip everything waiting, stop the consumers and
+    /// [`reset_offsets`](Admin::reset_offsets) the group to `Latest`.
     async fn purge(&self) -> Result<u64> {
-        let (tpl, count) = self
-            .blocking(|lag, cfg| {
-                let consumer = &lag.consumer;
-                let mut tpl = TopicPartitionList::new();
-                let mut count = 0u64;
-                for topic in topics_of(cfg, false) {
-                    for p in partitions_of(consumer, &topic)? {
-                        let (low, high) = consumer
-                            .fetch_watermarks(&topic, p, REQUEST_TIMEOUT)
-                            .map_err(|e| kafka_error("watermarks", e))?;
-                        count += u64::try_from(high - low).unwrap_or(0);
-                        tpl.add_partition_offset(&topic, p, Offset::Offset(high))
-                            .map_err(|e| kafka_error("offsets", e))?;
-                    }
-                }
-                Ok((tpl, count))
-            })
-            .await?;
-        let admin = admin_client(&self.cfg)?;
-        admin
-            .delete_records(&tpl, &opts())
-            .await
-            .map_err(|e| kafka_error("deleting records", e))?;
-        Ok(count)
+        Err(Error::unsupported(
+            "kafka cannot purge without removing in-flight records (DeleteRecords is by \
+             offset); stop the consumers and reset the group's offsets to latest instead",
+        ))
     }
 
     /// The oldest uncommitted records of the group, read by a client that joins no

@@ -177,6 +177,7 @@ impl Shared {
 
     fn on_assign(&self, tpl: &TopicPartitionList, kind: usize) {
         let tps = self.tps(tpl);
+        tracing::debug!(topic = %self.cfg.topic, kind, partitions = ?tps, "assigned");
         let mut st = self.lock();
         for tp in tps {
             if let std::collections::hash_map::Entry::Vacant(v) = st.parts.entry(tp) {
@@ -199,6 +200,7 @@ impl Shared {
     fn on_revoke(&self, consumer: &BaseConsumer<Ctx>, tpl: &TopicPartitionList) {
         let lost = consumer.assignment_lost();
         let tps = self.tps(tpl);
+        tracing::debug!(topic = %self.cfg.topic, lost, partitions = ?tps, "revoked");
         {
             let mut st = self.lock();
             for tp in &tps {
@@ -651,12 +653,31 @@ fn poll_thread(shared: Arc<Shared>, main: BaseConsumer<Ctx>, retry: Option<BaseC
     if let Some(r) = &retry {
         shared.final_commit(r, 1);
     }
-    // Dropping a consumer leaves its group (rd_kafka_consumer_close).
-    drop(main);
-    drop(retry);
+    // Leave both groups (unsubscribe, then rd_kafka_consumer_close on drop).
+    leave(main);
+    if let Some(r) = retry {
+        leave(r);
+    }
     shared.lock().finished = true;
     shared.finished_tx.send_replace(true);
     shared.notify.notify_waiters();
+}
+
+/// Leave the group: unsubscribe first (librdkafka revokes, and sends LeaveGroup
+/// unless a JoinGroup is in flight), serve the callbacks until nothing is
+/// assigned (bounded), then close. A member that closes mid-rebalance may still
+/// skip the LeaveGroup; the short `session.timeout.ms` bounds how long the group
+/// waits for it.
+fn leave(consumer: BaseConsumer<Ctx>) {
+    consumer.unsubscribe();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        let _ = consumer.poll(Duration::from_millis(10));
+        if consumer.assignment().map_or(true, |a| a.count() == 0) {
+            break;
+        }
+    }
+    drop(consumer);
 }
 
 /// Settles one delivery: ack marks it done, nack produces a retry copy first.
@@ -766,6 +787,9 @@ impl Ack for KafkaAck {
     /// meanwhile), attempt unchanged. While the partition is being revoked or the
     /// consumer closing, it is left uncommitted for the next owner instead.
     async fn release(&self, redeliver_after: Option<Duration>) -> Result<()> {
+        // A local re-queue could hold any delay, but the same limit as a nack keeps
+        // the two interchangeable for middleware.
+        self.shared.caps.check_nack_delay(redeliver_after)?;
         let r = self.shared.give_back(
             self.tp,
             &self.live,
@@ -848,6 +872,14 @@ impl KafkaConsumer {
                 )
                 .set("enable.auto.offset.store", "false")
                 .set("auto.offset.reset", "earliest")
+                // A rebalance is noticed on the next heartbeat: 1 s (librdkafka's
+                // default is 3 s) so a joining member gets its partitions sooner.
+                .set("heartbeat.interval.ms", "1000")
+                // A member that died (or closed mid-rebalance without a LeaveGroup,
+                // which librdkafka does when a JoinGroup is in flight) holds up every
+                // rebalance of the group until its session times out: 10 s rather
+                // than the default 45 s.
+                .set("session.timeout.ms", "10000")
                 .set("enable.partition.eof", "false");
             cfg.apply_overrides(&mut c);
             let consumer: BaseConsumer<Ctx> = c

@@ -79,8 +79,8 @@ pub struct KafkaConfig {
     /// largest is the longest delay. Empty: no delays, and a nack fails.
     #[serde(with = "tiers_serde", default = "defaults::retry_tiers")]
     pub retry_tiers: Vec<Duration>,
-    /// Offsets acked are committed this often (librdkafka's auto commit of the
-    /// stored watermarks), and synchronously on revoke and close.
+    /// Offsets acked are committed this often (the stored watermarks, by the poll
+    /// thread), and synchronously on revoke and close.
     #[serde(with = "humantime_serde", default = "defaults::commit_interval")]
     pub commit_interval: Duration,
     /// On revoke, handed-out deliveries of the revoked partitions get this long to

@@ -468,7 +468,7 @@ impl Shared {
 
     /// Pause partitions that are full, revoking, or whose head is not due yet;
     /// resume the others. Store the watermarks that moved.
-    fn maintain(&self, consumer: &BaseConsumer<Ctx>, kind: usize) {
+    fn maintain(&self, consumer: &BaseConsumer<Ctx>, kind: usize, commits: &mut Committer) {
         let mut pause = TopicPartitionList::new();
         let mut resume = TopicPartitionList::new();
         let mut store = Vec::new();
@@ -524,7 +524,9 @@ impl Shared {
             if let Err(e) = consumer.store_offsets(&tpl) {
                 tracing::debug!(error = %e, "storing offsets failed");
             }
+            commits.pending = true;
         }
+        commits.maybe_commit(consumer, self.cfg.commit_interval);
     }
 
     /// Close: commit every partition's watermark (unless the assignment was lost)
@@ -601,6 +603,40 @@ impl ConsumerContext for Ctx {
     }
 }
 
+/// The periodic commit of one member's stored watermarks. Ours rather than
+/// librdkafka's auto commit, whose commit of the revoked partitions on unassign
+/// kept a closing member from sending its LeaveGroup (it terminated mid-unassign),
+/// which stalled the group's next rebalance until the session timed out.
+struct Committer {
+    pending: bool,
+    last: std::time::Instant,
+}
+
+impl Committer {
+    fn new() -> Self {
+        Committer {
+            pending: false,
+            last: std::time::Instant::now(),
+        }
+    }
+
+    fn maybe_commit(&mut self, consumer: &BaseConsumer<Ctx>, interval: Duration) {
+        if !self.pending || self.last.elapsed() < interval {
+            return;
+        }
+        self.pending = false;
+        self.last = std::time::Instant::now();
+        // Never after a lost assignment (the broker would fence a stale generation's
+        // commit anyway).
+        if consumer.assignment_lost() {
+            return;
+        }
+        if let Err(e) = consumer.commit_consumer_state(CommitMode::Async) {
+            tracing::debug!(error = %e, "periodic commit failed");
+        }
+    }
+}
+
 /// Poll one member: up to [`POLL_BATCH`] records, waiting at most `wait` for the
 /// first.
 fn poll_into(shared: &Shared, consumer: &BaseConsumer<Ctx>, mut wait: Duration) {
@@ -628,16 +664,17 @@ fn poll_into(shared: &Shared, consumer: &BaseConsumer<Ctx>, mut wait: Duration) 
 /// in group `G.retry`), so neither ever exceeds `max.poll.interval.ms` however
 /// slow the handlers are.
 fn poll_thread(shared: Arc<Shared>, main: BaseConsumer<Ctx>, retry: Option<BaseConsumer<Ctx>>) {
+    let mut commits = [Committer::new(), Committer::new()];
     loop {
         match &retry {
             Some(r) => {
                 poll_into(&shared, &main, POLL_WAIT / 2);
                 poll_into(&shared, r, POLL_WAIT / 2);
-                shared.maintain(r, 1);
+                shared.maintain(r, 1, &mut commits[1]);
             }
             None => poll_into(&shared, &main, POLL_WAIT),
         }
-        shared.maintain(&main, 0);
+        shared.maintain(&main, 0, &mut commits[0]);
         let leave = {
             let st = shared.lock();
             match st.closing {
@@ -865,11 +902,8 @@ impl KafkaConsumer {
             let mut c = cfg.base_client_config();
             c.set("group.id", group)
                 .set("partition.assignment.strategy", "cooperative-sticky")
-                .set("enable.auto.commit", "true")
-                .set(
-                    "auto.commit.interval.ms",
-                    cfg.commit_interval.as_millis().to_string(),
-                )
+                // Committed by the poll thread every commit_interval (see Committer).
+                .set("enable.auto.commit", "false")
                 .set("enable.auto.offset.store", "false")
                 .set("auto.offset.reset", "earliest")
                 // A rebalance is noticed on the next heartbeat: 1 s (librdkafka's

@@ -168,3 +168,32 @@ async fn close_keeps_membership_until_handed_out_deliveries_settle() {
     b.close().await.unwrap();
     cleanup(&cfg).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_handler_never_exceeds_max_poll_interval() {
+    // librdkafka leaves the group when poll is not called within
+    // max.poll.interval.ms; the poll thread calls it however long a delivery is held.
+    let cfg = config(
+        "slow",
+        "partitions=1&rdkafka.session.timeout.ms=6000&rdkafka.max.poll.interval.ms=6000",
+    );
+    let p = cfg.producer().await.unwrap();
+    let c = cfg.consumer().await.unwrap();
+    p.send(Message::new("slow")).await.unwrap();
+    let d = receive_n(&c, 1, WAIT).await.remove(0);
+    let rebalances = c.rebalances();
+    // No receive for longer than max.poll.interval.ms.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(
+        d.is_live(),
+        "the partition was taken away while the handler ran"
+    );
+    d.ack().await.unwrap();
+    assert_eq!(c.rebalances(), rebalances, "the member was rebalanced");
+    p.send(Message::new("next")).await.unwrap();
+    let d = receive_n(&c, 1, WAIT).await.remove(0);
+    assert_eq!(d.payload().as_ref(), b"next");
+    d.ack().await.unwrap();
+    c.close().await.unwrap();
+    cleanup(&cfg).await;
+}

@@ -152,3 +152,42 @@ async fn failed_commits_replay_instead_of_losing() {
         .is_empty());
     c.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_assignment_stales_handles_and_the_records_come_back() {
+    let mock = MockCluster::new(1).unwrap();
+    let cfg = config(&mock, "lost", "");
+    let p = cfg.producer().await.unwrap();
+    for i in 0..10 {
+        p.send(Message::new(format!("m{i}")).key(format!("k{i}")))
+            .await
+            .unwrap();
+    }
+    let c = cfg.consumer().await.unwrap();
+    let held = drain(&c, 10, Duration::from_secs(20)).await;
+    assert_eq!(held.len(), 10);
+    // The coordinator forgets the member: librdkafka treats its assignment as lost.
+    mock.request_errors(
+        RDKafkaApiKey::Heartbeat,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_MEMBER_ID; 3],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while held.iter().any(Delivery::is_live) {
+        assert!(
+            Instant::now() < deadline,
+            "the lost assignment never reached the handles"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for d in &held {
+        assert_eq!(d.ack().await.unwrap_err().kind(), ErrorKind::LeaseExpired);
+    }
+    // The member rejoins by itself; nothing was committed, so everything comes back.
+    let again = drain(&c, 10, Duration::from_secs(30)).await;
+    let n = counts(&again);
+    assert_eq!(n.len(), 10, "records lost with the assignment: {n:?}");
+    for d in &again {
+        d.ack().await.unwrap();
+    }
+    c.close().await.unwrap();
+}

@@ -244,6 +244,40 @@ impl LagClient {
     }
 }
 
+/// A [`LagClient`] made on first use: most producers and consumers never ask for
+/// their depth, and each client is a librdkafka instance with threads of its own.
+pub(crate) struct LazyLag {
+    cfg: Arc<KafkaConfig>,
+    cell: Mutex<Option<Arc<LagClient>>>,
+}
+
+impl std::fmt::Debug for LazyLag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyLag")
+            .field("topic", &self.cfg.topic)
+            .finish()
+    }
+}
+
+impl LazyLag {
+    pub fn new(cfg: Arc<KafkaConfig>) -> Self {
+        LazyLag {
+            cfg,
+            cell: Mutex::new(None),
+        }
+    }
+
+    pub fn get(&self) -> Result<Arc<LagClient>> {
+        let mut cell = self.cell.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = &*cell {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(LagClient::new(&self.cfg)?);
+        *cell = Some(c.clone());
+        Ok(c)
+    }
+}
+
 /// Depth from group lag: the queue's topic is `waiting` (less `in_flight`, the
 /// records this consumer holds), the tier topics are `delayed`. Approximate: offsets
 /// are committed every `commit_interval`.

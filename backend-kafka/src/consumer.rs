@@ -30,7 +30,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-use crate::admin::{ensure_topics, kafka_error, lag_depth, LagClient};
+use crate::admin::{ensure_topics, kafka_error, lag_depth, LazyLag};
 use crate::capabilities;
 use crate::config::KafkaConfig;
 use crate::producer::{config_error, Sender};
@@ -860,7 +860,7 @@ impl Drop for KafkaAck {
 /// One member of the queue's consumer group. See the crate docs.
 pub struct KafkaConsumer {
     shared: Arc<Shared>,
-    lag: Arc<LagClient>,
+    lag: LazyLag,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -896,7 +896,7 @@ impl KafkaConsumer {
             finished_tx,
             cfg: cfg.clone(),
         });
-        let lag = Arc::new(LagClient::new(&cfg)?);
+        let lag = LazyLag::new(cfg.clone());
 
         let member = |group: String, topics: &[String], kind: usize| -> Result<BaseConsumer<Ctx>> {
             let mut c = cfg.base_client_config();
@@ -1047,7 +1047,7 @@ impl Consumer for KafkaConsumer {
     /// member holds, `in_flight`) and of its tiers (`delayed`). Approximate.
     async fn depth(&self) -> Result<Depth> {
         let held = u64::try_from(self.shared.lock().handed_out).unwrap_or(u64::MAX);
-        lag_depth(&self.lag, held).await
+        lag_depth(&self.lag.get()?, held).await
     }
 
     /// Stop handing out deliveries. With none outstanding, commits and leaves the

@@ -14,7 +14,7 @@ use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 use rdkafka::util::Timeout;
 
-use crate::admin::{ensure_topics, lag_depth, LagClient};
+use crate::admin::{ensure_topics, lag_depth, LazyLag};
 use crate::capabilities;
 use crate::config::KafkaConfig;
 use crate::record::{self, unix_ms, with_header, H_ENQUEUED_AT, H_NOT_BEFORE};
@@ -232,7 +232,7 @@ fn delivery_error(topic: &str, e: KafkaError) -> Error {
 #[derive(Debug)]
 pub struct KafkaProducer {
     sender: Arc<Sender>,
-    lag: Arc<LagClient>,
+    lag: LazyLag,
     caps: Capabilities,
     closed: AtomicBool,
 }
@@ -245,7 +245,7 @@ impl KafkaProducer {
             ensure_topics(&cfg).await?;
         }
         let sender = Arc::new(Sender::new(cfg.clone())?);
-        let lag = Arc::new(LagClient::new(&cfg)?);
+        let lag = LazyLag::new(cfg.clone());
         Ok(KafkaProducer {
             caps: capabilities(&cfg),
             sender,
@@ -339,7 +339,7 @@ impl Producer for KafkaProducer {
     }
 
     async fn depth(&self) -> Result<Depth> {
-        lag_depth(&self.lag, 0).await
+        lag_depth(&self.lag.get()?, 0).await
     }
 
     fn queue(&self) -> &str {

@@ -66,15 +66,18 @@ where
             )),
         }
     });
-    run_prepared(runtime, vec![(None, prepared)])
+    run_prepared(&Arguments::from_args(), runtime, vec![(None, prepared)]).exit_code()
 }
 
 /// One setup of a backend for [`run_setups`]: a label (`sqs-fifo`) and the function
 /// that builds the factory.
 pub struct Setup {
     label: String,
-    build: Box<dyn FnOnce() -> LocalBoxFuture<'static, Result<Arc<dyn Backend>, BoxError>>>,
+    build: BuildFn,
 }
+
+/// Builds one setup's factory.
+type BuildFn = Box<dyn FnOnce() -> LocalBoxFuture<'static, Result<Arc<dyn Backend>, BoxError>>>;
 
 impl std::fmt::Debug for Setup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -128,9 +131,23 @@ impl Setup {
 /// ASCII letters, digits, `-` and `_` fail every case of the run. Otherwise as
 /// [`run`].
 pub fn run_setups(setups: Vec<Setup>) -> ExitCode {
-    let Some(runtime) = build_runtime() else {
-        return ExitCode::FAILURE;
-    };
+    let args = Arguments::from_args();
+    match run_setups_with(&args, setups) {
+        Some(conclusion) => conclusion.exit_code(),
+        None => ExitCode::FAILURE,
+    }
+}
+
+/// [`run_setups`] with these arguments; `None` when nothing could run.
+pub(crate) fn run_setups_with(
+    args: &Arguments,
+    setups: Vec<Setup>,
+) -> Option<libtest_mimic::Conclusion> {
+    if setups.is_empty() {
+        eprintln!("ferrymq conformance: run_setups was given no setup");
+        return None;
+    }
+    let runtime = build_runtime()?;
     let labels_problem = check_labels(setups.iter().map(Setup::label));
     let mut prepared = Vec::new();
     for setup in setups {
@@ -149,11 +166,7 @@ pub fn run_setups(setups: Vec<Setup>) -> ExitCode {
         };
         prepared.push((Some(label), result));
     }
-    if prepared.is_empty() {
-        eprintln!("ferrymq conformance: run_setups was given no setup");
-        return ExitCode::FAILURE;
-    }
-    run_prepared(runtime, prepared)
+    Some(run_prepared(args, runtime, prepared))
 }
 
 fn build_runtime() -> Option<Arc<Runtime>> {
@@ -171,20 +184,23 @@ fn build_runtime() -> Option<Arc<Runtime>> {
     }
 }
 
-fn run_prepared(runtime: Arc<Runtime>, setups: Vec<(Option<String>, Prepared)>) -> ExitCode {
-    let args = Arguments::from_args();
+fn run_prepared(
+    args: &Arguments,
+    runtime: Arc<Runtime>,
+    setups: Vec<(Option<String>, Prepared)>,
+) -> libtest_mimic::Conclusion {
     if !args.list {
         for (label, prepared) in &setups {
             banner(label.as_deref(), prepared);
         }
     }
-    let trials = trials(&args, &runtime, &setups, under_nextest());
-    let conclusion = libtest_mimic::run(&args, trials);
+    let trials = trials(args, &runtime, &setups, under_nextest());
+    let conclusion = libtest_mimic::run(args, trials);
     drop(setups);
     if let Ok(rt) = Arc::try_unwrap(runtime) {
         rt.shutdown_timeout(Duration::from_secs(1));
     }
-    conclusion.exit_code()
+    conclusion
 }
 
 /// The value of the environment variable `var` that names a test server, or an error

@@ -589,9 +589,9 @@ async fn slow_handler_each_once(ctx: &Context, concurrency: usize) -> CaseResult
     let c = u32::try_from(concurrency).unwrap_or(u32::MAX);
     // Slow enough that a full default prefetch waits twice the visibility timeout
     // for a handler slot, and at least a tenth of the timeout.
-    let handler_time = (visibility / 10).max(visibility * 2 * c / DEFAULT_PREFETCH);
+    let handler_time = (visibility / 10).max(visibility.saturating_mul(2 * c) / DEFAULT_PREFETCH);
     ensure!(
-        handler_time * DEFAULT_PREFETCH / c > visibility,
+        handler_time.saturating_mul(DEFAULT_PREFETCH) / c > visibility,
         "the case cannot fail: {DEFAULT_PREFETCH} x {handler_time:?} / {c} is within {visibility:?}"
     );
     // Fewer messages on slow backends: about 20 s of handler time in all.
@@ -619,8 +619,11 @@ async fn slow_handler_each_once(ctx: &Context, concurrency: usize) -> CaseResult
         }
     });
     let mut worker = Running::start(Worker::new(consumer).concurrency(concurrency), handler);
-    let expected = handler_time * u32::try_from(n).unwrap_or(u32::MAX) / c;
-    let within = expected * 3 + visibility * 2 + ctx.prompt();
+    let expected = handler_time.saturating_mul(u32::try_from(n).unwrap_or(u32::MAX)) / c;
+    let within = expected
+        .saturating_mul(3)
+        .saturating_add(visibility.saturating_mul(2))
+        .saturating_add(ctx.prompt());
     let waited = worker
         .until("every message handled", within, |es| {
             count(es, |o| *o == Outcome::Succeeded) >= n
@@ -635,7 +638,8 @@ async fn slow_handler_each_once(ctx: &Context, concurrency: usize) -> CaseResult
     };
     ensure!(
         twice.is_empty(),
-        "{} of {n} messages were handled more than once (handler {handler_time:?},          visibility {visibility:?}, concurrency {concurrency}; first: {:?}); worker: {summary}",
+        "{} of {n} messages were handled more than once (handler {handler_time:?}, \
+         visibility {visibility:?}, concurrency {concurrency}; first: {:?}); worker: {summary}",
         twice.len(),
         &twice[..twice.len().min(5)]
     );

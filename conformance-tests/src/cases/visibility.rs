@@ -263,7 +263,7 @@ pub async fn lease_deadline_is_known(ctx: &Context) -> CaseResult {
     );
 
     if ctx.caps().extend_visibility {
-        let by = vis * 3;
+        let by = vis.saturating_mul(3);
         let asked = Instant::now();
         d.extend(by).await?;
         let answered = Instant::now();

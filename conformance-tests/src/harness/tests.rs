@@ -100,11 +100,36 @@ async fn minimal_own_case(ctx: &Context) -> CaseResult {
     Ok(())
 }
 
-/// Runs `trials` filtered by `extra` arguments; the conclusion.
+/// Arguments for a nested run: one thread, and the report written to a file of its
+/// own (deleted on drop) — libtest-mimic writes straight to stdout, past the capture,
+/// and a nested `test result: FAILED.` line in the output would read as ours.
+struct Nested {
+    args: Arguments,
+    log: std::path::PathBuf,
+}
+
+impl Nested {
+    fn new(extra: &[&str]) -> Self {
+        let log = std::env::temp_dir().join(format!(
+            "{}.log",
+            crate::unique_queue_name("ferrymq-conformance-nested")
+        ));
+        let mut args = args(extra);
+        args.test_threads = Some(1);
+        args.logfile = Some(log.display().to_string());
+        Nested { args, log }
+    }
+}
+
+impl Drop for Nested {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Runs `trials` filtered by `extra` arguments, quietly; the conclusion.
 fn conclude(extra: &[&str], trials: Vec<Trial>) -> libtest_mimic::Conclusion {
-    let mut a = args(extra);
-    a.test_threads = Some(1);
-    libtest_mimic::run(&a, trials)
+    libtest_mimic::run(&Nested::new(extra).args, trials)
 }
 
 #[test]
@@ -371,4 +396,35 @@ fn the_probe_finds_admin_operations_and_lease_deadlines() {
         verdict(peek, ready(&without)),
         Verdict::NotApplicable("not applicable: needs Admin::peek (probed: Unsupported)".into())
     );
+}
+
+#[test]
+fn run_setups_runs_each_setup_under_its_label() {
+    let setups = || {
+        vec![
+            Setup::new("one", || async { Ok(Minimal::default()) }),
+            Setup::new("two", || async {
+                Err::<Minimal, BoxError>("two: no server".into())
+            }),
+        ]
+    };
+    let a = Nested::new(&["queue_isolation"]);
+    let c = run_setups_with(&a.args, setups()).unwrap();
+    // one::queue_isolation passes, two::queue_isolation fails with the setup error.
+    assert_eq!((c.num_passed, c.num_failed), (1, 1));
+    let a = Nested::new(&["--exact", "one::queue_isolation"]);
+    let c = run_setups_with(&a.args, setups()).unwrap();
+    assert_eq!(
+        (c.num_passed, c.num_failed, c.num_filtered_out),
+        (1, 0, 2 * CASES.len() as u64 - 1)
+    );
+    // A repeated label fails every case of the run.
+    let twice = vec![
+        Setup::new("same", || async { Ok(Minimal::default()) }),
+        Setup::new("same", || async { Ok(Minimal::default()) }),
+    ];
+    let a = Nested::new(&["queue_isolation"]);
+    let c = run_setups_with(&a.args, twice).unwrap();
+    assert_eq!((c.num_passed, c.num_failed), (0, 2));
+    assert!(run_setups_with(&a.args, Vec::new()).is_none());
 }

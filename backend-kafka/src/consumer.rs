@@ -34,8 +34,10 @@ use crate::admin::{ensure_topics, kafka_error, lag_depth, LazyLag};
 use crate::capabilities;
 use crate::config::KafkaConfig;
 use crate::producer::{config_error, Sender};
+use crate::progress::{self, Progress};
 use crate::record::{
-    self, unix_ms, with_header, Received, H_ATTEMPT, H_ENQUEUED_AT, H_ID, H_NOT_BEFORE,
+    self, unix_ms, unix_ms_ceil, with_header, Received, H_ATTEMPT, H_ENQUEUED_AT, H_ID,
+    H_NOT_BEFORE,
 };
 
 /// How long one poll waits when librdkafka has nothing: also the longest a resume
@@ -69,8 +71,15 @@ struct Part {
     handed_out: usize,
     /// Offset after the last record polled (-1: none yet).
     next_fetch: i64,
-    /// Last offset stored for commit (-1: none).
-    stored: i64,
+    /// Last commit point (position and metadata) handed to the committer.
+    stored: Option<(i64, String)>,
+    /// What the previous owner finished above the committed watermark (read from
+    /// the commit's metadata): records it covers are skipped when polled.
+    prev: Option<Progress>,
+    /// Records skipped that way in this assignment.
+    skipped: u64,
+    /// Not-done ranges at the last commit point (the metadata's size).
+    ranges: usize,
     paused: bool,
     revoking: bool,
 }
@@ -84,18 +93,36 @@ impl Part {
             outstanding: BTreeSet::new(),
             handed_out: 0,
             next_fetch: -1,
-            stored: -1,
+            stored: None,
+            prev: None,
+            skipped: 0,
+            ranges: 0,
             paused: false,
             revoking: false,
         }
     }
 
-    /// Where a restart must begin: the first record not done.
-    fn position(&self) -> Option<i64> {
-        self.outstanding
-            .first()
-            .copied()
-            .or((self.next_fetch >= 0).then_some(self.next_fetch))
+    /// What to commit: the first record not done (where a restart must begin),
+    /// and the metadata naming what is done above it. `None` before anything was
+    /// polled in this assignment (the committed offset is still right then).
+    fn commit_point(&self) -> Option<(i64, String)> {
+        if self.next_fetch < 0 {
+            return None;
+        }
+        let mut undone = progress::ranges(self.outstanding.iter().copied());
+        let mut end = self.next_fetch;
+        if let Some(prev) = &self.prev {
+            // Not fetched again yet: the previous owner's not-done ranges still count.
+            for (a, b) in &prev.undone {
+                let a = (*a).max(self.next_fetch);
+                if a <= *b {
+                    undone.push((a, *b));
+                }
+            }
+            end = end.max(prev.end);
+        }
+        let pos = undone.first().map_or(end, |r| r.0);
+        Some((pos, progress::encode(pos, end, &undone)))
     }
 }
 
@@ -115,6 +142,11 @@ struct State {
     joined: [bool; 2],
     /// Assignments seen, for tests and diagnostics.
     rebalances: u64,
+    /// Records skipped because a previous session's commit metadata said done.
+    skipped: u64,
+    /// Commit points not committed yet, per member: written by `maintain`, taken
+    /// by the periodic commit, dropped for revoked partitions.
+    pending_commit: [HashMap<Tp, (i64, String)>; 2],
 }
 
 pub(crate) struct Shared {
@@ -163,25 +195,71 @@ impl Shared {
             .collect()
     }
 
-    fn commit_list(&self, positions: &[(Tp, i64)]) -> TopicPartitionList {
-        let mut tpl = TopicPartitionList::with_capacity(positions.len());
-        for (tp, pos) in positions {
-            let _ = tpl.add_partition_offset(
-                &self.topics[tp.topic],
-                tp.partition,
-                Offset::Offset(*pos),
-            );
+    fn commit_list(&self, points: &[(Tp, (i64, String))], metadata: bool) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::with_capacity(points.len());
+        for (tp, (pos, meta)) in points {
+            let mut e = tpl.add_partition(&self.topics[tp.topic], tp.partition);
+            let _ = e.set_offset(Offset::Offset(*pos));
+            if metadata && !meta.is_empty() {
+                e.set_metadata(meta);
+            }
         }
         tpl
     }
 
-    fn on_assign(&self, tpl: &TopicPartitionList, kind: usize) {
+    /// Commit `points` (position + metadata) synchronously, storing them first.
+    fn commit_now(&self, consumer: &BaseConsumer<Ctx>, points: &[(Tp, (i64, String))], what: &str) {
+        if points.is_empty() {
+            return;
+        }
+        let _ = consumer.store_offsets(&self.commit_list(points, false));
+        if let Err(e) = consumer.commit(&self.commit_list(points, true), CommitMode::Sync) {
+            tracing::warn!(topic = %self.cfg.topic, error = %e, "commit on {what} failed; acked records may be replayed");
+        }
+    }
+
+    fn on_assign(&self, consumer: &BaseConsumer<Ctx>, tpl: &TopicPartitionList, kind: usize) {
         let tps = self.tps(tpl);
         tracing::debug!(topic = %self.cfg.topic, kind, partitions = ?tps, "assigned");
+        // The previous owner's progress above the watermark, from the commit metadata.
+        let mut progress: HashMap<Tp, Progress> = HashMap::new();
+        if tpl.count() > 0 {
+            match consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+                Ok(committed) => {
+                    for e in committed.elements() {
+                        let (Some(topic), Some(pos)) =
+                            (self.topic_index(e.topic()), e.offset().to_raw())
+                        else {
+                            continue;
+                        };
+                        // rdkafka's metadata() panics on non-UTF-8 bytes (another
+                        // client's); such metadata is not ours anyway.
+                        let meta = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            e.metadata().to_string()
+                        }))
+                        .unwrap_or_default();
+                        if let Some(p) = progress::decode(pos, &meta) {
+                            progress.insert(
+                                Tp {
+                                    topic,
+                                    partition: e.partition(),
+                                },
+                                p,
+                            );
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading committed metadata failed; replaying from the watermark")
+                }
+            }
+        }
         let mut st = self.lock();
         for tp in tps {
             if let std::collections::hash_map::Entry::Vacant(v) = st.parts.entry(tp) {
-                v.insert(Part::new());
+                let mut part = Part::new();
+                part.prev = progress.remove(&tp);
+                v.insert(part);
                 st.order.push(tp);
             }
         }
@@ -246,10 +324,11 @@ impl Shared {
                              they will be redelivered to the partition's next owner"
                         );
                     }
-                    if let Some(pos) = part.position() {
-                        positions.push((*tp, pos));
+                    if let Some(point) = part.commit_point() {
+                        positions.push((*tp, point));
                     }
                 }
+                st.pending_commit[usize::from(tp.topic > 0)].remove(tp);
             }
             st.order.retain(|tp| !tps.contains(tp));
         }
@@ -257,13 +336,7 @@ impl Shared {
             tracing::warn!(topic = %self.cfg.topic, "assignment lost: nothing committed for the lost partitions");
             return;
         }
-        if !positions.is_empty() {
-            let tpl = self.commit_list(&positions);
-            let _ = consumer.store_offsets(&tpl);
-            if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-                tracing::warn!(topic = %self.cfg.topic, error = %e, "commit on revoke failed; the next owner may replay acked records");
-            }
-        }
+        self.commit_now(consumer, &positions, "revoke");
     }
 
     /// The delivery for `record`, handed out now.
@@ -459,6 +532,19 @@ impl Shared {
                 continue;
             }
             part.next_fetch = r.offset + 1;
+            if let Some(prev) = &part.prev {
+                let done = prev.is_done(r.offset);
+                if r.offset + 1 >= prev.end {
+                    part.prev = None;
+                }
+                if done {
+                    // Processed before the restart: never handed out again.
+                    part.skipped += 1;
+                    st.skipped += 1;
+                    st.dirty[usize::from(tp.topic > 0)] = true;
+                    continue;
+                }
+            }
             part.outstanding.insert(r.offset);
             part.buffered.push_back(Arc::new(r));
         }
@@ -493,20 +579,27 @@ impl Shared {
                 } else {
                     part.buffered.len() >= cap
                 };
-                let want = part.revoking || head_waits || full;
+                // Too many not-done ranges for the commit metadata: stop fetching
+                // until the watermark catches up.
+                let gappy = part.ranges > progress::MAX_RANGES;
+                let want = part.revoking || head_waits || full || gappy;
                 if want != part.paused {
                     let list = if want { &mut pause } else { &mut resume };
                     list.add_partition(&self.topics[tp.topic], tp.partition);
                     part.paused = want;
                 }
                 if dirty {
-                    if let Some(pos) = part.position() {
-                        if pos > part.stored {
-                            part.stored = pos;
-                            store.push((*tp, pos));
+                    if let Some(point) = part.commit_point() {
+                        if part.stored.as_ref() != Some(&point) {
+                            part.ranges = point.1.matches('+').count();
+                            part.stored = Some(point.clone());
+                            store.push((*tp, point));
                         }
                     }
                 }
+            }
+            for (tp, point) in &store {
+                st.pending_commit[kind].insert(*tp, point.clone());
             }
         }
         if pause.count() > 0 {
@@ -520,13 +613,28 @@ impl Shared {
             }
         }
         if !store.is_empty() {
-            let tpl = self.commit_list(&store);
-            if let Err(e) = consumer.store_offsets(&tpl) {
+            if let Err(e) = consumer.store_offsets(&self.commit_list(&store, false)) {
                 tracing::debug!(error = %e, "storing offsets failed");
             }
-            commits.pending = true;
         }
-        commits.maybe_commit(consumer, self.cfg.commit_interval);
+        if commits.due(self.cfg.commit_interval) {
+            let points: Vec<(Tp, (i64, String))> = {
+                let mut st = self.lock();
+                let taken = std::mem::take(&mut st.pending_commit[kind]);
+                taken
+                    .into_iter()
+                    .filter(|(tp, _)| st.parts.contains_key(tp))
+                    .collect()
+            };
+            // Never after a lost assignment (the broker would fence a stale
+            // generation's commit anyway).
+            if !points.is_empty() && !consumer.assignment_lost() {
+                if let Err(e) = consumer.commit(&self.commit_list(&points, true), CommitMode::Async)
+                {
+                    tracing::debug!(error = %e, "periodic commit failed");
+                }
+            }
+        }
     }
 
     /// Close: commit every partition's watermark (unless the assignment was lost)
@@ -546,21 +654,18 @@ impl Shared {
                 if let Some(part) = st.parts.remove(&tp) {
                     part.live.store(false, AtomicOrdering::Release);
                     st.handed_out = st.handed_out.saturating_sub(part.handed_out);
-                    if let Some(pos) = part.position() {
-                        positions.push((tp, pos));
+                    if let Some(point) = part.commit_point() {
+                        positions.push((tp, point));
                     }
                 }
             }
+            st.pending_commit[kind].clear();
             st.order.retain(|tp| usize::from(tp.topic > 0) != kind);
         }
-        if lost || positions.is_empty() {
+        if lost {
             return;
         }
-        let tpl = self.commit_list(&positions);
-        let _ = consumer.store_offsets(&tpl);
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-            tracing::warn!(topic = %self.cfg.topic, error = %e, "commit on close failed; acked records may be replayed");
-        }
+        self.commit_now(consumer, &positions, "close");
     }
 }
 
@@ -584,7 +689,7 @@ impl ClientContext for Ctx {}
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Assign(tpl) => self.shared.on_assign(tpl, self.kind),
+            Rebalance::Assign(tpl) => self.shared.on_assign(consumer, tpl, self.kind),
             Rebalance::Revoke(tpl) => self.shared.on_revoke(consumer, tpl),
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
@@ -608,32 +713,23 @@ impl ConsumerContext for Ctx {
 /// kept a closing member from sending its LeaveGroup (it terminated mid-unassign),
 /// which stalled the group's next rebalance until the session timed out.
 struct Committer {
-    pending: bool,
     last: std::time::Instant,
 }
 
 impl Committer {
     fn new() -> Self {
         Committer {
-            pending: false,
             last: std::time::Instant::now(),
         }
     }
 
-    fn maybe_commit(&mut self, consumer: &BaseConsumer<Ctx>, interval: Duration) {
-        if !self.pending || self.last.elapsed() < interval {
-            return;
+    /// Whether `interval` passed since the last periodic commit (and restart it).
+    fn due(&mut self, interval: Duration) -> bool {
+        if self.last.elapsed() < interval {
+            return false;
         }
-        self.pending = false;
         self.last = std::time::Instant::now();
-        // Never after a lost assignment (the broker would fence a stale generation's
-        // commit anyway).
-        if consumer.assignment_lost() {
-            return;
-        }
-        if let Err(e) = consumer.commit_consumer_state(CommitMode::Async) {
-            tracing::debug!(error = %e, "periodic commit failed");
-        }
+        true
     }
 }
 
@@ -796,7 +892,7 @@ impl Ack for KafkaAck {
         let headers = with_header(headers, H_ID, &r.id);
         let headers = with_header(headers, H_ENQUEUED_AT, &unix_ms(r.enqueued_at).to_string());
         let headers = with_header(headers, H_ATTEMPT, &attempt.to_string());
-        let headers = with_header(headers, H_NOT_BEFORE, &unix_ms(due).to_string());
+        let headers = with_header(headers, H_NOT_BEFORE, &unix_ms_ceil(due).to_string());
         let topic = cfg.tier_topic(tier);
         self.shared
             .sender
@@ -990,6 +1086,12 @@ impl KafkaConsumer {
             .collect();
         v.sort();
         v
+    }
+
+    /// Records skipped (never delivered) because the commit metadata of a previous
+    /// session said they were done: the replay saved.
+    pub fn skipped(&self) -> u64 {
+        self.shared.lock().skipped
     }
 
     /// Rebalance callbacks (assign and revoke) seen so far.

@@ -130,6 +130,7 @@ mod admin;
 mod config;
 mod consumer;
 mod producer;
+mod progress;
 mod record;
 
 use ferrymq_core::{Accuracy, Attempts, Capabilities, Ordering};

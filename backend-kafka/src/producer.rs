@@ -17,7 +17,7 @@ use rdkafka::util::Timeout;
 use crate::admin::{ensure_topics, lag_depth, LazyLag};
 use crate::capabilities;
 use crate::config::KafkaConfig;
-use crate::record::{self, unix_ms, with_header, H_ENQUEUED_AT, H_NOT_BEFORE};
+use crate::record::{self, unix_ms, unix_ms_ceil, with_header, H_ENQUEUED_AT, H_NOT_BEFORE};
 
 /// How long an enqueue waits for room in librdkafka's local queue
 /// (`queue.buffering.max.messages` / `.kbytes`) before `QueueFull`.
@@ -129,7 +129,7 @@ impl Sender {
                     .map_or(0, |i| i + 1);
                 let now = SystemTime::now();
                 let due = now.checked_add(d).unwrap_or(now);
-                let headers = with_header(headers, H_NOT_BEFORE, &unix_ms(due).to_string());
+                let headers = with_header(headers, H_NOT_BEFORE, &unix_ms_ceil(due).to_string());
                 let headers = with_header(headers, H_ENQUEUED_AT, &unix_ms(now).to_string());
                 Ok((self.cfg.tier_topic(tier), index, headers))
             }

@@ -38,6 +38,17 @@ pub fn unix_ms(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
+/// Milliseconds since the Unix epoch, rounded **up**: for not-before times, so a
+/// delay is never cut short by the truncation.
+pub fn unix_ms_ceil(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| {
+            let ms = d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 != 0);
+            i64::try_from(ms).unwrap_or(i64::MAX)
+        })
+        .unwrap_or(0)
+}
+
 /// The time `ms` since the Unix epoch (the epoch for negative values).
 pub fn from_unix_ms(ms: i64) -> SystemTime {
     let ms = u64::try_from(ms).unwrap_or(0);
@@ -184,5 +195,22 @@ pub fn record_id(topic_index: usize, topic: &str, partition: i32, offset: i64) -
         format!("{partition}/{offset}")
     } else {
         format!("{topic}/{partition}/{offset}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn not_before_times_round_up_so_a_delay_is_never_cut_short() {
+        let t = UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789);
+        assert!(from_unix_ms(unix_ms_ceil(t)) >= t);
+        assert!(
+            from_unix_ms(unix_ms(t)) < t,
+            "truncation is early: why ceil is needed"
+        );
+        let exact = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        assert_eq!(unix_ms_ceil(exact), unix_ms(exact));
     }
 }

@@ -114,6 +114,7 @@ impl Backend for Kafka {
             backend_case!(kafka_two_members_split_partitions_each_message_once),
             backend_case!(kafka_committed_offsets_survive_restart),
             backend_case!(kafka_out_of_order_acks_never_commit_past_a_gap),
+            backend_case!(kafka_restart_replays_only_undone_records),
             backend_case!(kafka_ack_after_revoke_is_lease_expired),
             backend_case!(kafka_retry_copy_keeps_id_enqueue_time_and_counts_attempt),
         ]
@@ -305,7 +306,8 @@ async fn kafka_out_of_order_acks_never_commit_past_a_gap(ctx: &Context) -> CaseR
         "committed {:?}, the gap is at offset 2",
         lag[0].committed
     );
-    // Restart with the gap unsettled: only from the gap on is replayed.
+    // Restart with the gap unsettled: the watermark is the gap, and the commit
+    // metadata says what above it is done, so only the gap is replayed.
     let gap = got[2].clone();
     drop(got);
     c.close().await?;
@@ -316,12 +318,71 @@ async fn kafka_out_of_order_acks_never_commit_past_a_gap(ctx: &Context) -> CaseR
     );
     drop(c);
     let c = cfg.consumer().await?;
-    let again = take(&c, 4, Duration::from_secs(10)).await?;
+    let again = take(&c, 1, Duration::from_secs(10)).await?;
+    ensure!(
+        again[0].payload().as_ref() == b"m2",
+        "replayed {:?} first",
+        again[0].payload()
+    );
+    let more = c.receive(10, Duration::from_secs(1)).await?;
+    ensure!(
+        more.is_empty(),
+        "records acked above the gap were replayed: {} of them",
+        more.len()
+    );
+    ensure!(
+        c.skipped() == 3,
+        "skipped {} records, expected m3, m4, m5",
+        c.skipped()
+    );
+    again[0].ack().await?;
+    c.close().await?;
+    Ok(())
+}
+
+/// Scattered acks (every third record left undone) over 60 records: a restart
+/// replays exactly the undone ones, the done ones above the watermark are skipped.
+async fn kafka_restart_replays_only_undone_records(ctx: &Context) -> CaseResult {
+    let q = ctx.queue();
+    let cfg = kafka(ctx).config_with(&q, "partitions=1")?;
+    let p = cfg.producer().await?;
+    let n = 60;
+    let batch = (0..n).map(|i| Message::new(format!("m{i}"))).collect();
+    for r in p.send_batch(batch).await? {
+        r?;
+    }
+    let c = cfg.consumer().await?;
+    let got = take(&c, n, Duration::from_secs(10)).await?;
+    let mut undone = Vec::new();
+    for (i, d) in got.iter().enumerate() {
+        if i % 3 == 1 {
+            undone.push(String::from_utf8_lossy(d.payload()).into_owned());
+        } else {
+            d.ack().await?;
+        }
+    }
+    c.close().await?;
+    // Give the undone ones back: uncommitted, for the next session.
+    for d in got.iter().filter(|d| !d.acker().is_acked()) {
+        d.release(None).await?;
+    }
+    c.closed().await?;
+    drop(c);
+    let c = cfg.consumer().await?;
+    let again = take(&c, undone.len(), Duration::from_secs(10)).await?;
     let bodies: Vec<String> = again
         .iter()
         .map(|d| String::from_utf8_lossy(d.payload()).into_owned())
         .collect();
-    ensure!(bodies == ["m2", "m3", "m4", "m5"], "replayed {bodies:?}");
+    ensure!(
+        bodies == undone,
+        "replayed {bodies:?}, the undone were {undone:?}"
+    );
+    let extra = c.receive(10, Duration::from_secs(1)).await?;
+    ensure!(extra.is_empty(), "{} done records replayed", extra.len());
+    // Without the metadata the replay would start at m1 and run to m59: 59 records.
+    let saved = c.skipped();
+    ensure!(saved == (n - 1 - undone.len()) as u64, "skipped {saved}");
     for d in &again {
         d.ack().await?;
     }

@@ -17,6 +17,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::capabilities;
 use crate::config::KafkaConfig;
 use crate::producer::config_error;
+use crate::progress::{self, Progress};
 use crate::record::{unix_ms, Received};
 
 /// Longest a metadata, offsets or admin request may take.
@@ -610,29 +611,51 @@ fn peek_blocking(cfg: &KafkaConfig, lag: &BaseConsumer, max: usize) -> Result<Ve
     }
     reader.assign(&tpl).map_err(|e| kafka_error("assign", e))?;
     let want = max.min(remaining);
+    // What the group's commit metadata says is done above the watermark (ferrymq
+    // consumers skip those on restart): not waiting, so not shown.
+    let mut done: std::collections::HashMap<i32, Progress> = Default::default();
+    if let Ok(committed) = lag.committed_offsets(tpl.clone(), REQUEST_TIMEOUT) {
+        for e in committed.elements() {
+            let meta =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| e.metadata().to_string()))
+                    .unwrap_or_default();
+            if let Some(pos) = e.offset().to_raw() {
+                if let Some(p) = progress::decode(pos, &meta) {
+                    done.insert(e.partition(), p);
+                }
+            }
+        }
+    }
     let deadline = std::time::Instant::now() + REQUEST_TIMEOUT;
     let mut got: Vec<(SystemTime, Peeked)> = Vec::new();
-    // Read every partition's first `want` records, then keep the oldest `want`.
-    let mut per_partition: std::collections::HashMap<i32, usize> = Default::default();
-    let mut needed: usize = lags
+    // Read every partition's first `want` waiting records (up to its end offset at
+    // the start), then keep the oldest `want`.
+    let mut open: std::collections::HashMap<i32, (i64, usize)> = lags
         .iter()
         .filter(|l| l.lag > 0)
-        .map(|l| want.min(usize::try_from(l.lag).unwrap_or(usize::MAX)))
-        .sum();
-    while needed > 0 && std::time::Instant::now() < deadline {
+        .map(|l| (l.partition, (l.end, 0usize)))
+        .collect();
+    while !open.is_empty() && std::time::Instant::now() < deadline {
         match reader.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
-                let n = per_partition
-                    .entry(rdkafka::Message::partition(&m))
-                    .or_default();
-                if *n < want {
-                    *n += 1;
-                    needed -= 1;
+                let (p, o) = (
+                    rdkafka::Message::partition(&m),
+                    rdkafka::Message::offset(&m),
+                );
+                let Some((end, taken)) = open.get_mut(&p) else {
+                    continue;
+                };
+                let skip = done.get(&p).is_some_and(|d| d.is_done(o));
+                if !skip && *taken < want {
+                    *taken += 1;
                     let r = Received::parse(&m, 0);
                     got.push((
                         r.enqueued_at,
                         Peeked::new(r.id.clone(), Some(r.enqueued_at), r.message()),
                     ));
+                }
+                if o + 1 >= *end || *taken >= want {
+                    open.remove(&p);
                 }
             }
             Some(Err(e)) => return Err(kafka_error("peeking", e)),

@@ -186,6 +186,10 @@ async fn out_of_order_acks_never_commit_past_a_gap() {
     c.close().await.unwrap();
     c.closed().await.unwrap();
     assert_eq!(gap.ack().await.unwrap_err().kind(), ErrorKind::LeaseExpired);
+    // Peek shows what is waiting: the gap, not the records done above it.
+    let peeked = admin.peek(10).await.unwrap();
+    assert_eq!(peeked.len(), 1, "{peeked:?}");
+    assert_eq!(peeked[0].message.payload().as_ref(), b"m1");
     drop(c);
     let c2 = cfg.consumer().await.unwrap();
     // The commit's metadata said m2..m4 were done: only the gap comes back.

@@ -67,6 +67,14 @@
 //!   poll thread stores moved positions (`store_offsets`) and commits them every
 //!   `commit_interval` (`commit_consumer_state`, not librdkafka's auto commit, whose
 //!   commit-on-unassign made closing members skip their LeaveGroup).
+//! - **Beyond the watermark**: each commit carries, in its metadata, which records
+//!   above the watermark are already done (`fmq1:<span>:<gap>+<len>,…`, run-length
+//!   deltas of the not-done ranges, kept under 3800 bytes — the broker allows 4096 —
+//!   by describing a shorter span; a partition with more than 300 not-done ranges is
+//!   paused until the watermark catches up). A member assigned the partition reads
+//!   it and skips those records ([`KafkaConsumer::skipped`] counts them), so a
+//!   restart after out-of-order acks replays only the undone records; peek skips
+//!   them too. Any other client resumes at the watermark, which is always correct.
 //! - **Revoke** (cooperative-sticky, incremental): the partitions stop being handed
 //!   out and their buffered records are dropped (still outstanding, so not
 //!   committed past); handed-out deliveries get `revoke_grace` to be settled; then,

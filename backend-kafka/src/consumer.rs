@@ -1,0 +1,1175 @@
+//! The receiving side: one group member, polled by a thread of its own, with
+//! per-partition watermark commits and tiered retries.
+//!
+//! See the crate docs for the design; the invariants kept here:
+//!
+//! - Every record polled and not yet done is in its partition's `outstanding` set
+//!   (buffered, handed out, or re-queued by a release). The commit position of a
+//!   partition is the smallest outstanding offset, or the next offset to fetch when
+//!   nothing is outstanding: an ack never moves it past an unprocessed record.
+//! - A partition's `live` flag is its epoch: a fresh one per assignment, cleared
+//!   under the state lock when the partition is revoked. A handle whose flag is
+//!   cleared answers `LeaseExpired`.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use ferrymq_core::depth::Depth;
+use ferrymq_core::time::deadline_in;
+use ferrymq_core::{
+    Ack, AckHandle, Capabilities, Consumer, Delivery, DeliveryMeta, Error, ErrorKind, Result,
+};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+use crate::admin::{ensure_topics, kafka_error, lag_depth, LazyLag};
+use crate::capabilities;
+use crate::config::KafkaConfig;
+use crate::producer::{config_error, Sender};
+use crate::progress::{self, Progress};
+use crate::record::{
+    self, unix_ms, unix_ms_ceil, with_header, Received, H_ATTEMPT, H_ENQUEUED_AT, H_ID,
+    H_NOT_BEFORE,
+};
+
+/// How long one poll waits when librdkafka has nothing: also the longest a resume
+/// (buffer drained, tier head due) or a store waits.
+const POLL_WAIT: Duration = Duration::from_millis(20);
+/// Records taken from librdkafka per lock of the shared state.
+const POLL_BATCH: usize = 128;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Tp {
+    /// 0: the queue's topic; 1..: its retry tiers.
+    topic: usize,
+    partition: i32,
+}
+
+struct Requeued {
+    due: Instant,
+    record: Arc<Received>,
+    attempt: u32,
+}
+
+struct Part {
+    /// This assignment's epoch: cleared when the partition is revoked.
+    live: Arc<AtomicBool>,
+    /// Polled, not handed out, in offset order.
+    buffered: VecDeque<Arc<Received>>,
+    /// Released (or dropped) deliveries, to be handed out again in this session.
+    requeued: Vec<Requeued>,
+    /// Polled and not done.
+    outstanding: BTreeSet<i64>,
+    handed_out: usize,
+    /// Offset after the last record polled (-1: none yet).
+    next_fetch: i64,
+    /// Last commit point (position and metadata) handed to the committer.
+    stored: Option<(i64, String)>,
+    /// What the previous owner finished above the committed watermark (read from
+    /// the commit's metadata): records it covers are skipped when polled.
+    prev: Option<Progress>,
+    /// Records skipped that way in this assignment.
+    skipped: u64,
+    /// Not-done ranges at the last commit point (the metadata's size).
+    ranges: usize,
+    paused: bool,
+    revoking: bool,
+}
+
+impl Part {
+    fn new() -> Self {
+        Part {
+            live: Arc::new(AtomicBool::new(true)),
+            buffered: VecDeque::new(),
+            requeued: Vec::new(),
+            outstanding: BTreeSet::new(),
+            handed_out: 0,
+            next_fetch: -1,
+            stored: None,
+            prev: None,
+            skipped: 0,
+            ranges: 0,
+            paused: false,
+            revoking: false,
+        }
+    }
+
+    /// What to commit: the first record not done (where a restart must begin),
+    /// and the metadata naming what is done above it. `None` before anything was
+    /// polled in this assignment (the committed offset is still right then).
+    fn commit_point(&self) -> Option<(i64, String)> {
+        if self.next_fetch < 0 {
+            return None;
+        }
+        let mut undone = progress::ranges(self.outstanding.iter().copied());
+        let mut end = self.next_fetch;
+        if let Some(prev) = &self.prev {
+            // Not fetched again yet: the previous owner's not-done ranges still count.
+            for (a, b) in &prev.undone {
+                let a = (*a).max(self.next_fetch);
+                if a <= *b {
+                    undone.push((a, *b));
+                }
+            }
+            end = end.max(prev.end);
+        }
+        let pos = undone.first().map_or(end, |r| r.0);
+        Some((pos, progress::encode(pos, end, &undone)))
+    }
+}
+
+#[derive(Default)]
+struct State {
+    parts: HashMap<Tp, Part>,
+    order: Vec<Tp>,
+    rr: usize,
+    handed_out: usize,
+    /// Watermarks moved since the last store: `[queue topic, tier topics]`.
+    dirty: [bool; 2],
+    /// `close` was called: the deadline for handed-out deliveries.
+    closing: Option<Instant>,
+    /// The poll thread left the group.
+    finished: bool,
+    /// The first assignment (possibly empty) arrived: `[main member, retry member]`.
+    joined: [bool; 2],
+    /// Assignments seen, for tests and diagnostics.
+    rebalances: u64,
+    /// Records skipped because a previous session's commit metadata said done.
+    skipped: u64,
+    /// Commit points not committed yet, per member: written by `maintain`, taken
+    /// by the periodic commit, dropped for revoked partitions.
+    pending_commit: [HashMap<Tp, (i64, String)>; 2],
+}
+
+pub(crate) struct Shared {
+    cfg: Arc<KafkaConfig>,
+    topics: Vec<String>,
+    queue: Arc<str>,
+    caps: Arc<Capabilities>,
+    state: Mutex<State>,
+    /// Settles wake the poll thread (revoke grace, close).
+    settled: Condvar,
+    /// New records, revokes and close wake receivers.
+    notify: Notify,
+    sender: Arc<Sender>,
+    joined_tx: watch::Sender<bool>,
+    finished_tx: watch::Sender<bool>,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("topic", &self.cfg.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent data (every step is
+        // completed before anything can panic), so a poisoned lock is used as is.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn topic_index(&self, name: &str) -> Option<usize> {
+        self.topics.iter().position(|t| t == name)
+    }
+
+    fn tps(&self, tpl: &TopicPartitionList) -> Vec<Tp> {
+        tpl.elements()
+            .iter()
+            .filter_map(|e| {
+                self.topic_index(e.topic()).map(|topic| Tp {
+                    topic,
+                    partition: e.partition(),
+                })
+            })
+            .collect()
+    }
+
+    fn commit_list(&self, points: &[(Tp, (i64, String))], metadata: bool) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::with_capacity(points.len());
+        for (tp, (pos, meta)) in points {
+            let mut e = tpl.add_partition(&self.topics[tp.topic], tp.partition);
+            let _ = e.set_offset(Offset::Offset(*pos));
+            if metadata && !meta.is_empty() {
+                e.set_metadata(meta);
+            }
+        }
+        tpl
+    }
+
+    /// Commit `points` (position + metadata) synchronously, storing them first.
+    fn commit_now(&self, consumer: &BaseConsumer<Ctx>, points: &[(Tp, (i64, String))], what: &str) {
+        if points.is_empty() {
+            return;
+        }
+        let _ = consumer.store_offsets(&self.commit_list(points, false));
+        if let Err(e) = consumer.commit(&self.commit_list(points, true), CommitMode::Sync) {
+            tracing::warn!(topic = %self.cfg.topic, error = %e, "commit on {what} failed; acked records may be replayed");
+        }
+    }
+
+    fn on_assign(&self, consumer: &BaseConsumer<Ctx>, tpl: &TopicPartitionList, kind: usize) {
+        let tps = self.tps(tpl);
+        tracing::debug!(topic = %self.cfg.topic, kind, partitions = ?tps, "assigned");
+        // The previous owner's progress above the watermark, from the commit metadata.
+        let mut progress: HashMap<Tp, Progress> = HashMap::new();
+        if tpl.count() > 0 {
+            match consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+                Ok(committed) => {
+                    for e in committed.elements() {
+                        let (Some(topic), Some(pos)) =
+                            (self.topic_index(e.topic()), e.offset().to_raw())
+                        else {
+                            continue;
+                        };
+                        // rdkafka's metadata() panics on non-UTF-8 bytes (another
+                        // client's); such metadata is not ours anyway.
+                        let meta = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            e.metadata().to_string()
+                        }))
+                        .unwrap_or_default();
+                        if let Some(p) = progress::decode(pos, &meta) {
+                            progress.insert(
+                                Tp {
+                                    topic,
+                                    partition: e.partition(),
+                                },
+                                p,
+                            );
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading committed metadata failed; replaying from the watermark")
+                }
+            }
+        }
+        let mut st = self.lock();
+        for tp in tps {
+            if let std::collections::hash_map::Entry::Vacant(v) = st.parts.entry(tp) {
+                let mut part = Part::new();
+                part.prev = progress.remove(&tp);
+                v.insert(part);
+                st.order.push(tp);
+            }
+        }
+        st.rebalances += 1;
+        st.joined[kind] = true;
+        let joined = st.joined[0] && (st.joined[1] || self.topics.len() == 1);
+        drop(st);
+        if joined {
+            self.joined_tx.send_replace(true);
+        }
+    }
+
+    /// Revoke: stop handing the partitions out, drop their buffered records, give
+    /// handed-out deliveries `revoke_grace` to settle, retire the epoch, commit.
+    /// After a lost assignment nothing is committed and nobody is waited for.
+    fn on_revoke(&self, consumer: &BaseConsumer<Ctx>, tpl: &TopicPartitionList) {
+        let lost = consumer.assignment_lost();
+        let tps = self.tps(tpl);
+        tracing::debug!(topic = %self.cfg.topic, lost, partitions = ?tps, "revoked");
+        {
+            let mut st = self.lock();
+            for tp in &tps {
+                if let Some(part) = st.parts.get_mut(tp) {
+                    part.revoking = true;
+                    part.buffered.clear();
+                    part.requeued.clear();
+                }
+            }
+            st.rebalances += 1;
+        }
+        self.notify.notify_waiters();
+        if !lost {
+            let deadline = std::time::Instant::now() + self.cfg.revoke_grace;
+            let mut st = self.lock();
+            loop {
+                let busy = tps
+                    .iter()
+                    .any(|tp| st.parts.get(tp).is_some_and(|p| p.handed_out > 0));
+                let now = std::time::Instant::now();
+                if !busy || now >= deadline {
+                    break;
+                }
+                st = self
+                    .settled
+                    .wait_timeout(st, deadline - now)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+        }
+        let mut positions = Vec::new();
+        {
+            let mut st = self.lock();
+            for tp in &tps {
+                if let Some(part) = st.parts.remove(tp) {
+                    part.live.store(false, AtomicOrdering::Release);
+                    st.handed_out = st.handed_out.saturating_sub(part.handed_out);
+                    if part.handed_out > 0 {
+                        tracing::warn!(
+                            topic = %self.topics[tp.topic], partition = tp.partition,
+                            unsettled = part.handed_out,
+                            "partition revoked with deliveries unsettled after revoke_grace; \
+                             they will be redelivered to the partition's next owner"
+                        );
+                    }
+                    if let Some(point) = part.commit_point() {
+                        positions.push((*tp, point));
+                    }
+                }
+                st.pending_commit[usize::from(tp.topic > 0)].remove(tp);
+            }
+            st.order.retain(|tp| !tps.contains(tp));
+        }
+        if lost {
+            tracing::warn!(topic = %self.cfg.topic, "assignment lost: nothing committed for the lost partitions");
+            return;
+        }
+        self.commit_now(consumer, &positions, "revoke");
+    }
+
+    /// The delivery for `record`, handed out now.
+    fn delivery(
+        self: &Arc<Self>,
+        tp: Tp,
+        live: &Arc<AtomicBool>,
+        record: Arc<Received>,
+        attempt: u32,
+    ) -> Delivery {
+        let meta = DeliveryMeta::new(
+            record.id.clone(),
+            attempt,
+            record.enqueued_at,
+            self.queue.clone(),
+        )
+        .with_position(record.position.clone());
+        let message = record.message();
+        let ack = KafkaAck {
+            shared: self.clone(),
+            tp,
+            live: live.clone(),
+            record,
+            attempt,
+            settled: AtomicBool::new(false),
+        };
+        Delivery::new(message, meta, AckHandle::new(ack)).with_capabilities(self.caps.clone())
+    }
+
+    /// Take up to `max` deliverable records, round robin over partitions; or the
+    /// time until the next one is due.
+    fn take(self: &Arc<Self>, max: usize) -> Result<(Vec<Delivery>, Option<Duration>)> {
+        let mut st = self.lock();
+        if st.closing.is_some() || st.finished {
+            return Err(Error::closed("consumer"));
+        }
+        let mut out: Vec<(Tp, Arc<AtomicBool>, Arc<Received>, u32)> = Vec::new();
+        let mut next_due: Option<Duration> = None;
+        let mut soonest = |d: Duration| {
+            next_due = Some(next_due.map_or(d, |n: Duration| n.min(d)));
+        };
+        let n = st.order.len();
+        if n == 0 || max == 0 {
+            return Ok((Vec::new(), None));
+        }
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let start = st.rr;
+        st.rr = st.rr.wrapping_add(1);
+        let mut progress = true;
+        let mut taken = 0usize;
+        while taken < max && progress {
+            progress = false;
+            for i in 0..n {
+                if taken >= max {
+                    break;
+                }
+                let tp = st.order[(start + i) % n];
+                let Some(part) = st.parts.get_mut(&tp) else {
+                    continue;
+                };
+                if part.revoking {
+                    continue;
+                }
+                let picked = if let Some(idx) = part.requeued.iter().position(|r| r.due <= now) {
+                    let r = part.requeued.swap_remove(idx);
+                    Some((r.record, r.attempt))
+                } else {
+                    for r in &part.requeued {
+                        soonest(r.due.saturating_duration_since(now));
+                    }
+                    match part.buffered.front() {
+                        Some(front) => match front.not_before {
+                            Some(t) if t > wall => {
+                                soonest(t.duration_since(wall).unwrap_or_default());
+                                None
+                            }
+                            _ => part.buffered.pop_front().map(|r| {
+                                let a = r.attempt;
+                                (r, a)
+                            }),
+                        },
+                        None => None,
+                    }
+                };
+                if let Some((record, attempt)) = picked {
+                    part.handed_out += 1;
+                    let live = part.live.clone();
+                    out.push((tp, live, record, attempt));
+                    taken += 1;
+                    progress = true;
+                }
+            }
+        }
+        st.handed_out += taken;
+        drop(st);
+        let deliveries = out
+            .into_iter()
+            .map(|(tp, live, record, attempt)| self.delivery(tp, &live, record, attempt))
+            .collect();
+        Ok((deliveries, next_due))
+    }
+
+    /// Mark a handed-out record done (acked, or its retry copy confirmed).
+    fn done(&self, tp: Tp, live: &Arc<AtomicBool>, offset: i64) -> Result<()> {
+        let mut st = self.lock();
+        let Some(part) = st.parts.get_mut(&tp).filter(|p| Arc::ptr_eq(&p.live, live)) else {
+            return Err(lease_gone());
+        };
+        part.outstanding.remove(&offset);
+        part.handed_out = part.handed_out.saturating_sub(1);
+        let wake = part.revoking || st.closing.is_some();
+        st.handed_out = st.handed_out.saturating_sub(1);
+        st.dirty[usize::from(tp.topic > 0)] = true;
+        drop(st);
+        if wake {
+            self.settled.notify_all();
+        }
+        Ok(())
+    }
+
+    /// Give a handed-out record back: delivered again in this session after
+    /// `after` (not done, so never committed past), unless the partition is going
+    /// away or the consumer closing — then the next owner or session gets it.
+    fn give_back(
+        &self,
+        tp: Tp,
+        live: &Arc<AtomicBool>,
+        record: &Arc<Received>,
+        attempt: u32,
+        after: Duration,
+    ) -> Result<()> {
+        let mut st = self.lock();
+        let closing = st.closing.is_some();
+        let Some(part) = st.parts.get_mut(&tp).filter(|p| Arc::ptr_eq(&p.live, live)) else {
+            return Err(lease_gone());
+        };
+        part.handed_out = part.handed_out.saturating_sub(1);
+        let wake = part.revoking || closing;
+        if !part.revoking && !closing {
+            part.requeued.push(Requeued {
+                due: deadline_in(after),
+                record: record.clone(),
+                attempt,
+            });
+        }
+        st.handed_out = st.handed_out.saturating_sub(1);
+        drop(st);
+        if wake {
+            self.settled.notify_all();
+        }
+        self.notify.notify_waiters();
+        Ok(())
+    }
+
+    /// Whether the consumer is closing and nothing is handed out any more.
+    fn close_ready(&self) -> bool {
+        let st = self.lock();
+        st.closing.is_some() && st.handed_out == 0
+    }
+
+    /// Wait until the poll thread has committed and left (bounded).
+    async fn wait_finished(&self, limit: Duration) -> Result<()> {
+        let mut rx = self.finished_tx.subscribe();
+        let waited = tokio::time::timeout(limit, rx.wait_for(|f| *f))
+            .await
+            .map(|r| r.is_ok());
+        match waited {
+            Ok(_) => Ok(()),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!("the consumer did not commit and leave its group within {limit:?}"),
+            )),
+        }
+    }
+
+    /// Push polled records into their partitions' buffers.
+    fn push(&self, records: Vec<Received>) {
+        if records.is_empty() {
+            return;
+        }
+        let mut st = self.lock();
+        for r in records {
+            let tp = Tp {
+                topic: r.topic_index,
+                partition: r.partition,
+            };
+            let Some(part) = st.parts.get_mut(&tp) else {
+                continue;
+            };
+            if part.revoking || (part.next_fetch >= 0 && r.offset < part.next_fetch) {
+                // Revoked meanwhile, or a re-fetch of what we hold already.
+                continue;
+            }
+            part.next_fetch = r.offset + 1;
+            if let Some(prev) = &part.prev {
+                let done = prev.is_done(r.offset);
+                if r.offset + 1 >= prev.end {
+                    part.prev = None;
+                }
+                if done {
+                    // Processed before the restart: never handed out again.
+                    part.skipped += 1;
+                    st.skipped += 1;
+                    st.dirty[usize::from(tp.topic > 0)] = true;
+                    continue;
+                }
+            }
+            part.outstanding.insert(r.offset);
+            part.buffered.push_back(Arc::new(r));
+        }
+        drop(st);
+        self.notify.notify_waiters();
+    }
+
+    /// Pause partitions that are full, revoking, or whose head is not due yet;
+    /// resume the others. Store the watermarks that moved.
+    fn maintain(&self, consumer: &BaseConsumer<Ctx>, kind: usize, commits: &mut Committer) {
+        let mut pause = TopicPartitionList::new();
+        let mut resume = TopicPartitionList::new();
+        let mut store = Vec::new();
+        {
+            let mut st = self.lock();
+            let wall = SystemTime::now();
+            let cap = self.cfg.buffer;
+            let dirty = std::mem::take(&mut st.dirty[kind]);
+            for (tp, part) in st.parts.iter_mut() {
+                if usize::from(tp.topic > 0) != kind {
+                    continue;
+                }
+                let head_waits = part
+                    .buffered
+                    .front()
+                    .and_then(|r| r.not_before)
+                    .is_some_and(|t| t > wall);
+                // Resume only below half the cap, so a busy partition is not toggled
+                // per record.
+                let full = if part.paused {
+                    part.buffered.len() > cap / 2
+                } else {
+                    part.buffered.len() >= cap
+                };
+                // Too many not-done ranges for the commit metadata: stop fetching
+                // until the watermark catches up.
+                let gappy = part.ranges > progress::MAX_RANGES;
+                let want = part.revoking || head_waits || full || gappy;
+                if want != part.paused {
+                    let list = if want { &mut pause } else { &mut resume };
+                    list.add_partition(&self.topics[tp.topic], tp.partition);
+                    part.paused = want;
+                }
+                if dirty {
+                    if let Some(point) = part.commit_point() {
+                        if part.stored.as_ref() != Some(&point) {
+                            part.ranges = point.1.matches('+').count();
+                            part.stored = Some(point.clone());
+                            store.push((*tp, point));
+                        }
+                    }
+                }
+            }
+            for (tp, point) in &store {
+                st.pending_commit[kind].insert(*tp, point.clone());
+            }
+        }
+        if pause.count() > 0 {
+            if let Err(e) = consumer.pause(&pause) {
+                tracing::debug!(error = %e, "pause failed");
+            }
+        }
+        if resume.count() > 0 {
+            if let Err(e) = consumer.resume(&resume) {
+                tracing::debug!(error = %e, "resume failed");
+            }
+        }
+        if !store.is_empty() {
+            if let Err(e) = consumer.store_offsets(&self.commit_list(&store, false)) {
+                tracing::debug!(error = %e, "storing offsets failed");
+            }
+        }
+        if commits.due(self.cfg.commit_interval) {
+            let points: Vec<(Tp, (i64, String))> = {
+                let mut st = self.lock();
+                let taken = std::mem::take(&mut st.pending_commit[kind]);
+                taken
+                    .into_iter()
+                    .filter(|(tp, _)| st.parts.contains_key(tp))
+                    .collect()
+            };
+            // Never after a lost assignment (the broker would fence a stale
+            // generation's commit anyway).
+            if !points.is_empty() && !consumer.assignment_lost() {
+                if let Err(e) = consumer.commit(&self.commit_list(&points, true), CommitMode::Async)
+                {
+                    tracing::debug!(error = %e, "periodic commit failed");
+                }
+            }
+        }
+    }
+
+    /// Close: commit every partition's watermark (unless the assignment was lost)
+    /// and retire every epoch.
+    fn final_commit(&self, consumer: &BaseConsumer<Ctx>, kind: usize) {
+        let lost = consumer.assignment_lost();
+        let mut positions = Vec::new();
+        {
+            let mut st = self.lock();
+            let mine: Vec<Tp> = st
+                .parts
+                .keys()
+                .filter(|tp| usize::from(tp.topic > 0) == kind)
+                .copied()
+                .collect();
+            for tp in mine {
+                if let Some(part) = st.parts.remove(&tp) {
+                    part.live.store(false, AtomicOrdering::Release);
+                    st.handed_out = st.handed_out.saturating_sub(part.handed_out);
+                    if let Some(point) = part.commit_point() {
+                        positions.push((tp, point));
+                    }
+                }
+            }
+            st.pending_commit[kind].clear();
+            st.order.retain(|tp| usize::from(tp.topic > 0) != kind);
+        }
+        if lost {
+            return;
+        }
+        self.commit_now(consumer, &positions, "close");
+    }
+}
+
+fn lease_gone() -> Error {
+    Error::new(
+        ErrorKind::LeaseExpired,
+        "the partition was revoked from this consumer (rebalance or close); its next owner \
+         delivers the record again",
+    )
+}
+
+/// The librdkafka context: rebalance callbacks run on the poll thread.
+pub(crate) struct Ctx {
+    shared: Arc<Shared>,
+    /// 0: the member reading the queue's topic; 1: the one reading its tiers.
+    kind: usize,
+}
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => self.shared.on_assign(consumer, tpl, self.kind),
+            Rebalance::Revoke(tpl) => self.shared.on_revoke(consumer, tpl),
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(_) = rebalance {
+            self.shared.notify.notify_waiters();
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _: &TopicPartitionList) {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "offset commit failed");
+        }
+    }
+}
+
+/// The periodic commit of one member's stored watermarks. Ours rather than
+/// librdkafka's auto commit, whose commit of the revoked partitions on unassign
+/// kept a closing member from sending its LeaveGroup (it terminated mid-unassign),
+/// which stalled the group's next rebalance until the session timed out.
+struct Committer {
+    last: std::time::Instant,
+}
+
+impl Committer {
+    fn new() -> Self {
+        Committer {
+            last: std::time::Instant::now(),
+        }
+    }
+
+    /// Whether `interval` passed since the last periodic commit (and restart it).
+    fn due(&mut self, interval: Duration) -> bool {
+        if self.last.elapsed() < interval {
+            return false;
+        }
+        self.last = std::time::Instant::now();
+        true
+    }
+}
+
+/// Poll one member: up to [`POLL_BATCH`] records, waiting at most `wait` for the
+/// first.
+fn poll_into(shared: &Shared, consumer: &BaseConsumer<Ctx>, mut wait: Duration) {
+    let mut batch = Vec::new();
+    while batch.len() < POLL_BATCH {
+        match consumer.poll(wait) {
+            Some(Ok(m)) => {
+                let topic = rdkafka::Message::topic(&m);
+                if let Some(i) = shared.topic_index(topic) {
+                    batch.push(Received::parse(&m, i));
+                }
+            }
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "consumer poll error");
+                break;
+            }
+            None => break,
+        }
+        wait = Duration::ZERO;
+    }
+    shared.push(batch);
+}
+
+/// The poll thread: serves both members (the queue's topic in group G, the tiers
+/// in group `G.retry`), so neither ever exceeds `max.poll.interval.ms` however
+/// slow the handlers are.
+fn poll_thread(shared: Arc<Shared>, main: BaseConsumer<Ctx>, retry: Option<BaseConsumer<Ctx>>) {
+    let mut commits = [Committer::new(), Committer::new()];
+    loop {
+        match &retry {
+            Some(r) => {
+                poll_into(&shared, &main, POLL_WAIT / 2);
+                poll_into(&shared, r, POLL_WAIT / 2);
+                shared.maintain(r, 1, &mut commits[1]);
+            }
+            None => poll_into(&shared, &main, POLL_WAIT),
+        }
+        shared.maintain(&main, 0, &mut commits[0]);
+        let leave = {
+            let st = shared.lock();
+            match st.closing {
+                Some(deadline) => st.handed_out == 0 || Instant::now() >= deadline,
+                None => false,
+            }
+        };
+        if leave {
+            break;
+        }
+    }
+    shared.final_commit(&main, 0);
+    if let Some(r) = &retry {
+        shared.final_commit(r, 1);
+    }
+    // Leave both groups (unsubscribe, then rd_kafka_consumer_close on drop).
+    leave(main);
+    if let Some(r) = retry {
+        leave(r);
+    }
+    shared.lock().finished = true;
+    shared.finished_tx.send_replace(true);
+    shared.notify.notify_waiters();
+}
+
+/// Leave the group: unsubscribe first (librdkafka revokes, and sends LeaveGroup
+/// unless a JoinGroup is in flight), serve the callbacks until nothing is
+/// assigned (bounded), then close. A member that closes mid-rebalance may still
+/// skip the LeaveGroup; the short `session.timeout.ms` bounds how long the group
+/// waits for it.
+fn leave(consumer: BaseConsumer<Ctx>) {
+    consumer.unsubscribe();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        let _ = consumer.poll(Duration::from_millis(10));
+        if consumer.assignment().map_or(true, |a| a.count() == 0) {
+            break;
+        }
+    }
+    drop(consumer);
+}
+
+/// Settles one delivery: ack marks it done, nack produces a retry copy first.
+struct KafkaAck {
+    shared: Arc<Shared>,
+    tp: Tp,
+    live: Arc<AtomicBool>,
+    record: Arc<Received>,
+    attempt: u32,
+    settled: AtomicBool,
+}
+
+impl fmt::Debug for KafkaAck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaAck")
+            .field("position", &self.record.position)
+            .field("attempt", &self.attempt)
+            .finish()
+    }
+}
+
+impl KafkaAck {
+    fn check_live(&self) -> Result<()> {
+        if self.live.load(AtomicOrdering::Acquire) {
+            Ok(())
+        } else {
+            Err(lease_gone())
+        }
+    }
+
+    /// After a settle: if that was the last delivery a closing consumer waited
+    /// for, wait for its final commit, so the settle is on the broker when the
+    /// caller (a worker shutting down) moves on.
+    async fn after_settle(&self) {
+        if self.shared.close_ready() {
+            let limit = self.shared.cfg.close_timeout + Duration::from_secs(10);
+            let _ = self.shared.wait_finished(limit).await;
+        }
+    }
+
+    async fn settled_ok(&self, r: Result<()>) -> Result<()> {
+        if r.is_ok() {
+            self.settled.store(true, AtomicOrdering::Release);
+            self.after_settle().await;
+        }
+        r
+    }
+}
+
+#[async_trait]
+impl Ack for KafkaAck {
+    async fn ack(&self) -> Result<()> {
+        let r = self.shared.done(self.tp, &self.live, self.record.offset);
+        self.settled_ok(r).await
+    }
+
+    /// Produces a copy to the smallest retry tier holding `redeliver_after` (now:
+    /// the shortest tier, due at once) with attempt + 1, a not-before time, and the
+    /// original id and enqueue time; only once the broker confirmed the copy is
+    /// the original marked done. A crash in between duplicates, never loses.
+    async fn nack(&self, redeliver_after: Option<Duration>) -> Result<()> {
+        self.check_live()?;
+        self.shared.caps.check_nack_delay(redeliver_after)?;
+        let delay = redeliver_after.unwrap_or_default();
+        let cfg = &self.shared.cfg;
+        let attempt = self.attempt.saturating_add(1);
+        let Some(tier) = cfg.tier_for(delay) else {
+            // No tiers configured: redeliver in this session (attempt counted in
+            // memory only).
+            let r = self
+                .shared
+                .give_back(self.tp, &self.live, &self.record, attempt, delay);
+            return self.settled_ok(r).await;
+        };
+        let now = SystemTime::now();
+        let due = now.checked_add(delay).unwrap_or(now);
+        let r = &self.record;
+        let headers = record::user_headers(&r.headers);
+        let headers = with_header(headers, H_ID, &r.id);
+        let headers = with_header(headers, H_ENQUEUED_AT, &unix_ms(r.enqueued_at).to_string());
+        let headers = with_header(headers, H_ATTEMPT, &attempt.to_string());
+        let headers = with_header(headers, H_NOT_BEFORE, &unix_ms_ceil(due).to_string());
+        let topic = cfg.tier_topic(tier);
+        self.shared
+            .sender
+            .produce(&topic, r.key.as_deref(), &r.payload, headers)
+            .await?;
+        let done = self
+            .shared
+            .done(self.tp, &self.live, r.offset)
+            .map_err(|_| {
+                Error::new(
+                ErrorKind::LeaseExpired,
+                "the retry copy was produced, but the partition was revoked before the original \
+                 could be marked done: both will be delivered",
+            )
+            });
+        self.settled_ok(done).await
+    }
+
+    /// Kafka has no leases: nothing to extend while the partition is ours.
+    async fn extend(&self, _by: Duration) -> Result<()> {
+        self.check_live()
+    }
+
+    /// Re-queued locally and handed out again in this session (not committed past
+    /// meanwhile), attempt unchanged. While the partition is being revoked or the
+    /// consumer closing, it is left uncommitted for the next owner instead.
+    async fn release(&self, redeliver_after: Option<Duration>) -> Result<()> {
+        // A local re-queue could hold any delay, but the same limit as a nack keeps
+        // the two interchangeable for middleware.
+        self.shared.caps.check_nack_delay(redeliver_after)?;
+        let r = self.shared.give_back(
+            self.tp,
+            &self.live,
+            &self.record,
+            self.attempt,
+            redeliver_after.unwrap_or_default(),
+        );
+        self.settled_ok(r).await
+    }
+
+    fn is_live(&self) -> bool {
+        self.live.load(AtomicOrdering::Acquire)
+    }
+}
+
+impl Drop for KafkaAck {
+    /// A delivery dropped unsettled comes back in this session (like a release).
+    fn drop(&mut self) {
+        if !self.settled.load(AtomicOrdering::Acquire) && self.live.load(AtomicOrdering::Acquire) {
+            let _ = self.shared.give_back(
+                self.tp,
+                &self.live,
+                &self.record,
+                self.attempt,
+                Duration::ZERO,
+            );
+        }
+    }
+}
+
+/// One member of the queue's consumer group. See the crate docs.
+pub struct KafkaConsumer {
+    shared: Arc<Shared>,
+    lag: LazyLag,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl fmt::Debug for KafkaConsumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaConsumer")
+            .field("topic", &self.shared.cfg.topic)
+            .field("group", &self.shared.cfg.group())
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaConsumer {
+    pub(crate) async fn connect(cfg: KafkaConfig) -> Result<Self> {
+        cfg.validate()?;
+        if cfg.create {
+            ensure_topics(&cfg).await?;
+        }
+        let cfg = Arc::new(cfg);
+        let mut topics = vec![cfg.topic.clone()];
+        topics.extend(cfg.tier_topics());
+        let (joined_tx, mut joined_rx) = watch::channel(false);
+        let (finished_tx, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            caps: Arc::new(capabilities(&cfg)),
+            queue: Arc::from(cfg.topic.as_str()),
+            sender: Arc::new(Sender::new(cfg.clone())?),
+            topics,
+            state: Mutex::new(State::default()),
+            settled: Condvar::new(),
+            notify: Notify::new(),
+            joined_tx,
+            finished_tx,
+            cfg: cfg.clone(),
+        });
+        let lag = LazyLag::new(cfg.clone());
+
+        let member = |group: String, topics: &[String], kind: usize| -> Result<BaseConsumer<Ctx>> {
+            let mut c = cfg.base_client_config();
+            c.set("group.id", group)
+                .set("partition.assignment.strategy", "cooperative-sticky")
+                // Committed by the poll thread every commit_interval (see Committer).
+                .set("enable.auto.commit", "false")
+                .set("enable.auto.offset.store", "false")
+                .set("auto.offset.reset", "earliest")
+                // A rebalance is noticed on the next heartbeat: 1 s (librdkafka's
+                // default is 3 s) so a joining member gets its partitions sooner.
+                .set("heartbeat.interval.ms", "1000")
+                // A member that died (or closed mid-rebalance without a LeaveGroup,
+                // which librdkafka does when a JoinGroup is in flight) holds up every
+                // rebalance of the group until its session times out: 10 s rather
+                // than the default 45 s.
+                .set("session.timeout.ms", "10000")
+                .set("enable.partition.eof", "false");
+            cfg.apply_overrides(&mut c);
+            let consumer: BaseConsumer<Ctx> = c
+                .create_with_context(Ctx {
+                    shared: shared.clone(),
+                    kind,
+                })
+                .map_err(|e| config_error("consumer", e))?;
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            consumer
+                .subscribe(&names)
+                .map_err(|e| kafka_error("subscribing", e))?;
+            Ok(consumer)
+        };
+        // Two members: the queue's topic in the group, the tiers in `GROUP.retry`.
+        // One member for both would let the sticky assignor balance partition
+        // *counts* across all topics — one member could get every tier partition
+        // and the other every partition of the queue.
+        let main = member(cfg.group(), &shared.topics[..1], 0)?;
+        let retry = if shared.topics.len() > 1 {
+            Some(member(cfg.retry_group(), &shared.topics[1..], 1)?)
+        } else {
+            None
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("ferrymq-kafka-{}", cfg.topic))
+            .spawn({
+                let shared = shared.clone();
+                move || poll_thread(shared, main, retry)
+            })
+            .map_err(|e| Error::backend("cannot start the poll thread", e))?;
+        let me = KafkaConsumer {
+            shared,
+            lag,
+            thread: Mutex::new(Some(thread)),
+        };
+        let joined = tokio::time::timeout(cfg.join_timeout, joined_rx.wait_for(|j| *j)).await;
+        if joined.is_err() {
+            me.begin_close(Duration::ZERO);
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "no partition assignment from group {:?} within join_timeout ({:?}); is the \
+                     broker at {} reachable?",
+                    cfg.group(),
+                    cfg.join_timeout,
+                    cfg.brokers.join(",")
+                ),
+            ));
+        }
+        Ok(me)
+    }
+
+    fn begin_close(&self, timeout: Duration) -> bool {
+        let nothing_out = {
+            let mut st = self.shared.lock();
+            if st.closing.is_none() {
+                st.closing = Some(deadline_in(timeout));
+            }
+            st.handed_out == 0
+        };
+        self.shared.notify.notify_waiters();
+        self.shared.settled.notify_all();
+        nothing_out
+    }
+
+    /// Partitions currently assigned to this member: `(topic, partition)`.
+    pub fn assignment(&self) -> Vec<(String, i32)> {
+        let st = self.shared.lock();
+        let mut v: Vec<(String, i32)> = st
+            .parts
+            .keys()
+            .map(|tp| (self.shared.topics[tp.topic].clone(), tp.partition))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Records skipped (never delivered) because the commit metadata of a previous
+    /// session said they were done: the replay saved.
+    pub fn skipped(&self) -> u64 {
+        self.shared.lock().skipped
+    }
+
+    /// Rebalance callbacks (assign and revoke) seen so far.
+    pub fn rebalances(&self) -> u64 {
+        self.shared.lock().rebalances
+    }
+
+    /// Wait until the member has committed and left the group (after `close`).
+    pub async fn closed(&self) -> Result<()> {
+        self.shared
+            .wait_finished(self.shared.cfg.close_timeout + Duration::from_secs(30))
+            .await
+    }
+}
+
+impl Drop for KafkaConsumer {
+    /// Dropped without `close`: the poll thread waits for handed-out deliveries up
+    /// to `close_timeout`, commits and leaves, in the background.
+    fn drop(&mut self) {
+        self.begin_close(self.shared.cfg.close_timeout);
+        if let Ok(mut t) = self.thread.lock() {
+            t.take();
+        }
+    }
+}
+
+#[async_trait]
+impl Consumer for KafkaConsumer {
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        let deadline = deadline_in(wait);
+        loop {
+            let notified = self.shared.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (got, next_due) = self.shared.take(max)?;
+            if !got.is_empty() {
+                return Ok(got);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(Vec::new());
+            }
+            let until = match next_due {
+                Some(d) => deadline.min(ferrymq_core::time::deadline_after(now, d)),
+                None => deadline,
+            };
+            tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep_until(until) => {}
+            }
+        }
+    }
+
+    /// Group lag (end offsets − committed) of the topic (`waiting`, less what this
+    /// member holds, `in_flight`) and of its tiers (`delayed`). Approximate.
+    async fn depth(&self) -> Result<Depth> {
+        let held = u64::try_from(self.shared.lock().handed_out).unwrap_or(u64::MAX);
+        lag_depth(&self.lag.get()?, held).await
+    }
+
+    /// Stop handing out deliveries. With none outstanding, commits and leaves the
+    /// group before returning. Otherwise returns at once and keeps the membership
+    /// until they are settled (the last settle waits for the commit) or
+    /// `close_timeout` passes; [`KafkaConsumer::closed`] waits for that.
+    async fn close(&self) -> Result<()> {
+        if self.begin_close(self.shared.cfg.close_timeout) {
+            self.shared
+                .wait_finished(self.shared.cfg.close_timeout + Duration::from_secs(30))
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn queue(&self) -> &str {
+        &self.shared.cfg.topic
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.shared.caps
+    }
+}

@@ -1,0 +1,172 @@
+//! # ferrymq-kafka
+//!
+//! The Kafka backend of ferrymq, over librdkafka (`rdkafka` 0.39, its default
+//! features: librdkafka 2.12 bundled and built from source).
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use ferrymq_core::{Consumer, Message, Producer};
+//! use ferrymq_kafka::KafkaConfig;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> ferrymq_core::Result<()> {
+//! let cfg = KafkaConfig::from_url("kafka://127.0.0.1:9092,127.0.0.1:9093/orders?group=invoicers")?;
+//! let producer = cfg.producer().await?;
+//! let consumer = cfg.consumer().await?; // returns once the member was assigned
+//! producer.send(Message::new("hello").key("customer-7")).await?;
+//! for d in consumer.receive(100, Duration::from_secs(5)).await? {
+//!     d.ack().await?;
+//! }
+//! consumer.close().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Topics and groups
+//!
+//! A queue `Q` is the topic `Q`, its retry tiers `Q.retry-1s`, `Q.retry-5s`, …
+//! (`retry_tiers`, default 1s, 5s, 30s, 2m, 10m, 1h) and its dead-letter topic
+//! `Q.dlq` (created by the admin; the RetryToDlq middleware publishes to it through
+//! `with_queue("Q.dlq")`). Producers and consumers create `Q` and its tiers when
+//! missing (`create=true`, `partitions`, `replication`). The group is `group`
+//! (default `ferrymq.Q`, one per queue, so a rebalance of one queue never stalls
+//! another).
+//!
+//! A [`KafkaConsumer`] is **two** group members served by one poll thread: one
+//! reads `Q` in the group `G`, the other the tiers in `G.retry`. One member for all
+//! the topics let the cooperative-sticky assignor balance partition *counts*
+//! across topics, so one member could get every tier partition and the other every
+//! partition of `Q`.
+//!
+//! ## Producer
+//!
+//! `enable.idempotence=true`, `acks=all`, `partitioner=murmur2_random` (a keyed
+//! record lands where the Java client puts it; keyless ones spread at random).
+//! `send` resolves on the delivery report; the receipt id is `partition/offset`
+//! (`TIER-TOPIC/partition/offset` for a delayed message). `send_batch` hands every
+//! entry to librdkafka first, then awaits each report: one result per entry. A
+//! message is refused with `TooLarge` before anything is produced when its
+//! `encoded_len` exceeds `max_message_size`, or when the record on the wire (key,
+//! headers, the retry headers a nack may add, record and batch framing) would
+//! exceed `max_record_bytes` (the broker's `message.max.bytes`). A report that
+//! timed out or failed after the request left (librdkafka's "possibly persisted")
+//! is `OutcomeUnknown`; librdkafka's local queue staying full for 5 s is
+//! `QueueFull`; a broker quota is `Throttled`. `close` flushes.
+//!
+//! ## Consumer: commits and revokes
+//!
+//! - A dedicated thread polls both members, so handlers of any duration never make
+//!   the member exceed `max.poll.interval.ms` (tested with 6 s and a handler of 8 s).
+//!   Records go into a per-partition buffer; a partition is paused when its buffer
+//!   holds `buffer` records (resumed below half), while it is being revoked, and —
+//!   on a tier — while its head is not due yet.
+//! - Every record polled and not done is *outstanding*. An ack marks its offset
+//!   done; a partition's commit position is its smallest outstanding offset (or the
+//!   next offset to fetch when none is): an out-of-order ack never commits past an
+//!   unprocessed record, and a restart replays from the first undone record. The
+//!   poll thread stores moved positions (`store_offsets`) and commits them every
+//!   `commit_interval` (`commit_consumer_state`, not librdkafka's auto commit, whose
+//!   commit-on-unassign made closing members skip their LeaveGroup).
+//! - **Beyond the watermark**: each commit carries, in its metadata, which records
+//!   above the watermark are already done (`fmq1:<span>:<gap>+<len>,…`, run-length
+//!   deltas of the not-done ranges, kept under 3800 bytes — the broker allows 4096 —
+//!   by describing a shorter span; a partition with more than 300 not-done ranges is
+//!   paused until the watermark catches up). A member assigned the partition reads
+//!   it and skips those records ([`KafkaConsumer::skipped`] counts them), so a
+//!   restart after out-of-order acks replays only the undone records; peek skips
+//!   them too. Any other client resumes at the watermark, which is always correct.
+//! - **Revoke** (cooperative-sticky, incremental): the partitions stop being handed
+//!   out and their buffered records are dropped (still outstanding, so not
+//!   committed past); handed-out deliveries get `revoke_grace` to be settled; then,
+//!   under the state lock, the partition's epoch is retired (every handle of it now
+//!   answers `LeaseExpired` and `is_live()` false) and the position computed, and
+//!   it is committed synchronously. After a **lost** assignment nothing is waited
+//!   for and nothing is committed (the periodic commit checks too).
+//! - **Close** stops handing out at once. With nothing handed out it commits and
+//!   leaves before returning. Otherwise it returns at once (so a Worker can release
+//!   its prefetched deliveries and finish its handlers), keeps the membership until
+//!   they are settled or `close_timeout` passes, then commits and leaves; the settle
+//!   that completes it waits for that commit, and [`KafkaConsumer::closed`] waits for
+//!   it too. Leaving is unsubscribe, then close. Dropping a consumer closes it the
+//!   same way in the background.
+//! - **Release** re-queues the record locally: handed out again in this session
+//!   after the delay (never committed past meanwhile), attempt unchanged. During a
+//!   revoke or close it is left uncommitted for the next owner. A delivery dropped
+//!   unsettled is released the same way.
+//! - `extend` succeeds while the partition is ours (there is no lease to move).
+//!
+//! ## Retries and delays: tiered retry topics
+//!
+//! A nack with delay `d` (no delay: the shortest tier, due at once) produces a copy
+//! of the message to the smallest tier `>= d`, with headers `ferrymq-attempt`
+//! (attempt + 1), `ferrymq-not-before` (now + `d`, ms since the epoch),
+//! `ferrymq-enqueued-at` and `ferrymq-id` (the original's), and the same key; only
+//! once the broker confirmed the copy is the original marked done (a crash in
+//! between duplicates, never loses). The tier member pauses a tier partition while
+//! its head is not due and resumes it when it is; records of a tier are appended in
+//! due order except for delays between two tiers, which wait at most the gap
+//! between the tiers. A delayed send goes the same way (to the tier, with a
+//! not-before time). The internal headers are stripped before a delivery is handed
+//! out: id, attempt and enqueue time are in `DeliveryMeta`. A nack delay longer than
+//! the largest tier is `Unsupported` and leaves the delivery as it was.
+//!
+//! Retries do not keep order (a retried record comes after later records of its
+//! key); use `Worker::ordered_by_key` for per-key order with concurrency.
+//!
+//! ## Capabilities
+//!
+//! `Ordering::PerKeyPipelined`; `max_delay` = `max_nack_delay` = the largest tier;
+//! `nack_delay_blocks` false; `release_keeps_attempt` true; `Attempts::NacksOnly` (a
+//! header counter: a replay after a crash or rebalance says the same attempt);
+//! depth `Approximate` (group lag: end − committed of `Q` is waiting, less what this
+//! consumer holds, in flight; lag of the tiers in `G.retry` is delayed);
+//! `visibility_timeout` None; no broker-side dedup; not bounded.
+//!
+//! ## Admin
+//!
+//! [`KafkaAdmin`]: create / ensure (the topic, its tiers and its DLQ; `create`
+//! refuses another partition count), delete, describe (partitions, groups, tiers,
+//! warnings for missing tier topics), peek (a group-less reader from the group's
+//! committed offsets; commits nothing), lag per partition, and `reset_offsets` to
+//! earliest / latest / a timestamp (refused while the group has members). Purge is
+//! `Unsupported`: Kafka deletes by offset, in-flight records included.
+
+#![forbid(unsafe_code)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+mod admin;
+mod config;
+mod consumer;
+mod producer;
+mod progress;
+mod record;
+
+use ferrymq_core::{Accuracy, Attempts, Capabilities, Ordering};
+
+pub use admin::KafkaAdmin;
+pub use config::{KafkaConfig, KafkaDriver, MAX_TOPIC_LEN};
+pub use consumer::KafkaConsumer;
+pub use producer::KafkaProducer;
+
+/// Header names ferrymq writes on retry copies and delayed records (stripped again
+/// before a delivery is handed out; read them from [`ferrymq_core::DeliveryMeta`]).
+pub mod headers {
+    pub use crate::record::{H_ATTEMPT, H_ENQUEUED_AT, H_ID, H_NOT_BEFORE};
+}
+
+/// What a Kafka queue with these settings can do.
+pub(crate) fn capabilities(cfg: &KafkaConfig) -> Capabilities {
+    let mut c = Capabilities::minimal("kafka");
+    c.ordering = Ordering::PerKeyPipelined;
+    c.max_delay = cfg.max_delay();
+    c.max_nack_delay = cfg.max_delay();
+    c.nack_delay_blocks = false;
+    c.release_keeps_attempt = true;
+    c.max_message_size = cfg.max_message_size;
+    c.max_batch = 10_000;
+    c.attempts = Attempts::NacksOnly;
+    c.depth = Accuracy::Approximate;
+    c.visibility_timeout = None;
+    c.extend_visibility = false;
+    c
+}

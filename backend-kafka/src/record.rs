@@ -1,0 +1,216 @@
+//! How a ferrymq message is laid out in a Kafka record, and read back.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use ferrymq_core::{reserved, Error, ErrorKind, Headers, Message, Result};
+use rdkafka::message::{BorrowedMessage, Header, Headers as _, OwnedHeaders};
+use rdkafka::Message as _;
+
+/// Attempt of the delivery this record makes (absent: 1). A header counter, so only
+/// nacks count (a replay after a crash or rebalance says the same attempt again).
+pub const H_ATTEMPT: &str = reserved::ATTEMPT;
+/// Not to be delivered before this time (ms since the Unix epoch): delayed sends and
+/// retry copies, on a tier topic.
+pub const H_NOT_BEFORE: &str = "ferrymq-not-before";
+/// When the message was first enqueued (ms since the epoch), kept across retries.
+pub const H_ENQUEUED_AT: &str = "ferrymq-enqueued-at";
+/// The message's id from its first record, kept across retries.
+pub const H_ID: &str = "ferrymq-id";
+
+/// Headers ferrymq writes and strips again on receive.
+pub const INTERNAL: &[&str] = &[H_ATTEMPT, H_NOT_BEFORE, H_ENQUEUED_AT, H_ID];
+
+/// Bytes a record batch of one record adds on the wire beyond its record (the v2
+/// batch header).
+pub const BATCH_OVERHEAD: usize = 61;
+/// Upper bound of a record's own framing (length, attributes, timestamp and offset
+/// deltas, key and value lengths, header count: varints of at most 5 bytes each,
+/// timestamp delta up to 10).
+pub const RECORD_OVERHEAD: usize = 40;
+/// Upper bound of one header's framing (two varint lengths).
+pub const HEADER_OVERHEAD: usize = 10;
+
+/// Milliseconds since the Unix epoch (0 before it).
+pub fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Milliseconds since the Unix epoch, rounded **up**: for not-before times, so a
+/// delay is never cut short by the truncation.
+pub fn unix_ms_ceil(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| {
+            let ms = d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 != 0);
+            i64::try_from(ms).unwrap_or(i64::MAX)
+        })
+        .unwrap_or(0)
+}
+
+/// The time `ms` since the Unix epoch (the epoch for negative values).
+pub fn from_unix_ms(ms: i64) -> SystemTime {
+    let ms = u64::try_from(ms).unwrap_or(0);
+    UNIX_EPOCH
+        .checked_add(Duration::from_millis(ms))
+        .unwrap_or(UNIX_EPOCH)
+}
+
+/// Size of `message` as one record on the wire, with its framing and the ferrymq
+/// headers a retry may add: what the broker's `message.max.bytes` limits.
+pub fn wire_size(message: &Message) -> usize {
+    let key = message.get_key().map_or(0, str::len);
+    let headers: usize = message
+        .headers()
+        .iter()
+        .map(|(n, v)| n.len() + v.len() + HEADER_OVERHEAD)
+        .sum();
+    // A retry copy carries the four internal headers (names + at most 20-digit values).
+    let internal: usize = INTERNAL
+        .iter()
+        .map(|n| n.len() + 40 + HEADER_OVERHEAD)
+        .sum();
+    message.payload().len() + key + headers + internal + RECORD_OVERHEAD + BATCH_OVERHEAD
+}
+
+/// Refuse a message the broker would refuse, before anything is produced.
+pub fn check_size(
+    message: &Message,
+    max_message_size: usize,
+    max_record_bytes: usize,
+) -> Result<()> {
+    message.validate(max_message_size)?;
+    let wire = wire_size(message);
+    if wire > max_record_bytes {
+        return Err(Error::new(
+            ErrorKind::TooLarge,
+            format!(
+                "as a Kafka record (key, headers and record overhead counted) the message is \
+                 about {wire} bytes, the maximum is {max_record_bytes} (max_record_bytes); \
+                 nothing was produced"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The user's headers (the internal ones dropped: ferrymq writes those itself).
+pub fn user_headers(headers: &Headers) -> OwnedHeaders {
+    let mut out = OwnedHeaders::new_with_capacity(headers.len() + INTERNAL.len());
+    for (n, v) in headers.iter() {
+        if !INTERNAL.contains(&n) {
+            out = out.insert(Header {
+                key: n,
+                value: Some(v.as_bytes()),
+            });
+        }
+    }
+    out
+}
+
+/// Append one internal header.
+pub fn with_header(headers: OwnedHeaders, name: &str, value: &str) -> OwnedHeaders {
+    headers.insert(Header {
+        key: name,
+        value: Some(value.as_bytes()),
+    })
+}
+
+/// One record as received, parsed once on the poll thread.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub topic_index: usize,
+    pub partition: i32,
+    pub offset: i64,
+    pub payload: Bytes,
+    pub key: Option<String>,
+    pub headers: Headers,
+    pub id: String,
+    pub attempt: u32,
+    pub enqueued_at: SystemTime,
+    pub not_before: Option<SystemTime>,
+    pub position: String,
+}
+
+impl Received {
+    /// Read a polled record of topic number `topic_index` (0: the queue's topic,
+    /// 1..: its retry tiers).
+    pub fn parse(m: &BorrowedMessage<'_>, topic_index: usize) -> Received {
+        let mut headers = Headers::new();
+        let mut attempt = None;
+        let mut not_before = None;
+        let mut enqueued_at = None;
+        let mut id = None;
+        if let Some(hs) = m.headers() {
+            for h in hs.iter() {
+                let value = h
+                    .value
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default();
+                match h.key {
+                    H_ATTEMPT => attempt = value.parse::<u32>().ok(),
+                    H_NOT_BEFORE => not_before = value.parse::<i64>().ok().map(from_unix_ms),
+                    H_ENQUEUED_AT => enqueued_at = value.parse::<i64>().ok().map(from_unix_ms),
+                    H_ID => id = Some(value),
+                    name => headers.insert(name, value),
+                }
+            }
+        }
+        let (partition, offset) = (m.partition(), m.offset());
+        let position = format!("{}/{partition}/{offset}", m.topic());
+        let id = id.unwrap_or_else(|| record_id(topic_index, m.topic(), partition, offset));
+        let enqueued_at = enqueued_at
+            .or_else(|| m.timestamp().to_millis().map(from_unix_ms))
+            .unwrap_or_else(SystemTime::now);
+        Received {
+            topic_index,
+            partition,
+            offset,
+            payload: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            headers,
+            id,
+            attempt: attempt.unwrap_or(1).max(1),
+            enqueued_at,
+            not_before,
+            position,
+        }
+    }
+
+    /// The message as the user sent it.
+    pub fn message(&self) -> Message {
+        let m = Message::new(self.payload.clone()).with_headers(self.headers.clone());
+        match &self.key {
+            Some(k) => m.key(k.clone()),
+            None => m,
+        }
+    }
+}
+
+/// A record's id: `partition/offset` in the queue's own topic,
+/// `topic/partition/offset` elsewhere (a delayed send's first record, on a tier).
+pub fn record_id(topic_index: usize, topic: &str, partition: i32, offset: i64) -> String {
+    if topic_index == 0 {
+        format!("{partition}/{offset}")
+    } else {
+        format!("{topic}/{partition}/{offset}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn not_before_times_round_up_so_a_delay_is_never_cut_short() {
+        let t = UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789);
+        assert!(from_unix_ms(unix_ms_ceil(t)) >= t);
+        assert!(
+            from_unix_ms(unix_ms(t)) < t,
+            "truncation is early: why ceil is needed"
+        );
+        let exact = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        assert_eq!(unix_ms_ceil(exact), unix_ms(exact));
+    }
+}

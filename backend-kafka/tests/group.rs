@@ -1,0 +1,199 @@
+//! Consumer-group behaviour against a real broker: partitions split between
+//! members, revokes, stale handles.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{cleanup, config, receive_n, WAIT};
+use ferrymq_core::{Consumer, ErrorKind, Message, Producer};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_members_split_the_partitions_and_each_message_is_processed_once() {
+    let cfg = config("split", "partitions=4");
+    let p = cfg.producer().await.unwrap();
+    let a = Arc::new(cfg.consumer().await.unwrap());
+    let b = Arc::new(cfg.consumer().await.unwrap());
+    // Wait for the cooperative rebalance to settle: both members hold partitions.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (pa, pb) = (main(&a.assignment()), main(&b.assignment()));
+        if pa.len() + pb.len() == 4 && !pa.is_empty() && !pb.is_empty() {
+            assert!(pa.is_disjoint(&pb));
+            break;
+        }
+        assert!(Instant::now() < deadline, "no split: {pa:?} {pb:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let n = 400;
+    for i in 0..n {
+        p.send(Message::new(format!("{i}")).key(format!("key-{i}")))
+            .await
+            .unwrap();
+    }
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let per_member = Arc::new(Mutex::new([0usize; 2]));
+    let mut tasks = Vec::new();
+    for (idx, c) in [a.clone(), b.clone()].into_iter().enumerate() {
+        let seen = seen.clone();
+        let per_member = per_member.clone();
+        tasks.push(tokio::spawn(async move {
+            let end = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < end && seen.lock().unwrap().len() < n {
+                for d in c.receive(50, Duration::from_millis(200)).await.unwrap() {
+                    seen.lock().unwrap().push(d.payload().clone());
+                    per_member.lock().unwrap()[idx] += 1;
+                    d.ack().await.unwrap();
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let seen = seen.lock().unwrap().clone();
+    let unique: HashSet<_> = seen.iter().cloned().collect();
+    assert_eq!(seen.len(), n, "each message exactly once");
+    assert_eq!(unique.len(), n);
+    let per = *per_member.lock().unwrap();
+    assert!(per[0] > 0 && per[1] > 0, "both members worked: {per:?}");
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    cleanup(&cfg).await;
+}
+
+fn main(assignment: &[(String, i32)]) -> HashSet<i32> {
+    assignment
+        .iter()
+        .filter(|(t, _)| !t.contains(".retry-"))
+        .map(|(_, p)| *p)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_ack_after_revoke_is_lease_expired_and_the_record_goes_to_the_new_owner() {
+    let cfg = config("revoke", "partitions=2&revoke_grace=500ms");
+    let p = cfg.producer().await.unwrap();
+    let a = cfg.consumer().await.unwrap();
+    for i in 0..20 {
+        p.send(Message::new(format!("{i}")).key(format!("k{i}")))
+            .await
+            .unwrap();
+    }
+    // a holds every record, unsettled.
+    let held = receive_n(&a, 20, WAIT).await;
+    let partitions: HashSet<&str> = held
+        .iter()
+        .map(|d| d.id().split('/').next().unwrap())
+        .collect();
+    assert_eq!(partitions.len(), 2, "records on both partitions");
+    assert!(held.iter().all(|d| d.is_live()));
+    // b joins: the cooperative assignor moves one partition from a to b. a's
+    // deliveries of it go stale after revoke_grace.
+    let b = cfg.consumer().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while held.iter().all(|d| d.is_live()) {
+        assert!(Instant::now() < deadline, "nothing was revoked from a");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (stale, live): (Vec<_>, Vec<_>) = held.into_iter().partition(|d| !d.is_live());
+    assert!(!live.is_empty(), "a kept one partition");
+    for d in &stale {
+        assert_eq!(d.ack().await.unwrap_err().kind(), ErrorKind::LeaseExpired);
+        assert!(!d.acker().is_acked());
+    }
+    for d in &live {
+        d.ack().await.unwrap();
+    }
+    // b gets exactly the stale ones.
+    let again = receive_n(&b, stale.len(), WAIT).await;
+    let want: HashSet<String> = stale.iter().map(|d| d.id().to_string()).collect();
+    let got: HashSet<String> = again.iter().map(|d| d.id().to_string()).collect();
+    assert_eq!(got, want);
+    for d in &again {
+        d.ack().await.unwrap();
+    }
+    assert!(b
+        .receive(1, Duration::from_millis(500))
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(a
+        .receive(1, Duration::from_millis(100))
+        .await
+        .unwrap()
+        .is_empty());
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    cleanup(&cfg).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn close_keeps_membership_until_handed_out_deliveries_settle() {
+    let cfg = config("close", "partitions=1&close_timeout=10s");
+    let p = cfg.producer().await.unwrap();
+    let a = cfg.consumer().await.unwrap();
+    for i in 0..3 {
+        p.send(Message::new(format!("{i}"))).await.unwrap();
+    }
+    let held = receive_n(&a, 3, WAIT).await;
+    let started = Instant::now();
+    a.close().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "close returns at once"
+    );
+    assert_eq!(
+        a.receive(1, Duration::ZERO).await.unwrap_err().kind(),
+        ErrorKind::Closed
+    );
+    // Still ours: settle two, release the last (left uncommitted for the next session).
+    held[0].ack().await.unwrap();
+    held[1].ack().await.unwrap();
+    held[2].release(None).await.unwrap();
+    // The last settle waited for the commit and the leave.
+    a.closed().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "did not wait for close_timeout"
+    );
+    let b = cfg.consumer().await.unwrap();
+    let d = receive_n(&b, 1, WAIT).await.remove(0);
+    assert_eq!(d.payload().as_ref(), b"2");
+    d.ack().await.unwrap();
+    b.close().await.unwrap();
+    cleanup(&cfg).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_handler_never_exceeds_max_poll_interval() {
+    // librdkafka leaves the group when poll is not called within
+    // max.poll.interval.ms; the poll thread calls it however long a delivery is held.
+    let cfg = config(
+        "slow",
+        "partitions=1&rdkafka.session.timeout.ms=6000&rdkafka.max.poll.interval.ms=6000",
+    );
+    let p = cfg.producer().await.unwrap();
+    let c = cfg.consumer().await.unwrap();
+    p.send(Message::new("slow")).await.unwrap();
+    let d = receive_n(&c, 1, WAIT).await.remove(0);
+    let rebalances = c.rebalances();
+    // No receive for longer than max.poll.interval.ms.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(
+        d.is_live(),
+        "the partition was taken away while the handler ran"
+    );
+    d.ack().await.unwrap();
+    assert_eq!(c.rebalances(), rebalances, "the member was rebalanced");
+    p.send(Message::new("next")).await.unwrap();
+    let d = receive_n(&c, 1, WAIT).await.remove(0);
+    assert_eq!(d.payload().as_ref(), b"next");
+    d.ack().await.unwrap();
+    c.close().await.unwrap();
+    cleanup(&cfg).await;
+}

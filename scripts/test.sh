@@ -4,8 +4,9 @@
 #
 #   scripts/test.sh [extra cargo test args]
 #
-# To use servers you already run, export their URLs first
-# (FERRYMQ_TEST_REDIS_URL=redis://host:port); the script then starts nothing for them.
+# To use servers you already run, export their addresses first
+# (FERRYMQ_TEST_REDIS_URL=redis://host:port, FERRYMQ_TEST_SQS_ENDPOINT=http://host:port,
+# FERRYMQ_TEST_KAFKA_BROKERS=host:port); the script then starts nothing for them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -27,7 +28,35 @@ if [[ -z "${FERRYMQ_TEST_REDIS_URL:-}" ]]; then
   scripts/redis.sh start "$port"
   export FERRYMQ_TEST_REDIS_URL="redis://127.0.0.1:$port"
 fi
-echo "== servers: redis=$FERRYMQ_TEST_REDIS_URL"
+# Start (or reuse) one server of a kind: `use_server SCRIPT PORT`. A server someone
+# else started on the port is used and left running; one this script started is
+# stopped on exit.
+use_server() {
+  local script="$1" port="$2"
+  if ! "scripts/$script" status "$port" >/dev/null 2>&1; then
+    stop_on_exit+=("scripts/$script stop $port")
+  fi
+  "scripts/$script" start "$port"
+}
+
+# The three servers start one after another but come up while the next installs;
+# LocalStack's first install (~1-2 min) and Kafka's jars (~10 s) are cached in
+# $FERRYMQ_CACHE and reused.
+if [[ -z "${FERRYMQ_TEST_SQS_ENDPOINT:-}" ]]; then
+  port="${FERRYMQ_SQS_PORT:-4599}"
+  use_server sqs.sh "$port"
+  export FERRYMQ_TEST_SQS_ENDPOINT="http://127.0.0.1:$port"
+fi
+if [[ -z "${FERRYMQ_TEST_KAFKA_BROKERS:-}" ]]; then
+  port="${FERRYMQ_KAFKA_PORT:-9192}"
+  use_server kafka.sh "$port"
+  export FERRYMQ_TEST_KAFKA_BROKERS="127.0.0.1:$port"
+fi
+# The SDK must never reach for real AWS credentials or a config file in a test run.
+export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}"
+export AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}"
+export AWS_REGION="${AWS_REGION:-us-east-1}"
+echo "== servers: redis=$FERRYMQ_TEST_REDIS_URL sqs=$FERRYMQ_TEST_SQS_ENDPOINT kafka=$FERRYMQ_TEST_KAFKA_BROKERS"
 
 cargo test --workspace --all-features "$@"
 

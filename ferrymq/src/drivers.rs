@@ -10,6 +10,10 @@ static DRIVERS: &[&dyn Driver] = &[
     &ferrymq_core::memory::MemoryDriver,
     #[cfg(feature = "redis")]
     &ferrymq_redis::RedisDriver,
+    #[cfg(feature = "sqs")]
+    &ferrymq_sqs::SqsDriver,
+    #[cfg(feature = "kafka")]
+    &ferrymq_kafka::KafkaDriver,
 ];
 
 /// The backends compiled into this build (see [`Config`](crate::Config)).

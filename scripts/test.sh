@@ -58,7 +58,7 @@ export AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}"
 export AWS_REGION="${AWS_REGION:-us-east-1}"
 echo "== servers: redis=$FERRYMQ_TEST_REDIS_URL sqs=$FERRYMQ_TEST_SQS_ENDPOINT kafka=$FERRYMQ_TEST_KAFKA_BROKERS"
 
-cargo test --workspace --all-features "$@"
+cargo test --workspace --all-features --no-fail-fast "$@"
 
 # The runnable examples check their own guarantees and exit non-zero when one fails:
 # run each on the in-process queue and on Redis.

@@ -386,6 +386,24 @@ impl KafkaAdmin {
         Ok(tpl)
     }
 
+    /// `describe` right after a create: the broker answers CreateTopics once the
+    /// controller accepted the topic, but its metadata reaches the broker that answers
+    /// the describe a moment later (`UnknownTopicOrPartition` meanwhile). Wait for it,
+    /// bounded by the request timeout.
+    async fn describe_created(&self) -> Result<QueueInfo> {
+        let until = ferrymq_core::time::deadline_in(std::time::Duration::from_secs(10));
+        loop {
+            match self.blocking(Self::describe_blocking).await {
+                Err(e)
+                    if e.kind() == ErrorKind::NotFound && tokio::time::Instant::now() < until =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     fn describe_blocking(lag: &LagClient, cfg: &KafkaConfig) -> Result<QueueInfo> {
         let consumer = &lag.consumer;
         let parts = partitions_of(consumer, &cfg.topic)?;
@@ -441,7 +459,7 @@ impl Admin for KafkaAdmin {
             spec.replication.or(self.cfg.replication),
         )
         .await?;
-        let info = self.describe().await?;
+        let info = self.describe_created().await?;
         if existed.contains(&self.cfg.topic) {
             let have = info
                 .settings
@@ -471,7 +489,7 @@ impl Admin for KafkaAdmin {
             spec.replication.or(self.cfg.replication),
         )
         .await?;
-        self.describe().await
+        self.describe_created().await
     }
 
     /// Deletes the topic, its tiers and its DLQ; whether the topic existed.

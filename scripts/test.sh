@@ -61,12 +61,22 @@ echo "== servers: redis=$FERRYMQ_TEST_REDIS_URL sqs=$FERRYMQ_TEST_SQS_ENDPOINT k
 cargo test --workspace --all-features --no-fail-fast "$@"
 
 # The runnable examples check their own guarantees and exit non-zero when one fails:
-# run each on the in-process queue and on Redis.
+# run each on every backend, then the demo on the networked ones.
+sqs_url() { echo "sqs://$1?endpoint=$FERRYMQ_TEST_SQS_ENDPOINT&create=true&visibility=5s"; }
+kafka_url() { echo "kafka://$FERRYMQ_TEST_KAFKA_BROKERS/$1?create=true"; }
 for example in quickstart worker dead_letter per_key_order backpressure batching; do
   echo "== example $example (memory)"
   cargo run -q -p ferrymq --all-features --example "$example"
   echo "== example $example (redis)"
   FERRYMQ_URL="$FERRYMQ_TEST_REDIS_URL/example-$example?visibility=5s" \
     cargo run -q -p ferrymq --all-features --example "$example"
+  echo "== example $example (sqs)"
+  FERRYMQ_URL="$(sqs_url "example-$example")" cargo run -q -p ferrymq --all-features --example "$example"
+  echo "== example $example (kafka)"
+  FERRYMQ_URL="$(kafka_url "example-$example")" cargo run -q -p ferrymq --all-features --example "$example"
 done
-echo "== examples: all passed on memory and redis"
+for url in "$FERRYMQ_TEST_REDIS_URL/{queue}?visibility=5s" "$(sqs_url '{queue}')" "$(kafka_url '{queue}')"; do
+  echo "== ferry demo --url ${url%%\?*}"
+  cargo run -q -p ferrymq-cli --all-features --bin ferry -- demo --url "$url"
+done
+echo "== examples: all passed on memory, redis, sqs and kafka"

@@ -213,6 +213,21 @@ async fn main() -> ferrymq::Result<ExitCode> {
     println!("\n4. the worker handles the redriven order:");
     let second = work(&orders_queue, dlq_out.clone(), fixed.clone(), 1).await?;
 
+    // SQS counts receives, not deliveries (`ApproximateReceiveCount`): a receive whose
+    // answer came after its consumer closed counts too, so there the redriven copy's
+    // first handling may say attempt 2. Exact counters must say 1.
+    let approximate = orders.capabilities().attempts == ferrymq::Attempts::Approximate;
+    let second_ok = match second.as_slice() {
+        [(order, Outcome::Succeeded, attempt)] if *order == POISON => {
+            *attempt == 1 || (approximate && *attempt <= 2)
+        }
+        _ => false,
+    };
+    let approx_note = if approximate {
+        " (or 2: the backend's attempts are approximate)"
+    } else {
+        ""
+    };
     let orders_depth = orders.depth().await?;
     let dlq_depth = dlq_in.depth().await?;
     orders.close().await?;
@@ -262,8 +277,8 @@ async fn main() -> ferrymq::Result<ExitCode> {
         format!("first failure {first_failure} <= dead-lettered {dead_lettered}"),
     );
     checks.check(
-        redriven == 1 && second == [(POISON, Outcome::Succeeded, 1)],
-        format!("after the redrive order {POISON} succeeded on attempt 1"),
+        redriven == 1 && second_ok,
+        format!("after the redrive order {POISON} succeeded on attempt 1{approx_note}"),
     );
     checks.check(
         orders_depth.total() == 0 && dlq_depth.total() == 0,

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use ferrymq_core::middleware::outcome::{self, Outcome};
 use ferrymq_core::{Ack, Error, ErrorKind, Result};
 use redis::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -176,26 +177,33 @@ impl std::fmt::Debug for RedisAck {
     }
 }
 
+/// Say so when dead-lettering deleted older dead letters: trimming a dead-letter
+/// store loses data, which should never happen silently.
+pub(crate) fn warn_trimmed(shared: &Shared, trimmed: i64) {
+    if trimmed > 0 {
+        tracing::warn!(
+            queue = %shared.queue,
+            trimmed,
+            dlq_max_len = shared.config.dlq_max_len,
+            dlq_retention = ?shared.config.dlq_retention,
+            "ferrymq-redis: the dead-letter stream was trimmed: {trimmed} older dead letter(s) deleted \
+             (bounded by dlq_max_len and dlq_retention); redrive or raise the bounds to keep them"
+        );
+    }
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-#[async_trait]
-impl Ack for RedisAck {
-    async fn ack(&self) -> Result<()> {
-        if self
-            .batcher
-            .ack(self.level, &self.stream_id, self.deliveries)
-            .await?
-        {
-            Ok(())
-        } else {
-            Err(lease_expired())
-        }
-    }
-
-    async fn nack(&self, redeliver_after: Option<Duration>) -> Result<()> {
+impl RedisAck {
+    /// Remove the entry and enqueue the message again (now, or after `delay`): a
+    /// nack counts this delivery as an attempt, a release does not.
+    async fn give_back(&self, redeliver_after: Option<Duration>, release: bool) -> Result<()> {
         let shared = &self.shared;
+        // Refused before anything is sent: a delay past the limit would otherwise
+        // become a bogus script argument (u64::MAX ms is no point in time).
+        shared.capabilities.check_nack_delay(redeliver_after)?;
         let keys = &shared.keys;
         let config = &shared.config;
         let delay = redeliver_after.map_or(0, |d| if d.is_zero() { 0 } else { millis(d).max(1) });
@@ -214,24 +222,63 @@ impl Ack for RedisAck {
             .arg(config.max_deliveries)
             .arg(config.dlq_max_len)
             .arg(millis(config.dlq_retention))
-            .arg(&*shared.queue);
+            .arg(&*shared.queue)
+            .arg(if release { "1" } else { "0" });
         let reply = shared.eval(&scripts().nack, &cmd).await?;
-        match reply {
-            Value::Int(0) => Err(lease_expired()),
-            Value::Int(2) => {
+        let (code, trimmed): (i64, i64) = redis::from_redis_value(reply)
+            .map_err(|e| Error::new(ErrorKind::Backend, format!("unexpected nack reply: {e}")))?;
+        warn_trimmed(shared, trimmed);
+        match code {
+            0 => Err(lease_expired()),
+            2 => {
                 tracing::info!(
                     queue = %shared.queue,
                     stream_id = %self.stream_id,
                     "ferrymq-redis: message dead-lettered after max_deliveries"
                 );
+                // The nack succeeded — the message left the queue — but it went to
+                // the dead-letter stream, not back for another attempt. Said through
+                // the worker's outcome record (a no-op outside a handler's scope):
+                // an error would leave the handle pending, which it is not.
+                outcome::record(Outcome::DeadLettered);
                 Ok(())
             }
             _ => Ok(()),
         }
     }
+}
+
+#[async_trait]
+impl Ack for RedisAck {
+    async fn ack(&self) -> Result<()> {
+        if self
+            .batcher
+            .ack(self.level, &self.stream_id, self.deliveries)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(lease_expired())
+        }
+    }
+
+    async fn nack(&self, redeliver_after: Option<Duration>) -> Result<()> {
+        self.give_back(redeliver_after, false).await
+    }
+
+    async fn release(&self, redeliver_after: Option<Duration>) -> Result<()> {
+        self.give_back(redeliver_after, true).await
+    }
 
     async fn extend(&self, by: Duration) -> Result<()> {
         let shared = &self.shared;
+        if let Some(max) = shared.capabilities.max_visibility {
+            if by > max {
+                return Err(Error::unsupported(format!(
+                    "an extend by {by:?} is longer than redis supports ({max:?}); the lease is unchanged"
+                )));
+            }
+        }
         let keys = &shared.keys;
         let mut cmd = scripts().extend.call(2);
         cmd.arg(&keys.leases)

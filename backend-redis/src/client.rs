@@ -19,6 +19,7 @@ use redis::{AsyncConnectionConfig, Cmd, FromRedisValue, RedisError, Value};
 use crate::config::RedisConfig;
 use crate::keys::Keys;
 use crate::scripts::{scripts, Lua};
+use crate::settings::Role;
 
 /// Whole milliseconds of `d`, saturating (a script argument).
 pub(crate) fn ms(d: Duration) -> u64 {
@@ -28,6 +29,12 @@ pub(crate) fn ms(d: Duration) -> u64 {
 /// Largest batch per call (send pipeline, receive, ack script).
 pub(crate) const MAX_BATCH: usize = 1000;
 
+/// Longest delay of a send or a nack, and longest lease extension: a year. Redis has
+/// no limit of its own, but a due time is milliseconds in a Lua number (exact to
+/// 2^53), and `Duration::MAX` as a delay is a bug upstream rather than a plan —
+/// it is refused as `Unsupported` before anything is sent.
+pub(crate) const MAX_DELAY: Duration = Duration::from_secs(365 * 24 * 3600);
+
 pub(crate) struct Shared {
     pub(crate) config: RedisConfig,
     pub(crate) queue: Arc<str>,
@@ -35,7 +42,7 @@ pub(crate) struct Shared {
     conns: Vec<ConnectionManager>,
     next_conn: std::sync::atomic::AtomicUsize,
     pub(crate) blocking: deadpool_redis::Pool,
-    pub(crate) capabilities: Capabilities,
+    pub(crate) capabilities: Arc<Capabilities>,
     endpoint: String,
 }
 
@@ -51,11 +58,17 @@ impl std::fmt::Debug for Shared {
 pub(crate) fn capabilities(config: &RedisConfig) -> Capabilities {
     let mut caps = Capabilities::minimal("redis");
     caps.ordering = Ordering::None;
-    caps.max_delay = Some(Duration::from_secs(365 * 24 * 3600));
+    caps.max_delay = Some(MAX_DELAY);
     caps.dedup_window = Some(config.dedup_window);
     caps.visibility_timeout = Some(config.visibility_timeout);
+    // Checked per extend (`by` counted from the extend, which is never less than
+    // the total counted from the receive would allow).
+    caps.max_visibility = Some(MAX_DELAY);
     caps.extend_visibility = true;
-    caps.max_nack_delay = caps.max_delay;
+    caps.max_nack_delay = Some(MAX_DELAY);
+    caps.nack_delay_blocks = false;
+    // Tested: receive → release → receive says attempt 1 (tests/queue.rs).
+    caps.release_keeps_attempt = true;
     caps.priority = if config.priority_levels > 1 {
         Priority::Levels(config.priority_levels)
     } else {
@@ -71,7 +84,7 @@ pub(crate) fn capabilities(config: &RedisConfig) -> Capabilities {
 }
 
 impl Shared {
-    pub(crate) async fn connect(config: RedisConfig) -> Result<Arc<Shared>> {
+    pub(crate) async fn connect(config: RedisConfig, role: Role) -> Result<Arc<Shared>> {
         config.validate()?;
         let endpoint = config.endpoint();
         let url = config.client_url()?;
@@ -125,10 +138,30 @@ impl Shared {
             .build()
             .map_err(|e| Error::new(ErrorKind::InvalidConfig, format!("connection pool: {e}")))?;
 
+        // An admin describes the queue as it is: it adopts the recorded settings
+        // (and the keys of the recorded priority levels) before anything else.
+        let config = if role == Role::Admin {
+            let meta = Keys::new(&config.queue, 1).meta;
+            let reply = tokio::time::timeout(
+                config.command_timeout,
+                redis::cmd("HGETALL")
+                    .arg(&meta)
+                    .query_async::<Value>(&mut conns[0].clone()),
+            )
+            .await;
+            match reply {
+                Ok(Ok(v)) => crate::settings::adopt(config, &crate::settings::recorded(v)),
+                // Refused or timed out: the startup checks below say why.
+                _ => config,
+            }
+        } else {
+            config
+        };
+
         let shared = Arc::new(Shared {
             queue: config.queue.as_str().into(),
             keys: Keys::new(&config.queue, config.priority_levels),
-            capabilities: capabilities(&config),
+            capabilities: Arc::new(capabilities(&config)),
             conns,
             next_conn: std::sync::atomic::AtomicUsize::new(0),
             blocking,
@@ -136,7 +169,25 @@ impl Shared {
             config,
         });
         shared.startup_checks().await?;
+        if !matches!(role, Role::Admin | Role::Other) {
+            shared.record_settings(role).await?;
+        }
         Ok(shared)
+    }
+
+    /// Record this client's settings of `role` where the queue has none yet, and
+    /// refuse the connection when the recorded ones disagree (see
+    /// [`settings`](crate::settings)).
+    pub(crate) async fn record_settings(&self, role: Role) -> Result<()> {
+        let settings = crate::settings::settings_of(&self.config, role);
+        let lua = &scripts().settings;
+        let mut cmd = lua.call(1);
+        cmd.arg(&self.keys.meta).arg("1");
+        for (field, value, _) in &settings {
+            cmd.arg(*field).arg(value);
+        }
+        let recorded = crate::settings::recorded(self.eval(lua, &cmd).await?);
+        crate::settings::check(&self.config, role, &recorded, &self.keys.meta)
     }
 
     /// PING (an unauthenticated connection fails here with `Auth`), the eviction
@@ -145,6 +196,7 @@ impl Shared {
         let mut pipe = redis::pipe();
         pipe.cmd("PING");
         pipe.cmd("CONFIG").arg("GET").arg("maxmemory-policy");
+        pipe.cmd("INFO").arg("server");
         let typed = self.keys.typed();
         for (key, _) in &typed {
             pipe.cmd("TYPE").arg(*key);
@@ -168,6 +220,17 @@ impl Shared {
                 "ferrymq-redis: CONFIG GET maxmemory-policy refused; cannot check eviction policy"
             ),
             Some(v) => self.check_eviction(v),
+            None => {}
+        }
+        match replies.next() {
+            Some(Value::ServerError(e)) => tracing::debug!(
+                error = %RedisError::from(e),
+                "ferrymq-redis: INFO server refused; cannot check the server version"
+            ),
+            Some(v) => {
+                let text: String = FromRedisValue::from_redis_value(v).unwrap_or_default();
+                check_version(&text, &self.endpoint)?;
+            }
             None => {}
         }
         for (key, expected) in typed {
@@ -233,6 +296,61 @@ impl Shared {
         }
     }
 
+    /// [`with_timeout`](Self::with_timeout) for a write whose effect a caller must
+    /// not assume away (a send): an error after the request may have been written
+    /// is `OutcomeUnknown`, see [`map_write_err`](Self::map_write_err).
+    pub(crate) async fn with_write_timeout<T>(
+        &self,
+        what: &str,
+        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.config.command_timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.map_write_err(e, what)),
+            Err(_) => Err(self.outcome_unknown(what)),
+        }
+    }
+
+    /// No answer to a write within `command_timeout`. The request may be on the
+    /// server — written before the server froze, or queued behind a slow command —
+    /// so this is not "nothing enqueued".
+    pub(crate) fn outcome_unknown(&self, what: &str) -> Error {
+        Error::new(
+            ErrorKind::OutcomeUnknown,
+            format!(
+                "{what}: redis at {} did not answer within {:?} (command_timeout); the request \
+                 may have been applied — a retry may duplicate it",
+                self.endpoint, self.config.command_timeout
+            ),
+        )
+    }
+
+    /// Map the error of a write. The server's own error reply (it ran the command
+    /// and refused, or did not know the script) and a refused connection (nothing
+    /// was sent: the connection could not be made) keep their kinds; a response
+    /// timeout or a connection that broke after the request was handed to it is
+    /// `OutcomeUnknown`. An I/O error while reconnecting is also reported as unknown:
+    /// the client cannot tell the two apart, and claiming "nothing enqueued" for a
+    /// message that was is the error that loses or duplicates silently.
+    pub(crate) fn map_write_err(&self, e: RedisError, what: &str) -> Error {
+        let answered = matches!(e.kind(), redis::ErrorKind::Server(_)) || e.code().is_some();
+        if !answered
+            && !e.is_connection_refusal()
+            && (e.is_timeout() || e.is_connection_dropped() || e.is_io_error())
+        {
+            return Error::new(
+                ErrorKind::OutcomeUnknown,
+                format!(
+                    "{what}: the connection to redis at {} failed after the request was sent \
+                     ({e}); it may have been applied — a retry may duplicate it",
+                    self.endpoint
+                ),
+            )
+            .with_source(e);
+        }
+        self.map_err(e, what)
+    }
+
     pub(crate) fn timeout(&self, what: &str) -> Error {
         Error::new(
             ErrorKind::Timeout,
@@ -251,6 +369,16 @@ impl Shared {
 
     /// Run a script by SHA; load it and retry once when the server lost it.
     pub(crate) async fn eval(&self, lua: &Lua, cmd: &Cmd) -> Result<Value> {
+        self.eval_as(lua, cmd, false).await
+    }
+
+    /// [`eval`](Self::eval) for a send: failures after the request went out are
+    /// `OutcomeUnknown`.
+    pub(crate) async fn eval_write(&self, lua: &Lua, cmd: &Cmd) -> Result<Value> {
+        self.eval_as(lua, cmd, true).await
+    }
+
+    async fn eval_as(&self, lua: &Lua, cmd: &Cmd, write: bool) -> Result<Value> {
         let mut conn = self.conn();
         let first = tokio::time::timeout(self.config.command_timeout, async {
             match cmd.query_async::<Value>(&mut conn).await {
@@ -264,7 +392,9 @@ impl Shared {
         .await;
         match first {
             Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) if write => Err(self.map_write_err(e, lua.name)),
             Ok(Err(e)) => Err(self.map_err(e, lua.name)),
+            Err(_) if write => Err(self.outcome_unknown(lua.name)),
             Err(_) => Err(self.timeout(lua.name)),
         }
     }
@@ -313,6 +443,46 @@ impl Shared {
     /// Map a redis error to a typed ferrymq error.
     pub(crate) fn map_err(&self, e: RedisError, what: &str) -> Error {
         map_error(e, what, &self.endpoint, &self.queue)
+    }
+}
+
+/// Oldest server this backend works with: `SET … NX GET` (the dedup store's
+/// claim) and `XAUTOCLAIM`-era stream commands are 7.0. On an older server the
+/// dedup claim fails every time, so the Dedup middleware would defer every message
+/// forever.
+pub(crate) const MIN_VERSION: (u32, u32) = (7, 0);
+
+/// `redis_version` of an `INFO server` reply, as (major, minor, patch).
+pub(crate) fn parse_version(info: &str) -> Option<(u32, u32, u32)> {
+    let line = info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("redis_version:"))?;
+    let mut parts = line.trim().split('.').map(|p| {
+        p.chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse::<u32>()
+            .ok()
+    });
+    let major = parts.next()??;
+    let minor = parts.next().flatten().unwrap_or(0);
+    let patch = parts.next().flatten().unwrap_or(0);
+    Some((major, minor, patch))
+}
+
+/// `Unsupported` naming the version needed when the server is older than
+/// [`MIN_VERSION`]; an INFO reply without a version is let through.
+pub(crate) fn check_version(info: &str, endpoint: &str) -> Result<()> {
+    match parse_version(info) {
+        Some((major, minor, patch)) if (major, minor) < MIN_VERSION => Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "redis at {endpoint} is version {major}.{minor}.{patch}; ferrymq-redis needs Redis {}.{} \
+                 or newer (SET … NX GET for dedup claims, stream commands of 7.0)",
+                MIN_VERSION.0, MIN_VERSION.1
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -407,4 +577,36 @@ fn open_error(e: RedisError, config: &RedisConfig) -> Error {
         );
     }
     Error::invalid_config("url", format!("{}: {e}", config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_read_from_info_server() {
+        let info = "# Server\r\nredis_version:7.0.15\r\nredis_git_sha1:00000000\r\n";
+        assert_eq!(parse_version(info), Some((7, 0, 15)));
+        assert_eq!(parse_version("redis_version:6.2.14\n"), Some((6, 2, 14)));
+        assert_eq!(parse_version("redis_version:8.0-rc1\n"), Some((8, 0, 0)));
+        assert_eq!(
+            parse_version("redis_version:255.255.255"),
+            Some((255, 255, 255))
+        );
+        assert_eq!(parse_version("no version here"), None);
+        assert_eq!(parse_version("redis_version:\n"), None);
+    }
+
+    #[test]
+    fn an_old_server_is_unsupported_naming_the_version_needed() {
+        let e = check_version("redis_version:6.2.14\r\n", "h:6379/0").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        assert!(e.to_string().contains("6.2.14"), "{e}");
+        assert!(e.to_string().contains("needs Redis 7.0 or newer"), "{e}");
+        assert!(check_version("redis_version:5.0.0", "h").is_err());
+        assert!(check_version("redis_version:7.0.0", "h").is_ok());
+        assert!(check_version("redis_version:7.2.4", "h").is_ok());
+        assert!(check_version("redis_version:10.0.0", "h").is_ok());
+        assert!(check_version("", "h").is_ok(), "no version: let through");
+    }
 }

@@ -167,6 +167,10 @@ mod defaults {
     }
 }
 
+/// Longest `dlq_retention`: 40 years (of 365.25 days). Dead letters are trimmed by
+/// stream id `now - retention`, which must stay after the epoch.
+pub const MAX_DLQ_RETENTION: Duration = Duration::from_secs(40 * 31_557_600);
+
 /// Largest priority level count (each level is a stream read on every receive).
 pub const MAX_PRIORITY_LEVELS: u8 = 16;
 
@@ -496,6 +500,17 @@ impl RedisConfig {
                 format!("must be between 1 and {MAX_PRIORITY_LEVELS}"),
             ));
         }
+        // A dead letter's age limit is a stream id `now - retention`: past the epoch
+        // (about 55 years back) that is no id at all, and every trim would fail.
+        if self.dlq_retention > MAX_DLQ_RETENTION {
+            return Err(Error::invalid_config(
+                "dlq_retention",
+                format!(
+                    "at most {} (use 0 to bound the dead-letter stream by length only)",
+                    humantime::format_duration(MAX_DLQ_RETENTION)
+                ),
+            ));
+        }
         if self.dlq_max_len == 0 {
             return Err(Error::invalid_config("dlq_max_len", "must be at least 1"));
         }
@@ -550,6 +565,18 @@ impl RedisConfig {
         Ok(url.to_string())
     }
 
+    /// What identifies the queue on its server, however the URL was spelled:
+    /// `redis:<host, lower-cased>:<port>/<db>/<queue>`. No credentials.
+    pub fn identity(&self) -> String {
+        format!(
+            "redis:{}:{}/{}/{}",
+            self.host.to_ascii_lowercase(),
+            self.port,
+            self.db,
+            self.queue
+        )
+    }
+
     /// `host:port/db`, for error messages.
     pub(crate) fn endpoint(&self) -> String {
         format!("{}:{}/{}", self.host, self.port, self.db)
@@ -560,22 +587,27 @@ impl RedisConfig {
     /// Checks at startup: the server answers within `connect_timeout`
     /// (`Connection`), accepts the credentials (`Auth`), every key of the queue has
     /// the type this backend uses (`Backend`); warns (tracing) when the server's
-    /// `maxmemory-policy` may evict queue keys. Creates the consumer group.
+    /// `maxmemory-policy` may evict queue keys; the settings recorded with the
+    /// queue agree with this config (`InvalidConfig` naming the setting; recorded
+    /// by the first client, see the crate docs). Creates the consumer group.
     pub async fn connect(&self) -> Result<(RedisProducer, RedisConsumer)> {
-        let shared = crate::client::Shared::connect(self.clone()).await?;
+        let shared =
+            crate::client::Shared::connect(self.clone(), crate::settings::Role::Consumer).await?;
         let consumer = RedisConsumer::new(shared.clone()).await?;
         Ok((RedisProducer::new(shared), consumer))
     }
 
     /// A producer only.
     pub async fn producer(&self) -> Result<RedisProducer> {
-        let shared = crate::client::Shared::connect(self.clone()).await?;
+        let shared =
+            crate::client::Shared::connect(self.clone(), crate::settings::Role::Producer).await?;
         Ok(RedisProducer::new(shared))
     }
 
     /// A consumer only.
     pub async fn consumer(&self) -> Result<RedisConsumer> {
-        let shared = crate::client::Shared::connect(self.clone()).await?;
+        let shared =
+            crate::client::Shared::connect(self.clone(), crate::settings::Role::Consumer).await?;
         RedisConsumer::new(shared).await
     }
 }

@@ -34,6 +34,7 @@ use crate::ack::{AckBatcher, RedisAck};
 use crate::client::{is_nogroup, is_noscript, ms, Shared, MAX_BATCH};
 use crate::codec::{decode_fields, stream_id_ms, system_time};
 use crate::scripts::scripts;
+use ferrymq_core::time::deadline_after;
 
 /// Receives from one Redis queue as one consumer of its group. Cheap to clone;
 /// clones are the same consumer (same name, same leases).
@@ -51,6 +52,8 @@ struct Inner {
     started: Instant,
     /// Milliseconds since `started` of the last reclaim pass (+1; 0 = never).
     last_reclaim: AtomicU64,
+    /// Milliseconds since `started` of the last consumer prune (+1; 0 = never).
+    last_prune: AtomicU64,
     tick: Duration,
     /// Deliveries read beyond a receive's `max` (several priority levels answered
     /// one read), handed out first by the next receive.
@@ -127,6 +130,7 @@ impl RedisConsumer {
                 close_signal: Notify::new(),
                 started: Instant::now(),
                 last_reclaim: AtomicU64::new(0),
+                last_prune: AtomicU64::new(0),
                 tick,
                 buffer: Mutex::new(Vec::new()),
             }),
@@ -156,6 +160,33 @@ impl RedisConsumer {
             .is_ok()
     }
 
+    /// Consumers of the group idle for longer than this and holding nothing are
+    /// removed from it by the reclaim pass (crashed processes leave their names
+    /// behind). A live consumer reads at least every tick, so its idle time stays
+    /// far below this; and one that holds nothing loses nothing when removed — its
+    /// next read recreates it.
+    fn prune_idle(&self) -> Duration {
+        self.inner
+            .shared
+            .config
+            .visibility_timeout
+            .max(Duration::from_secs(5))
+    }
+
+    /// Whether a consumer prune is due (every half prune bound); claims it when so.
+    fn prune_due(&self) -> bool {
+        let inner = &self.inner;
+        let now = ms(inner.started.elapsed()) + 1;
+        let last = inner.last_prune.load(AtomicOrdering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < ms(self.prune_idle() / 2) {
+            return false;
+        }
+        inner
+            .last_prune
+            .compare_exchange(last, now, AtomicOrdering::Relaxed, AtomicOrdering::Relaxed)
+            .is_ok()
+    }
+
     /// The maintenance script call (promotion, and reclaim when due).
     fn maintain_cmd(&self, max: usize) -> Cmd {
         let shared = &self.inner.shared;
@@ -170,16 +201,23 @@ impl RedisConsumer {
         for k in &keys.ready {
             cmd.arg(k);
         }
+        let reclaim = self.reclaim_due();
+        let prune = if reclaim && self.prune_due() {
+            ms(self.prune_idle())
+        } else {
+            0
+        };
         cmd.arg(&config.group)
             .arg(&self.inner.name)
             .arg(max)
             .arg(ms(config.visibility_timeout))
-            .arg(if self.reclaim_due() { "1" } else { "0" })
+            .arg(if reclaim { "1" } else { "0" })
             .arg(config.promote_batch)
             .arg(config.max_deliveries)
             .arg(config.dlq_max_len)
             .arg(ms(config.dlq_retention))
-            .arg(&*shared.queue);
+            .arg(&*shared.queue)
+            .arg(prune);
         cmd
     }
 
@@ -219,6 +257,9 @@ impl RedisConsumer {
         if read_from < levels {
             pipe.add_command(self.read_cmd(max, read_from..levels, None));
         }
+        // Leases are counted from here: before the request went out, so the local
+        // deadline errs on the early side.
+        let sent = Instant::now();
         let replies: Vec<Value> = shared
             .with_timeout(
                 "receive",
@@ -235,7 +276,7 @@ impl RedisConsumer {
             Some(Value::ServerError(e)) => {
                 failure = Some(shared.map_err(RedisError::from(e), "XREADGROUP"))
             }
-            Some(reply) => self.parse_read(reply, &mut out),
+            Some(reply) => self.parse_read(reply, sent, &mut out),
             None => {}
         }
         let mut next_due = None;
@@ -258,6 +299,14 @@ impl RedisConsumer {
                         next_due = Some(Duration::from_millis(ms as u64));
                     }
                 }
+                if let Some(Value::Int(trimmed)) = items.next() {
+                    crate::ack::warn_trimmed(shared, trimmed);
+                }
+                if let Some(Value::Int(pruned)) = items.next() {
+                    if pruned > 0 {
+                        tracing::debug!(queue = %shared.queue, pruned, "ferrymq-redis: removed idle consumers holding nothing from the group");
+                    }
+                }
                 while let (Some(level), Some(id), Some(count), Some(fields)) =
                     (items.next(), items.next(), items.next(), items.next())
                 {
@@ -267,7 +316,7 @@ impl RedisConsumer {
                         continue;
                     };
                     let level = (level.max(0) as usize).min(levels - 1);
-                    out.push(self.candidate(level, id, count.max(1) as u64, fields));
+                    out.push(self.candidate(level, id, count.max(1) as u64, fields, sent));
                 }
             }
             _ => {}
@@ -308,6 +357,7 @@ impl RedisConsumer {
         let Some(conn) = guard.0.as_mut() else {
             return Ok(Vec::new());
         };
+        let sent = Instant::now();
         let reply = tokio::time::timeout(
             block + shared.config.command_timeout,
             cmd.query_async::<Value>(&mut **conn),
@@ -329,12 +379,12 @@ impl RedisConsumer {
             Err(_) => return Err(shared.timeout("XREADGROUP")),
         };
         let mut out = Vec::new();
-        self.parse_read(reply, &mut out);
+        self.parse_read(reply, sent, &mut out);
         Ok(out)
     }
 
     /// Entries of an `XREADGROUP` reply (first deliveries).
-    fn parse_read(&self, reply: Value, out: &mut Vec<Candidate>) {
+    fn parse_read(&self, reply: Value, sent: Instant, out: &mut Vec<Candidate>) {
         let keys = &self.inner.shared.keys;
         let streams = match reply {
             Value::Array(streams) => streams,
@@ -369,7 +419,7 @@ impl RedisConsumer {
                 let Some(id) = e.pop().and_then(as_string) else {
                     continue;
                 };
-                out.push(self.candidate(level, id, 1, fields));
+                out.push(self.candidate(level, id, 1, fields, sent));
             }
         }
     }
@@ -382,9 +432,16 @@ impl RedisConsumer {
         }
         // A delivery that waited half its lease here is not handed out: the lease
         // could run out while it is handled. Dropped, it comes back by reclaim.
+        // Given back without counting an attempt (it was never handed out), rather
+        // than left to the reclaim, which would count one.
         let stale = self.inner.shared.config.visibility_timeout / 2;
-        buffer.retain(|c| c.fetched.elapsed() < stale);
-        buffer.iter().map(|c| c.level).max()
+        let (keep, old): (Vec<_>, Vec<_>) =
+            buffer.drain(..).partition(|c| c.fetched.elapsed() < stale);
+        *buffer = keep;
+        let floor = buffer.iter().map(|c| c.level).max();
+        drop(buffer);
+        self.release_later(old);
+        floor
     }
 
     /// Hand out the best `max` of `fresh` and the buffer (highest level first, then
@@ -407,24 +464,70 @@ impl RedisConsumer {
         if let Some(floor) = floor {
             take = take.min(fresh.iter().take_while(|c| c.level >= floor).count());
         }
-        buffer.extend(fresh.drain(take..));
+        let rest: Vec<Candidate> = fresh.drain(take..).collect();
+        if self.inner.closed.load(AtomicOrdering::Acquire) {
+            // Closed while this receive was on the wire: nobody will ask for the
+            // rest, give it back now.
+            drop(buffer);
+            self.release_later(rest);
+        } else {
+            buffer.extend(rest);
+        }
         fresh.into_iter().map(|c| c.delivery).collect()
     }
 
+    /// Give buffered deliveries back without counting an attempt, bounded by
+    /// `command_timeout`. A release that fails leaves the delivery to the reclaim
+    /// after the visibility timeout (attempt + 1), as before.
+    async fn release_all(shared: &Shared, candidates: Vec<Candidate>) -> usize {
+        if candidates.is_empty() {
+            return 0;
+        }
+        let releases =
+            futures::future::join_all(candidates.iter().map(|c| c.delivery.release(None)));
+        match tokio::time::timeout(shared.config.command_timeout, releases).await {
+            Ok(results) => {
+                let failed = results.iter().filter(|r| r.is_err()).count();
+                if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+                    tracing::debug!(error = %e, failed, "ferrymq-redis: releasing read-ahead deliveries failed; they come back after the visibility timeout");
+                }
+                results.len() - failed
+            }
+            Err(_) => {
+                tracing::debug!("ferrymq-redis: releasing read-ahead deliveries timed out; they come back after the visibility timeout");
+                0
+            }
+        }
+    }
+
+    fn release_later(&self, candidates: Vec<Candidate>) {
+        if candidates.is_empty() {
+            return;
+        }
+        let shared = self.inner.shared.clone();
+        tokio::spawn(async move {
+            Self::release_all(&shared, candidates).await;
+        });
+    }
+
+    /// A delivery read by the request sent at `sent`: its lease runs until `sent`
+    /// plus the visibility timeout, also while it waits in the buffer.
     fn candidate(
         &self,
         level: usize,
         stream_id: String,
         deliveries: u64,
         fields: Value,
+        sent: Instant,
     ) -> Candidate {
         let (ms, seq) = split_id(&stream_id);
+        let deadline = deadline_after(sent, self.inner.shared.config.visibility_timeout);
         Candidate {
             level,
             ms,
             seq,
-            fetched: Instant::now(),
-            delivery: self.delivery(level, stream_id, deliveries, fields),
+            fetched: sent,
+            delivery: self.delivery(level, stream_id, deliveries, fields, deadline),
         }
     }
 
@@ -434,6 +537,7 @@ impl RedisConsumer {
         stream_id: String,
         deliveries: u64,
         fields: Value,
+        deadline: Instant,
     ) -> Delivery {
         let shared = &self.inner.shared;
         let decoded = decode_fields(fields);
@@ -459,14 +563,17 @@ impl RedisConsumer {
                 DeliveryMeta::new(id, attempt, system_time(enqueued_ms), shared.queue.clone())
             }
         };
-        let acker = AckHandle::new(RedisAck {
-            shared: shared.clone(),
-            batcher: self.inner.batcher.clone(),
-            level,
-            stream_id,
-            deliveries,
-        });
-        Delivery::new(decoded.message, meta, acker)
+        let acker = AckHandle::with_lease(
+            RedisAck {
+                shared: shared.clone(),
+                batcher: self.inner.batcher.clone(),
+                level,
+                stream_id,
+                deliveries,
+            },
+            deadline,
+        );
+        Delivery::new(decoded.message, meta, acker).with_capabilities(shared.capabilities.clone())
     }
 
     /// Up to `count` of the oldest dead letters, without removing them.
@@ -511,7 +618,7 @@ impl RedisConsumer {
         for k in &keys.ready {
             cmd.arg(k);
         }
-        cmd.arg(count.max(1));
+        cmd.arg(count.max(1)).arg("+");
         let moved = shared.eval(&scripts().redrive, &cmd).await?;
         Ok(redis::from_redis_value::<usize>(moved).unwrap_or(0))
     }
@@ -548,7 +655,8 @@ impl Drop for Discard {
 impl Consumer for RedisConsumer {
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
         let max = max.clamp(1, MAX_BATCH);
-        let deadline = Instant::now() + wait;
+        // `wait` comes from the caller: `Duration::MAX` must not panic.
+        let deadline = ferrymq_core::time::deadline_in(wait);
         let mut immediate_repolls = 0;
         loop {
             if self.inner.closed.load(AtomicOrdering::Acquire) {
@@ -602,8 +710,12 @@ impl Consumer for RedisConsumer {
             return Ok(());
         }
         self.inner.close_signal.notify_waiters();
-        // Forget this consumer in the group when it holds nothing; best effort.
         let shared = &self.inner.shared;
+        // Deliveries read ahead but never handed out go back now, without an
+        // attempt, instead of after the visibility timeout.
+        let buffered = std::mem::take(&mut *self.inner.lock_buffer());
+        Self::release_all(shared, buffered).await;
+        // Forget this consumer in the group when it holds nothing; best effort.
         let mut cmd = scripts().release.call(shared.keys.ready.len());
         for k in &shared.keys.ready {
             cmd.arg(k);

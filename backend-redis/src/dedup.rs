@@ -4,22 +4,33 @@
 //! A key `K` of queue `Q` is the string `ferrymq:{Q}:handled:K`:
 //!
 //! - absent: nobody handled it;
-//! - `claimed:<store id>`: a consumer is handling it; expires after the claim TTL,
-//!   so a crashed consumer does not block the key for good;
+//! - `claimed:<store id>:<claim id>`: a handler is handling it; expires after the
+//!   claim TTL, so a crashed consumer does not block the key for good;
 //! - `done`: handled; expires after the store's retention (the dedup window).
 //!
-//! `claim` is one atomic `SET key claimed:<id> NX PX ttl GET` (Redis ≥ 7.0): the old
-//! value says who was there. `release` deletes the key only if it still holds this
-//! store's own claim (a script), so it never drops a `done` mark or a claim another
-//! consumer took after ours expired.
+//! `claim` is one atomic `SET key claimed:… NX PX ttl GET` (Redis ≥ 7.0): the old
+//! value says who was there. Every claim gets a token of its own — not one per
+//! process — and `release` deletes the key only if it still holds that token (a
+//! script), so it never drops a `done` mark, nor a claim another handler took after
+//! ours expired, in another process *or in this one*.
+//!
+//! The [`DedupStore`] trait names a claim by its key only, so the store remembers
+//! which token it handed out to which task: `release` from the task that claimed
+//! finds its own token. A release from another task (the Dedup middleware releases
+//! a claim abandoned by a dropped handler from a task of its own) finds the token
+//! only when this store holds exactly one claim on the key; otherwise it cannot
+//! tell whose claim it would drop, and leaves it to expire after its TTL.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use ferrymq_core::middleware::dedup::{Claim, DedupStore};
 use ferrymq_core::{Error, ErrorKind, Result};
 use redis::{Script, Value};
+use tokio::task::Id as TaskId;
+use tokio::time::Instant;
 
 use crate::client::Shared;
 use crate::config::RedisConfig;
@@ -48,8 +59,69 @@ return 0
 pub struct RedisDedupStore {
     shared: Arc<Shared>,
     prefix: Arc<str>,
-    claim_value: Arc<str>,
+    /// `claimed:<store id>:`; each claim appends a number of its own.
+    claim_prefix: Arc<str>,
     retention: Duration,
+    held: Arc<Mutex<Held>>,
+}
+
+/// The claims this store took and has not released or completed: key → claims.
+#[derive(Default)]
+struct Held {
+    claims: HashMap<String, Vec<OwnClaim>>,
+    next: u64,
+}
+
+struct OwnClaim {
+    /// The task that claimed (the handler's), when claimed inside a task.
+    task: Option<TaskId>,
+    token: String,
+    /// When the claim runs out on the server.
+    expires: Instant,
+}
+
+/// A claim this store no longer hears of (its handler vanished) is forgotten this
+/// long after it expired: long enough that a release of an expired claim still
+/// sees it (and does not mistake another handler's live claim for it), short
+/// enough to bound memory.
+const FORGET_AFTER: Duration = Duration::from_secs(3600);
+
+impl Held {
+    fn lock(held: &Mutex<Held>) -> std::sync::MutexGuard<'_, Held> {
+        // Nothing panics while holding it; a poisoned map is still consistent.
+        held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn forget_stale(&mut self, now: Instant) {
+        self.claims.retain(|_, claims| {
+            claims.retain(|c| ferrymq_core::time::deadline_after(c.expires, FORGET_AFTER) > now);
+            !claims.is_empty()
+        });
+    }
+
+    /// Take the token of the claim a release or complete of `key` refers to: the
+    /// one the calling task made, or — from another task — the only one there is.
+    fn take(&mut self, key: &str) -> Option<String> {
+        let claims = self.claims.get_mut(key)?;
+        let me = tokio::task::try_id();
+        let mine: Vec<usize> = claims
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| me.is_some() && c.task == me)
+            .map(|(i, _)| i)
+            .collect();
+        let at = match mine.as_slice() {
+            [i] => Some(*i),
+            [] if claims.len() == 1 => Some(0),
+            // Ambiguous: several claims of this task, or several of others.
+            _ => None,
+        }?;
+        let taken = claims.swap_remove(at);
+        if claims.is_empty() {
+            self.claims.remove(key);
+        }
+        Some(taken.token)
+    }
 }
 
 impl std::fmt::Debug for RedisDedupStore {
@@ -65,16 +137,17 @@ impl RedisDedupStore {
     pub(crate) fn new(shared: Arc<Shared>, retention: Duration) -> Self {
         RedisDedupStore {
             prefix: format!("ferrymq:{{{}}}:handled:", shared.queue).into(),
-            claim_value: format!("claimed:{:016x}", rand::random::<u64>()).into(),
+            claim_prefix: format!("claimed:{:016x}:", rand::random::<u64>()).into(),
             shared,
             retention,
+            held: Arc::default(),
         }
     }
 
     /// A store for the queue of `config`, on its own connection, remembering handled
     /// keys for `retention`.
     pub async fn connect(config: &RedisConfig, retention: Duration) -> Result<Self> {
-        let shared = Shared::connect(config.clone()).await?;
+        let shared = Shared::connect(config.clone(), crate::settings::Role::Other).await?;
         Ok(RedisDedupStore::new(shared, retention))
     }
 
@@ -93,15 +166,34 @@ fn millis(d: Duration) -> u64 {
 #[async_trait]
 impl DedupStore for RedisDedupStore {
     async fn claim(&self, key: &str, ttl: Duration) -> Result<Claim> {
+        let token = {
+            let mut held = Held::lock(&self.held);
+            held.next += 1;
+            format!("{}{}", self.claim_prefix, held.next)
+        };
         let mut cmd = redis::cmd("SET");
         cmd.arg(self.key(key))
-            .arg(&*self.claim_value)
+            .arg(&token)
             .arg("NX")
             .arg("PX")
             .arg(millis(ttl))
             .arg("GET");
+        // Counted from before the request: the local expiry errs early.
+        let asked = Instant::now();
         match self.shared.query::<Value>(&cmd, "dedup claim").await? {
-            Value::Nil => Ok(Claim::Claimed),
+            Value::Nil => {
+                let mut held = Held::lock(&self.held);
+                held.forget_stale(asked);
+                held.claims
+                    .entry(key.to_string())
+                    .or_default()
+                    .push(OwnClaim {
+                        task: tokio::task::try_id(),
+                        token,
+                        expires: ferrymq_core::time::deadline_after(asked, ttl),
+                    });
+                Ok(Claim::Claimed)
+            }
             Value::BulkString(v) if v == b"done" => Ok(Claim::Duplicate),
             Value::BulkString(_) | Value::SimpleString(_) => Ok(Claim::InProgress),
             other => Err(Error::new(
@@ -117,14 +209,21 @@ impl DedupStore for RedisDedupStore {
             .arg("done")
             .arg("PX")
             .arg(millis(self.retention));
-        self.shared.query::<()>(&cmd, "dedup complete").await
+        self.shared.query::<()>(&cmd, "dedup complete").await?;
+        // Done is done, whoever holds a claim: none of ours is worth releasing.
+        Held::lock(&self.held).claims.remove(key);
+        Ok(())
     }
 
     async fn release(&self, key: &str) -> Result<()> {
         static SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+        let Some(token) = Held::lock(&self.held).take(key) else {
+            // Not ours, or not known to be ours: it expires after its TTL.
+            return Ok(());
+        };
         let script = SCRIPT.get_or_init(|| Script::new(RELEASE));
         let mut invocation = script.key(self.key(key));
-        invocation.arg(&*self.claim_value);
+        invocation.arg(&token);
         let mut conn = self.shared.conn();
         self.shared
             .with_timeout("dedup release", invocation.invoke_async::<i64>(&mut conn))

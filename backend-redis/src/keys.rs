@@ -20,6 +20,8 @@ pub(crate) struct Keys {
     pub(crate) revoked: String,
     /// Counter for the ids of delayed sends.
     pub(crate) seq: String,
+    /// HASH: the queue's recorded settings.
+    pub(crate) meta: String,
     dedup_prefix: String,
     /// Suffix of message ids per level (`""`, `"@1"`, ...): stream ids are unique
     /// per stream only.
@@ -37,6 +39,7 @@ impl Keys {
             dead: format!("{base}:dead"),
             revoked: format!("{base}:revoked"),
             seq: format!("{base}:seq"),
+            meta: format!("{base}:meta"),
             dedup_prefix: format!("{base}:dedup:"),
             suffixes: (0..levels)
                 .map(|l| {
@@ -73,6 +76,7 @@ impl Keys {
         v.push((&self.dead, "stream"));
         v.push((&self.revoked, "set"));
         v.push((&self.seq, "string"));
+        v.push((&self.meta, "hash"));
         v
     }
 }

@@ -37,9 +37,10 @@
 //! | `ferrymq:{Q}:leases` | hash | `N/stream-id` → deadline (ms) of a lease extended past the visibility timeout |
 //! | `ferrymq:{Q}:dead` | stream | dead-lettered messages, trimmed to `dlq_max_len` (approx.) and `dlq_retention` |
 //! | `ferrymq:{Q}:dedup:ID` | string | message id holding dedup id `ID`; expires after `dedup_window` |
-//! | `ferrymq:{Q}:revoked` | set | `N/stream-id/deliveries` of leases reclaimed while still held, so their stale handles get `LeaseExpired`; emptied as the entries leave |
+//! | `ferrymq:{Q}:revoked` | set | `N/stream-id` of entries reclaimed while still held (one member per entry, however often), so acks of them check the lease and stale handles get `LeaseExpired`; emptied as the entries leave |
 //! | `ferrymq:{Q}:handled:K` | string | [`RedisDedupStore`] (Dedup middleware): `claimed:<store>` (claim TTL) or `done` (retention) |
 //! | `ferrymq:{Q}:seq` | string | counter for the ids of delayed sends |
+//! | `ferrymq:{Q}:meta` | hash | the queue's settings, recorded by its first client and checked by every other (`priority_levels`, `group`, `visibility_ms`, `max_deliveries`, `dlq_max_len`, `dlq_retention_ms`) |
 //!
 //! A stream entry's fields: `p` payload, `h` headers (`<len>:<name><len>:<value>`…,
 //! binary-safe, no escaping), `k` key, `d` dedup id, `r` priority, and, once a
@@ -87,16 +88,40 @@
 //!   extends, and the extended handle can still settle).
 //! - **Attempt** = deliveries of the current stream entry (the group's counter) +
 //!   deliveries before it (`a`), so it survives nack, delay and promotion.
-//! - **Stale handles**: a reclaim records the lease it takes away in the revoked
-//!   set; ack refuses revoked leases and entries no longer pending, nack and extend
-//!   check the entry's delivery counter — a stale handle gets `LeaseExpired`, never
-//!   settles the redelivery.
+//! - **Stale handles**: a reclaim marks the entry in the revoked set; an ack of a
+//!   marked entry, a nack and an extend check the entry's delivery counter
+//!   against the handle's — a stale handle gets `LeaseExpired`, never settles the
+//!   redelivery.
+//! - **Bounded state**: the reclaim pass also removes consumers of the group that
+//!   hold nothing and were idle for longer than `max(visibility, 5s)` (crashed
+//!   processes leave their names behind); a consumer holding entries is never
+//!   removed. Revoked markers go with their entries. Dead-lettering that trims older
+//!   dead letters logs a warning saying how many went.
+//! - **Scripts validate first**: every script checks the types of the keys it
+//!   writes and decodes what it reads before its first write (Redis does not roll
+//!   back a failing script), so a foreign key is a `Backend` error with nothing
+//!   changed, and an undecodable delayed message is moved to the dead stream with a
+//!   reason instead of breaking every receive.
 //! - **Ack** is batched: acks arriving while earlier batches are on the wire (up to
 //!   4 in flight) go out together as one script call — `XACK` + `XDEL` per level,
 //!   with no per-entry step in the common case — and `ack()` returns once its batch
 //!   was applied on the server. `ack_linger` adds a wait to gather more.
 //! - **Nack** removes the entry and re-adds the message (stream tail, or the delayed
 //!   zset when a delay is given) in one script.
+//! - **Release** (`Ack::release`) is a nack whose new entry carries one delivery
+//!   less, so the attempt stays the same (`release_keeps_attempt`), and it never
+//!   dead-letters. The worker releases prefetched deliveries it did not start; the
+//!   consumer releases its read-ahead buffer on `close` and buffered deliveries too
+//!   old to hand out.
+//! - **Leases**: every delivery carries its lease deadline (the time the receive
+//!   was sent + `visibility_timeout`, so the local clock errs early) and the
+//!   consumer's capabilities. Delays, nack delays and extends are limited to a
+//!   year (`max_delay`, `max_nack_delay`, `max_visibility`); longer is
+//!   `Unsupported` and nothing is sent.
+//! - **Admin**: [`RedisAdmin`] (`RedisConfig::admin`) implements
+//!   `ferrymq_core::Admin`: ensure/create (the group), describe, purge (waiting,
+//!   delayed and expired leases; never live ones), peek (no lease taken), the
+//!   dead-letter stream (peek, redrive from a snapshot of its size).
 //! - **Priority**: `Priority::Levels(priority_levels)` (default 4; 1 means
 //!   `Priority::None`); priority `p` maps to level `clamp(p, 0, levels - 1)`; within a
 //!   level, FIFO. No per-key ordering is promised (`Ordering::None`).
@@ -107,13 +132,21 @@
 //!   `dlq_retention`. See [`RedisConsumer::dead_letters`] and
 //!   [`RedisConsumer::redrive`]. (The `RetryToDlq` middleware is the other way:
 //!   it publishes to a DLQ producer of your choice.)
-//! - **Group**: every consumer of a queue must use the same group — acked entries
-//!   are deleted, so a queue is one work queue, not a fan-out topic.
+//! - **Settings are the queue's**: the first client records the queue's settings
+//!   in `ferrymq:{Q}:meta`; a producer whose `priority_levels`, or a consumer whose
+//!   `priority_levels`, `group`, `visibility`, `max_deliveries`, `dlq_max_len` or
+//!   `dlq_retention` disagree is refused at connect (`InvalidConfig` naming the
+//!   setting). So every consumer of a queue uses the same group — acked entries are
+//!   deleted, so a queue is one work queue, not a fan-out topic.
 //! - **Failures**: an unreachable server is `Connection` (within `connect_timeout`),
 //!   refused credentials `Auth`, a key of the wrong type `Backend` (naming the key
-//!   at startup), no answer within `command_timeout` `Timeout`. Connections
+//!   at startup), no answer within `command_timeout` `Timeout` — except for a
+//!   send, where no answer (or a connection that broke after the request was
+//!   written) is `OutcomeUnknown`: the message may be enqueued. Connections
 //!   reconnect by themselves; scripts lost by a restarted server are reloaded.
-//!   Startup warns (tracing) when `maxmemory-policy` is `allkeys-*`.
+//!   Startup warns (tracing) when `maxmemory-policy` is `allkeys-*`, and refuses a
+//!   server older than Redis 7.0 (`Unsupported`, naming the version needed; read
+//!   from `INFO server`).
 //! - **Cancellation**: a `receive` future dropped while its call is on the wire may
 //!   leave deliveries leased to nobody; they come back after the visibility timeout
 //!   (attempt + 1). A cancelled blocking read drops its connection, so the server
@@ -130,11 +163,15 @@ mod codec;
 mod config;
 mod consumer;
 mod dedup;
+mod driver;
 mod keys;
 mod producer;
 mod scripts;
+mod settings;
 
-pub use config::{RedisConfig, MAX_PRIORITY_LEVELS};
+pub use admin::RedisAdmin;
+pub use config::{RedisConfig, MAX_DLQ_RETENTION, MAX_PRIORITY_LEVELS};
 pub use consumer::{DeadLetter, RedisConsumer};
 pub use dedup::RedisDedupStore;
+pub use driver::RedisDriver;
 pub use producer::RedisProducer;

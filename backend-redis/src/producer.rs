@@ -58,6 +58,9 @@ impl RedisProducer {
     fn encode(&self, message: &Message, scratch: &mut Vec<u8>) -> Result<(Cmd, Plan)> {
         let shared = &self.shared;
         message.validate(shared.config.max_message_size)?;
+        // A delay past the limit is refused before anything is sent (`Duration::MAX`
+        // would otherwise saturate into a bogus due time).
+        shared.capabilities.check_delay(message.get_delay())?;
         let level = level(message.get_priority(), shared.config.priority_levels);
         let delay_ms = message
             .get_delay()
@@ -128,12 +131,17 @@ impl RedisProducer {
         })
     }
 
+    /// Send one chunk as one pipeline, filling `out` with one result per message.
+    /// Returns the failure of the chunk as a whole (nothing after it should be
+    /// sent), if any: then each of its entries says `OutcomeUnknown` — a pipeline
+    /// that broke part-way ran the commands before the break, and which ones is
+    /// not known — unless nothing was sent at all.
     async fn send_chunk(
         &self,
         messages: &[Message],
         out: &mut Vec<Result<SendReceipt>>,
         scratch: &mut Vec<u8>,
-    ) -> Result<()> {
+    ) -> Option<Error> {
         let shared = &self.shared;
         let base = out.len();
         let mut pipe = redis::Pipeline::with_capacity(messages.len());
@@ -143,20 +151,44 @@ impl RedisProducer {
                 Ok((cmd, plan)) => {
                     pipe.add_command(cmd);
                     sent.push((base + i, plan));
-                    out.push(Ok(SendReceipt::new(String::new())));
+                    out.push(Err(Error::new(ErrorKind::OutcomeUnknown, "no reply")));
                 }
                 Err(e) => out.push(Err(e)),
             }
         }
         if sent.is_empty() {
-            return Ok(());
+            return None;
         }
-        let replies: Vec<Value> = shared
-            .with_timeout(
+        let replies = shared
+            .with_write_timeout(
                 "send batch",
-                pipe.ignore_errors().query_async(&mut shared.conn()),
+                pipe.ignore_errors()
+                    .query_async::<Vec<Value>>(&mut shared.conn()),
             )
-            .await?;
+            .await;
+        let replies = match replies {
+            Ok(replies) if replies.len() == sent.len() => replies,
+            Ok(replies) => {
+                let e = Error::new(
+                    ErrorKind::OutcomeUnknown,
+                    format!(
+                        "send batch: {} replies to {} commands from redis; which landed is unknown",
+                        replies.len(),
+                        sent.len()
+                    ),
+                );
+                for &(slot, _) in &sent {
+                    out[slot] = Err(copy(&e));
+                }
+                return Some(e);
+            }
+            Err(e) => {
+                for &(slot, _) in &sent {
+                    out[slot] = Err(copy(&e));
+                }
+                return Some(e);
+            }
+        };
         let mut retry = Vec::new();
         for ((slot, plan), reply) in sent.into_iter().zip(replies) {
             out[slot] = match reply {
@@ -171,30 +203,79 @@ impl RedisProducer {
                 reply => self.receipt(plan, reply),
             };
         }
-        if !retry.is_empty() {
-            // The server lost its scripts (restart): a NOSCRIPT call did not run, so
-            // sending those entries again is safe.
-            shared.load_scripts().await?;
-            let mut pipe = redis::pipe();
+        if retry.is_empty() {
+            return None;
+        }
+        // The server lost its scripts (restart): a NOSCRIPT call did not run, so
+        // sending those entries again is safe — and until then they are not sent.
+        if let Err(e) = shared.load_scripts().await {
+            let e = not_sent(&e);
             for &(slot, _) in &retry {
-                let (cmd, _) = self.encode(&messages[slot - base], scratch)?;
-                pipe.add_command(cmd);
+                out[slot] = Err(copy(&e));
             }
-            let replies: Vec<Value> = shared
-                .with_timeout(
-                    "send batch",
-                    pipe.ignore_errors().query_async(&mut shared.conn()),
-                )
-                .await?;
-            for ((slot, plan), reply) in retry.into_iter().zip(replies) {
-                out[slot] = match reply {
-                    Value::ServerError(e) => Err(shared.map_err(RedisError::from(e), "send")),
-                    reply => self.receipt(plan, reply),
-                };
+            return Some(e);
+        }
+        let mut pipe = redis::pipe();
+        let mut again = Vec::with_capacity(retry.len());
+        for (slot, plan) in retry {
+            match self.encode(&messages[slot - base], scratch) {
+                Ok((cmd, _)) => {
+                    pipe.add_command(cmd);
+                    again.push((slot, plan));
+                }
+                Err(e) => out[slot] = Err(e),
             }
         }
-        Ok(())
+        let replies = shared
+            .with_write_timeout(
+                "send batch",
+                pipe.ignore_errors()
+                    .query_async::<Vec<Value>>(&mut shared.conn()),
+            )
+            .await;
+        match replies {
+            Ok(replies) if replies.len() == again.len() => {
+                for ((slot, plan), reply) in again.into_iter().zip(replies) {
+                    out[slot] = match reply {
+                        Value::ServerError(e) => Err(shared.map_err(RedisError::from(e), "send")),
+                        reply => self.receipt(plan, reply),
+                    };
+                }
+                None
+            }
+            other => {
+                let e = match other {
+                    Err(e) => e,
+                    Ok(_) => Error::new(
+                        ErrorKind::OutcomeUnknown,
+                        "send batch: a reply per command expected from redis; which landed is unknown",
+                    ),
+                };
+                for &(slot, _) in &again {
+                    out[slot] = Err(copy(&e));
+                }
+                Some(e)
+            }
+        }
     }
+}
+
+/// A copy of an error for each entry it applies to.
+fn copy(e: &Error) -> Error {
+    Error::new(e.kind(), e.message())
+}
+
+/// An entry that was not sent because the chunk before it failed: nothing of it is
+/// on the server, so a retry does not duplicate it (never `OutcomeUnknown`).
+fn not_sent(cause: &Error) -> Error {
+    let kind = match cause.kind() {
+        ErrorKind::OutcomeUnknown | ErrorKind::Timeout => ErrorKind::Connection,
+        kind => kind,
+    };
+    Error::new(
+        kind,
+        format!("not sent: an earlier part of this batch failed ({cause})"),
+    )
 }
 
 #[async_trait]
@@ -203,10 +284,14 @@ impl Producer for RedisProducer {
         self.check_open()?;
         let mut scratch = Vec::new();
         let (cmd, plan) = self.encode(&message, &mut scratch)?;
+        let shared = &self.shared;
         let reply = if plan.scripted {
-            self.shared.eval(&scripts().enqueue, &cmd).await?
+            shared.eval_write(&scripts().enqueue, &cmd).await?
         } else {
-            self.shared.query::<Value>(&cmd, "XADD").await?
+            let mut conn = shared.conn();
+            shared
+                .with_write_timeout("XADD", cmd.query_async::<Value>(&mut conn))
+                .await?
         };
         self.receipt(plan, reply)
     }
@@ -215,8 +300,18 @@ impl Producer for RedisProducer {
         self.check_open()?;
         let mut out = Vec::with_capacity(messages.len());
         let mut scratch = Vec::new();
-        for chunk in messages.chunks(MAX_BATCH) {
-            self.send_chunk(chunk, &mut out, &mut scratch).await?;
+        let mut chunks = messages.chunks(MAX_BATCH);
+        for chunk in chunks.by_ref() {
+            if let Some(failure) = self.send_chunk(chunk, &mut out, &mut scratch).await {
+                // Stop at the first chunk that failed as a whole: the server is
+                // likely unreachable, and each further chunk would wait out its
+                // own timeout. The rest was not sent.
+                let e = not_sent(&failure);
+                for _ in chunks.flatten() {
+                    out.push(Err(copy(&e)));
+                }
+                break;
+            }
         }
         Ok(out)
     }

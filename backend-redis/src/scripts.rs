@@ -8,6 +8,16 @@
 //! Every key a script touches is passed in `KEYS` and shares the queue's `{queue}`
 //! hash tag, so the scripts also run on Redis Cluster.
 //!
+//! **Validate and compute first, write last.** Redis does not roll back the writes
+//! of a script that fails part-way, so a failure after the first write leaves a
+//! half-done step behind (an entry acked but not re-enqueued: a lost message). Every
+//! script therefore first checks the type of each key it will write
+//! ([`check_types`](PRELUDE): a foreign key is a typed `WRONGTYPE` error before
+//! anything changed), reads and decodes what it needs, and only then writes — the
+//! message's new home before the removal of its old one. No script `unpack`s a list
+//! whose length grows with the data (Lua's `unpack` fails past ~8 000 values): such
+//! lists are walked in chunks.
+//!
 //! Field names of a stream entry (see the crate docs for the whole layout):
 //! `p` payload, `h` headers, `k` key, `d` dedup id, `r` priority, `i` stable message
 //! id, `t` first enqueue time (ms), `a` deliveries before this entry existed.
@@ -21,6 +31,20 @@ const PRELUDE: &str = r#"
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Fail (before any write) when a key holds another type than ferrymq keeps there.
+-- `pairs_` is {key, type, key, type, ...}; a missing key is fine.
+local function check_types(pairs_)
+  for j = 1, #pairs_, 2 do
+    local t = redis.call('TYPE', pairs_[j])
+    local got = t
+    if type(t) == 'table' then got = t['ok'] end
+    if got ~= 'none' and got ~= pairs_[j + 1] then
+      return error({err = 'WRONGTYPE key ' .. pairs_[j] .. ' holds a ' .. tostring(got) ..
+        ', but ferrymq keeps a ' .. pairs_[j + 1] .. ' there'})
+    end
+  end
 end
 
 -- Append a header to the length-prefixed `h` field ("<len>:<name><len>:<value>...").
@@ -75,32 +99,61 @@ local function prior_attempts(fields)
   return 0
 end
 
--- Move a message to the dead-letter stream, trimmed by length and by age.
-local function dead_letter(dead_key, fields, reason, queue, stable, attempts, maxlen, retention, now)
+-- The dead-letter headers on a message's fields (no write).
+local function dead_fields(fields, reason, queue, stable, attempts)
   add_header(fields, 'ferrymq-failure-reason', reason)
   add_header(fields, 'ferrymq-origin-queue', queue)
   add_header(fields, 'ferrymq-attempts', tostring(attempts))
   add_header(fields, 'ferrymq-origin-message-id', stable)
-  redis.call('XADD', dead_key, 'MAXLEN', '~', maxlen, '*', unpack(fields))
-  if retention > 0 then
-    redis.call('XTRIM', dead_key, 'MINID', '~', string.format('%d', now - retention))
-  end
+  return fields
 end
 
--- Drop the revoked-lease tokens `tag/1` .. `tag/upto` of an entry that is leaving
--- the group (acked, nacked, dead-lettered): its stale handles fail anyway once the
--- entry is no longer pending.
+-- Append to the dead-letter stream, trimmed by length (approximately) and by age.
+-- Returns how many older dead letters the trim deleted, so the caller can say so.
+-- A retention reaching back before the epoch trims by length only (an MINID below
+-- zero is not a stream id).
+local function write_dead(dead_key, fields, maxlen, retention, now)
+  local before = redis.call('XLEN', dead_key)
+  redis.call('XADD', dead_key, 'MAXLEN', '~', maxlen, '*', unpack(fields))
+  local trimmed = before + 1 - redis.call('XLEN', dead_key)
+  local minid = now - retention
+  if retention > 0 and minid > 0 then
+    trimmed = trimmed + redis.call('XTRIM', dead_key, 'MINID', '~', string.format('%d', minid))
+  end
+  return trimmed
+end
+
+-- An entry is leaving the group (acked, nacked, dead-lettered, purged): drop its
+-- revoked marker `tag`, and the per-delivery tokens `tag/1` .. `tag/upto` an older
+-- version of these scripts kept — in chunks of 500, since `unpack` of a longer
+-- list fails and a message can be redelivered any number of times.
 local function forget_revoked(key, tag, upto)
-  if upto < 1 then return end
-  local t = {}
-  for c = 1, upto do t[#t + 1] = tag .. '/' .. c end
-  redis.call('SREM', key, unpack(t))
+  redis.call('SREM', key, tag)
+  local c = 1
+  while c <= upto do
+    local t = {}
+    local last = math.min(c + 499, upto)
+    for j = c, last do t[#t + 1] = tag .. '/' .. j end
+    redis.call('SREM', key, unpack(t))
+    c = last + 1
+  end
 end
 
 local function in_lease(key, group, id, deliveries)
   local p = redis.call('XPENDING', key, group, id, id, 1)
   if p[1] and tonumber(p[1][4]) == deliveries then return p[1] end
   return nil
+end
+
+-- A decoded delayed message: {level, field, value, ...} of strings and numbers.
+local function valid_job(f)
+  if type(f) ~= 'table' or #f < 3 or #f > 201 or (#f - 1) % 2 ~= 0 then return false end
+  if not tonumber(f[1]) then return false end
+  for j = 2, #f do
+    local t = type(f[j])
+    if t ~= 'string' and t ~= 'number' then return false end
+  end
+  return true
 end
 "#;
 
@@ -111,6 +164,7 @@ end
 /// ARGV: dedup window ms, delay ms, level, id suffix, field/value pairs...
 /// Returns {duplicate 0/1, message id}.
 const ENQUEUE: &str = r#"
+check_types({KEYS[1], 'stream', KEYS[2], 'zset', KEYS[3], 'hash', KEYS[4], 'string'})
 if KEYS[5] then
   local seen = redis.call('GET', KEYS[5])
   if seen then return {1, seen} end
@@ -119,9 +173,9 @@ local id
 local delay = tonumber(ARGV[2])
 if delay > 0 then
   local now = now_ms()
-  id = string.format('d%d-%012d', now, redis.call('INCR', KEYS[4]))
   local f = {ARGV[3]}
   for j = 5, #ARGV do f[#f + 1] = ARGV[j] end
+  id = string.format('d%d-%012d', now, redis.call('INCR', KEYS[4]))
   f[#f + 1] = 'i'
   f[#f + 1] = id
   f[#f + 1] = 't'
@@ -137,42 +191,61 @@ return {0, id}
 
 /// Maintenance run before each read: promote due delayed messages and, when asked,
 /// reclaim leases past the visibility timeout (`XPENDING … IDLE` to look, `XCLAIM`
-/// to take — `XCLAIM` increments the delivery counter, giving attempt + 1). The
-/// reclaimed lease is recorded as revoked (`level/id/deliveries` in the revoked set)
-/// so its stale handle cannot ack. New entries are read by the caller with a plain
-/// `XREADGROUP` pipelined right after this script: reading inside Lua would copy
-/// every entry through Lua tables, which costs more than the read itself.
+/// to take — `XCLAIM` increments the delivery counter, giving attempt + 1) and prune
+/// consumers that hold nothing and were idle for long. A reclaimed entry is marked
+/// revoked (`level/id` in the revoked set: one member per entry, however often it
+/// is reclaimed) so that acks of it check the lease. New entries are read by the
+/// caller with a plain `XREADGROUP` pipelined right after this script: reading inside
+/// Lua would copy every entry through Lua tables, which costs more than the read.
+///
+/// Promotion removes each message from the delayed set in the same step that adds it
+/// to its stream, and a value that does not decode (not written by ferrymq) goes to
+/// the dead-letter stream with a reason — never left to fail every receive.
 ///
 /// KEYS: delayed, jobs, leases, dead, revoked, ready streams (level 0 first)
 /// ARGV: group, consumer, max, visibility ms, reclaim 0/1, promote limit,
-///       max deliveries (0 = off), dead maxlen, dead retention ms, queue name
-/// Returns {ms until the next delayed message is due or -1, then level, stream id,
-/// deliveries, fields for each reclaimed delivery}.
+///       max deliveries (0 = off), dead maxlen, dead retention ms, queue name,
+///       prune consumers idle longer than this many ms (0 = do not prune)
+/// Returns {ms until the next delayed message is due or -1, dead letters trimmed,
+/// consumers pruned, then level, stream id, deliveries, fields for each reclaimed
+/// delivery}.
 const MAINTAIN: &str = r#"
 local group, consumer = ARGV[1], ARGV[2]
 local maxn = tonumber(ARGV[3])
 local vis = tonumber(ARGV[4])
 local maxdel = tonumber(ARGV[7])
+local maxlen, retention, queue = ARGV[8], tonumber(ARGV[9]), ARGV[10]
+local prune = tonumber(ARGV[11]) or 0
 local nlevels = #KEYS - 5
+local types = {KEYS[1], 'zset', KEYS[2], 'hash', KEYS[3], 'hash', KEYS[4], 'stream', KEYS[5], 'set'}
+for lvl = 0, nlevels - 1 do
+  types[#types + 1] = KEYS[6 + lvl]
+  types[#types + 1] = 'stream'
+end
+check_types(types)
 local now = now_ms()
+local trimmed, pruned = 0, 0
 
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[6]))
-if #due > 0 then
-  for _, id in ipairs(due) do
-    local packed = redis.call('HGET', KEYS[2], id)
-    if packed then
-      local f = cmsgpack.unpack(packed)
+for _, id in ipairs(due) do
+  local packed = redis.call('HGET', KEYS[2], id)
+  if packed then
+    local ok, f = pcall(cmsgpack.unpack, packed)
+    if ok and valid_job(f) then
       local lvl = tonumber(f[1]) or 0
       if lvl >= nlevels then lvl = nlevels - 1 end
       if lvl < 0 then lvl = 0 end
       redis.call('XADD', KEYS[6 + lvl], '*', unpack(f, 2))
+    else
+      local fields = dead_fields({'p', packed, 'i', id}, 'undecodable delayed message (not written by ferrymq?); moved aside at promotion', queue, id, 0)
+      trimmed = trimmed + write_dead(KEYS[4], fields, maxlen, retention, now)
     end
   end
-  redis.call('ZREM', KEYS[1], unpack(due))
-  redis.call('HDEL', KEYS[2], unpack(due))
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('HDEL', KEYS[2], id)
 end
 
-local out = {-1}
+local out = {-1, 0, 0}
 local n = 0
 if ARGV[5] == '1' then
   for lvl = nlevels - 1, 0, -1 do
@@ -200,19 +273,43 @@ if ARGV[5] == '1' then
           forget_revoked(KEYS[5], tag, count)
         elseif maxdel > 0 and prior_attempts(e[2]) + count + 1 > maxdel then
           local fields, attempts, stable = carry_fields(e[2], lvl, id, count)
-          dead_letter(KEYS[4], fields,
+          fields = dead_fields(fields,
             'not acked within the visibility timeout ' .. attempts .. ' times (max_deliveries ' .. maxdel .. ')',
-            ARGV[10], stable, attempts, ARGV[8], tonumber(ARGV[9]), now)
+            queue, stable, attempts)
+          trimmed = trimmed + write_dead(KEYS[4], fields, maxlen, retention, now)
           redis.call('XACK', key, group, id)
           redis.call('XDEL', key, id)
           forget_revoked(KEYS[5], tag, count)
         else
-          redis.call('SADD', KEYS[5], tag .. '/' .. count)
+          redis.call('SADD', KEYS[5], tag)
           out[#out + 1] = lvl
           out[#out + 1] = id
           out[#out + 1] = count + 1
           out[#out + 1] = e[2]
           n = n + 1
+        end
+      end
+    end
+  end
+end
+
+if prune > 0 then
+  -- A consumer holding nothing can go at any time (a live one is recreated by its
+  -- next read); one holding entries never does — that would drop its leases.
+  for lvl = 0, nlevels - 1 do
+    local key = KEYS[6 + lvl]
+    local cs = redis.pcall('XINFO', 'CONSUMERS', key, group)
+    if type(cs) == 'table' and not cs.err then
+      for _, c in ipairs(cs) do
+        local name, pending, idle
+        for j = 1, #c, 2 do
+          if c[j] == 'name' then name = c[j + 1]
+          elseif c[j] == 'pending' then pending = tonumber(c[j + 1])
+          elseif c[j] == 'idle' then idle = tonumber(c[j + 1]) end
+        end
+        if name and name ~= consumer and pending == 0 and idle and idle > prune then
+          redis.call('XGROUP', 'DELCONSUMER', key, group, name)
+          pruned = pruned + 1
         end
       end
     end
@@ -225,18 +322,23 @@ if first[2] then
   if wait < 0 then wait = 0 end
   out[1] = wait
 end
+out[2] = trimmed
+out[3] = pruned
 return out
 "#;
 
-/// Acknowledge a batch: `XACK` + `XDEL` per level for the whole batch, after
-/// refusing leases that were revoked by a reclaim.
+/// Acknowledge a batch: `XACK` + `XDEL` per level for the whole batch.
 ///
-/// Fast path (no revoked leases or extended leases exist, every entry still
-/// pending): the ids go from `ARGV` to `XACK` and `XDEL` without a per-id step, and
-/// the reply is the count. Otherwise each entry is checked: revoked tokens with one
-/// `SMISMEMBER`, and — when `XACK` acked fewer entries than asked (some were settled
-/// through a newer delivery) — each entry's `XDEL` tells which: an entry still in the
-/// stream was just acked by us.
+/// Fast path (no entry was ever reclaimed while held and no lease extended past
+/// the visibility timeout, every entry still pending): the ids go from `ARGV` to
+/// `XACK` and `XDEL` without a per-id step, and the reply is the count. Otherwise
+/// the rest goes entry by entry. Where reclaims happened (the revoked set exists),
+/// each entry's lease is checked (`XPENDING` of that id: still pending with the
+/// delivery counter of this handle), so a stale handle gets `LeaseExpired` and
+/// never acks the redelivery. Without reclaims no stale handle can exist, and
+/// `XACK`/`XDEL` themselves tell which entries were settled elsewhere already. An
+/// entry of a fast-path chunk that `XACK` took but whose `XDEL` had not run yet is
+/// recognised by being still in the stream.
 ///
 /// KEYS: leases, revoked, ready streams (level 0 first)
 /// ARGV: group, n, the n delivery counters, then per level: level, k, k stream ids
@@ -245,6 +347,12 @@ return out
 const ACK: &str = r#"
 local group = ARGV[1]
 local n = tonumber(ARGV[2])
+local types = {KEYS[1], 'hash', KEYS[2], 'set'}
+for j = 3, #KEYS do
+  types[#types + 1] = KEYS[j]
+  types[#types + 1] = 'stream'
+end
+check_types(types)
 local segs = {}
 local i, idx = 3 + n, 0
 while i <= #ARGV do
@@ -257,8 +365,10 @@ end
 local has_leases = redis.call('EXISTS', KEYS[1]) == 1
 local has_revoked = redis.call('EXISTS', KEYS[2]) == 1
 
--- done_upto[si]: ARGV index up to which segment si was acked and deleted.
+-- done_upto[si]: ARGV index up to which segment si was acked and deleted;
+-- broken: {si, from, to} of a chunk XACKed but not XDELeted.
 local done_upto = {}
+local broken = nil
 if not has_leases and not has_revoked then
   local all = true
   for si, seg in ipairs(segs) do
@@ -268,6 +378,7 @@ if not has_leases and not has_revoked then
       local e = math.min(c + 999, s + k - 1)
       if redis.call('XACK', key, group, unpack(ARGV, c, e)) ~= e - c + 1 then
         all = false
+        broken = {si, c, e}
         break
       end
       redis.call('XDEL', key, unpack(ARGV, c, e))
@@ -280,79 +391,90 @@ end
 
 -- Slow path, entry by entry (entries the fast path finished count as acked).
 local res = {}
-local tag_of = {}
 for si, seg in ipairs(segs) do
+  local lvl, key = seg[1], KEYS[3 + seg[1]]
   for j = 0, seg[4] - 1 do
     local at = seg[3] + j + 1
-    tag_of[at] = {seg[1], ARGV[seg[2] + j]}
-    if done_upto[si] and seg[2] + j <= done_upto[si] then res[at] = 1 end
-  end
-end
-local revoked = {}
-if has_revoked then
-  local tokens = {}
-  for at = 1, n do
-    tokens[at] = tag_of[at][1] .. '/' .. tag_of[at][2] .. '/' .. ARGV[2 + at]
-  end
-  revoked = redis.call('SMISMEMBER', KEYS[2], unpack(tokens))
-end
-for at = 1, n do
-  local lvl, id = tag_of[at][1], tag_of[at][2]
-  if res[at] == 1 then
-    -- finished by the fast path
-  elseif has_revoked and revoked[at] == 1 then
-    res[at] = 0
-  else
-    local key = KEYS[3 + lvl]
-    local acked = redis.call('XACK', key, group, id)
-    local deleted = redis.call('XDEL', key, id)
-    if acked == 1 or deleted == 1 then res[at] = 1 else res[at] = 0 end
-    if res[at] == 1 then
-      local tag = lvl .. '/' .. id
-      if has_leases then redis.call('HDEL', KEYS[1], tag) end
-      if has_revoked then forget_revoked(KEYS[2], tag, tonumber(ARGV[2 + at]) - 1) end
+    local argi = seg[2] + j
+    local id = ARGV[argi]
+    local count = tonumber(ARGV[2 + at])
+    if done_upto[si] and argi <= done_upto[si] then
+      res[at] = 1
+    elseif broken and broken[1] == si and argi >= broken[2] and argi <= broken[3] then
+      -- XACKed by the fast path: still in the stream means it was ours.
+      res[at] = redis.call('XDEL', key, id)
+    elseif has_revoked and not in_lease(key, group, id, count) then
+      res[at] = 0
+    else
+      local acked = redis.call('XACK', key, group, id)
+      local deleted = redis.call('XDEL', key, id)
+      if acked == 1 or deleted == 1 then res[at] = 1 else res[at] = 0 end
+      if res[at] == 1 then
+        local tag = lvl .. '/' .. id
+        if has_leases then redis.call('HDEL', KEYS[1], tag) end
+        if has_revoked then forget_revoked(KEYS[2], tag, count - 1) end
+      end
     end
   end
 end
 return res
 "#;
 
-/// Negative-acknowledge: remove the entry and re-enqueue the message with its attempts
-/// carried, now (stream tail) or after a delay (delayed ZSET); dead-letter it when
-/// max deliveries is reached.
+/// Negative-acknowledge: re-enqueue the message with its attempts carried, now
+/// (stream tail) or after a delay (delayed ZSET), or dead-letter it when max
+/// deliveries is reached — then remove the old entry. The new home is written
+/// before the old one is removed, after every key was type-checked.
 ///
 /// KEYS: delayed, jobs, leases, dead, revoked, ready stream of the message's level
 /// ARGV: group, level, stream id, deliveries, delay ms, max deliveries, dead maxlen,
-///       dead retention ms, queue name
-/// Returns 0 (lease gone), 1 (re-enqueued), 2 (dead-lettered).
+///       dead retention ms, queue name, release 0/1
+///
+/// A release (`1`) gives the message back without counting this delivery: the new
+/// entry carries one delivery less than a nack's would, and it is never
+/// dead-lettered (no attempt was spent).
+/// Returns {0 (lease gone) | 1 (re-enqueued) | 2 (dead-lettered), dead letters
+/// trimmed}.
 const NACK: &str = r#"
 local key, group, lvl, id = KEYS[6], ARGV[1], tonumber(ARGV[2]), ARGV[3]
+check_types({KEYS[1], 'zset', KEYS[2], 'hash', KEYS[3], 'hash', KEYS[4], 'stream', KEYS[5], 'set', key, 'stream'})
 local count = tonumber(ARGV[4])
-if not in_lease(key, group, id, count) then return 0 end
-local e = redis.call('XRANGE', key, id, id)
+if not in_lease(key, group, id, count) then return {0, 0} end
 local tag = lvl .. '/' .. id
-redis.call('XACK', key, group, id)
-redis.call('HDEL', KEYS[3], tag)
-forget_revoked(KEYS[5], tag, count - 1)
-if not e[1] then return 0 end
-redis.call('XDEL', key, id)
-local fields, attempts, stable = carry_fields(e[1][2], lvl, id, count)
-local maxdel = tonumber(ARGV[6])
-local now = now_ms()
-if maxdel > 0 and attempts >= maxdel then
-  dead_letter(KEYS[4], fields,
-    'nacked after ' .. attempts .. ' deliveries (max_deliveries ' .. maxdel .. ')',
-    ARGV[9], stable, attempts, ARGV[7], tonumber(ARGV[8]), now)
-  return 2
+local e = redis.call('XRANGE', key, id, id)
+if not e[1] then
+  -- Pending but deleted from the stream (by hand): nothing left to re-enqueue.
+  redis.call('XACK', key, group, id)
+  redis.call('HDEL', KEYS[3], tag)
+  forget_revoked(KEYS[5], tag, count - 1)
+  return {0, 0}
 end
+local release = ARGV[10] == '1'
+local counted = count
+if release then counted = count - 1 end
+local fields, attempts, stable = carry_fields(e[1][2], lvl, id, counted)
+local maxdel = tonumber(ARGV[6])
 local delay = tonumber(ARGV[5])
-if delay > 0 then
-  redis.call('HSET', KEYS[2], stable, cmsgpack.pack({tostring(lvl), unpack(fields)}))
+local now = now_ms()
+local code, trimmed = 1, 0
+if not release and maxdel > 0 and attempts >= maxdel then
+  fields = dead_fields(fields,
+    'nacked after ' .. attempts .. ' deliveries (max_deliveries ' .. maxdel .. ')',
+    ARGV[9], stable, attempts)
+  trimmed = write_dead(KEYS[4], fields, ARGV[7], tonumber(ARGV[8]), now)
+  code = 2
+elseif delay > 0 then
+  local job = {tostring(lvl)}
+  for j = 1, #fields do job[#job + 1] = fields[j] end
+  redis.call('HSET', KEYS[2], stable, cmsgpack.pack(job))
   redis.call('ZADD', KEYS[1], now + delay, stable)
 else
   redis.call('XADD', key, '*', unpack(fields))
 end
-return 1
+redis.call('XACK', key, group, id)
+redis.call('XDEL', key, id)
+redis.call('HDEL', KEYS[3], tag)
+forget_revoked(KEYS[5], tag, count - 1)
+return {code, trimmed}
 "#;
 
 /// Extend a lease: reset the entry's idle clock with `XCLAIM … IDLE … JUSTID` to its
@@ -364,6 +486,7 @@ return 1
 /// ARGV: group, level, stream id, deliveries, by ms, visibility ms
 /// Returns 1, or 0 when the lease is gone.
 const EXTEND: &str = r#"
+check_types({KEYS[1], 'hash', KEYS[2], 'stream'})
 local p = in_lease(KEYS[2], ARGV[1], ARGV[3], tonumber(ARGV[4]))
 if not p then return 0 end
 local by, vis = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -421,13 +544,20 @@ end
 return 1
 "#;
 
-/// Move up to N of the oldest dead letters back to their ready stream, with the
-/// attempt count reset.
+/// Move up to N of the oldest dead letters, none newer than a given id (the last
+/// entry when the redrive started), back to their ready stream, with the attempt
+/// count reset.
 ///
-/// KEYS: dead, ready streams; ARGV: count. Returns how many moved.
+/// KEYS: dead, ready streams; ARGV: count, last id. Returns how many moved.
 const REDRIVE: &str = r#"
 local nlevels = #KEYS - 1
-local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', tonumber(ARGV[1]))
+local types = {}
+for j = 1, #KEYS do
+  types[#types + 1] = KEYS[j]
+  types[#types + 1] = 'stream'
+end
+check_types(types)
+local entries = redis.call('XRANGE', KEYS[1], '-', ARGV[2], 'COUNT', tonumber(ARGV[1]))
 for _, e in ipairs(entries) do
   local out = {}
   local lvl = 0
@@ -448,6 +578,105 @@ end
 return #entries
 "#;
 
+/// The last id the group delivered on a stream (`0-0` when it delivered nothing, nil
+/// when the stream or the group does not exist): entries after it are waiting.
+const LAST_DELIVERED: &str = r#"
+local function last_delivered(key, group)
+  if redis.call('EXISTS', key) == 0 then return nil end
+  local groups = redis.call('XINFO', 'GROUPS', key)
+  for _, g in ipairs(groups) do
+    local name, last
+    for j = 1, #g, 2 do
+      if g[j] == 'name' then name = g[j + 1] elseif g[j] == 'last-delivered-id' then last = g[j + 1] end
+    end
+    if name == group then return last end
+  end
+  return nil
+end
+"#;
+
+/// Up to `max` waiting entries (never delivered to the group), highest level first,
+/// stream order within a level. Reads only: no lease, no delivery counted.
+///
+/// KEYS: ready streams (level 0 first); ARGV: group, max.
+/// Returns {level, stream id, fields, ...}.
+const PEEK: &str = r#"
+local group, maxn = ARGV[1], tonumber(ARGV[2])
+local out = {}
+local n = 0
+for lvl = #KEYS - 1, 0, -1 do
+  if n >= maxn then break end
+  local key = KEYS[lvl + 1]
+  if redis.call('EXISTS', key) == 1 then
+    local last = last_delivered(key, group)
+    local start = '-'
+    if last then start = '(' .. last end
+    local entries = redis.call('XRANGE', key, start, '+', 'COUNT', maxn - n)
+    for _, e in ipairs(entries) do
+      out[#out + 1] = lvl
+      out[#out + 1] = e[1]
+      out[#out + 1] = e[2]
+      n = n + 1
+    end
+  end
+end
+return out
+"#;
+
+/// Remove up to `limit` messages that are not in flight: delayed ones, waiting ones
+/// (never delivered), and pending ones whose lease ran out (not extended). Their
+/// stale handles then get `LeaseExpired` (the entry is no longer pending).
+///
+/// KEYS: delayed, jobs, leases, revoked, ready streams; ARGV: group, visibility ms,
+/// limit. Returns how many went (less than `limit`: nothing more to purge).
+const PURGE: &str = r#"
+local group, vis, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local types = {KEYS[1], 'zset', KEYS[2], 'hash', KEYS[3], 'hash', KEYS[4], 'set'}
+for j = 5, #KEYS do
+  types[#types + 1] = KEYS[j]
+  types[#types + 1] = 'stream'
+end
+check_types(types)
+local now = now_ms()
+local n = 0
+local ids = redis.call('ZRANGE', KEYS[1], 0, limit - 1)
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('HDEL', KEYS[2], id)
+  n = n + 1
+end
+for lvl = 0, #KEYS - 5 do
+  if n >= limit then break end
+  local key = KEYS[5 + lvl]
+  if redis.call('EXISTS', key) == 1 then
+    local last = last_delivered(key, group)
+    local start = '-'
+    if last then start = '(' .. last end
+    local entries = redis.call('XRANGE', key, start, '+', 'COUNT', limit - n)
+    for _, e in ipairs(entries) do
+      redis.call('XDEL', key, e[1])
+      n = n + 1
+    end
+    if last and n < limit then
+      local pend = redis.call('XPENDING', key, group, 'IDLE', vis, '-', '+', limit - n)
+      for _, p in ipairs(pend) do
+        local id, count = p[1], tonumber(p[4])
+        local tag = lvl .. '/' .. id
+        local lease = tonumber(redis.call('HGET', KEYS[3], tag))
+        if not lease or lease <= now then
+          redis.call('XACK', key, group, id)
+          redis.call('XDEL', key, id)
+          redis.call('HDEL', KEYS[3], tag)
+          forget_revoked(KEYS[4], tag, count)
+          n = n + 1
+        end
+      end
+    end
+  end
+end
+return n
+"#;
+
 /// One script: its source (for `SCRIPT LOAD`) and SHA (for `EVALSHA`).
 #[derive(Debug)]
 pub(crate) struct Lua {
@@ -458,7 +687,7 @@ pub(crate) struct Lua {
 
 impl Lua {
     fn new(name: &'static str, body: &str) -> Self {
-        let code = format!("{PRELUDE}{body}");
+        let code = format!("{PRELUDE}{LAST_DELIVERED}{body}");
         Lua {
             name,
             script: Script::new(&code),
@@ -490,10 +719,13 @@ pub(crate) struct Scripts {
     pub(crate) depth: Lua,
     pub(crate) release: Lua,
     pub(crate) redrive: Lua,
+    pub(crate) peek: Lua,
+    pub(crate) purge: Lua,
+    pub(crate) settings: Lua,
 }
 
 impl Scripts {
-    pub(crate) fn all(&self) -> [&Lua; 8] {
+    pub(crate) fn all(&self) -> [&Lua; 11] {
         [
             &self.enqueue,
             &self.maintain,
@@ -503,6 +735,9 @@ impl Scripts {
             &self.depth,
             &self.release,
             &self.redrive,
+            &self.peek,
+            &self.purge,
+            &self.settings,
         ]
     }
 }
@@ -518,5 +753,8 @@ pub(crate) fn scripts() -> &'static Scripts {
         depth: Lua::new("depth", DEPTH),
         release: Lua::new("release", RELEASE),
         redrive: Lua::new("redrive", REDRIVE),
+        peek: Lua::new("peek", PEEK),
+        purge: Lua::new("purge", PURGE),
+        settings: Lua::new("settings", crate::settings::SETTINGS),
     })
 }

@@ -145,3 +145,78 @@ async fn dedup_middleware_across_two_workers() {
         "every second copy acked as a duplicate"
     );
 }
+
+/// #7: two handlers of one worker share one store. A's claim runs out while A is
+/// still busy, B claims the key, then A fails and releases: B's live claim must
+/// survive (each claim has a token of its own, not one per process).
+#[tokio::test]
+async fn a_release_never_drops_another_handlers_claim() {
+    let (_p, c, _cfg) = connect("dedup-owner", "").await;
+    let store = c.dedup_store(Duration::from_secs(60));
+    let a = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            assert_eq!(
+                store.claim("k", Duration::from_millis(200)).await.unwrap(),
+                Claim::Claimed
+            );
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            // A's claim ran out meanwhile; A fails and releases, in its own task.
+            store.release("k").await.unwrap();
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b_claimed = {
+        let store = store.clone();
+        tokio::spawn(async move { store.claim("k", Duration::from_secs(30)).await.unwrap() })
+            .await
+            .unwrap()
+    };
+    assert_eq!(b_claimed, Claim::Claimed, "A's claim expired");
+    a.await.unwrap();
+    assert_eq!(
+        store.claim("k", Duration::from_secs(30)).await.unwrap(),
+        Claim::InProgress,
+        "B still holds the key"
+    );
+}
+
+/// The same task releases what it claimed; a release from elsewhere (the Dedup
+/// middleware releases an abandoned claim from a task of its own) drops the claim
+/// only when this store holds exactly one live claim on the key.
+#[tokio::test]
+async fn releases_find_their_claim() {
+    let (_p, c, _cfg) = connect("dedup-owner2", "").await;
+    let store = c.dedup_store(Duration::from_secs(60));
+    let ttl = Duration::from_secs(30);
+    // Same task.
+    assert_eq!(store.claim("a", ttl).await.unwrap(), Claim::Claimed);
+    store.release("a").await.unwrap();
+    assert_eq!(store.claim("a", ttl).await.unwrap(), Claim::Claimed);
+    // From another task, one claim held: released at once.
+    let s = store.clone();
+    tokio::spawn(async move { s.release("a").await.unwrap() })
+        .await
+        .unwrap();
+    assert_eq!(store.claim("a", ttl).await.unwrap(), Claim::Claimed);
+    // Complete marks it done whoever completes.
+    store.complete("a").await.unwrap();
+    assert_eq!(store.claim("a", ttl).await.unwrap(), Claim::Duplicate);
+    // Two claims of this store on one key (the first expired): a release from an
+    // unknown task cannot tell whose it is and drops neither.
+    let s = store.clone();
+    tokio::spawn(async move { s.claim("b", Duration::from_millis(100)).await.unwrap() })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let s = store.clone();
+    let second = tokio::spawn(async move { s.claim("b", ttl).await.unwrap() })
+        .await
+        .unwrap();
+    assert_eq!(second, Claim::Claimed);
+    let s = store.clone();
+    tokio::spawn(async move { s.release("b").await.unwrap() })
+        .await
+        .unwrap();
+    assert_eq!(store.claim("b", ttl).await.unwrap(), Claim::InProgress);
+}

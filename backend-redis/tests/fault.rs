@@ -2,7 +2,7 @@
 //! `appendfsync always`): kill -9 and restart it, or freeze it (SIGSTOP 5 s), while
 //! 20k messages are in flight between a producer and a worker. Every message must be
 //! processed at least once and none may be left unacked; errors while the server is
-//! gone must be typed (`Connection` / `Timeout`), never a panic. Also: the startup
+//! gone must be typed (`Connection` / `Timeout`, and `OutcomeUnknown` for sends), never a panic. Also: the startup
 //! warning for an eviction policy that can drop queue keys (a server of its own, so
 //! the shared one's config is left alone).
 //!
@@ -159,6 +159,12 @@ impl Seen {
 }
 
 const TRANSIENT: &[ErrorKind] = &[ErrorKind::Connection, ErrorKind::Timeout];
+/// A send may also not know whether it landed (written, then no answer).
+const SEND_TRANSIENT: &[ErrorKind] = &[
+    ErrorKind::Connection,
+    ErrorKind::Timeout,
+    ErrorKind::OutcomeUnknown,
+];
 
 async fn produce(p: RedisProducer, seen: Arc<Seen>) {
     let mut next = 0u32;
@@ -171,7 +177,7 @@ async fn produce(p: RedisProducer, seen: Arc<Seen>) {
                 let mut all_ok = true;
                 for r in results {
                     if let Err(e) = r {
-                        seen.error("send entry", &e, TRANSIENT);
+                        seen.error("send entry", &e, SEND_TRANSIENT);
                         all_ok = false;
                     }
                 }
@@ -184,7 +190,7 @@ async fn produce(p: RedisProducer, seen: Arc<Seen>) {
             }
             Err(e) => {
                 // Retry the batch: some of it may have landed (duplicates are fine).
-                seen.error("send", &e, TRANSIENT);
+                seen.error("send", &e, SEND_TRANSIENT);
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }

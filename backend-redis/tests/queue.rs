@@ -628,7 +628,7 @@ async fn priority_holds_across_buffered_reads() {
 }
 
 #[tokio::test]
-async fn stale_buffered_deliveries_come_back_by_reclaim() {
+async fn stale_buffered_deliveries_are_given_back_without_an_attempt() {
     let (p, c, _) = connect("stalebuf", "priority_levels=2&visibility=400ms").await;
     p.send_batch(vec![Message::new("low"), Message::new("high").priority(1)])
         .await
@@ -638,10 +638,11 @@ async fn stale_buffered_deliveries_come_back_by_reclaim() {
     assert_eq!(d.payload().as_ref(), b"high");
     d.ack().await.unwrap();
     tokio::time::sleep(Duration::from_millis(250)).await; // > visibility / 2
-                                                          // Too old to hand out safely: dropped, then reclaimed after the timeout.
+                                                          // Too old to hand out safely: released (it was never handed out, so no attempt
+                                                          // is spent), then delivered again.
     let d = c.receive(1, WAIT).await.unwrap().remove(0);
     assert_eq!(d.payload().as_ref(), b"low");
-    assert_eq!(d.attempt(), 2);
+    assert_eq!(d.attempt(), 1);
     d.ack().await.unwrap();
     assert_eq!(c.depth().await.unwrap().total(), 0);
 }

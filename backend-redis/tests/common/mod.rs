@@ -61,3 +61,68 @@ pub async fn raw() -> redis::aio::MultiplexedConnection {
 }
 
 pub const WAIT: Duration = Duration::from_secs(5);
+
+/// A redis-server of a test's own (for server settings the shared one must not
+/// get), on a free port, killed on drop. Needs `redis-server` on PATH.
+pub struct OwnServer {
+    pub port: u16,
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl OwnServer {
+    pub fn start(extra: &[&str]) -> OwnServer {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let dir = std::env::temp_dir().join(format!("ferrymq-own-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run redis-server ({e}); scripts/redis.sh start installs it")
+            });
+        // Owned at once, so every path below (a panic too) kills and reaps it.
+        let server = OwnServer { port, child, dir };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let up = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                .and_then(|c| c.get_connection())
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+                .is_ok();
+            if up {
+                return server;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server on {port} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn url(&self, queue: &str) -> String {
+        format!("redis://127.0.0.1:{}/{queue}", self.port)
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

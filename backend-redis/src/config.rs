@@ -482,6 +482,14 @@ impl RedisConfig {
         if self.visibility_timeout < Duration::from_millis(10) {
             return Err(Error::invalid_config("visibility", "must be at least 10ms"));
         }
+        // Durations become milliseconds in script arguments and `PX`/`IDLE`: past
+        // these bounds they would be refused by the server on every call.
+        if self.visibility_timeout > crate::client::MAX_DELAY {
+            return Err(Error::invalid_config(
+                "visibility",
+                "must be at most 365 days",
+            ));
+        }
         if self.max_message_size == 0 || self.max_message_size > 512 * 1024 * 1024 {
             return Err(Error::invalid_config(
                 "max_message_size",
@@ -492,6 +500,15 @@ impl RedisConfig {
             return Err(Error::invalid_config(
                 "dedup_window",
                 "must be at least 1ms",
+            ));
+        }
+        if self.dedup_window > MAX_DLQ_RETENTION {
+            return Err(Error::invalid_config(
+                "dedup_window",
+                format!(
+                    "must be at most {}",
+                    humantime::format_duration(MAX_DLQ_RETENTION)
+                ),
             ));
         }
         if self.priority_levels == 0 || self.priority_levels > MAX_PRIORITY_LEVELS {
@@ -689,6 +706,9 @@ mod tests {
             ("redis://h/q?priority_levels=0", "priority_levels"),
             ("redis://h/q?nope=1", "nope"),
             ("redis://h/q%7B?", "queue"),
+            ("redis://h/q?visibility=400days", "visibility"),
+            ("redis://h/q?dedup_window=100y", "dedup_window"),
+            ("redis://h/q?dlq_retention=60y", "dlq_retention"),
         ] {
             let err = RedisConfig::from_url(url).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{url}");

@@ -359,7 +359,7 @@ impl RedisConsumer {
         };
         let sent = Instant::now();
         let reply = tokio::time::timeout(
-            block + shared.config.command_timeout,
+            block.saturating_add(shared.config.command_timeout),
             cmd.query_async::<Value>(&mut **conn),
         )
         .await;

@@ -159,8 +159,13 @@ impl RedisDedupStore {
     }
 }
 
+/// Milliseconds for `PX`, at least 1 and at most 40 years: Redis refuses an
+/// expiry past its clock's range, so a claim TTL or retention of `Duration::MAX`
+/// ("keep it") is capped rather than failing every call.
 fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+    u64::try_from(d.min(crate::config::MAX_DLQ_RETENTION).as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 #[async_trait]

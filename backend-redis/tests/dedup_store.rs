@@ -220,3 +220,18 @@ async fn releases_find_their_claim() {
         .unwrap();
     assert_eq!(store.claim("b", ttl).await.unwrap(), Claim::InProgress);
 }
+
+#[tokio::test]
+async fn endless_ttls_are_capped_not_refused() {
+    let (_p, c, _cfg) = connect("dedup-max", "").await;
+    let store = c.dedup_store(Duration::MAX);
+    assert_eq!(
+        store.claim("k", Duration::MAX).await.unwrap(),
+        Claim::Claimed
+    );
+    store.complete("k").await.unwrap();
+    assert_eq!(
+        store.claim("k", Duration::MAX).await.unwrap(),
+        Claim::Duplicate
+    );
+}

@@ -290,6 +290,10 @@ pub fn run_soak(o: &SoakOptions, worker: &WorkerCommand) -> Result<SoakReport, S
     let dlq_url = server.url(dlq_queue, "");
     let log = std::env::temp_dir().join(format!("ferrymq-soak-{}.log", std::process::id()));
     let _ = std::fs::remove_file(&log);
+    eprintln!(
+        "soak: workers log to {} (kept when the run fails)",
+        log.display()
+    );
     let producer = rt
         .block_on(async { RedisConfig::from_url(&url)?.producer().await })
         .map_err(|e| e.to_string())?;

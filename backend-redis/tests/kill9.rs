@@ -88,6 +88,10 @@ fn kill_9_of_worker_processes_loses_nothing_and_explains_every_duplicate() {
     let dlq_url = server.url(&dlq_queue, "");
     let log = std::env::temp_dir().join(format!("ferrymq-kill9-{}.log", std::process::id()));
     let _ = std::fs::remove_file(&log);
+    eprintln!(
+        "kill9: workers log to {} (kept when the test fails)",
+        log.display()
+    );
 
     // Produced as the worker goes, keeping at most BACKLOG messages ahead of it: a
     // nack re-queues at the stream's tail, so with all 20k waiting up front every

@@ -2,7 +2,8 @@
 # The whole test suite, with every server it needs: installs and starts them on
 # 127.0.0.1, runs the tests against them, then stops what it started.
 #
-#   scripts/test.sh [extra cargo test args]
+#   scripts/test.sh                     # everything (scripts/run-tests.py)
+#   scripts/test.sh [cargo test args]   # a slice, e.g. -p ferrymq-redis --test fault
 #
 # To use servers you already run, export their addresses first
 # (FERRYMQ_TEST_REDIS_URL=redis://host:port, FERRYMQ_TEST_SQS_ENDPOINT=http://host:port,
@@ -58,25 +59,13 @@ export AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}"
 export AWS_REGION="${AWS_REGION:-us-east-1}"
 echo "== servers: redis=$FERRYMQ_TEST_REDIS_URL sqs=$FERRYMQ_TEST_SQS_ENDPOINT kafka=$FERRYMQ_TEST_KAFKA_BROKERS"
 
-cargo test --workspace --all-features --no-fail-fast "$@"
-
-# The runnable examples check their own guarantees and exit non-zero when one fails:
-# run each on every backend, then the demo on the networked ones.
-sqs_url() { echo "sqs://$1?endpoint=$FERRYMQ_TEST_SQS_ENDPOINT&create=true&visibility=5s"; }
-kafka_url() { echo "kafka://$FERRYMQ_TEST_KAFKA_BROKERS/$1?create=true"; }
-for example in quickstart worker dead_letter per_key_order backpressure batching; do
-  echo "== example $example (memory)"
-  cargo run -q -p ferrymq --all-features --example "$example"
-  echo "== example $example (redis)"
-  FERRYMQ_URL="$FERRYMQ_TEST_REDIS_URL/example-$example?visibility=5s" \
-    cargo run -q -p ferrymq --all-features --example "$example"
-  echo "== example $example (sqs)"
-  FERRYMQ_URL="$(sqs_url "example-$example")" cargo run -q -p ferrymq --all-features --example "$example"
-  echo "== example $example (kafka)"
-  FERRYMQ_URL="$(kafka_url "example-$example")" cargo run -q -p ferrymq --all-features --example "$example"
-done
-for url in "$FERRYMQ_TEST_REDIS_URL/{queue}?visibility=5s" "$(sqs_url '{queue}')" "$(kafka_url '{queue}')"; do
-  echo "== ferry demo --url ${url%%\?*}"
-  cargo run -q -p ferrymq-cli --all-features --bin ferry -- demo --url "$url"
-done
-echo "== examples: all passed on memory, redis, sqs and kafka"
+if [[ $# -gt 0 ]]; then
+  # A slice (`scripts/test.sh -p ferrymq-redis --test fault`): plain cargo test, no examples.
+  cargo test "$@"
+  exit
+fi
+# The whole suite: what `cargo test --workspace --all-features --no-fail-fast` runs (one
+# build, then every test binary and the doc tests), with several packages' binaries side
+# by side, then every runnable example on every backend (each checks its own guarantee
+# and exits non-zero when it fails) and `ferry demo` on the networked servers.
+python3 scripts/run-tests.py

@@ -359,3 +359,106 @@ async fn warns_when_maxmemory_policy_can_evict_queue_keys() {
     assert!(out.contains("allkeys-lru"), "{out}");
     assert!(out.contains("evict queue keys"), "{out}");
 }
+
+/// Issue 12 (a worker that never silently stops): Redis killed -9 under a running
+/// `Worker` and restarted from its AOF 3 s later. The worker keeps retrying by
+/// itself — no restart of the process, no call from the application — and its
+/// health says `Degraded` while Redis is gone and `Running` once it consumes again;
+/// messages sent before the kill and after the restart are all handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_resumes_by_itself_after_a_restart_and_its_health_says_so() {
+    use ferrymq_core::middleware::handler_fn;
+    use ferrymq_core::worker::{HealthState, Worker};
+    use ferrymq_core::{BoxError, Delivery};
+
+    let mut server = Server::start();
+    let cfg = RedisConfig::from_url(&server.url("fault-health")).unwrap();
+    let (p, c) = cfg.connect().await.unwrap();
+    let worker = Worker::new(c)
+        .concurrency(4)
+        .poll_wait(Duration::from_millis(200))
+        .receive_error_backoff(Duration::from_millis(200));
+    let health = worker.health();
+    let handled = Arc::new(Mutex::new(HashSet::new()));
+    let h = handled.clone();
+    let svc = handler_fn(move |d: Delivery| {
+        let h = h.clone();
+        async move {
+            h.lock().unwrap().insert(d.payload().to_vec());
+            Ok::<_, BoxError>(())
+        }
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(worker.run_until(svc, async {
+        let _ = stop_rx.await;
+    }));
+    let wait_for = |what: &'static str, limit: Duration, cond: Box<dyn Fn() -> bool + Send>| async move {
+        let deadline = Instant::now() + limit;
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+
+    for i in 0..100 {
+        p.send(Message::new(format!("before-{i}"))).await.unwrap();
+    }
+    let h = handled.clone();
+    wait_for(
+        "the first 100",
+        Duration::from_secs(10),
+        Box::new(move || h.lock().unwrap().len() == 100),
+    )
+    .await;
+    assert!(health.is_healthy(), "{:?}", health.report());
+
+    tokio::task::block_in_place(|| server.kill9());
+    let down_at = Instant::now();
+    let hc = health.clone();
+    wait_for(
+        "Degraded",
+        Duration::from_secs(5),
+        Box::new(move || hc.report().state == HealthState::Degraded),
+    )
+    .await;
+    let noticed = down_at.elapsed();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let while_down = health.report();
+    assert_eq!(while_down.state, HealthState::Degraded, "{while_down:?}");
+    assert!(
+        matches!(
+            while_down.last_error_kind,
+            Some(ErrorKind::Connection | ErrorKind::Timeout)
+        ),
+        "{while_down:?}"
+    );
+
+    tokio::task::block_in_place(|| server.spawn());
+    let up_at = Instant::now();
+    let hc = health.clone();
+    wait_for(
+        "Running again",
+        Duration::from_secs(10),
+        Box::new(move || hc.is_healthy()),
+    )
+    .await;
+    let resumed = up_at.elapsed();
+    for i in 0..100 {
+        p.send(Message::new(format!("after-{i}"))).await.unwrap();
+    }
+    let h = handled.clone();
+    wait_for(
+        "all 200",
+        Duration::from_secs(10),
+        Box::new(move || h.lock().unwrap().len() == 200),
+    )
+    .await;
+    eprintln!(
+        "health: Degraded {noticed:?} after the kill ({} failed receives in a row while down), \
+         Running {resumed:?} after the restart",
+        while_down.consecutive_errors
+    );
+    stop_tx.send(()).unwrap();
+    let summary = run.await.unwrap().unwrap();
+    assert!(summary.succeeded >= 200, "{summary:?}");
+}

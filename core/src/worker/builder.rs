@@ -5,7 +5,7 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use tower::Service;
 
-use super::{run, WorkerEvent, WorkerSummary};
+use super::{run, WorkerEvent, WorkerHealth, WorkerSummary};
 use crate::consumer::Consumer;
 use crate::delivery::Delivery;
 use crate::error::{BoxError, Result};
@@ -33,6 +33,7 @@ pub struct Worker<C> {
     pub(super) config: Config,
     pub(super) events: broadcast::Sender<WorkerEvent>,
     pub(super) flush: Vec<Arc<dyn Producer>>,
+    pub(super) health: WorkerHealth,
 }
 
 impl<C> std::fmt::Debug for Worker<C> {
@@ -70,6 +71,7 @@ impl<C: Consumer + 'static> Worker<C> {
             },
             events,
             flush: Vec::new(),
+            health: WorkerHealth::new(),
         }
     }
 
@@ -154,6 +156,14 @@ impl<C: Consumer + 'static> Worker<C> {
     /// (tokio broadcast semantics).
     pub fn subscribe(&self) -> broadcast::Receiver<WorkerEvent> {
         self.events.subscribe()
+    }
+
+    /// A handle on this worker's health: whether its last receive succeeded, since
+    /// when, and the last error. The worker retries receive errors that retrying can
+    /// fix (so it resumes by itself after a broker restart); this says whether it is
+    /// consuming right now. Take it before running; it stays valid after.
+    pub fn health(&self) -> WorkerHealth {
+        self.health.clone()
     }
 
     /// Run until `shutdown` completes, then shut down gracefully and return the

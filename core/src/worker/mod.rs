@@ -62,8 +62,11 @@
 //! `ferrymq_worker_succeeded_total`, `ferrymq_worker_retried_total`,
 //! `ferrymq_worker_dead_lettered_total`, `ferrymq_worker_deduplicated_total`,
 //! `ferrymq_worker_failed_total`, `ferrymq_worker_released_total`; histogram
-//! `ferrymq_worker_handler_seconds` (by outcome); gauges `ferrymq_worker_in_flight`
-//! and `ferrymq_queue_depth` (by state), all labelled with the queue. And
+//! `ferrymq_worker_handler_seconds` (by outcome); gauges `ferrymq_worker_in_flight`,
+//! `ferrymq_queue_depth` (by state) and `ferrymq_worker_healthy` (1 while receiving
+//! works), all labelled with the queue. [`Worker::health`] gives the same as a
+//! [`WorkerHealth`] handle for a health endpoint: a worker whose broker is down keeps
+//! retrying and resumes by itself, and says `Degraded` meanwhile. And
 //! [`Worker::subscribe`] gives a broadcast of [`WorkerEvent`]s, one per finished
 //! delivery, like BullMQ's `completed` / `failed` events.
 
@@ -71,11 +74,13 @@
 
 mod builder;
 mod events;
+mod health;
 mod run;
 mod summary;
 
 pub use builder::Worker;
 pub use events::WorkerEvent;
+pub use health::{HealthReport, HealthState, WorkerHealth};
 pub use summary::WorkerSummary;
 
 #[cfg(test)]

@@ -265,6 +265,7 @@ where
         config,
         events,
         flush,
+        health,
     } = worker;
     let queue: Arc<str> = consumer.queue().into();
     let prefetch = config
@@ -273,6 +274,7 @@ where
     let max_batch = consumer.capabilities().max_batch.max(1);
     let pacing = Pacing::new(consumer.capabilities().visibility_timeout);
     let metrics = Metrics::new(&queue);
+    let health = health.with_gauge(&queue);
     let _depth_gauge = spawn_depth_gauge(&consumer, &config, &queue);
     let mut st = State {
         consumer,
@@ -346,6 +348,7 @@ where
                 receiving = None;
                 match received {
                     Ok(deliveries) => {
+                        health.receive_succeeded();
                         let n = deliveries.len() as u64;
                         st.summary.received += n;
                         st.metrics.received.increment(n);
@@ -362,6 +365,7 @@ where
                     }
                     Err(e) => {
                         tracing::warn!(queue = %st.queue, error = %e, pause = ?st.config.receive_error_backoff, "receive failed; retrying");
+                        health.receive_failed(&e);
                         receive_pause = Some(Box::pin(sleep(st.config.receive_error_backoff)));
                     }
                 }
@@ -466,6 +470,7 @@ where
     }
     st.summary.elapsed = started.elapsed();
     tracing::info!(queue = %st.queue, summary = %st.summary, "worker stopped");
+    health.stopped(fatal.as_ref());
     match fatal {
         Some(e) => Err(e),
         None => Ok(st.summary),

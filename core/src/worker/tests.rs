@@ -646,6 +646,119 @@ async fn a_permanent_receive_error_stops_the_worker_with_the_error() {
     assert_eq!(err.kind(), ErrorKind::Auth);
 }
 
+/// A memory consumer whose "broker" can be taken down: receives then fail with
+/// `Connection`, as a networked consumer's do while its server restarts.
+#[derive(Debug)]
+struct Outage {
+    inner: MemoryConsumer,
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait]
+impl Consumer for Outage {
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        if self.down.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return Err(Error::new(ErrorKind::Connection, "connection refused"));
+        }
+        self.inner.receive(max, wait).await
+    }
+    async fn depth(&self) -> Result<Depth> {
+        self.inner.depth().await
+    }
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+    fn queue(&self) -> &str {
+        self.inner.queue()
+    }
+    fn capabilities(&self) -> &Capabilities {
+        self.inner.capabilities()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_whose_broker_goes_down_says_so_and_resumes_by_itself() {
+    let (p, c) = queue("worker-outage").connect().unwrap();
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let worker = Worker::new(Outage {
+        inner: c,
+        down: down.clone(),
+    })
+    .poll_wait(Duration::from_millis(100))
+    .receive_error_backoff(Duration::from_millis(500));
+    let health = worker.health();
+    assert_eq!(health.report().state, HealthState::Starting);
+    let handled = Arc::new(AtomicUsize::new(0));
+    let h = handled.clone();
+    let svc = handler_fn(move |_d: Delivery| {
+        let h = h.clone();
+        async move {
+            h.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, BoxError>(())
+        }
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(worker.run_until(svc, async {
+        let _ = stop_rx.await;
+    }));
+
+    p.send(Message::new("before")).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(handled.load(Ordering::SeqCst), 1);
+    assert!(health.is_healthy());
+
+    down.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let r = health.report();
+    assert_eq!(r.state, HealthState::Degraded, "{r:?}");
+    assert!(r.consecutive_errors >= 2, "{r:?}");
+    assert_eq!(r.last_error_kind, Some(ErrorKind::Connection));
+    p.send(Message::new("during")).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        handled.load(Ordering::SeqCst),
+        1,
+        "nothing is received while down"
+    );
+    assert_eq!(health.report().state, HealthState::Degraded);
+
+    down.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        handled.load(Ordering::SeqCst),
+        2,
+        "the message sent during the outage ran"
+    );
+    let r = health.report();
+    assert_eq!(
+        (r.state, r.consecutive_errors),
+        (HealthState::Running, 0),
+        "{r:?}"
+    );
+
+    stop_tx.send(()).unwrap();
+    let summary = run.await.unwrap().unwrap();
+    assert_eq!(summary.succeeded, 2);
+    assert_eq!(health.report().state, HealthState::Stopped);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_permanent_receive_error_leaves_the_health_stopped_with_it() {
+    let svc = handler_fn(|_d: Delivery| async { Ok::<_, BoxError>(()) });
+    let worker = Worker::new(Refusing(Capabilities::minimal("refusing")));
+    let health = worker.health();
+    worker
+        .run_until(svc, std::future::pending())
+        .await
+        .unwrap_err();
+    let r = health.report();
+    assert_eq!(
+        (r.state, r.last_error_kind),
+        (HealthState::Stopped, Some(ErrorKind::Auth))
+    );
+}
+
 #[test]
 fn public_types_are_send_and_sync() {
     fn send_sync<T: Send + Sync>() {}
@@ -656,6 +769,7 @@ fn public_types_are_send_and_sync() {
     send_sync::<Worker<Box<dyn Consumer>>>();
     send_sync::<WorkerSummary>();
     send_sync::<WorkerEvent>();
+    send_sync::<WorkerHealth>();
     send_sync::<DedupLayer>();
     send_sync::<MemoryDedupStore>();
     send_sync::<Arc<dyn DedupStore>>();

@@ -5,6 +5,7 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use tower::Service;
 
+use super::autoscale::{AutoscaleConfig, DEFAULT_INTERVAL};
 use super::{run, WorkerEvent, WorkerHealth, WorkerSummary};
 use crate::consumer::Consumer;
 use crate::delivery::Delivery;
@@ -22,6 +23,8 @@ pub(super) struct Config {
     pub(super) receive_error_backoff: Duration,
     pub(super) depth_interval: Option<Duration>,
     pub(super) close_consumer: bool,
+    pub(super) autoscale: Option<AutoscaleConfig>,
+    pub(super) autoscale_interval: Duration,
 }
 
 /// Drives a handler service over a consumer; see the [module docs](super).
@@ -68,6 +71,8 @@ impl<C: Consumer + 'static> Worker<C> {
                 receive_error_backoff: Duration::from_secs(1),
                 depth_interval: Some(Duration::from_secs(15)),
                 close_consumer: true,
+                autoscale: None,
+                autoscale_interval: DEFAULT_INTERVAL,
             },
             events,
             flush: Vec::new(),
@@ -75,9 +80,43 @@ impl<C: Consumer + 'static> Worker<C> {
         }
     }
 
-    /// At most `n` handlers run at once (at least 1).
+    /// At most `n` handlers run at once (at least 1). Turns off
+    /// [`autoscale`](Worker::autoscale).
     pub fn concurrency(mut self, n: usize) -> Self {
         self.config.concurrency = n.max(1);
+        self.config.autoscale = None;
+        self
+    }
+
+    /// Let the concurrency follow the load within `range` (BullMQ users add workers
+    /// when the queue grows; this does it inside one worker): it starts at the
+    /// lower bound, grows while every slot is busy and work waits (the prefetched
+    /// deliveries plus the queue's ready depth where the backend counts it, sized
+    /// by the observed handler time), and shrinks after a few quiet intervals. See
+    /// [`autoscale`](super::autoscale) for the rule. The current value is in
+    /// [`HealthReport::concurrency`](super::HealthReport::concurrency) and the gauge
+    /// `ferrymq_worker_concurrency`. Replaces [`concurrency`](Worker::concurrency);
+    /// the default prefetch follows the upper bound.
+    ///
+    /// ```
+    /// # use ferrymq_core::memory::MemoryConfig;
+    /// # use ferrymq_core::worker::Worker;
+    /// # let consumer = MemoryConfig::new("autoscale-doc").consumer().unwrap();
+    /// let worker = Worker::new(consumer).autoscale(1..=32);
+    /// # let _ = worker;
+    /// ```
+    pub fn autoscale(mut self, range: std::ops::RangeInclusive<usize>) -> Self {
+        let min = (*range.start()).max(1);
+        let max = (*range.end()).max(min);
+        self.config.autoscale = Some(AutoscaleConfig { min, max });
+        self.config.concurrency = min;
+        self
+    }
+
+    /// How often [`autoscale`](Worker::autoscale) decides (default 1 s; at least
+    /// 10 ms). Also how often it reads the queue depth.
+    pub fn autoscale_interval(mut self, every: Duration) -> Self {
+        self.config.autoscale_interval = every.max(Duration::from_millis(10));
         self
     }
 

@@ -45,6 +45,9 @@ pub struct HealthReport {
     pub last_error: Option<String>,
     /// When a receive last succeeded.
     pub last_receive: Option<SystemTime>,
+    /// Handlers the worker may run at once now: its configured concurrency, or
+    /// where [`autoscale`](super::Worker::autoscale) has taken it.
+    pub concurrency: usize,
 }
 
 /// A cloneable view of a worker's health, from
@@ -97,6 +100,7 @@ impl WorkerHealth {
                 last_error_kind: None,
                 last_error: None,
                 last_receive: None,
+                concurrency: 0,
             })),
             gauge: None,
         }
@@ -135,6 +139,10 @@ impl WorkerHealth {
                 });
             }
         }
+    }
+
+    pub(super) fn set_concurrency(&self, n: usize) {
+        self.lock().concurrency = n;
     }
 
     pub(super) fn receive_succeeded(&self) {

@@ -72,6 +72,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod autoscale;
 mod builder;
 mod events;
 mod health;

@@ -14,6 +14,7 @@ use tokio::time::{sleep, sleep_until, Instant, Sleep};
 use tower::Service;
 use tracing::Instrument;
 
+use super::autoscale::{self, Autoscaler, Load};
 use super::builder::{Config, Worker};
 use super::{WorkerEvent, WorkerSummary};
 use crate::consumer::Consumer;
@@ -268,13 +269,27 @@ where
         health,
     } = worker;
     let queue: Arc<str> = consumer.queue().into();
-    let prefetch = config
-        .prefetch
-        .unwrap_or_else(|| default_prefetch(config.concurrency));
+    let prefetch = config.prefetch.unwrap_or_else(|| {
+        default_prefetch(config.autoscale.map_or(config.concurrency, |a| a.max))
+    });
     let max_batch = consumer.capabilities().max_batch.max(1);
     let pacing = Pacing::new(consumer.capabilities().visibility_timeout);
     let metrics = Metrics::new(&queue);
     let health = health.with_gauge(&queue);
+    health.set_concurrency(config.concurrency);
+    let concurrency_gauge =
+        metrics::gauge!("ferrymq_worker_concurrency", "queue" => queue.to_string());
+    concurrency_gauge.set(config.concurrency as f64);
+    let mut scaler = config.autoscale.map(Autoscaler::new);
+    let ready_watch = scaler
+        .as_ref()
+        .and_then(|_| autoscale::watch_ready(&consumer, config.autoscale_interval));
+    let mut scale_tick = scaler.as_ref().map(|_| {
+        let every = config.autoscale_interval;
+        let mut t = tokio::time::interval_at(crate::time::deadline_in(every), every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
     let _depth_gauge = spawn_depth_gauge(&consumer, &config, &queue);
     let mut st = State {
         consumer,
@@ -341,6 +356,26 @@ where
                         } else {
                             st.release_unstarted(delivery);
                         }
+                    }
+                }
+            }
+            Some(_) = OptionFuture::from(scale_tick.as_mut().map(|t| t.tick())), if scale_tick.is_some() => {
+                if let Some(scaler) = scaler.as_mut() {
+                    let ready = ready_watch
+                        .as_ref()
+                        .map(|(r, _)| r.load(std::sync::atomic::Ordering::Relaxed))
+                        .filter(|&n| n != u64::MAX);
+                    let next = scaler.tick(Load {
+                        running: st.running.len(),
+                        pending: st.pending.len(),
+                        ready,
+                        handler_secs: st.pacing.handler_secs,
+                    });
+                    if next != st.config.concurrency {
+                        tracing::debug!(queue = %st.queue, from = st.config.concurrency, to = next, "autoscale");
+                        st.config.concurrency = next;
+                        concurrency_gauge.set(next as f64);
+                        health.set_concurrency(next);
                     }
                 }
             }
@@ -772,7 +807,7 @@ fn spawn_depth_gauge<C: Consumer + 'static>(
     Some(AbortOnDrop(task.abort_handle()))
 }
 
-struct AbortOnDrop(AbortHandle);
+pub(super) struct AbortOnDrop(pub(super) AbortHandle);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

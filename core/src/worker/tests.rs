@@ -759,6 +759,70 @@ async fn a_permanent_receive_error_leaves_the_health_stopped_with_it() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn autoscale_grows_on_a_burst_and_shrinks_back_when_it_is_drained() {
+    let (p, c) = queue("worker-autoscale").connect().unwrap();
+    let worker = Worker::new(c)
+        .autoscale(1..=16)
+        .poll_wait(Duration::from_millis(100));
+    let health = worker.health();
+    let handled = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
+    let h = handled.clone();
+    let svc = handler_fn(move |d: Delivery| {
+        let h = h.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            *h.lock().unwrap().entry(body(&d)).or_default() += 1;
+            Ok::<_, BoxError>(())
+        }
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(worker.run_until(svc, async {
+        let _ = stop_rx.await;
+    }));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        health.report().concurrency,
+        1,
+        "idle: stays at the lower bound"
+    );
+
+    // A burst: 400 messages of 100 ms is 40 s at concurrency 1.
+    for i in 0..400 {
+        p.send(Message::new(format!("m{i}"))).await.unwrap();
+    }
+    let burst = tokio::time::Instant::now();
+    let mut peak = 0;
+    while handled.lock().unwrap().len() < 400 {
+        assert!(
+            burst.elapsed() < Duration::from_secs(30),
+            "burst not drained: {:?}",
+            health.report()
+        );
+        peak = peak.max(health.report().concurrency);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let drained_in = burst.elapsed();
+    eprintln!("autoscale: 400 x 100 ms drained in {drained_in:?}, peak concurrency {peak}");
+    assert_eq!(peak, 16, "grew to the upper bound on a 40 s backlog");
+    assert!(
+        drained_in < Duration::from_secs(10),
+        "drained in {drained_in:?}"
+    );
+
+    // Quiet again: shrinks back, a quarter per three quiet seconds.
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    assert_eq!(health.report().concurrency, 1);
+
+    stop_tx.send(()).unwrap();
+    let summary = run.await.unwrap().unwrap();
+    assert_eq!(summary.succeeded, 400);
+    assert!(
+        handled.lock().unwrap().values().all(|&n| n == 1),
+        "each handled once"
+    );
+}
+
 #[test]
 fn public_types_are_send_and_sync() {
     fn send_sync<T: Send + Sync>() {}

@@ -34,6 +34,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CARGO = os.environ.get("CARGO", "cargo")
 BUILD_FLAGS = ["--workspace", "--all-features"]
 
+# The runnable examples of the facade (ferrymq/examples): each checks its own guarantee on
+# the backend FERRYMQ_URL names and exits non-zero when it does not hold.
+EXAMPLES = ["quickstart", "worker", "dead_letter", "per_key_order", "backpressure", "batching", "autoscale"]
+
 # Packages whose binaries take longest start first (measured, seconds, warm).
 LONGEST_FIRST = ["ferrymq-sqs", "ferrymq-redis", "ferrymq-kafka", "ferrymq-conformance", "ferrymq-cli"]
 
@@ -185,7 +189,7 @@ def example_units():
         }
 
     units = []
-    for example in ["quickstart", "worker", "dead_letter", "per_key_order", "backpressure", "batching"]:
+    for example in EXAMPLES:
         for backend, url in urls(f"example-{example}").items():
             env = dict(os.environ)
             env.pop("FERRYMQ_URL", None)

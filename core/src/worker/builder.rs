@@ -22,6 +22,7 @@ pub(super) struct Config {
     pub(super) receive_error_backoff: Duration,
     pub(super) depth_interval: Option<Duration>,
     pub(super) close_consumer: bool,
+    pub(super) handler_tasks: bool,
 }
 
 /// Drives a handler service over a consumer; see the [module docs](super).
@@ -67,6 +68,7 @@ impl<C: Consumer + 'static> Worker<C> {
                 receive_error_backoff: Duration::from_secs(1),
                 depth_interval: Some(Duration::from_secs(15)),
                 close_consumer: true,
+                handler_tasks: false,
             },
             events,
             flush: Vec::new(),
@@ -133,6 +135,21 @@ impl<C: Consumer + 'static> Worker<C> {
     /// (`None`: never).
     pub fn depth_interval(mut self, every: Option<Duration>) -> Self {
         self.config.depth_interval = every;
+        self
+    }
+
+    /// Run each handler in a tokio task of its own (default false).
+    ///
+    /// By default the worker polls its running handlers itself, from its own task:
+    /// starting a delivery then costs no spawn, no task and no join, which on a fast
+    /// backend is most of the per-message overhead. The price is that the handlers of
+    /// one worker share one thread at a time, as the futures of any one task do:
+    /// handlers that wait (I/O) overlap as before, but synchronous CPU work in one
+    /// handler delays the others. Set this for CPU-heavy handlers (or move that work
+    /// to `tokio::task::spawn_blocking`), so handlers spread over the runtime's
+    /// threads. Either way a handler that panics fails only its delivery.
+    pub fn handler_tasks(mut self, spawn: bool) -> Self {
+        self.config.handler_tasks = spawn;
         self
     }
 

@@ -566,6 +566,15 @@ async fn graceful_shutdown_loses_nothing_and_duplicates_nothing() {
 
 #[tokio::test(start_paused = true)]
 async fn handlers_past_the_shutdown_deadline_are_cancelled_and_released() {
+    deadline_cancels_and_releases(false).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn handler_tasks_past_the_shutdown_deadline_are_cancelled_and_released() {
+    deadline_cancels_and_releases(true).await;
+}
+
+async fn deadline_cancels_and_releases(handler_tasks: bool) {
     let (p, c) = queue("worker-deadline")
         .visibility_timeout(Duration::from_secs(3600))
         .connect()
@@ -577,6 +586,7 @@ async fn handlers_past_the_shutdown_deadline_are_cancelled_and_released() {
     });
     let start = tokio::time::Instant::now();
     let summary = Worker::new(c)
+        .handler_tasks(handler_tasks)
         .shutdown_timeout(Duration::from_secs(2))
         .run_until(svc, tokio::time::sleep(Duration::from_secs(1)))
         .await

@@ -65,12 +65,16 @@ fn main() {
         .capacity(50_000_000)
         .connect()
         .unwrap();
-    let dlq = MemoryConfig::new(format!("{queue}-dlq")).producer().unwrap();
+    let dlq = MemoryConfig::new(format!("{queue}-dlq"))
+        .producer()
+        .unwrap();
     rt.block_on(async {
         let mut sent = 0;
         while sent < n {
             let k = 100.min(n - sent);
-            let batch = (0..k).map(|i| Message::new(payload(100, sent + i))).collect();
+            let batch = (0..k)
+                .map(|i| Message::new(payload(100, sent + i)))
+                .collect();
             producer.send_batch(batch).await.unwrap();
             sent += k;
         }
@@ -94,7 +98,10 @@ fn measured(
             "traits" => {
                 let mut done = 0;
                 while done < n {
-                    let batch = consumer.receive(100, Duration::from_millis(100)).await.unwrap();
+                    let batch = consumer
+                        .receive(100, Duration::from_millis(100))
+                        .await
+                        .unwrap();
                     for d in &batch {
                         handle(d.payload());
                         d.ack().await.unwrap();

@@ -46,7 +46,7 @@ impl<C> std::fmt::Debug for Worker<C> {
 }
 
 impl<C: Consumer + 'static> Worker<C> {
-    /// A worker on `consumer`: concurrency 1, prefetch 32 (see [`prefetch`](Worker::prefetch)), 1 s long polls,
+    /// A worker on `consumer`: concurrency 1, prefetch 128 (see [`prefetch`](Worker::prefetch)), 1 s long polls,
     /// no per-key ordering, 30 s shutdown timeout, failed deliveries nacked without
     /// delay, depth gauge every 15 s.
     pub fn new(consumer: C) -> Self {
@@ -82,7 +82,7 @@ impl<C: Consumer + 'static> Worker<C> {
     }
 
     /// At most `n` received deliveries wait for a free handler slot (default: twice
-    /// the concurrency, at least 32). The worker receives again only once fewer than
+    /// the concurrency, at least 128). The worker receives again only once fewer than
     /// half of them are left, and then in one batch (up to the backend's `max_batch`)
     /// for the room there is, so a networked backend sees one receive per batch rather
     /// than per message. Never more than `concurrency + n` deliveries are held.

@@ -752,14 +752,18 @@ impl<C: Consumer + 'static> State<C> {
     }
 }
 
-/// The prefetch when none is set: twice the concurrency, at least 32 — enough that
-/// receives come in batches (refilled at half) without holding leases for long.
+/// The prefetch when none is set: twice the concurrency, at least 128 — enough that
+/// receives come in batches (refilled at half) of a size where a networked backend's
+/// round trip is paid by dozens of messages. With 32, a Redis worker at concurrency 1
+/// drained its 16 waiting deliveries before the next receive answered and waited on
+/// every round trip (0.41 of the raw client against 0.58 with 128, issue 11). The
+/// pacing still bounds it by time, so slow handlers prefetch less.
 pub(super) fn default_prefetch(concurrency: usize) -> usize {
     concurrency.saturating_mul(2).max(DEFAULT_MIN_PREFETCH)
 }
 
 /// Lower bound of the default prefetch.
-pub(super) const DEFAULT_MIN_PREFETCH: usize = 32;
+pub(super) const DEFAULT_MIN_PREFETCH: usize = 128;
 
 /// Runs one delivery through the service and reports what the worker has left to do
 /// with it. `started` is when the worker started it (read anew when `None`: the

@@ -156,9 +156,9 @@ impl Consumer for CountingReceives {
 
 #[test]
 fn the_default_prefetch_is_bounded_by_the_concurrency() {
-    assert_eq!(run::default_prefetch(1), 32);
-    assert_eq!(run::default_prefetch(16), 32);
-    assert_eq!(run::default_prefetch(40), 80);
+    assert_eq!(run::default_prefetch(1), 128);
+    assert_eq!(run::default_prefetch(64), 128);
+    assert_eq!(run::default_prefetch(100), 200);
     assert_eq!(run::default_prefetch(usize::MAX), usize::MAX);
 }
 

@@ -32,8 +32,9 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "produce,e2e,latency,rss")]
     pub workloads: Vec<String>,
 
-    /// Handler concurrencies for the end-to-end workload.
-    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    /// Handler concurrencies for the end-to-end workload (64: where round-trip-per-job
+    /// peers are at their best).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,64")]
     pub concurrency: Vec<usize>,
 
     /// Message payload sizes in bytes.
@@ -123,13 +124,18 @@ impl Args {
     /// Apply `--smoke`: tiny counts, one round, small backlogs.
     pub fn normalized(mut self) -> Self {
         if self.smoke {
-            self.messages = self.messages.min(2_000);
+            // Every subject and workload once, small enough for CI (< 60 s with the
+            // slow peers, which hit the 1 s cap): it proves the drivers still run, it
+            // measures nothing.
+            self.messages = self.messages.min(1_000);
             self.rounds = self.rounds.min(1);
-            self.latency_messages = self.latency_messages.min(200);
+            self.sizes = vec![100];
+            self.concurrency = vec![1, 64];
+            self.latency_messages = self.latency_messages.min(100);
             self.latency_rate = self.latency_rate.min(1_000);
-            self.rss_backlogs = vec![1_000, 5_000];
-            self.peer_rss_max_backlog = self.peer_rss_max_backlog.min(5_000);
-            self.max_run_secs = self.max_run_secs.min(5.0);
+            self.rss_backlogs = vec![1_000];
+            self.peer_rss_max_backlog = self.peer_rss_max_backlog.min(1_000);
+            self.max_run_secs = self.max_run_secs.min(1.0);
             self.rss_rounds = 1;
             self.stall_secs = self.stall_secs.min(10);
         }

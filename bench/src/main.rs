@@ -322,9 +322,11 @@ async fn run_all(
         c.compute_median();
     }
     let ratios = report::ratios(&cells);
+    let best = report::best_ratios(&cells);
     println!(
-        "{}",
-        report::tables(&cells, &ratios, args.rounds, args.rss_rounds)
+        "{}{}",
+        report::tables(&cells, &ratios, args.rounds, args.rss_rounds),
+        report::best_table(&best)
     );
 
     let mut machine = machine::describe();
@@ -367,11 +369,16 @@ async fn run_all(
             "how": s.describe(),
         })).collect::<Vec<_>>(),
     });
-    let doc = report::document(meta, &cells, &ratios);
+    let doc = report::document(meta, &cells, &ratios, &best);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
+        // The ratio table as a bar chart, next to the JSON.
+        let chart = path.with_extension("svg");
+        std::fs::write(&chart, report::svg(&ratios))
+            .with_context(|| format!("writing {}", chart.display()))?;
+        eprintln!("wrote {}", chart.display());
     }
     eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
     // Peers may fail as shipped (that is a finding); ferrymq or a raw baseline

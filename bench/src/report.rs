@@ -336,11 +336,240 @@ pub fn tables(cells: &[Cell], ratios: &[Ratio], rounds: usize, rss_rounds: usize
     out
 }
 
+/// "ferrymq vs peer" at the peer's best end-to-end concurrency: the peer's highest
+/// e2e rate over the concurrencies run, against ferrymq's at that same concurrency
+/// (and ferrymq's own best, for reference).
+#[derive(Debug, Clone, Serialize)]
+pub struct BestRatio {
+    pub backend: Backend,
+    pub size: usize,
+    pub ferrymq: String,
+    pub peer: String,
+    /// The concurrency at which the peer was fastest.
+    pub peer_best_concurrency: usize,
+    pub peer_msgs_per_sec: f64,
+    pub ferrymq_msgs_per_sec: f64,
+    /// ferrymq / peer, both at the peer's best concurrency.
+    pub ratio: f64,
+    /// ferrymq's best e2e rate over every concurrency / the peer's best.
+    pub best_vs_best: f64,
+}
+
+fn e2e_concurrency(workload: &str) -> Option<usize> {
+    workload.strip_prefix("e2e-c")?.parse().ok()
+}
+
+fn best_e2e<'a>(
+    cells: &'a [Cell],
+    subject: &str,
+    backend: Backend,
+    size: usize,
+) -> Vec<(usize, f64, &'a Cell)> {
+    cells
+        .iter()
+        .filter(|c| c.subject == subject && c.backend == backend && c.size == size)
+        .filter_map(|c| Some((e2e_concurrency(&c.workload)?, c.median.as_ref()?.value, c)))
+        .collect()
+}
+
+pub fn best_ratios(cells: &[Cell]) -> Vec<BestRatio> {
+    let mut out = Vec::new();
+    let mut seen: Vec<(String, Backend, usize)> = Vec::new();
+    for c in cells {
+        if !matches!(c.role, Role::Ferrymq | Role::Peer) {
+            continue;
+        }
+        let key = (c.subject.clone(), c.backend, c.size);
+        if !seen.contains(&key) {
+            seen.push(key);
+        }
+    }
+    for (f, backend, size) in seen.iter().filter(|(s, ..)| {
+        cells
+            .iter()
+            .any(|c| &c.subject == s && c.role == Role::Ferrymq)
+    }) {
+        let fm = best_e2e(cells, f, *backend, *size);
+        let Some(f_best) = fm.iter().map(|x| x.1).reduce(f64::max) else {
+            continue;
+        };
+        for (p, pb, ps) in seen.iter().filter(|(s, b, z)| {
+            b == backend
+                && z == size
+                && cells
+                    .iter()
+                    .any(|c| &c.subject == s && c.role == Role::Peer)
+        }) {
+            let _ = (pb, ps);
+            let peer = best_e2e(cells, p, *backend, *size);
+            let Some(&(c_best, p_rate, _)) = peer.iter().max_by(|a, b| a.1.total_cmp(&b.1)) else {
+                continue;
+            };
+            let Some(&(_, f_rate, _)) = fm.iter().find(|x| x.0 == c_best) else {
+                continue;
+            };
+            if p_rate <= 0.0 {
+                continue;
+            }
+            out.push(BestRatio {
+                backend: *backend,
+                size: *size,
+                ferrymq: f.clone(),
+                peer: p.clone(),
+                peer_best_concurrency: c_best,
+                peer_msgs_per_sec: p_rate,
+                ferrymq_msgs_per_sec: f_rate,
+                ratio: f_rate / p_rate,
+                best_vs_best: f_best / p_rate,
+            });
+        }
+    }
+    out
+}
+
+/// Markdown table of [`best_ratios`].
+pub fn best_table(best: &[BestRatio]) -> String {
+    if best.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "\n### ferrymq vs each peer at the peer's best end-to-end concurrency\n\n\
+         | backend | size | ferrymq / peer | peer's best c | peer msg/s | ferrymq msg/s at that c | ratio | ferrymq best / peer best |\n\
+         |---|---|---|---:|---:|---:|---:|---:|\n",
+    );
+    for b in best {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} / {} | {} | {} | {} | {:.2} | {:.2} |",
+            b.backend,
+            human_size(b.size),
+            b.ferrymq,
+            b.peer,
+            b.peer_best_concurrency,
+            thousands(b.peer_msgs_per_sec),
+            thousands(b.ferrymq_msgs_per_sec),
+            b.ratio,
+            b.best_vs_best
+        );
+    }
+    out
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// A horizontal bar chart of the throughput ratios (ferrymq / other, per workload),
+/// on a log scale around 1 (parity): bars to the right mean ferrymq is faster.
+pub fn svg(ratios: &[Ratio]) -> String {
+    let mut rows: Vec<&Ratio> = ratios
+        .iter()
+        .filter(|r| r.metric == "msgs_per_sec" && r.ratio > 0.0)
+        .collect();
+    rows.sort_by(|a, b| {
+        (
+            a.backend,
+            a.size,
+            &a.ferrymq,
+            &a.versus,
+            workload_rank(&a.workload),
+        )
+            .cmp(&(
+                b.backend,
+                b.size,
+                &b.ferrymq,
+                &b.versus,
+                workload_rank(&b.workload),
+            ))
+    });
+    let (label_w, plot_w, row_h, top, bottom) = (430.0, 520.0, 18.0, 40.0, 40.0);
+    let height = top + bottom + row_h * rows.len().max(1) as f64;
+    let width = label_w + plot_w + 70.0;
+    // Log scale from 1/100 to 1000.
+    let (lo, hi) = (-2.0f64, 3.0f64);
+    let x = |v: f64| label_w + (v.log10().clamp(lo, hi) - lo) / (hi - lo) * plot_w;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        out,
+        r#"<text x="{:.0}" y="16" font-size="13" font-weight="bold">ferrymq / other, throughput (log scale; right of 1 = ferrymq faster)</text>"#,
+        label_w
+    );
+    for e in lo as i32..=hi as i32 {
+        let v = 10f64.powi(e);
+        let xv = x(v);
+        let _ = writeln!(
+            out,
+            r##"<line x1="{xv:.1}" y1="{:.0}" x2="{xv:.1}" y2="{:.0}" stroke="{}" stroke-width="1"/><text x="{xv:.1}" y="{:.0}" text-anchor="middle" fill="#555">{}</text>"##,
+            top - 6.0,
+            height - bottom + 4.0,
+            if e == 0 { "#333" } else { "#ddd" },
+            height - bottom + 18.0,
+            if e < 0 {
+                format!("{v}")
+            } else {
+                format!("{v:.0}")
+            }
+        );
+    }
+    let one = x(1.0);
+    for (i, r) in rows.iter().enumerate() {
+        let y = top + row_h * i as f64;
+        let xv = x(r.ratio);
+        let (x0, w) = if xv >= one {
+            (one, xv - one)
+        } else {
+            (xv, one - xv)
+        };
+        let color = match (r.versus_role, r.ratio >= 1.0) {
+            (Role::Raw, _) => "#4a7bd0",
+            (_, true) => "#3a9a5b",
+            (_, false) => "#d0703a",
+        };
+        let label = format!(
+            "{} {} {} / {} {}",
+            r.backend,
+            human_size(r.size),
+            r.ferrymq,
+            r.versus,
+            r.workload
+        );
+        let _ = writeln!(
+            out,
+            r#"<text x="{:.0}" y="{:.1}" text-anchor="end">{}</text><rect x="{x0:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{color}"/><text x="{:.1}" y="{:.1}">{:.2}</text>"#,
+            label_w - 6.0,
+            y + row_h * 0.7,
+            xml_escape(&label),
+            y + 2.0,
+            w.max(1.0),
+            row_h - 4.0,
+            x0 + w.max(1.0) + 4.0,
+            y + row_h * 0.7,
+            r.ratio
+        );
+    }
+    let _ = writeln!(
+        out,
+        r##"<text x="{:.0}" y="{:.0}" fill="#555">blue: vs the raw client (the bound); green/orange: vs a peer (faster/slower)</text>"##,
+        label_w,
+        height - 6.0
+    );
+    out.push_str("</svg>\n");
+    out
+}
+
 /// The whole JSON document.
-pub fn document(meta: Value, cells: &[Cell], ratios: &[Ratio]) -> Value {
+pub fn document(meta: Value, cells: &[Cell], ratios: &[Ratio], best: &[BestRatio]) -> Value {
     let mut doc = meta;
     doc["results"] = serde_json::to_value(cells).unwrap_or(Value::Null);
     doc["ratios"] = serde_json::to_value(ratios).unwrap_or(Value::Null);
+    doc["at_peer_best"] = serde_json::to_value(best).unwrap_or(Value::Null);
     doc
 }
 
@@ -384,6 +613,32 @@ mod tests {
         let t = tables(&cells, &r, 3, 1);
         assert!(t.contains("| fm | 150 |"), "{t}");
         assert!(t.contains("fm / raw | 0.75 |"), "{t}");
+    }
+
+    #[test]
+    fn peers_are_quoted_at_their_best_concurrency() {
+        let mk = |subject: &str, role: Role, workload: &str, rate: f64| {
+            let mut c = cell(subject, role, &[rate]);
+            c.workload = workload.into();
+            c.compute_median();
+            c
+        };
+        let cells = vec![
+            mk("fm", Role::Ferrymq, "e2e-c1", 100.0),
+            mk("fm", Role::Ferrymq, "e2e-c64", 400.0),
+            mk("peer", Role::Peer, "e2e-c1", 10.0),
+            mk("peer", Role::Peer, "e2e-c64", 50.0),
+        ];
+        let best = best_ratios(&cells);
+        assert_eq!(best.len(), 1);
+        assert_eq!(best[0].peer_best_concurrency, 64);
+        assert!((best[0].ratio - 8.0).abs() < 1e-9);
+        let svg = svg(&ratios(&cells));
+        assert!(
+            svg.starts_with("<svg") && svg.contains("fm / peer e2e-c64"),
+            "{svg}"
+        );
+        assert!(best_table(&best).contains("| fm / peer | 64 |"));
     }
 
     #[test]

@@ -194,6 +194,16 @@ impl AckHandle {
             && self.shared.backend.is_live()
     }
 
+    /// [`is_live`](AckHandle::is_live) judged at `now`, for a caller that read the
+    /// clock already (the worker checks every delivery it starts).
+    pub fn is_live_at(&self, now: Instant) -> bool {
+        matches!(
+            self.shared.state.load(Ordering::Acquire),
+            PENDING | SETTLING
+        ) && self.lease_deadline().map_or(true, |d| now < d)
+            && self.shared.backend.is_live()
+    }
+
     fn begin(&self) -> Result<SettleGuard<'_>> {
         self.shared
             .state

@@ -14,6 +14,7 @@ use crate::model::{Backend, Role, Sample};
 
 pub mod apalis;
 pub mod bullmq;
+pub mod bullmq_official;
 pub mod channel;
 pub mod ferry;
 pub mod omniqueue;
@@ -66,6 +67,7 @@ pub fn all() -> Vec<Box<dyn Subject>> {
     v.extend(ferry::redis_subjects());
     v.push(Box::new(omniqueue::Omniqueue));
     v.push(Box::new(bullmq::BullMq));
+    v.push(Box::new(bullmq_official::BullMqOfficial));
     v.push(Box::new(apalis::Apalis));
     v
 }

@@ -25,6 +25,7 @@ pub(super) struct Config {
     pub(super) close_consumer: bool,
     pub(super) autoscale: Option<AutoscaleConfig>,
     pub(super) autoscale_interval: Duration,
+    pub(super) handler_tasks: bool,
 }
 
 /// Drives a handler service over a consumer; see the [module docs](super).
@@ -49,7 +50,7 @@ impl<C> std::fmt::Debug for Worker<C> {
 }
 
 impl<C: Consumer + 'static> Worker<C> {
-    /// A worker on `consumer`: concurrency 1, prefetch 32 (see [`prefetch`](Worker::prefetch)), 1 s long polls,
+    /// A worker on `consumer`: concurrency 1, prefetch 128 (see [`prefetch`](Worker::prefetch)), 1 s long polls,
     /// no per-key ordering, 30 s shutdown timeout, failed deliveries nacked without
     /// delay, depth gauge every 15 s.
     pub fn new(consumer: C) -> Self {
@@ -73,6 +74,7 @@ impl<C: Consumer + 'static> Worker<C> {
                 close_consumer: true,
                 autoscale: None,
                 autoscale_interval: DEFAULT_INTERVAL,
+                handler_tasks: false,
             },
             events,
             flush: Vec::new(),
@@ -121,7 +123,7 @@ impl<C: Consumer + 'static> Worker<C> {
     }
 
     /// At most `n` received deliveries wait for a free handler slot (default: twice
-    /// the concurrency, at least 32). The worker receives again only once fewer than
+    /// the concurrency, at least 128). The worker receives again only once fewer than
     /// half of them are left, and then in one batch (up to the backend's `max_batch`)
     /// for the room there is, so a networked backend sees one receive per batch rather
     /// than per message. Never more than `concurrency + n` deliveries are held.
@@ -174,6 +176,21 @@ impl<C: Consumer + 'static> Worker<C> {
     /// (`None`: never).
     pub fn depth_interval(mut self, every: Option<Duration>) -> Self {
         self.config.depth_interval = every;
+        self
+    }
+
+    /// Run each handler in a tokio task of its own (default false).
+    ///
+    /// By default the worker polls its running handlers itself, from its own task:
+    /// starting a delivery then costs no spawn, no task and no join, which on a fast
+    /// backend is most of the per-message overhead. The price is that the handlers of
+    /// one worker share one thread at a time, as the futures of any one task do:
+    /// handlers that wait (I/O) overlap as before, but synchronous CPU work in one
+    /// handler delays the others. Set this for CPU-heavy handlers (or move that work
+    /// to `tokio::task::spawn_blocking`), so handlers spread over the runtime's
+    /// threads. Either way a handler that panics fails only its delivery.
+    pub fn handler_tasks(mut self, spawn: bool) -> Self {
+        self.config.handler_tasks = spawn;
         self
     }
 

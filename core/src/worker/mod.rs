@@ -42,6 +42,12 @@
 //!   ([`RetryToDlq`](crate::middleware::RetryToDlq), [`Dedup`](crate::middleware::Dedup))
 //!   are left alone.
 //! - **Panics** in a handler are caught; they fail that delivery, never the worker.
+//! - **No task per delivery**: the worker polls its running handlers itself (a
+//!   `FuturesUnordered` bounded by `concurrency`), so a delivery costs no spawn or
+//!   join. Handlers that await overlap as before; synchronous CPU work in one handler
+//!   delays the others of that worker. For CPU-heavy handlers set
+//!   [`Worker::handler_tasks`] (a tokio task each, spread over the runtime's threads)
+//!   or move the work to `spawn_blocking`.
 //! - **Per-key order** (opt-in): deliveries with the same key run one at a time in
 //!   receive order; different keys run in parallel.
 //! - **Graceful shutdown**: when the shutdown future completes, receiving stops (the

@@ -156,9 +156,9 @@ impl Consumer for CountingReceives {
 
 #[test]
 fn the_default_prefetch_is_bounded_by_the_concurrency() {
-    assert_eq!(run::default_prefetch(1), 32);
-    assert_eq!(run::default_prefetch(16), 32);
-    assert_eq!(run::default_prefetch(40), 80);
+    assert_eq!(run::default_prefetch(1), 128);
+    assert_eq!(run::default_prefetch(64), 128);
+    assert_eq!(run::default_prefetch(100), 200);
     assert_eq!(run::default_prefetch(usize::MAX), usize::MAX);
 }
 
@@ -566,6 +566,15 @@ async fn graceful_shutdown_loses_nothing_and_duplicates_nothing() {
 
 #[tokio::test(start_paused = true)]
 async fn handlers_past_the_shutdown_deadline_are_cancelled_and_released() {
+    deadline_cancels_and_releases(false).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn handler_tasks_past_the_shutdown_deadline_are_cancelled_and_released() {
+    deadline_cancels_and_releases(true).await;
+}
+
+async fn deadline_cancels_and_releases(handler_tasks: bool) {
     let (p, c) = queue("worker-deadline")
         .visibility_timeout(Duration::from_secs(3600))
         .connect()
@@ -577,6 +586,7 @@ async fn handlers_past_the_shutdown_deadline_are_cancelled_and_released() {
     });
     let start = tokio::time::Instant::now();
     let summary = Worker::new(c)
+        .handler_tasks(handler_tasks)
         .shutdown_timeout(Duration::from_secs(2))
         .run_until(svc, tokio::time::sleep(Duration::from_secs(1)))
         .await

@@ -1,27 +1,31 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures::future::{Either, FutureExt, Map};
+use pin_project_lite::pin_project;
 use tower::Service;
 
-use super::heartbeat::{self, AbortOnDrop};
-use super::layer::Heartbeat;
+use super::heartbeat::{Beats, Registration};
 use crate::delivery::Delivery;
 use crate::error::BoxError;
-use crate::middleware::BoxFuture;
-
-type IntoBox<E> = fn(Result<(), E>) -> Result<(), BoxError>;
 
 /// Extends the lease of each delivery while the inner service handles it; see the
 /// [module docs](super).
+///
+/// Clones share one heartbeat (one driver task for all their leases).
 #[derive(Debug, Clone)]
 pub struct ExtendVisibility<S> {
     inner: S,
-    heartbeat: Option<Heartbeat>,
+    heartbeat: Option<Arc<Beats>>,
 }
 
 impl<S> ExtendVisibility<S> {
-    pub(super) fn from_parts(inner: S, heartbeat: Option<Heartbeat>) -> Self {
-        ExtendVisibility { inner, heartbeat }
+    pub(super) fn from_parts(inner: S, heartbeat: Option<super::layer::Heartbeat>) -> Self {
+        ExtendVisibility {
+            inner,
+            heartbeat: heartbeat.map(|h| Arc::new(Beats::new(h.timeout, h.every))),
+        }
     }
 }
 
@@ -29,28 +33,62 @@ impl<S> Service<Delivery> for ExtendVisibility<S>
 where
     S: Service<Delivery, Response = ()>,
     S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
 {
     type Response = ();
     type Error = BoxError;
-    type Future = Either<Map<S::Future, IntoBox<S::Error>>, BoxFuture<Result<(), BoxError>>>;
+    type Future = ExtendVisibilityFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, delivery: Delivery) -> Self::Future {
-        let acker = delivery.acker().clone();
-        let handling = self.inner.call(delivery);
-        let into_box: IntoBox<S::Error> = |r| r.map_err(Into::into);
-        let Some(hb) = self.heartbeat else {
-            return Either::Left(handling.map(into_box));
-        };
-        // Spawned, not joined: it must beat even while the handler's task is busy.
-        let guard = AbortOnDrop(tokio::spawn(heartbeat::run(acker, hb.timeout, hb.every)));
-        Either::Right(Box::pin(async move {
-            let _guard = guard;
-            handling.await.map_err(Into::into)
-        }))
+        // Registered before the handler is called: its lease is kept from the start,
+        // even through a long synchronous first poll (the driver is its own task).
+        let lease = self
+            .heartbeat
+            .as_ref()
+            .map(|beats| beats.register(delivery.acker().clone()));
+        ExtendVisibilityFuture {
+            inner: self.inner.call(delivery),
+            _lease: lease,
+        }
+    }
+}
+
+pin_project! {
+    /// Future of [`ExtendVisibility`]: the inner future, and the lease's place in the
+    /// heartbeat, given up when this future completes or is dropped.
+    pub struct ExtendVisibilityFuture<F> {
+        #[pin]
+        inner: F,
+        _lease: Option<Registration>,
+    }
+}
+
+impl<F> std::fmt::Debug for ExtendVisibilityFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExtendVisibilityFuture")
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F, E> Future for ExtendVisibilityFuture<F>
+where
+    F: Future<Output = Result<(), E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<(), BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        match this.inner.poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(result) => {
+                // Stop beating now, not when the caller gets round to dropping us.
+                this._lease.take();
+                Poll::Ready(result.map_err(Into::into))
+            }
+        }
     }
 }

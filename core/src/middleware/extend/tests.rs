@@ -93,6 +93,37 @@ async fn heartbeat_beats_every_third_and_stops_on_success_error_and_panic() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn one_heartbeat_keeps_every_lease_of_a_service_and_its_clones() {
+    // 50 handlers at once, staggered starts, through clones of one service (one
+    // driver task): each is beaten on its own schedule, every third of 9 s.
+    let svc = counting_layer_run("ok");
+    let mut runs = Vec::new();
+    let mut counts = Vec::new();
+    for i in 0..50u64 {
+        let (d, c) = loose_delivery(Message::new("x"), &i.to_string(), 1);
+        counts.push(c);
+        let svc = svc.clone();
+        runs.push(async move {
+            tokio::time::sleep(Duration::from_millis(37 * i)).await;
+            svc.oneshot(d).await
+        });
+    }
+    for r in futures::future::join_all(runs).await {
+        r.unwrap();
+    }
+    for (i, c) in counts.iter().enumerate() {
+        // 25 s of work, a beat every 3 s: at 3, 6, ..., 24.
+        assert_eq!(c.extends.load(Ordering::SeqCst), 8, "lease {i}");
+    }
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let total: usize = counts
+        .iter()
+        .map(|c| c.extends.load(Ordering::SeqCst))
+        .sum();
+    assert_eq!(total, 8 * 50, "every heartbeat stopped with its handler");
+}
+
+#[tokio::test(start_paused = true)]
 async fn heartbeat_stops_when_the_handler_future_is_dropped() {
     let (d, counts) = loose_delivery(Message::new("x"), "1", 1);
     let fut = counting_layer_run("ok").oneshot(d);

@@ -69,7 +69,7 @@ mod service;
 pub use backoff::Backoff;
 pub use dead_letter::{dead_letter_message, restore_origin_dedup_id};
 pub use layer::RetryToDlqLayer;
-pub use service::RetryToDlq;
+pub use service::{RetryFuture, RetryToDlq};
 
 #[cfg(test)]
 mod tests;

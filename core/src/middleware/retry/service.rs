@@ -1,8 +1,11 @@
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use pin_project_lite::pin_project;
 use tower::Service;
 
 use super::dead_letter::{dead_letter_message, parse_rfc3339};
@@ -32,11 +35,10 @@ impl<S> Service<Delivery> for RetryToDlq<S>
 where
     S: Service<Delivery, Response = ()>,
     S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
 {
     type Response = ();
     type Error = BoxError;
-    type Future = BoxFuture<Result<(), BoxError>>;
+    type Future = RetryFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -44,20 +46,103 @@ where
 
     fn call(&mut self, delivery: Delivery) -> Self::Future {
         let handling = self.inner.call(delivery.clone());
-        let config = self.config.clone();
-        Box::pin(async move {
-            match handling.await.map_err(Into::into) {
-                Ok(()) => {
-                    if !config.failures.is_empty() {
-                        if let Some(key) = failure_key(&delivery) {
-                            config.failures.forget(&key);
+        RetryFuture {
+            state: RetryState::Handling {
+                handling,
+                delivery: Some(delivery),
+                config: self.config.clone(),
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// Future of [`RetryToDlq`]. The success path is the inner future and nothing
+    /// else (no allocation); only a failure boxes the retry-or-dead-letter work.
+    pub struct RetryFuture<F> {
+        #[pin]
+        state: RetryState<F>,
+    }
+}
+
+pin_project! {
+    #[project = RetryStateProj]
+    enum RetryState<F> {
+        Handling {
+            #[pin]
+            handling: F,
+            delivery: Option<Delivery>,
+            config: Arc<RetryConfig>,
+        },
+        Failing {
+            failing: BoxFuture<Result<(), BoxError>>,
+        },
+        Done,
+    }
+}
+
+impl<F> std::fmt::Debug for RetryFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RetryFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, E> Future for RetryFuture<F>
+where
+    F: Future<Output = Result<(), E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<(), BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        loop {
+            match state.as_mut().project() {
+                RetryStateProj::Handling {
+                    handling,
+                    delivery,
+                    config,
+                } => {
+                    let result = match handling.poll(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(result) => result.map_err(Into::into),
+                    };
+                    let Some(delivery) = delivery.take() else {
+                        state.set(RetryState::Done);
+                        return Poll::Ready(
+                            Err("RetryToDlq future polled after completion".into()),
+                        );
+                    };
+                    match result {
+                        Ok(()) => {
+                            if !config.failures.is_empty() {
+                                if let Some(key) = failure_key(&delivery) {
+                                    config.failures.forget(&key);
+                                }
+                            }
+                            state.set(RetryState::Done);
+                            return Poll::Ready(Ok(()));
+                        }
+                        Err(error) => {
+                            let config = config.clone();
+                            state.set(RetryState::Failing {
+                                failing: Box::pin(async move {
+                                    config.on_failure(&delivery, error).await
+                                }),
+                            });
                         }
                     }
-                    Ok(())
                 }
-                Err(error) => config.on_failure(&delivery, error).await,
+                RetryStateProj::Failing { failing } => {
+                    let output = std::task::ready!(failing.as_mut().poll(cx));
+                    state.set(RetryState::Done);
+                    return Poll::Ready(output);
+                }
+                RetryStateProj::Done => {
+                    return Poll::Ready(Err("RetryToDlq future polled after completion".into()))
+                }
             }
-        })
+        }
     }
 }
 

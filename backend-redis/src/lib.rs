@@ -165,12 +165,15 @@ mod consumer;
 mod dedup;
 mod driver;
 mod keys;
+mod ordered;
 mod producer;
 mod scripts;
 mod settings;
 
 pub use admin::RedisAdmin;
-pub use config::{RedisConfig, MAX_DLQ_RETENTION, MAX_PRIORITY_LEVELS};
+pub use config::{
+    RateLimit, RedisConfig, MAX_DLQ_RETENTION, MAX_PRIORITY_LEVELS, MAX_RATE_LIMIT_JOBS,
+};
 pub use consumer::{DeadLetter, RedisConsumer};
 pub use dedup::RedisDedupStore;
 pub use driver::RedisDriver;

@@ -19,7 +19,8 @@
 //! | field | recorded and checked by |
 //! |---|---|
 //! | `priority_levels` | every producer, consumer and `Admin::ensure` |
-//! | `group`, `visibility_ms`, `max_deliveries`, `dlq_max_len`, `dlq_retention_ms` | consumers and `Admin::ensure` |
+//! | `ordered` | every producer, consumer and `Admin::ensure` |
+//! | `group`, `visibility_ms`, `max_deliveries`, `dlq_max_len`, `dlq_retention_ms`, `rate_limit` | consumers and `Admin::ensure` |
 //!
 //! An admin connection records nothing on connect: it adopts what the queue says,
 //! so `describe` shows the queue as it is whatever URL it was opened with.
@@ -62,6 +63,13 @@ pub(crate) fn settings_of(
     if role == Role::Other {
         return out;
     }
+    // First, so a client that disagrees on it hears about order, not about the
+    // priority levels order implies.
+    out.push((
+        "ordered",
+        if config.ordered { "1" } else { "0" }.to_string(),
+        "ordered",
+    ));
     out.push((
         "priority_levels",
         config.priority_levels.to_string(),
@@ -85,6 +93,14 @@ pub(crate) fn settings_of(
             ms(config.dlq_retention).to_string(),
             "dlq_retention",
         ));
+        out.push((
+            "rate_limit",
+            config.rate_limit.map_or_else(
+                || "none".to_string(),
+                |l| format!("{}/{}ms", l.jobs, ms(l.per)),
+            ),
+            "rate_limit",
+        ));
     }
     out
 }
@@ -100,6 +116,15 @@ pub(crate) fn recorded(reply: Value) -> Vec<(String, String)> {
 
 fn shown(field: &str, value: &str) -> String {
     match field {
+        "ordered" => (if value == "1" { "true" } else { "false" }).to_string(),
+        "rate_limit" => value
+            .strip_suffix("ms")
+            .and_then(|v| v.split_once('/'))
+            .and_then(|(n, p)| Some((n.parse::<u32>().ok()?, p.parse::<u64>().ok()?)))
+            .map(|(n, p)| {
+                crate::config::RateLimit::new(n, std::time::Duration::from_millis(p)).to_string()
+            })
+            .unwrap_or_else(|| value.to_string()),
         "visibility_ms" | "dlq_retention_ms" => value
             .parse::<u64>()
             .map(|ms| humantime::format_duration(std::time::Duration::from_millis(ms)).to_string())
@@ -172,6 +197,16 @@ pub(crate) fn adopt(mut config: RedisConfig, recorded: &[(String, String)]) -> R
                 if let Ok(v) = value.parse() {
                     config.dlq_retention = std::time::Duration::from_millis(v);
                 }
+            }
+            "ordered" => config.ordered = value == "1",
+            "rate_limit" => {
+                config.rate_limit = value
+                    .strip_suffix("ms")
+                    .and_then(|v| v.split_once('/'))
+                    .and_then(|(n, p)| Some((n.parse().ok()?, p.parse().ok()?)))
+                    .map(|(n, p)| {
+                        crate::config::RateLimit::new(n, std::time::Duration::from_millis(p))
+                    });
             }
             _ => {}
         }

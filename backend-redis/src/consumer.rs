@@ -597,8 +597,9 @@ impl RedisConsumer {
     /// tick, or the next due time — in `XREAD BLOCK` on new entries when the
     /// script says new entries are what it waits for (a plain `XREAD` from the
     /// group's last delivered id: it consumes nothing), else asleep (rate limited,
-    /// or only due messages to wait for). Keys freed by acks on other consumers
-    /// are picked up by the next poll, at most a tick later.
+    /// or only due messages to wait for). On an ordered queue the wait also ends
+    /// when an ack or nack, of any consumer, queues a key's head for hand-out
+    /// (they write to the queue's wake stream, which the wait reads too).
     async fn receive_scripted(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
         let deadline = ferrymq_core::time::deadline_in(wait);
         let mut immediate_repolls = 0;
@@ -647,7 +648,7 @@ impl RedisConsumer {
         let keys = &shared.keys;
         let config = &shared.config;
         let lua = &scripts().receive;
-        let mut cmd = lua.call(11 + keys.ready.len());
+        let mut cmd = lua.call(12 + keys.ready.len());
         cmd.arg(&keys.delayed)
             .arg(&keys.jobs)
             .arg(&keys.leases)
@@ -658,7 +659,8 @@ impl RedisConsumer {
             .arg(&keys.unblocked)
             .arg(&keys.parked)
             .arg(&keys.limiter)
-            .arg(&keys.seq);
+            .arg(&keys.seq)
+            .arg(&keys.wake);
         for k in &keys.ready {
             cmd.arg(k);
         }
@@ -717,10 +719,12 @@ impl RedisConsumer {
                 tracing::debug!(queue = %shared.queue, pruned, "ferrymq-redis: removed idle consumers holding nothing from the group");
             }
         }
+        // One id per level, and the wake stream's on an ordered queue.
+        let expected = levels + usize::from(config.ordered);
         let wake = match items.next() {
-            Some(Value::Array(ids)) if ids.len() == levels => {
+            Some(Value::Array(ids)) if ids.len() == expected => {
                 let ids: Vec<String> = ids.into_iter().filter_map(as_string).collect();
-                (ids.len() == levels).then_some(ids)
+                (ids.len() == expected).then_some(ids)
             }
             _ => None,
         };
@@ -770,6 +774,10 @@ impl RedisConsumer {
         cmd.arg("STREAMS");
         for level in (0..shared.keys.ready.len()).rev() {
             cmd.arg(&shared.keys.ready[level]);
+        }
+        if shared.config.ordered {
+            // Heads queued by acks and nacks elsewhere wake this wait too.
+            cmd.arg(&shared.keys.wake);
         }
         for id in &ids {
             cmd.arg(id);

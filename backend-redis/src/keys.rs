@@ -38,6 +38,9 @@ pub(crate) struct Keys {
     /// Rate-limited queues — ZSET: one member per delivery of the current window
     /// (score: the delivery time, ms).
     pub(crate) limiter: String,
+    /// Ordered queues — STREAM (one entry): written when a head is queued for
+    /// hand-out, so consumers waiting in `XREAD BLOCK` wake up for it.
+    pub(crate) wake: String,
     dedup_prefix: String,
     /// Suffix of message ids per level (`""`, `"@1"`, ...): stream ids are unique
     /// per stream only.
@@ -61,6 +64,7 @@ impl Keys {
             unblocked: format!("{base}:unblocked"),
             parked: format!("{base}:parked"),
             limiter: format!("{base}:limiter"),
+            wake: format!("{base}:wake"),
             dedup_prefix: format!("{base}:dedup:"),
             suffixes: (0..levels)
                 .map(|l| {
@@ -103,6 +107,7 @@ impl Keys {
         v.push((&self.unblocked, "list"));
         v.push((&self.parked, "zset"));
         v.push((&self.limiter, "zset"));
+        v.push((&self.wake, "stream"));
         v
     }
 }

@@ -45,6 +45,7 @@
 //! | `ferrymq:{Q}:held` | zset | ordered queues: entries read while their key's head was unsettled, `<len>:<key><padded stream id>` (lexicographic: per key in stream order); pending, owned by the consumer `~held` |
 //! | `ferrymq:{Q}:unblocked` | list | ordered queues: heads due to be handed out (`stream-id\|key`): a key's next after an ack, a nacked head |
 //! | `ferrymq:{Q}:parked` | zset | ordered queues: heads nacked with a delay → due time (ms); their key stays blocked |
+//! | `ferrymq:{Q}:wake` | stream | ordered queues: one entry, rewritten when an ack or nack queues a head, so consumers waiting in `XREAD BLOCK` wake for it |
 //! | `ferrymq:{Q}:limiter` | zset | rate-limited queues: one member per delivery of the current window (score: its time, ms) |
 //!
 //! A stream entry's fields: `p` payload, `h` headers (`<len>:<name><len>:<value>`…,
@@ -177,7 +178,8 @@
 //!   key's order is its send order): `ordered=true` in a URL sets
 //!   `priority_levels=1`, and more is refused. `ordered` is a setting of the queue:
 //!   a producer or consumer that disagrees is refused. Switch it only on an empty
-//!   queue (`RedisAdmin::forget_settings` first). Admin `peek` shows never-delivered
+//!   queue (`RedisAdmin::forget_settings` first). A delayed send joins its key's
+//!   order when it is due (it enters the stream then). Admin `peek` shows never-delivered
 //!   entries, not held ones; `purge` also removes held entries and queued heads.
 //! - **Queue-wide rate limit** (`rate_limit=N/PERIOD`, e.g. `100/1s`): at most `N`
 //!   deliveries in any window of `PERIOD` across **every** consumer of the queue,

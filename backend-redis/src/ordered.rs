@@ -111,12 +111,13 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AckRequest>) {
 async fn flush(shared: &Shared, batch: &[AckRequest]) -> Result<Vec<bool>> {
     let keys = &shared.keys;
     let lua = &scripts().ordered_ack;
-    let mut cmd = lua.call(5);
+    let mut cmd = lua.call(6);
     cmd.arg(&keys.leases)
         .arg(&keys.locks)
         .arg(&keys.held)
         .arg(&keys.unblocked)
         .arg(&keys.ready[0])
+        .arg(&keys.wake)
         .arg(&shared.config.group);
     let mut flagged = String::new();
     for req in batch {
@@ -178,7 +179,7 @@ impl OrderedAck {
         let config = &shared.config;
         let delay = redeliver_after.map_or(0, |d| if d.is_zero() { 0 } else { ms(d).max(1) });
         let lua = &scripts().ordered_nack;
-        let mut cmd = lua.call(7);
+        let mut cmd = lua.call(8);
         cmd.arg(&keys.leases)
             .arg(&keys.dead)
             .arg(&keys.locks)
@@ -186,6 +187,7 @@ impl OrderedAck {
             .arg(&keys.unblocked)
             .arg(&keys.parked)
             .arg(&keys.ready[0])
+            .arg(&keys.wake)
             .arg(&config.group)
             .arg(&self.lease.stream_id)
             .arg(self.lease.deliveries)

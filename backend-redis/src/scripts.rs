@@ -748,8 +748,8 @@ end
 -- The head `id` of `key` left the queue: the key's next held entry becomes its
 -- head and is queued for hand-out; without one the key is free.
 local function advance(locks, held, unblocked, key, id)
-  if not key then return end
-  if redis.call('HGET', locks, key) ~= id then return end
+  if not key then return false end
+  if redis.call('HGET', locks, key) ~= id then return false end
   local prefix = held_prefix(key)
   local nxt = redis.call('ZRANGE', held, '[' .. prefix, '[' .. prefix .. '\255', 'BYLEX', 'LIMIT', 0, 1)
   if nxt[1] then
@@ -757,9 +757,16 @@ local function advance(locks, held, unblocked, key, id)
     local nid = held_id(nxt[1], prefix)
     redis.call('HSET', locks, key, nid)
     redis.call('RPUSH', unblocked, head_member(nid, key))
-  else
-    redis.call('HDEL', locks, key)
+    return true
   end
+  redis.call('HDEL', locks, key)
+  return false
+end
+
+-- Wake consumers waiting in `XREAD BLOCK` (they wait on the wake stream too):
+-- a head was queued for hand-out.
+local function wake(stream)
+  redis.call('XADD', stream, 'MAXLEN', 1, '*', 'w', '1')
 end
 
 -- Whether an entry of `key` may be handed out now: it is the key's head, or the
@@ -787,13 +794,14 @@ end
 /// at most `jobs` deliveries in any window of `period`, across every consumer.
 ///
 /// KEYS: delayed, jobs, leases, dead, revoked, locks, held, unblocked, parked,
-///       limiter, seq, ready streams (level 0 first)
+///       limiter, seq, wake, ready streams (level 0 first)
 /// ARGV: group, consumer, max, visibility ms, reclaim 0/1, promote limit,
 ///       max deliveries, dead maxlen, dead retention ms, queue name, prune ms,
 ///       ordered 0/1, limit jobs (0 = none), limit period ms, read budget
 /// Returns {ms until something is due or -1, dead letters trimmed, consumers
-/// pruned, {last delivered id per level, highest first — only when nothing was
-/// handed out and a blocking wait on new entries is the right wait}, then level,
+/// pruned, {last delivered id per level, highest first, then (ordered) the wake
+/// stream's last id — only when nothing was handed out and a blocking wait on
+/// new entries is the right wait}, then level,
 /// stream id, deliveries, fields per delivery}.
 const RECEIVE: &str = r#"
 local group, consumer = ARGV[1], ARGV[2]
@@ -807,11 +815,12 @@ local limit_n, limit_per = tonumber(ARGV[13]), tonumber(ARGV[14])
 local budget = tonumber(ARGV[15])
 local K_DELAYED, K_JOBS, K_LEASES, K_DEAD, K_REVOKED = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local K_LOCKS, K_HELD, K_UNBLOCKED, K_PARKED = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
-local K_LIMITER, K_SEQ = KEYS[10], KEYS[11]
-local nlevels = #KEYS - 11
-local function ready(lvl) return KEYS[12 + lvl] end
+local K_LIMITER, K_SEQ, K_WAKE = KEYS[10], KEYS[11], KEYS[12]
+local nlevels = #KEYS - 12
+local function ready(lvl) return KEYS[13 + lvl] end
 local types = {K_DELAYED, 'zset', K_JOBS, 'hash', K_LEASES, 'hash', K_DEAD, 'stream', K_REVOKED, 'set',
-  K_LOCKS, 'hash', K_HELD, 'zset', K_UNBLOCKED, 'list', K_PARKED, 'zset', K_LIMITER, 'zset', K_SEQ, 'string'}
+  K_LOCKS, 'hash', K_HELD, 'zset', K_UNBLOCKED, 'list', K_PARKED, 'zset', K_LIMITER, 'zset', K_SEQ, 'string',
+  K_WAKE, 'stream'}
 for lvl = 0, nlevels - 1 do
   types[#types + 1] = ready(lvl)
   types[#types + 1] = 'stream'
@@ -1044,6 +1053,10 @@ if limited_for then
 elseif not exhausted then
   wait = 0
 elseif n == 0 then
+  if ordered then
+    local w = redis.call('XREVRANGE', K_WAKE, '+', '-', 'COUNT', 1)
+    if w[1] then last_ids[#last_ids + 1] = w[1][1] else last_ids[#last_ids + 1] = '0-0' end
+  end
   out[4] = last_ids
 end
 out[1] = wait
@@ -1056,14 +1069,15 @@ return out
 /// pending with this handle's delivery counter, and not parked), `XACK` + `XDEL`,
 /// and hand the key on to its next held entry.
 ///
-/// KEYS: leases, locks, held, unblocked, ready stream
+/// KEYS: leases, locks, held, unblocked, ready stream, wake
 /// ARGV: group, then per entry: stream id, deliveries, `-` (no key) or `+key`.
 /// Returns 1 (acked) or 0 (lease gone) per entry.
 const ORDERED_ACK: &str = r#"
-check_types({KEYS[1], 'hash', KEYS[2], 'hash', KEYS[3], 'zset', KEYS[4], 'list', KEYS[5], 'stream'})
+check_types({KEYS[1], 'hash', KEYS[2], 'hash', KEYS[3], 'zset', KEYS[4], 'list', KEYS[5], 'stream', KEYS[6], 'stream'})
 local group = ARGV[1]
 local has_leases = redis.call('EXISTS', KEYS[1]) == 1
 local res = {}
+local queued = false
 for i = 2, #ARGV, 3 do
   local id, count, kf = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
   local key = nil
@@ -1073,12 +1087,13 @@ for i = 2, #ARGV, 3 do
     redis.call('XACK', KEYS[5], group, id)
     redis.call('XDEL', KEYS[5], id)
     if has_leases then redis.call('HDEL', KEYS[1], '0/' .. id) end
-    advance(KEYS[2], KEYS[3], KEYS[4], key, id)
+    if advance(KEYS[2], KEYS[3], KEYS[4], key, id) then queued = true end
     res[#res + 1] = 1
   else
     res[#res + 1] = 0
   end
 end
+if queued then wake(KEYS[6]) end
 return res
 "#;
 
@@ -1088,13 +1103,13 @@ return res
 /// list) or after the delay (the parked zset). Dead-lettering (max deliveries)
 /// hands the key on instead.
 ///
-/// KEYS: leases, dead, locks, held, unblocked, parked, ready stream
+/// KEYS: leases, dead, locks, held, unblocked, parked, ready stream, wake
 /// ARGV: group, stream id, deliveries, delay ms, max deliveries, dead maxlen, dead
 ///       retention ms, queue name, release 0/1
 /// Returns {0 (lease gone) | 1 (queued again) | 2 (dead-lettered), dead letters
 /// trimmed}.
 const ORDERED_NACK: &str = r#"
-check_types({KEYS[1], 'hash', KEYS[2], 'stream', KEYS[3], 'hash', KEYS[4], 'zset', KEYS[5], 'list', KEYS[6], 'zset', KEYS[7], 'stream'})
+check_types({KEYS[1], 'hash', KEYS[2], 'stream', KEYS[3], 'hash', KEYS[4], 'zset', KEYS[5], 'list', KEYS[6], 'zset', KEYS[7], 'stream', KEYS[8], 'stream'})
 local key, group, id = KEYS[7], ARGV[1], ARGV[2]
 local count = tonumber(ARGV[3])
 local p = in_lease(key, group, id, count)
@@ -1121,7 +1136,7 @@ if not release and maxdel > 0 and prior_attempts(fields) + counted >= maxdel the
   local trimmed = write_dead(KEYS[2], f, ARGV[6], tonumber(ARGV[7]), now)
   redis.call('XACK', key, group, id)
   redis.call('XDEL', key, id)
-  advance(KEYS[3], KEYS[4], KEYS[5], k, id)
+  if advance(KEYS[3], KEYS[4], KEYS[5], k, id) then wake(KEYS[8]) end
   return {2, trimmed}
 end
 park(key, group, id, counted)
@@ -1130,6 +1145,7 @@ if delay > 0 then
   redis.call('ZADD', KEYS[6], now + delay, head_member(id, k))
 else
   redis.call('LPUSH', KEYS[5], head_member(id, k))
+  wake(KEYS[8])
 end
 return {1, 0}
 "#;

@@ -45,11 +45,22 @@ pub(crate) enum Role {
 }
 
 /// Record the settings not yet recorded (when `write`) and return what is recorded.
+/// Nothing is recorded when a recorded setting disagrees: the client is about to
+/// be refused, and must not leave a setting of its own behind (a setting newer
+/// than the queue's record, such as `ordered`, would then refuse every client
+/// that agrees with the queue).
 /// KEYS: meta; ARGV: write 0/1, name, value, ... Returns HGETALL of meta.
 pub(crate) const SETTINGS: &str = r#"
 check_types({KEYS[1], 'hash'})
 if ARGV[1] == '1' then
-  for j = 2, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[j], ARGV[j + 1]) end
+  local agree = true
+  for j = 2, #ARGV, 2 do
+    local v = redis.call('HGET', KEYS[1], ARGV[j])
+    if v and v ~= ARGV[j + 1] then agree = false end
+  end
+  if agree then
+    for j = 2, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[j], ARGV[j + 1]) end
+  end
 end
 return redis.call('HGETALL', KEYS[1])
 "#;

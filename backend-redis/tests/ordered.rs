@@ -324,3 +324,57 @@ async fn rate_limit_holds_across_two_consumers() {
     assert!(e.to_string().contains("rate_limit=10/500ms"), "{e}");
     cfg.delete_queue().await.unwrap();
 }
+
+/// A queue recorded before `ordered` existed (its meta hash has no `ordered`
+/// field): a client with `ordered=true` is refused (the queue has 4 priority
+/// levels), and leaves nothing behind — the queue's own clients still connect.
+#[tokio::test]
+async fn a_refused_client_records_nothing() {
+    let queue = unique("ordered-refused");
+    let url = |q: &str| format!("{}/{queue}{q}", base_url());
+    let (_p, _c) = RedisConfig::from_url(&url(""))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let meta = format!("ferrymq:{{{queue}}}:meta");
+    let mut raw = common::raw().await;
+    let _: () = redis::cmd("HDEL")
+        .arg(&meta)
+        .arg("ordered")
+        .arg("rate_limit")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let e = RedisConfig::from_url(&url("?ordered=true"))
+        .unwrap()
+        .consumer()
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidConfig);
+    assert!(e.to_string().contains("priority_levels"), "{e}");
+    let e = RedisConfig::from_url(&url("?rate_limit=5/1s&visibility=5s"))
+        .unwrap()
+        .consumer()
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("`visibility`"), "{e}");
+    let recorded: Option<String> = redis::cmd("HGET")
+        .arg(&meta)
+        .arg("ordered")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(recorded, None, "the refused client recorded ordered");
+    // The queue's own clients (unordered, unlimited) still connect.
+    RedisConfig::from_url(&url(""))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    RedisConfig::from_url(&url(""))
+        .unwrap()
+        .delete_queue()
+        .await
+        .unwrap();
+}

@@ -878,6 +878,46 @@ mod tests {
     }
 
     #[test]
+    fn ordered_and_rate_limit_parse() {
+        let cfg = RedisConfig::from_url("redis://h/q?ordered=true&rate_limit=100/1s").unwrap();
+        assert!(cfg.ordered);
+        assert_eq!(cfg.priority_levels, 1, "ordered implies one level");
+        assert_eq!(
+            cfg.rate_limit,
+            Some(RateLimit::new(100, Duration::from_secs(1)))
+        );
+        let cfg = RedisConfig::from_url("redis://h/q?ordered=true&priority_levels=1").unwrap();
+        assert!(cfg.ordered);
+        for (url, param) in [
+            (
+                "redis://h/q?ordered=true&priority_levels=2",
+                "priority_levels",
+            ),
+            ("redis://h/q?ordered=maybe", "ordered"),
+            ("redis://h/q?rate_limit=100", "rate_limit"),
+            ("redis://h/q?rate_limit=0/1s", "rate_limit"),
+            ("redis://h/q?rate_limit=5/0s", "rate_limit"),
+            ("redis://h/q?rate_limit=100001/1s", "rate_limit"),
+            ("redis://h/q?rate_limit=5/400days", "rate_limit"),
+        ] {
+            let err = RedisConfig::from_url(url).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{url}");
+            assert!(err.to_string().contains(param), "{url}: {err}");
+        }
+        // serde: the limit as a string, and ordered needs one level there too.
+        let cfg: RedisConfig = toml::from_str(
+            "queue = \"q\"\nordered = true\npriority_levels = 1\nrate_limit = \"5/200ms\"",
+        )
+        .unwrap();
+        assert!(cfg.validate().is_ok());
+        assert_eq!(cfg.rate_limit.unwrap().per, Duration::from_millis(200));
+        let back: RedisConfig = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(back, cfg);
+        let cfg: RedisConfig = toml::from_str("queue = \"q\"\nordered = true").unwrap();
+        assert!(cfg.validate().is_err(), "ordered with the default 4 levels");
+    }
+
+    #[test]
     fn serde_defaults() {
         let cfg: RedisConfig = toml::from_str("queue = \"q\"").unwrap();
         assert_eq!(cfg, RedisConfig::new("q"));

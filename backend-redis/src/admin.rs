@@ -334,11 +334,23 @@ impl Admin for RedisAdmin {
     async fn peek(&self, max: usize) -> Result<Vec<Peeked>> {
         let shared = &self.shared;
         let keys = &shared.keys;
-        let lua = &scripts().peek;
-        let mut cmd = lua.call(keys.ready.len());
-        for k in &keys.ready {
-            cmd.arg(k);
-        }
+        let ordered = shared.config.ordered;
+        let lua = if ordered {
+            &scripts().ordered_peek
+        } else {
+            &scripts().peek
+        };
+        let mut cmd = if ordered {
+            let mut cmd = lua.call(3);
+            cmd.arg(&keys.unblocked).arg(&keys.held).arg(&keys.ready[0]);
+            cmd
+        } else {
+            let mut cmd = lua.call(keys.ready.len());
+            for k in &keys.ready {
+                cmd.arg(k);
+            }
+            cmd
+        };
         cmd.arg(&shared.config.group).arg(max.clamp(1, MAX_BATCH));
         let Value::Array(items) = shared.eval(lua, &cmd).await? else {
             return Ok(Vec::new());

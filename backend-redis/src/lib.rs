@@ -179,8 +179,9 @@
 //!   `priority_levels=1`, and more is refused. `ordered` is a setting of the queue:
 //!   a producer or consumer that disagrees is refused. Switch it only on an empty
 //!   queue (`RedisAdmin::forget_settings` first). A delayed send joins its key's
-//!   order when it is due (it enters the stream then). Admin `peek` shows never-delivered
-//!   entries, not held ones; `purge` also removes held entries and queued heads.
+//!   order when it is due (it enters the stream then). Admin `peek` shows the waiting messages
+//!   (queued heads, held entries, then never-delivered ones); `purge` also removes
+//!   held entries and queued heads, and hands their keys on.
 //! - **Queue-wide rate limit** (`rate_limit=N/PERIOD`, e.g. `100/1s`): at most `N`
 //!   deliveries in any window of `PERIOD` across **every** consumer of the queue,
 //!   counted on the server in the same RECEIVE script that hands the deliveries

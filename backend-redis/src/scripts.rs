@@ -1272,6 +1272,51 @@ end
 return n
 "#;
 
+/// Peek of an ordered queue: the waiting messages that are already pending in the
+/// group — heads queued for hand-out, then held entries (by key) — and then the
+/// never-delivered entries. Reads only.
+///
+/// KEYS: unblocked, held, ready stream; ARGV: group, max.
+/// Returns {level, stream id, fields, ...}.
+const ORDERED_PEEK: &str = r#"
+local group, maxn = ARGV[1], tonumber(ARGV[2])
+local key = KEYS[3]
+local out, n = {}, 0
+if redis.call('EXISTS', key) == 0 then return out end
+local function add(id)
+  local e = redis.call('XRANGE', key, id, id)
+  if e[1] then
+    out[#out + 1] = 0
+    out[#out + 1] = e[1][1]
+    out[#out + 1] = e[1][2]
+    n = n + 1
+  end
+end
+for _, m in ipairs(redis.call('LRANGE', KEYS[1], 0, maxn - 1)) do
+  if n >= maxn then break end
+  local id = split_member(m)
+  add(id)
+end
+if n < maxn then
+  for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, maxn - n - 1)) do
+    if n >= maxn then break end
+    add(held_id(m, member_prefix(m)))
+  end
+end
+if n < maxn then
+  local last = last_delivered(key, group)
+  local start = '-'
+  if last then start = '(' .. last end
+  for _, e in ipairs(redis.call('XRANGE', key, start, '+', 'COUNT', maxn - n)) do
+    out[#out + 1] = 0
+    out[#out + 1] = e[1]
+    out[#out + 1] = e[2]
+    n = n + 1
+  end
+end
+return out
+"#;
+
 /// One script: its source (for `SCRIPT LOAD`) and SHA (for `EVALSHA`).
 #[derive(Debug)]
 pub(crate) struct Lua {
@@ -1322,10 +1367,11 @@ pub(crate) struct Scripts {
     pub(crate) ordered_nack: Lua,
     pub(crate) ordered_depth: Lua,
     pub(crate) ordered_purge: Lua,
+    pub(crate) ordered_peek: Lua,
 }
 
 impl Scripts {
-    pub(crate) fn all(&self) -> [&Lua; 16] {
+    pub(crate) fn all(&self) -> [&Lua; 17] {
         [
             &self.enqueue,
             &self.maintain,
@@ -1343,6 +1389,7 @@ impl Scripts {
             &self.ordered_nack,
             &self.ordered_depth,
             &self.ordered_purge,
+            &self.ordered_peek,
         ]
     }
 }
@@ -1366,5 +1413,6 @@ pub(crate) fn scripts() -> &'static Scripts {
         ordered_nack: Lua::new("ordered nack", ORDERED_NACK),
         ordered_depth: Lua::new("ordered depth", ORDERED_DEPTH),
         ordered_purge: Lua::new("ordered purge", ORDERED_PURGE),
+        ordered_peek: Lua::new("ordered peek", ORDERED_PEEK),
     })
 }

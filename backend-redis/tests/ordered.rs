@@ -378,3 +378,46 @@ async fn a_refused_client_records_nothing() {
         .await
         .unwrap();
 }
+
+/// Admin on an ordered queue: `peek` shows held entries (read behind their key's
+/// unsettled head) as waiting, and depth counts them as waiting; `purge` removes
+/// them and leaves the head in flight, and the key goes on after the head's ack.
+#[tokio::test]
+async fn admin_sees_and_purges_held_entries() {
+    use ferrymq_core::admin::Admin;
+    let cfg = common::config("ordered-admin", "ordered=true");
+    let (p, c) = cfg.connect().await.unwrap();
+    let admin = cfg.admin().await.unwrap();
+    for m in ["k1", "k2", "k3"] {
+        p.send(Message::new(m).key("k")).await.unwrap();
+    }
+    p.send(Message::new("l1").key("l")).await.unwrap();
+    let first = c.receive(10, Duration::from_millis(300)).await.unwrap();
+    assert_eq!(texts(&first), ["k1", "l1"]);
+    let peeked: Vec<String> = admin
+        .peek(10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| String::from_utf8_lossy(p.message.payload()).into_owned())
+        .collect();
+    assert_eq!(peeked, ["k2", "k3"], "held entries are waiting messages");
+    let depth = c.depth().await.unwrap();
+    assert_eq!((depth.waiting, depth.in_flight), (2, 2), "{depth:?}");
+    assert_eq!(admin.purge().await.unwrap(), 2);
+    let depth = c.depth().await.unwrap();
+    assert_eq!((depth.waiting, depth.in_flight), (0, 2), "{depth:?}");
+    for d in &first {
+        d.ack().await.unwrap();
+    }
+    assert!(c
+        .receive(10, Duration::from_millis(300))
+        .await
+        .unwrap()
+        .is_empty());
+    p.send(Message::new("k4").key("k")).await.unwrap();
+    let next = c.receive(10, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(texts(&next), ["k4"], "the key goes on after the purge");
+    next[0].ack().await.unwrap();
+    cfg.delete_queue().await.unwrap();
+}

@@ -216,7 +216,7 @@ impl RedisAdmin {
         let lua = &scripts().ordered_purge;
         let mut total = 0u64;
         loop {
-            let mut cmd = lua.call(8);
+            let mut cmd = lua.call(9);
             cmd.arg(&keys.delayed)
                 .arg(&keys.jobs)
                 .arg(&keys.leases)
@@ -225,6 +225,7 @@ impl RedisAdmin {
                 .arg(&keys.unblocked)
                 .arg(&keys.parked)
                 .arg(&keys.ready[0])
+                .arg(&keys.revoked)
                 .arg(&shared.config.group)
                 .arg(ms(shared.config.visibility_timeout))
                 .arg(MAX_BATCH);

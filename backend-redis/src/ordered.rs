@@ -111,13 +111,14 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AckRequest>) {
 async fn flush(shared: &Shared, batch: &[AckRequest]) -> Result<Vec<bool>> {
     let keys = &shared.keys;
     let lua = &scripts().ordered_ack;
-    let mut cmd = lua.call(6);
+    let mut cmd = lua.call(7);
     cmd.arg(&keys.leases)
         .arg(&keys.locks)
         .arg(&keys.held)
         .arg(&keys.unblocked)
         .arg(&keys.ready[0])
         .arg(&keys.wake)
+        .arg(&keys.revoked)
         .arg(&shared.config.group);
     let mut flagged = String::new();
     for req in batch {
@@ -179,7 +180,7 @@ impl OrderedAck {
         let config = &shared.config;
         let delay = redeliver_after.map_or(0, |d| if d.is_zero() { 0 } else { ms(d).max(1) });
         let lua = &scripts().ordered_nack;
-        let mut cmd = lua.call(8);
+        let mut cmd = lua.call(9);
         cmd.arg(&keys.leases)
             .arg(&keys.dead)
             .arg(&keys.locks)
@@ -188,6 +189,7 @@ impl OrderedAck {
             .arg(&keys.parked)
             .arg(&keys.ready[0])
             .arg(&keys.wake)
+            .arg(&keys.revoked)
             .arg(&config.group)
             .arg(&self.lease.stream_id)
             .arg(self.lease.deliveries)

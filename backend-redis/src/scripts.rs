@@ -721,16 +721,36 @@ local function member_prefix(member)
   return string.sub(member, 1, #len + 1 + tonumber(len))
 end
 
--- Members of the unblocked list and the parked zset: `stream-id|key` (no key:
--- the id alone; stream ids have no `|`).
-local function head_member(id, key)
-  if key then return id .. '|' .. key end
-  return id
+-- Members of the unblocked list and the parked zset: `stream-id|deliveries|key`
+-- (no key: `stream-id|deliveries`; ids and counts have no `|`). `deliveries` is
+-- what the entry was parked with: its hand-out (an XCLAIM) makes it one more.
+local function head_member(id, deliveries, key)
+  local m = id .. '|' .. deliveries
+  if key then m = m .. '|' .. key end
+  return m
 end
 local function split_member(m)
-  local bar = string.find(m, '|', 1, true)
-  if bar then return string.sub(m, 1, bar - 1), string.sub(m, bar + 1) end
-  return m, nil
+  local a = string.find(m, '|', 1, true)
+  if not a then return m, 0, nil end
+  local id = string.sub(m, 1, a - 1)
+  local b = string.find(m, '|', a + 1, true)
+  if not b then return id, tonumber(string.sub(m, a + 1)) or 0, nil end
+  return id, tonumber(string.sub(m, a + 1, b - 1)) or 0, string.sub(m, b + 1)
+end
+
+-- redis.call(before..., items..., after...), in chunks of 500 items (unpack of
+-- long lists fails).
+local function chunked(before, items, after)
+  local c = 1
+  while c <= #items do
+    local last = math.min(c + 499, #items)
+    local args = {}
+    for _, a in ipairs(before) do args[#args + 1] = a end
+    for j = c, last do args[#args + 1] = items[j] end
+    for _, a in ipairs(after) do args[#args + 1] = a end
+    redis.call(unpack(args))
+    c = last + 1
+  end
 end
 
 -- Park a pending entry with `~held`: nobody's lease, and its next hand-out
@@ -756,7 +776,7 @@ local function advance(locks, held, unblocked, key, id)
     redis.call('ZREM', held, nxt[1])
     local nid = held_id(nxt[1], prefix)
     redis.call('HSET', locks, key, nid)
-    redis.call('RPUSH', unblocked, head_member(nid, key))
+    redis.call('RPUSH', unblocked, head_member(nid, 0, key))
     return true
   end
   redis.call('HDEL', locks, key)
@@ -891,21 +911,34 @@ local function deliver(lvl, id, count, fields)
 end
 
 if maxn > 0 and ARGV[5] == '1' then
-  -- Expired leases, consumer by consumer (the held entries' `~held` is skipped).
+  -- Expired leases, oldest first: gathered consumer by consumer (so the held
+  -- entries' `~held` is skipped however many there are), then in stream order.
   for lvl = nlevels - 1, 0, -1 do
     if n >= maxn then break end
     local key = ready(lvl)
     local cs = redis.pcall('XINFO', 'CONSUMERS', key, group)
     if type(cs) == 'table' and not cs.err then
+      local pend = {}
       for _, c in ipairs(cs) do
-        if n >= maxn then break end
         local name, pending
         for j = 1, #c, 2 do
           if c[j] == 'name' then name = c[j + 1] elseif c[j] == 'pending' then pending = tonumber(c[j + 1]) end
         end
         if name and name ~= HELD and pending and pending > 0 then
-          local pend = redis.call('XPENDING', key, group, 'IDLE', vis, '-', '+', maxn - n, name)
+          for _, p in ipairs(redis.call('XPENDING', key, group, 'IDLE', vis, '-', '+', maxn - n, name)) do
+            local ms_, seq_ = string.match(p[1], '^(%d+)-(%d+)$')
+            p[5], p[6] = tonumber(ms_) or 0, tonumber(seq_) or 0
+            pend[#pend + 1] = p
+          end
+        end
+      end
+      table.sort(pend, function(x, y)
+        if x[5] ~= y[5] then return x[5] < y[5] end
+        return x[6] < y[6]
+      end)
+      do
           for _, p in ipairs(pend) do
+            if n >= maxn then break end
             local id, owner, count = p[1], p[2], tonumber(p[4])
             local tag = lvl .. '/' .. id
             local lease = tonumber(redis.call('HGET', K_LEASES, tag))
@@ -937,9 +970,12 @@ if maxn > 0 and ARGV[5] == '1' then
               elseif ordered then
                 local k = key_of(e[2])
                 if gate(K_LOCKS, k, id) then
+                  redis.call('SADD', K_REVOKED, tag)
                   deliver(lvl, id, count + 1, e[2])
                 else
-                  hold(key, group, K_HELD, k, id, count)
+                  -- Not its key's head (a queue switched to ordered with entries in
+                  -- flight): wait behind the head, counted afresh.
+                  hold(key, group, K_HELD, k, id, 0)
                 end
               else
                 redis.call('SADD', K_REVOKED, tag)
@@ -947,7 +983,6 @@ if maxn > 0 and ARGV[5] == '1' then
               end
             end
           end
-        end
       end
     end
   end
@@ -978,25 +1013,34 @@ if ordered then
   -- Heads whose turn came (the entry before them was acked, or they were nacked).
   local key = ready(0)
   while n < maxn do
-    local m = redis.call('LPOP', K_UNBLOCKED)
-    if not m then break end
-    local id, k = split_member(m)
-    local claimed = redis.call('XCLAIM', key, group, consumer, 0, id)
-    local e = claimed[1]
-    if type(e) == 'table' and type(e[2]) == 'table' then
-      local p = redis.call('XPENDING', key, group, id, id, 1)
-      local count = 1
-      if p[1] then count = tonumber(p[1][4]) end
-      deliver(0, id, count, e[2])
-    else
-      -- Gone (deleted by hand): let its key go on.
-      redis.call('XACK', key, group, id)
-      advance(K_LOCKS, K_HELD, K_UNBLOCKED, k, id)
+    local ms = redis.call('LPOP', K_UNBLOCKED, maxn - n)
+    if not ms or #ms == 0 then break end
+    local ids, info = {}, {}
+    for _, m in ipairs(ms) do
+      local id, cnt, k = split_member(m)
+      ids[#ids + 1] = id
+      info[id] = {cnt, k}
+    end
+    local claimed = redis.call('XCLAIM', key, group, consumer, 0, unpack(ids))
+    for _, e in ipairs(claimed) do
+      if type(e) == 'table' and type(e[2]) == 'table' and info[e[1]] and not info[e[1]][3] then
+        deliver(0, e[1], info[e[1]][1] + 1, e[2])
+        info[e[1]][3] = true
+      end
+    end
+    for _, id in ipairs(ids) do
+      if not info[id][3] then
+        -- Gone (deleted by hand): let its key go on.
+        info[id][3] = true
+        redis.call('XACK', key, group, id)
+        advance(K_LOCKS, K_HELD, K_UNBLOCKED, info[id][2], id)
+      end
     end
   end
 end
 
 local read, exhausted = 0, true
+local holds, held_members = {}, {}
 for lvl = nlevels - 1, 0, -1 do
   local key = ready(lvl)
   while n < maxn do
@@ -1012,11 +1056,15 @@ for lvl = nlevels - 1, 0, -1 do
       read = read + 1
       local id, fields = e[1], e[2]
       if ordered then
+        -- A new entry is never its key's head yet: it becomes the head when the
+        -- key has none, else it is held.
         local k = key_of(fields)
-        if gate(K_LOCKS, k, id) then
+        if not k or redis.call('HSETNX', K_LOCKS, k, id) == 1 then
           deliver(lvl, id, 1, fields)
         else
-          hold(key, group, K_HELD, k, id, 0)
+          holds[#holds + 1] = id
+          held_members[#held_members + 1] = '0'
+          held_members[#held_members + 1] = held_member(k, id)
         end
       else
         deliver(lvl, id, 1, fields)
@@ -1025,6 +1073,10 @@ for lvl = nlevels - 1, 0, -1 do
     if #entries < want then break end
   end
   if not exhausted then break end
+end
+if #holds > 0 then
+  chunked({'XCLAIM', ready(0), group, HELD, 0}, holds, {'IDLE', 0, 'RETRYCOUNT', 0, 'JUSTID'})
+  chunked({'ZADD', K_HELD}, held_members, {})
 end
 
 if n > 0 and limit_n > 0 then
@@ -1065,34 +1117,48 @@ out[3] = pruned
 return out
 "#;
 
-/// Acknowledge deliveries of an ordered queue: per entry, check the lease (still
-/// pending with this handle's delivery counter, and not parked), `XACK` + `XDEL`,
-/// and hand the key on to its next held entry.
+/// Acknowledge deliveries of an ordered queue: per entry `XACK`, and hand the key
+/// on to its next held entry; then one `XDEL` for the batch. Without reclaims (no
+/// revoked set) no stale handle can exist — a parked entry's handle was settled —
+/// so `XACK`'s own answer tells whether the entry was still ours; where reclaims
+/// happened each lease is checked first (pending with this handle's delivery
+/// counter, and not parked), as the plain ACK does.
 ///
-/// KEYS: leases, locks, held, unblocked, ready stream, wake
+/// KEYS: leases, locks, held, unblocked, ready stream, wake, revoked
 /// ARGV: group, then per entry: stream id, deliveries, `-` (no key) or `+key`.
 /// Returns 1 (acked) or 0 (lease gone) per entry.
 const ORDERED_ACK: &str = r#"
-check_types({KEYS[1], 'hash', KEYS[2], 'hash', KEYS[3], 'zset', KEYS[4], 'list', KEYS[5], 'stream', KEYS[6], 'stream'})
+check_types({KEYS[1], 'hash', KEYS[2], 'hash', KEYS[3], 'zset', KEYS[4], 'list', KEYS[5], 'stream',
+  KEYS[6], 'stream', KEYS[7], 'set'})
 local group = ARGV[1]
 local has_leases = redis.call('EXISTS', KEYS[1]) == 1
+local has_revoked = redis.call('EXISTS', KEYS[7]) == 1
 local res = {}
 local queued = false
+local done = {}
 for i = 2, #ARGV, 3 do
   local id, count, kf = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
   local key = nil
   if string.sub(kf, 1, 1) == '+' then key = string.sub(kf, 2) end
-  local p = in_lease(KEYS[5], group, id, count)
-  if p and p[2] ~= HELD then
-    redis.call('XACK', KEYS[5], group, id)
-    redis.call('XDEL', KEYS[5], id)
-    if has_leases then redis.call('HDEL', KEYS[1], '0/' .. id) end
+  local ok
+  if has_revoked then
+    local p = in_lease(KEYS[5], group, id, count)
+    ok = p and p[2] ~= HELD and redis.call('XACK', KEYS[5], group, id) == 1
+  else
+    ok = redis.call('XACK', KEYS[5], group, id) == 1
+  end
+  if ok then
+    done[#done + 1] = id
+    local tag = '0/' .. id
+    if has_leases then redis.call('HDEL', KEYS[1], tag) end
+    if has_revoked then forget_revoked(KEYS[7], tag, count - 1) end
     if advance(KEYS[2], KEYS[3], KEYS[4], key, id) then queued = true end
     res[#res + 1] = 1
   else
     res[#res + 1] = 0
   end
 end
+chunked({'XDEL', KEYS[5]}, done, {})
 if queued then wake(KEYS[6]) end
 return res
 "#;
@@ -1103,13 +1169,13 @@ return res
 /// list) or after the delay (the parked zset). Dead-lettering (max deliveries)
 /// hands the key on instead.
 ///
-/// KEYS: leases, dead, locks, held, unblocked, parked, ready stream, wake
+/// KEYS: leases, dead, locks, held, unblocked, parked, ready stream, wake, revoked
 /// ARGV: group, stream id, deliveries, delay ms, max deliveries, dead maxlen, dead
 ///       retention ms, queue name, release 0/1
 /// Returns {0 (lease gone) | 1 (queued again) | 2 (dead-lettered), dead letters
 /// trimmed}.
 const ORDERED_NACK: &str = r#"
-check_types({KEYS[1], 'hash', KEYS[2], 'stream', KEYS[3], 'hash', KEYS[4], 'zset', KEYS[5], 'list', KEYS[6], 'zset', KEYS[7], 'stream', KEYS[8], 'stream'})
+check_types({KEYS[1], 'hash', KEYS[2], 'stream', KEYS[3], 'hash', KEYS[4], 'zset', KEYS[5], 'list', KEYS[6], 'zset', KEYS[7], 'stream', KEYS[8], 'stream', KEYS[9], 'set'})
 local key, group, id = KEYS[7], ARGV[1], ARGV[2]
 local count = tonumber(ARGV[3])
 local p = in_lease(key, group, id, count)
@@ -1136,15 +1202,16 @@ if not release and maxdel > 0 and prior_attempts(fields) + counted >= maxdel the
   local trimmed = write_dead(KEYS[2], f, ARGV[6], tonumber(ARGV[7]), now)
   redis.call('XACK', key, group, id)
   redis.call('XDEL', key, id)
+  forget_revoked(KEYS[9], tag, count - 1)
   if advance(KEYS[3], KEYS[4], KEYS[5], k, id) then wake(KEYS[8]) end
   return {2, trimmed}
 end
 park(key, group, id, counted)
 local delay = tonumber(ARGV[4])
 if delay > 0 then
-  redis.call('ZADD', KEYS[6], now + delay, head_member(id, k))
+  redis.call('ZADD', KEYS[6], now + delay, head_member(id, counted, k))
 else
-  redis.call('LPUSH', KEYS[5], head_member(id, k))
+  redis.call('LPUSH', KEYS[5], head_member(id, counted, k))
   wake(KEYS[8])
 end
 return {1, 0}
@@ -1188,11 +1255,11 @@ return {waiting, in_flight, redis.call('ZCARD', KEYS[1]) + parked, redis.call('X
 /// entries, queued and parked heads, and heads whose lease ran out — never a live
 /// lease. Keys whose head went are handed on (or freed), so order holds after.
 ///
-/// KEYS: delayed, jobs, leases, locks, held, unblocked, parked, ready stream
+/// KEYS: delayed, jobs, leases, locks, held, unblocked, parked, ready stream, revoked
 /// ARGV: group, visibility ms, limit. Returns how many went.
 const ORDERED_PURGE: &str = r#"
 check_types({KEYS[1], 'zset', KEYS[2], 'hash', KEYS[3], 'hash', KEYS[4], 'hash', KEYS[5], 'zset',
-  KEYS[6], 'list', KEYS[7], 'zset', KEYS[8], 'stream'})
+  KEYS[6], 'list', KEYS[7], 'zset', KEYS[8], 'stream', KEYS[9], 'set'})
 local group, vis, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local key = KEYS[8]
 local now = now_ms()
@@ -1222,6 +1289,7 @@ if n < limit then
     redis.call('ZREM', KEYS[5], m)
     redis.call('XACK', key, group, id)
     redis.call('XDEL', key, id)
+    redis.call('SREM', KEYS[9], '0/' .. id)
     n = n + 1
   end
 end
@@ -1229,20 +1297,21 @@ local function drop_head(id, k)
   redis.call('XACK', key, group, id)
   redis.call('XDEL', key, id)
   redis.call('HDEL', KEYS[3], '0/' .. id)
+  redis.call('SREM', KEYS[9], '0/' .. id)
   advance(KEYS[4], KEYS[5], KEYS[6], k, id)
   n = n + 1
 end
 while n < limit do
   local m = redis.call('LPOP', KEYS[6])
   if not m then break end
-  local id, k = split_member(m)
+  local id, _, k = split_member(m)
   drop_head(id, k)
 end
 if n < limit then
   local ps = redis.call('ZRANGE', KEYS[7], 0, limit - n - 1)
   for _, m in ipairs(ps) do
     redis.call('ZREM', KEYS[7], m)
-    local id, k = split_member(m)
+    local id, _, k = split_member(m)
     drop_head(id, k)
   end
 end

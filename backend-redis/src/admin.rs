@@ -170,7 +170,13 @@ impl RedisAdmin {
             .setting("dlq_max_len", c.dlq_max_len)
             .setting("dlq_retention", human(c.dlq_retention))
             .setting("dedup_window", human(c.dedup_window))
-            .setting("group", &c.group);
+            .setting("group", &c.group)
+            .setting("ordered", c.ordered)
+            .setting(
+                "rate_limit",
+                c.rate_limit
+                    .map_or_else(|| "none".to_string(), |l| l.to_string()),
+            );
         if let Some(policy) = self.eviction_policy().await {
             if policy.starts_with("allkeys-") {
                 info = info.warning(format!(
@@ -200,6 +206,37 @@ impl RedisAdmin {
             ));
         }
         Ok(info)
+    }
+
+    /// Purge of an ordered queue: also its held entries and queued heads, and the
+    /// keys they blocked are handed on (ORDERED_PURGE).
+    async fn purge_ordered(&self) -> Result<u64> {
+        let shared = &self.shared;
+        let keys = &shared.keys;
+        let lua = &scripts().ordered_purge;
+        let mut total = 0u64;
+        loop {
+            let mut cmd = lua.call(9);
+            cmd.arg(&keys.delayed)
+                .arg(&keys.jobs)
+                .arg(&keys.leases)
+                .arg(&keys.locks)
+                .arg(&keys.held)
+                .arg(&keys.unblocked)
+                .arg(&keys.parked)
+                .arg(&keys.ready[0])
+                .arg(&keys.revoked)
+                .arg(&shared.config.group)
+                .arg(ms(shared.config.visibility_timeout))
+                .arg(MAX_BATCH);
+            let n: u64 = redis::from_redis_value(shared.eval(lua, &cmd).await?).map_err(|e| {
+                Error::new(ErrorKind::Backend, format!("unexpected purge reply: {e}"))
+            })?;
+            total += n;
+            if n < MAX_BATCH as u64 {
+                return Ok(total);
+            }
+        }
     }
 
     /// Entries of a stream reply as peeked messages.
@@ -267,6 +304,9 @@ impl Admin for RedisAdmin {
     async fn purge(&self) -> Result<u64> {
         let shared = &self.shared;
         let keys = &shared.keys;
+        if shared.config.ordered {
+            return self.purge_ordered().await;
+        }
         let lua = &scripts().purge;
         let mut total = 0u64;
         // In steps of MAX_BATCH, so no single script blocks the server for long.
@@ -295,11 +335,23 @@ impl Admin for RedisAdmin {
     async fn peek(&self, max: usize) -> Result<Vec<Peeked>> {
         let shared = &self.shared;
         let keys = &shared.keys;
-        let lua = &scripts().peek;
-        let mut cmd = lua.call(keys.ready.len());
-        for k in &keys.ready {
-            cmd.arg(k);
-        }
+        let ordered = shared.config.ordered;
+        let lua = if ordered {
+            &scripts().ordered_peek
+        } else {
+            &scripts().peek
+        };
+        let mut cmd = if ordered {
+            let mut cmd = lua.call(3);
+            cmd.arg(&keys.unblocked).arg(&keys.held).arg(&keys.ready[0]);
+            cmd
+        } else {
+            let mut cmd = lua.call(keys.ready.len());
+            for k in &keys.ready {
+                cmd.arg(k);
+            }
+            cmd
+        };
         cmd.arg(&shared.config.group).arg(max.clamp(1, MAX_BATCH));
         let Value::Array(items) = shared.eval(lua, &cmd).await? else {
             return Ok(Vec::new());

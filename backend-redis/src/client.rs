@@ -57,7 +57,14 @@ impl std::fmt::Debug for Shared {
 
 pub(crate) fn capabilities(config: &RedisConfig) -> Capabilities {
     let mut caps = Capabilities::minimal("redis");
-    caps.ordering = Ordering::None;
+    // Ordered queues: one head per key handed out, kept across nacks, nack delays
+    // and expired leases (the conformance suite's per-key cases, on the
+    // `redis-ordered` setup).
+    caps.ordering = if config.ordered {
+        Ordering::PerKey
+    } else {
+        Ordering::None
+    };
     caps.max_delay = Some(MAX_DELAY);
     caps.dedup_window = Some(config.dedup_window);
     caps.visibility_timeout = Some(config.visibility_timeout);

@@ -22,7 +22,19 @@ use crate::{RedisConsumer, RedisProducer};
 /// Query parameters (all optional): `group`, `consumer`, `visibility`,
 /// `max_message_size`, `dedup_window`, `priority_levels`, `max_deliveries`,
 /// `dlq_max_len`, `dlq_retention`, `connect_timeout`, `command_timeout`,
-/// `ack_linger`, `connections`, `pool_size`, `promote_batch`. An unknown parameter is an error.
+/// `ack_linger`, `connections`, `pool_size`, `promote_batch`, `ordered`, `rate_limit`.
+/// An unknown parameter is an error.
+///
+/// - `ordered=true`: per-key order (SQS FIFO group semantics, `Ordering::PerKey`): a
+///   key's messages are delivered in send order and none while an earlier one of
+///   its key is in flight (also across nacks, nack delays and expired leases).
+///   Keys run in parallel. An ordered queue has one priority level (the URL sets
+///   `priority_levels=1` unless it says otherwise; more is refused). See the crate
+///   docs, "Per-key order".
+/// - `rate_limit=N/PERIOD` (`100/1s`, `5/200ms`): at most `N` deliveries in any
+///   `PERIOD` across **all** consumers of the queue, enforced by the receive script
+///   on the server. tower's `RateLimit` layer is the per-worker limit; this one is
+///   the queue's.
 ///
 /// ```
 /// use std::time::Duration;
@@ -119,6 +131,104 @@ pub struct RedisConfig {
     /// Due delayed messages promoted per receive call, at most.
     #[serde(default = "defaults::promote_batch")]
     pub promote_batch: usize,
+    /// Per-key order (`Ordering::PerKey`): one message of a key in flight at a time,
+    /// in send order. Needs `priority_levels = 1`. A setting of the queue: recorded
+    /// with it, and clients that disagree are refused.
+    #[serde(default)]
+    pub ordered: bool,
+    /// Queue-wide rate limit: at most this many deliveries per period across every
+    /// consumer of the queue. A setting of the queue, like `ordered`.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A queue-wide rate limit: at most `jobs` deliveries in any window of `per`
+/// (a sliding window, counted on the server), across every consumer of the queue.
+///
+/// Every delivery counts, redeliveries too (a nacked or expired message handed out
+/// again uses the budget like a new one). Written `N/PERIOD`: `100/1s`, `5/200ms`.
+///
+/// ```
+/// use std::time::Duration;
+/// use ferrymq_redis::RateLimit;
+///
+/// let limit: RateLimit = "100/1s".parse()?;
+/// assert_eq!((limit.jobs, limit.per), (100, Duration::from_secs(1)));
+/// assert_eq!(limit.to_string(), "100/1s");
+/// assert!("0/1s".parse::<RateLimit>().is_err());
+/// # Ok::<(), ferrymq_core::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Deliveries allowed per window.
+    pub jobs: u32,
+    /// The window.
+    pub per: Duration,
+}
+
+/// Most deliveries one window may allow: the server keeps one entry per delivery
+/// of the window.
+pub const MAX_RATE_LIMIT_JOBS: u32 = 100_000;
+
+impl RateLimit {
+    /// `jobs` per `per`.
+    pub fn new(jobs: u32, per: Duration) -> Self {
+        RateLimit { jobs, per }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.jobs == 0 || self.jobs > MAX_RATE_LIMIT_JOBS {
+            return Err(Error::invalid_config(
+                "rate_limit",
+                format!("the job count must be between 1 and {MAX_RATE_LIMIT_JOBS}"),
+            ));
+        }
+        if self.per < Duration::from_millis(1) || self.per > crate::client::MAX_DELAY {
+            return Err(Error::invalid_config(
+                "rate_limit",
+                "the period must be between 1ms and 365 days",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for RateLimit {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || {
+            Error::invalid_config(
+                "rate_limit",
+                format!("{s:?} is not N/PERIOD (for example 100/1s)"),
+            )
+        };
+        let (jobs, per) = s.split_once('/').ok_or_else(bad)?;
+        let jobs: u32 = jobs.trim().parse().map_err(|_| bad())?;
+        let per = humantime::parse_duration(per.trim()).map_err(|_| bad())?;
+        let limit = RateLimit { jobs, per };
+        limit.validate()?;
+        Ok(limit)
+    }
+}
+
+impl fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.jobs, humantime::format_duration(self.per))
+    }
+}
+
+impl Serialize for RateLimit {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for RateLimit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        raw.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 mod defaults {
@@ -191,6 +301,8 @@ impl fmt::Debug for RedisConfig {
             .field("connections", &self.connections)
             .field("pool_size", &self.pool_size)
             .field("promote_batch", &self.promote_batch)
+            .field("ordered", &self.ordered)
+            .field("rate_limit", &self.rate_limit)
             .finish()
     }
 }
@@ -241,6 +353,8 @@ impl RedisConfig {
             connections: defaults::connections(),
             pool_size: defaults::pool_size(),
             promote_batch: defaults::promote_batch(),
+            ordered: false,
+            rate_limit: None,
         }
     }
 
@@ -312,7 +426,8 @@ impl RedisConfig {
         if let Some(v) = q.take_duration("dedup_window")? {
             cfg.dedup_window = v;
         }
-        if let Some(v) = q.take("priority_levels")? {
+        let levels: Option<u8> = q.take("priority_levels")?;
+        if let Some(v) = levels {
             cfg.priority_levels = v;
         }
         if let Some(v) = q.take("max_deliveries")? {
@@ -341,6 +456,17 @@ impl RedisConfig {
         }
         if let Some(v) = q.take("promote_batch")? {
             cfg.promote_batch = v;
+        }
+        if let Some(v) = q.take_bool("ordered")? {
+            cfg.ordered = v;
+            // An ordered queue has one level; say so unless the URL names its own
+            // (more than one is then refused by `validate`, naming the setting).
+            if v && levels.is_none() {
+                cfg.priority_levels = 1;
+            }
+        }
+        if let Some(v) = q.take_str("rate_limit") {
+            cfg.rate_limit = Some(v.parse()?);
         }
         q.finish()?;
         cfg.validate()?;
@@ -452,6 +578,29 @@ impl RedisConfig {
         self
     }
 
+    /// Per-key order (`Ordering::PerKey`); also sets one priority level, which an
+    /// ordered queue has.
+    pub fn ordered(mut self, on: bool) -> Self {
+        self.ordered = on;
+        if on {
+            self.priority_levels = 1;
+        }
+        self
+    }
+
+    /// A queue-wide rate limit: at most `jobs` deliveries per `per` across every
+    /// consumer (`None`: unlimited).
+    pub fn rate_limit(mut self, limit: Option<RateLimit>) -> Self {
+        self.rate_limit = limit;
+        self
+    }
+
+    /// Whether receives go through the RECEIVE script (ordered or rate limited)
+    /// instead of the plain `XREADGROUP` pipeline.
+    pub(crate) fn scripted_receive(&self) -> bool {
+        self.ordered || self.rate_limit.is_some()
+    }
+
     /// Check every setting; the error names the parameter.
     pub fn validate(&self) -> Result<()> {
         if self.queue.is_empty() {
@@ -557,6 +706,18 @@ impl RedisConfig {
                 "promote_batch",
                 "must be between 1 and 5000",
             ));
+        }
+        if self.ordered && self.priority_levels != 1 {
+            return Err(Error::invalid_config(
+                "priority_levels",
+                format!(
+                    "an ordered queue has one priority level (a key's order is its send order),                      this config has {}; set priority_levels=1 or leave it out of the URL",
+                    self.priority_levels
+                ),
+            ));
+        }
+        if let Some(limit) = &self.rate_limit {
+            limit.validate()?;
         }
         Ok(())
     }
@@ -714,6 +875,46 @@ mod tests {
             assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{url}");
             assert!(err.to_string().contains(param), "{url}: {err}");
         }
+    }
+
+    #[test]
+    fn ordered_and_rate_limit_parse() {
+        let cfg = RedisConfig::from_url("redis://h/q?ordered=true&rate_limit=100/1s").unwrap();
+        assert!(cfg.ordered);
+        assert_eq!(cfg.priority_levels, 1, "ordered implies one level");
+        assert_eq!(
+            cfg.rate_limit,
+            Some(RateLimit::new(100, Duration::from_secs(1)))
+        );
+        let cfg = RedisConfig::from_url("redis://h/q?ordered=true&priority_levels=1").unwrap();
+        assert!(cfg.ordered);
+        for (url, param) in [
+            (
+                "redis://h/q?ordered=true&priority_levels=2",
+                "priority_levels",
+            ),
+            ("redis://h/q?ordered=maybe", "ordered"),
+            ("redis://h/q?rate_limit=100", "rate_limit"),
+            ("redis://h/q?rate_limit=0/1s", "rate_limit"),
+            ("redis://h/q?rate_limit=5/0s", "rate_limit"),
+            ("redis://h/q?rate_limit=100001/1s", "rate_limit"),
+            ("redis://h/q?rate_limit=5/400days", "rate_limit"),
+        ] {
+            let err = RedisConfig::from_url(url).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{url}");
+            assert!(err.to_string().contains(param), "{url}: {err}");
+        }
+        // serde: the limit as a string, and ordered needs one level there too.
+        let cfg: RedisConfig = toml::from_str(
+            "queue = \"q\"\nordered = true\npriority_levels = 1\nrate_limit = \"5/200ms\"",
+        )
+        .unwrap();
+        assert!(cfg.validate().is_ok());
+        assert_eq!(cfg.rate_limit.unwrap().per, Duration::from_millis(200));
+        let back: RedisConfig = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(back, cfg);
+        let cfg: RedisConfig = toml::from_str("queue = \"q\"\nordered = true").unwrap();
+        assert!(cfg.validate().is_err(), "ordered with the default 4 levels");
     }
 
     #[test]

@@ -33,6 +33,7 @@ use tokio::time::Instant;
 use crate::ack::{AckBatcher, RedisAck};
 use crate::client::{is_nogroup, is_noscript, ms, Shared, MAX_BATCH};
 use crate::codec::{decode_fields, stream_id_ms, system_time};
+use crate::ordered::{OrderedAck, OrderedBatcher};
 use crate::scripts::scripts;
 use ferrymq_core::time::deadline_after;
 
@@ -47,6 +48,8 @@ struct Inner {
     shared: Arc<Shared>,
     name: String,
     batcher: AckBatcher,
+    /// Acks of an ordered queue (they hand the key on), when it is one.
+    ordered: Option<OrderedBatcher>,
     closed: AtomicBool,
     close_signal: Notify,
     started: Instant,
@@ -124,6 +127,10 @@ impl RedisConsumer {
         Ok(RedisConsumer {
             inner: Arc::new(Inner {
                 batcher: AckBatcher::spawn(shared.clone()),
+                ordered: shared
+                    .config
+                    .ordered
+                    .then(|| OrderedBatcher::spawn(shared.clone())),
                 shared,
                 name,
                 closed: AtomicBool::new(false),
@@ -563,17 +570,234 @@ impl RedisConsumer {
                 DeliveryMeta::new(id, attempt, system_time(enqueued_ms), shared.queue.clone())
             }
         };
-        let acker = AckHandle::with_lease(
-            RedisAck {
-                shared: shared.clone(),
-                batcher: self.inner.batcher.clone(),
-                level,
-                stream_id,
-                deliveries,
-            },
-            deadline,
-        );
+        let lease = RedisAck {
+            shared: shared.clone(),
+            batcher: self.inner.batcher.clone(),
+            level,
+            stream_id,
+            deliveries,
+        };
+        let acker = match &self.inner.ordered {
+            Some(batcher) => AckHandle::with_lease(
+                OrderedAck {
+                    lease,
+                    key: decoded.message.get_key().map(str::to_owned),
+                    batcher: batcher.clone(),
+                },
+                deadline,
+            ),
+            None => AckHandle::with_lease(lease, deadline),
+        };
         Delivery::new(decoded.message, meta, acker).with_capabilities(shared.capabilities.clone())
+    }
+
+    /// The receive of ordered and rate-limited queues: the RECEIVE script decides
+    /// per entry what goes out (per-key gate, rate limit), so the read happens
+    /// inside it. With nothing to hand out it waits — until the deadline, one
+    /// tick, or the next due time — in `XREAD BLOCK` on new entries when the
+    /// script says new entries are what it waits for (a plain `XREAD` from the
+    /// group's last delivered id: it consumes nothing), else asleep (rate limited,
+    /// or only due messages to wait for). On an ordered queue the wait also ends
+    /// when an ack or nack, of any consumer, queues a key's head for hand-out
+    /// (they write to the queue's wake stream, which the wait reads too).
+    async fn receive_scripted(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        let deadline = ferrymq_core::time::deadline_in(wait);
+        let mut immediate_repolls = 0;
+        loop {
+            if self.inner.closed.load(AtomicOrdering::Acquire) {
+                return Err(Error::closed("consumer"));
+            }
+            let (deliveries, next_due, wake) = self.poll_scripted(max).await?;
+            if !deliveries.is_empty() {
+                return Ok(deliveries);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(Vec::new());
+            }
+            let mut block = (deadline - now).min(self.inner.tick);
+            if let Some(due) = next_due {
+                if due.is_zero() && immediate_repolls < 3 {
+                    immediate_repolls += 1;
+                    continue;
+                }
+                block = block.min(due);
+            }
+            let block = block.max(Duration::from_millis(1));
+            let closed = self.inner.close_signal.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            if self.inner.closed.load(AtomicOrdering::Acquire) {
+                return Err(Error::closed("consumer"));
+            }
+            tokio::select! {
+                waited = self.wait_for_entries(block, wake) => waited?,
+                _ = &mut closed => return Err(Error::closed("consumer")),
+            }
+        }
+    }
+
+    /// One RECEIVE script call: the deliveries, how long until something is due,
+    /// and the last delivered ids to wait on (highest level first) when new
+    /// entries are what to wait for.
+    async fn poll_scripted(
+        &self,
+        max: usize,
+    ) -> Result<(Vec<Delivery>, Option<Duration>, Option<Vec<String>>)> {
+        let shared = &self.inner.shared;
+        let keys = &shared.keys;
+        let config = &shared.config;
+        let lua = &scripts().receive;
+        let mut cmd = lua.call(12 + keys.ready.len());
+        cmd.arg(&keys.delayed)
+            .arg(&keys.jobs)
+            .arg(&keys.leases)
+            .arg(&keys.dead)
+            .arg(&keys.revoked)
+            .arg(&keys.locks)
+            .arg(&keys.held)
+            .arg(&keys.unblocked)
+            .arg(&keys.parked)
+            .arg(&keys.limiter)
+            .arg(&keys.seq)
+            .arg(&keys.wake);
+        for k in &keys.ready {
+            cmd.arg(k);
+        }
+        let reclaim = self.reclaim_due();
+        let prune = if reclaim && self.prune_due() {
+            ms(self.prune_idle())
+        } else {
+            0
+        };
+        let (limit_jobs, limit_ms) = config.rate_limit.map_or((0, 0), |l| (l.jobs, ms(l.per)));
+        // Entries read per call at most: bounds the script's time when most of
+        // what it reads is held behind busy keys.
+        let budget = (max * 4).clamp(100, 4000);
+        cmd.arg(&config.group)
+            .arg(&self.inner.name)
+            .arg(max)
+            .arg(ms(config.visibility_timeout))
+            .arg(if reclaim { "1" } else { "0" })
+            .arg(config.promote_batch)
+            .arg(config.max_deliveries)
+            .arg(config.dlq_max_len)
+            .arg(ms(config.dlq_retention))
+            .arg(&*shared.queue)
+            .arg(prune)
+            .arg(if config.ordered { "1" } else { "0" })
+            .arg(limit_jobs)
+            .arg(limit_ms)
+            .arg(budget);
+        let sent = Instant::now();
+        let reply = match shared.eval(lua, &cmd).await {
+            Ok(reply) => reply,
+            Err(e) if is_nogroup(&e) => {
+                // The group vanished (FLUSHDB, keys deleted): create it again.
+                shared.ensure_group().await?;
+                return Ok((Vec::new(), Some(Duration::ZERO), None));
+            }
+            Err(e) => return Err(e),
+        };
+        let Value::Array(items) = reply else {
+            return Err(Error::new(
+                ErrorKind::Backend,
+                format!("unexpected receive reply: {reply:?}"),
+            ));
+        };
+        let levels = keys.ready.len();
+        let mut items = items.into_iter();
+        let next_due = match items.next() {
+            Some(Value::Int(ms)) if ms >= 0 => Some(Duration::from_millis(ms as u64)),
+            _ => None,
+        };
+        if let Some(Value::Int(trimmed)) = items.next() {
+            crate::ack::warn_trimmed(shared, trimmed);
+        }
+        if let Some(Value::Int(pruned)) = items.next() {
+            if pruned > 0 {
+                tracing::debug!(queue = %shared.queue, pruned, "ferrymq-redis: removed idle consumers holding nothing from the group");
+            }
+        }
+        // One id per level, and the wake stream's on an ordered queue.
+        let expected = levels + usize::from(config.ordered);
+        let wake = match items.next() {
+            Some(Value::Array(ids)) if ids.len() == expected => {
+                let ids: Vec<String> = ids.into_iter().filter_map(as_string).collect();
+                (ids.len() == expected).then_some(ids)
+            }
+            _ => None,
+        };
+        let mut out = Vec::new();
+        while let (Some(level), Some(id), Some(count), Some(fields)) =
+            (items.next(), items.next(), items.next(), items.next())
+        {
+            let (Value::Int(level), Some(id), Value::Int(count)) = (level, as_string(id), count)
+            else {
+                continue;
+            };
+            let level = (level.max(0) as usize).min(levels - 1);
+            out.push(
+                self.candidate(level, id, count.max(1) as u64, fields, sent)
+                    .delivery,
+            );
+        }
+        Ok((out, next_due, wake))
+    }
+
+    /// Wait up to `block` for entries after `ids` (see
+    /// [`receive_scripted`](Self::receive_scripted)); without ids, just wait.
+    async fn wait_for_entries(&self, block: Duration, ids: Option<Vec<String>>) -> Result<()> {
+        let Some(ids) = ids else {
+            tokio::time::sleep(block).await;
+            return Ok(());
+        };
+        let shared = &self.inner.shared;
+        let conn = match tokio::time::timeout(shared.config.command_timeout, shared.blocking.get())
+            .await
+        {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(deadpool_redis::PoolError::Backend(e))) => {
+                return Err(shared.map_err(e, "blocking connection"))
+            }
+            Ok(Err(e)) => {
+                return Err(Error::new(
+                    ErrorKind::Connection,
+                    format!("no blocking connection to redis: {e}"),
+                ))
+            }
+            Err(_) => return Err(shared.timeout("blocking connection")),
+        };
+        let mut guard = Discard(Some(conn));
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT").arg(1).arg("BLOCK").arg(ms(block).max(1));
+        cmd.arg("STREAMS");
+        for level in (0..shared.keys.ready.len()).rev() {
+            cmd.arg(&shared.keys.ready[level]);
+        }
+        if shared.config.ordered {
+            // Heads queued by acks and nacks elsewhere wake this wait too.
+            cmd.arg(&shared.keys.wake);
+        }
+        for id in &ids {
+            cmd.arg(id);
+        }
+        let Some(conn) = guard.0.as_mut() else {
+            return Ok(());
+        };
+        let reply = tokio::time::timeout(
+            block.saturating_add(shared.config.command_timeout),
+            cmd.query_async::<Value>(&mut **conn),
+        )
+        .await;
+        match reply {
+            Ok(Ok(_)) => {
+                guard.keep();
+                Ok(())
+            }
+            Ok(Err(e)) => Err(shared.map_err(e, "XREAD")),
+            Err(_) => Err(shared.timeout("XREAD")),
+        }
     }
 
     /// Up to `count` of the oldest dead letters, without removing them.
@@ -655,6 +879,9 @@ impl Drop for Discard {
 impl Consumer for RedisConsumer {
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
         let max = max.clamp(1, MAX_BATCH);
+        if self.inner.shared.config.scripted_receive() {
+            return self.receive_scripted(max, wait).await;
+        }
         // `wait` comes from the caller: `Duration::MAX` must not panic.
         let deadline = ferrymq_core::time::deadline_in(wait);
         let mut immediate_repolls = 0;

@@ -22,6 +22,25 @@ pub(crate) struct Keys {
     pub(crate) seq: String,
     /// HASH: the queue's recorded settings.
     pub(crate) meta: String,
+    /// Ordered queues — HASH: message key -> `0/stream-id` of the key's head (its
+    /// oldest unsettled message: in flight, parked or about to be handed out).
+    pub(crate) locks: String,
+    /// Ordered queues — ZSET (lexicographic, all scores 0): the entries read from the
+    /// stream while their key's head was unsettled, `<len>:<key><padded stream id>`,
+    /// so a key's held entries sort in stream order. Pending, owned by `~held`.
+    pub(crate) held: String,
+    /// Ordered queues — LIST of key heads due to be handed out (`stream-id|key`):
+    /// the next of a key after its head was acked, and nacked heads.
+    pub(crate) unblocked: String,
+    /// Ordered queues — ZSET: key heads nacked with a delay (`stream-id|key` -> due
+    /// time, ms); their key stays blocked until they are handed out again.
+    pub(crate) parked: String,
+    /// Rate-limited queues — ZSET: one member per delivery of the current window
+    /// (score: the delivery time, ms).
+    pub(crate) limiter: String,
+    /// Ordered queues — STREAM (one entry): written when a head is queued for
+    /// hand-out, so consumers waiting in `XREAD BLOCK` wake up for it.
+    pub(crate) wake: String,
     dedup_prefix: String,
     /// Suffix of message ids per level (`""`, `"@1"`, ...): stream ids are unique
     /// per stream only.
@@ -40,6 +59,12 @@ impl Keys {
             revoked: format!("{base}:revoked"),
             seq: format!("{base}:seq"),
             meta: format!("{base}:meta"),
+            locks: format!("{base}:locks"),
+            held: format!("{base}:held"),
+            unblocked: format!("{base}:unblocked"),
+            parked: format!("{base}:parked"),
+            limiter: format!("{base}:limiter"),
+            wake: format!("{base}:wake"),
             dedup_prefix: format!("{base}:dedup:"),
             suffixes: (0..levels)
                 .map(|l| {
@@ -77,6 +102,12 @@ impl Keys {
         v.push((&self.revoked, "set"));
         v.push((&self.seq, "string"));
         v.push((&self.meta, "hash"));
+        v.push((&self.locks, "hash"));
+        v.push((&self.held, "zset"));
+        v.push((&self.unblocked, "list"));
+        v.push((&self.parked, "zset"));
+        v.push((&self.limiter, "zset"));
+        v.push((&self.wake, "stream"));
         v
     }
 }

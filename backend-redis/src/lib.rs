@@ -40,7 +40,13 @@
 //! | `ferrymq:{Q}:revoked` | set | `N/stream-id` of entries reclaimed while still held (one member per entry, however often), so acks of them check the lease and stale handles get `LeaseExpired`; emptied as the entries leave |
 //! | `ferrymq:{Q}:handled:K` | string | [`RedisDedupStore`] (Dedup middleware): `claimed:<store>` (claim TTL) or `done` (retention) |
 //! | `ferrymq:{Q}:seq` | string | counter for the ids of delayed sends |
-//! | `ferrymq:{Q}:meta` | hash | the queue's settings, recorded by its first client and checked by every other (`priority_levels`, `group`, `visibility_ms`, `max_deliveries`, `dlq_max_len`, `dlq_retention_ms`) |
+//! | `ferrymq:{Q}:meta` | hash | the queue's settings, recorded by its first client and checked by every other (`ordered`, `priority_levels`, `group`, `visibility_ms`, `max_deliveries`, `dlq_max_len`, `dlq_retention_ms`, `rate_limit`) |
+//! | `ferrymq:{Q}:locks` | hash | ordered queues: message key → stream id of the key's head (its oldest unsettled message) |
+//! | `ferrymq:{Q}:held` | zset | ordered queues: entries read while their key's head was unsettled, `<len>:<key><padded stream id>` (lexicographic: per key in stream order); pending, owned by the consumer `~held` |
+//! | `ferrymq:{Q}:unblocked` | list | ordered queues: heads due to be handed out (`stream-id\|key`): a key's next after an ack, a nacked head |
+//! | `ferrymq:{Q}:parked` | zset | ordered queues: heads nacked with a delay → due time (ms); their key stays blocked |
+//! | `ferrymq:{Q}:wake` | stream | ordered queues: one entry, rewritten when an ack or nack queues a head, so consumers waiting in `XREAD BLOCK` wake for it |
+//! | `ferrymq:{Q}:limiter` | zset | rate-limited queues: one member per delivery of the current window (score: its time, ms) |
 //!
 //! A stream entry's fields: `p` payload, `h` headers (`<len>:<name><len>:<value>`…,
 //! binary-safe, no escaping), `k` key, `d` dedup id, `r` priority, and, once a
@@ -124,7 +130,8 @@
 //!   dead-letter stream (peek, redrive from a snapshot of its size).
 //! - **Priority**: `Priority::Levels(priority_levels)` (default 4; 1 means
 //!   `Priority::None`); priority `p` maps to level `clamp(p, 0, levels - 1)`; within a
-//!   level, FIFO. No per-key ordering is promised (`Ordering::None`).
+//!   level, FIFO. No per-key ordering is promised (`Ordering::None`) — unless the
+//!   queue is ordered (below), which has one level.
 //! - **Dead letters**: with `max_deliveries > 0`, a message delivered that many times
 //!   without an ack (timeouts or nacks) moves to `ferrymq:{Q}:dead` with the
 //!   `ferrymq-failure-reason`, `ferrymq-origin-queue`, `ferrymq-attempts` and
@@ -147,6 +154,43 @@
 //!   Startup warns (tracing) when `maxmemory-policy` is `allkeys-*`, and refuses a
 //!   server older than Redis 7.0 (`Unsupported`, naming the version needed; read
 //!   from `INFO server`).
+//! - **Per-key order** (`ordered=true`, `Ordering::PerKey`: SQS FIFO group
+//!   semantics): a key's messages are delivered in send order, and no later
+//!   message of a key is handed out while an earlier one is in flight — also
+//!   across nacks, nack delays and expired leases; many keys run in parallel, and
+//!   messages without a key are not held at all. The messages stay in the one
+//!   stream (a producer's send is the same `XADD`); the receive is then one script
+//!   (RECEIVE) that reads with `XREADGROUP` and passes each entry through a gate:
+//!   the key's head (`locks`) or a key without one goes out; any other entry is
+//!   *held* — left pending with the consumer `~held`, which the reclaim skips, and
+//!   listed per key in stream order (`held`). Settles are scripts that move the key
+//!   in the same atomic step: an ack hands the key to its next held entry (queued in
+//!   `unblocked` for the next receive of any consumer); a nack or release keeps the
+//!   head the head, parked with `~held` and queued again — at once, or from `parked`
+//!   when its delay is due (the key stays blocked meanwhile, other keys flow:
+//!   `nack_delay_blocks` is false); dead-lettering hands the key on. Crash safety: a
+//!   consumer killed mid-handler keeps its head's lease until the visibility
+//!   timeout; the reclaim then hands the head out again, first, with attempt + 1
+//!   (tests/ordered.rs kills a consumer process with SIGKILL). Costs: entries pass
+//!   through Lua (the plain receive avoids that), and acks check each lease — about
+//!   0.6–0.8× the plain queue's processing rate with 1 000 keys (see
+//!   `examples/ordered_throughput.rs`). An ordered queue has one priority level (a
+//!   key's order is its send order): `ordered=true` in a URL sets
+//!   `priority_levels=1`, and more is refused. `ordered` is a setting of the queue:
+//!   a producer or consumer that disagrees is refused. Switch it only on an empty
+//!   queue (`RedisAdmin::forget_settings` first). A delayed send joins its key's
+//!   order when it is due (it enters the stream then). Admin `peek` shows the waiting messages
+//!   (queued heads, held entries, then never-delivered ones); `purge` also removes
+//!   held entries and queued heads, and hands their keys on.
+//! - **Queue-wide rate limit** (`rate_limit=N/PERIOD`, e.g. `100/1s`): at most `N`
+//!   deliveries in any window of `PERIOD` across **every** consumer of the queue,
+//!   counted on the server in the same RECEIVE script that hands the deliveries
+//!   out (a sliding window: one `limiter` member per delivery), so two workers on
+//!   two machines share one budget. Every delivery counts, redeliveries too. A
+//!   receive over budget waits until the window has room. This is the queue's
+//!   limit; tower's `RateLimit` layer (`ServiceBuilder::rate_limit`) stays the
+//!   per-worker one — use both for "N per second per queue, M per worker". A
+//!   setting of the queue, recorded and checked like `ordered`.
 //! - **Cancellation**: a `receive` future dropped while its call is on the wire may
 //!   leave deliveries leased to nobody; they come back after the visibility timeout
 //!   (attempt + 1). A cancelled blocking read drops its connection, so the server
@@ -165,12 +209,15 @@ mod consumer;
 mod dedup;
 mod driver;
 mod keys;
+mod ordered;
 mod producer;
 mod scripts;
 mod settings;
 
 pub use admin::RedisAdmin;
-pub use config::{RedisConfig, MAX_DLQ_RETENTION, MAX_PRIORITY_LEVELS};
+pub use config::{
+    RateLimit, RedisConfig, MAX_DLQ_RETENTION, MAX_PRIORITY_LEVELS, MAX_RATE_LIMIT_JOBS,
+};
 pub use consumer::{DeadLetter, RedisConsumer};
 pub use dedup::RedisDedupStore;
 pub use driver::RedisDriver;

@@ -337,6 +337,19 @@ impl Producer for RedisProducer {
 /// Depth counts from the DEPTH script.
 pub(crate) async fn depth(shared: &Shared) -> Result<Depth> {
     let keys = &shared.keys;
+    if shared.config.ordered {
+        let lua = &scripts().ordered_depth;
+        let mut cmd = lua.call(5);
+        cmd.arg(&keys.delayed)
+            .arg(&keys.dead)
+            .arg(&keys.leases)
+            .arg(&keys.parked)
+            .arg(&keys.ready[0])
+            .arg(&shared.config.group)
+            .arg(ms(shared.config.visibility_timeout));
+        let reply = shared.eval(lua, &cmd).await?;
+        return depth_of(reply);
+    }
     let mut cmd = scripts().depth.call(3 + keys.ready.len());
     cmd.arg(&keys.delayed).arg(&keys.dead).arg(&keys.leases);
     for k in &keys.ready {
@@ -345,6 +358,10 @@ pub(crate) async fn depth(shared: &Shared) -> Result<Depth> {
     cmd.arg(&shared.config.group)
         .arg(ms(shared.config.visibility_timeout));
     let reply = shared.eval(&scripts().depth, &cmd).await?;
+    depth_of(reply)
+}
+
+fn depth_of(reply: Value) -> Result<Depth> {
     let (waiting, in_flight, delayed, dead_lettered): (u64, u64, u64, u64) =
         redis::from_redis_value(reply)
             .map_err(|e| Error::new(ErrorKind::Backend, format!("unexpected depth reply: {e}")))?;

@@ -677,6 +677,715 @@ end
 return n
 "#;
 
+/// Helpers of ordered queues (per-key order) and of the scripted receive.
+///
+/// An ordered queue keeps its messages in its one stream, as any queue. What is
+/// added is a gate: each key has at most one *head* — its oldest unsettled message,
+/// recorded in the locks hash — and only a head is ever handed out. Entries read
+/// from the stream while their key's head is unsettled are *held*: they stay
+/// pending in the group, owned by the `~held` consumer (nobody's lease: the reclaim
+/// skips it), and are listed in the held zset in stream order per key. When a head
+/// leaves (ack, dead letter, purge), the key's next held entry becomes its head
+/// and is queued in the unblocked list for the next receive. A nacked head stays
+/// the head: it is parked with `~held` and queued again (at once, or from the
+/// parked zset when its delay is due), so nothing of its key overtakes it.
+const ORDERED_HELPERS: &str = r#"
+local HELD = '~held'
+
+-- The `k` field (message key) of an entry's fields, or nil.
+local function key_of(fields)
+  for j = 1, #fields, 2 do
+    if fields[j] == 'k' then return fields[j + 1] end
+  end
+  return nil
+end
+
+local function pad(s, n) return string.rep('0', n - #s) .. s end
+local function unpad(s) return (string.gsub(s, '^0+(%d)', '%1')) end
+
+-- Members of the held zset: the key, length-prefixed (so no key's members are a
+-- prefix range of another's), then the stream id padded so that lexicographic
+-- order is stream order.
+local function held_prefix(key) return #key .. ':' .. key end
+local function held_member(key, id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return held_prefix(key) .. pad(ms, 20) .. '-' .. pad(seq, 20)
+end
+local function held_id(member, prefix)
+  local ms, seq = string.match(string.sub(member, #prefix + 1), '^(%d+)-(%d+)$')
+  return unpad(ms) .. '-' .. unpad(seq)
+end
+-- The prefix of a held member read back (purge).
+local function member_prefix(member)
+  local len = string.match(member, '^(%d+):')
+  return string.sub(member, 1, #len + 1 + tonumber(len))
+end
+
+-- Members of the unblocked list and the parked zset: `stream-id|deliveries|key`
+-- (no key: `stream-id|deliveries`; ids and counts have no `|`). `deliveries` is
+-- what the entry was parked with: its hand-out (an XCLAIM) makes it one more.
+local function head_member(id, deliveries, key)
+  local m = id .. '|' .. deliveries
+  if key then m = m .. '|' .. key end
+  return m
+end
+local function split_member(m)
+  local a = string.find(m, '|', 1, true)
+  if not a then return m, 0, nil end
+  local id = string.sub(m, 1, a - 1)
+  local b = string.find(m, '|', a + 1, true)
+  if not b then return id, tonumber(string.sub(m, a + 1)) or 0, nil end
+  return id, tonumber(string.sub(m, a + 1, b - 1)) or 0, string.sub(m, b + 1)
+end
+
+-- redis.call(before..., items..., after...), in chunks of 500 items (unpack of
+-- long lists fails).
+local function chunked(before, items, after)
+  local c = 1
+  while c <= #items do
+    local last = math.min(c + 499, #items)
+    local args = {}
+    for _, a in ipairs(before) do args[#args + 1] = a end
+    for j = c, last do args[#args + 1] = items[j] end
+    for _, a in ipairs(after) do args[#args + 1] = a end
+    redis.call(unpack(args))
+    c = last + 1
+  end
+end
+
+-- Park a pending entry with `~held`: nobody's lease, and its next hand-out
+-- (an XCLAIM, which adds one) counts from `deliveries`.
+local function park(ready, group, id, deliveries)
+  redis.call('XCLAIM', ready, group, HELD, 0, id, 'IDLE', 0, 'RETRYCOUNT', deliveries, 'JUSTID')
+end
+
+-- Hold an entry read while its key's head is unsettled.
+local function hold(ready, group, held, key, id, deliveries)
+  park(ready, group, id, deliveries)
+  redis.call('ZADD', held, 0, held_member(key, id))
+end
+
+-- The head `id` of `key` left the queue: the key's next held entry becomes its
+-- head and is queued for hand-out; without one the key is free.
+local function advance(locks, held, unblocked, key, id)
+  if not key then return false end
+  if redis.call('HGET', locks, key) ~= id then return false end
+  local prefix = held_prefix(key)
+  local nxt = redis.call('ZRANGE', held, '[' .. prefix, '[' .. prefix .. '\255', 'BYLEX', 'LIMIT', 0, 1)
+  if nxt[1] then
+    redis.call('ZREM', held, nxt[1])
+    local nid = held_id(nxt[1], prefix)
+    redis.call('HSET', locks, key, nid)
+    redis.call('RPUSH', unblocked, head_member(nid, 0, key))
+    return true
+  end
+  redis.call('HDEL', locks, key)
+  return false
+end
+
+-- Wake consumers waiting in `XREAD BLOCK` (they wait on the wake stream too):
+-- a head was queued for hand-out.
+local function wake(stream)
+  redis.call('XADD', stream, 'MAXLEN', 1, '*', 'w', '1')
+end
+
+-- Whether an entry of `key` may be handed out now: it is the key's head, or the
+-- key has none (then it becomes the head).
+local function gate(locks, key, id)
+  if not key then return true end
+  local cur = redis.call('HGET', locks, key)
+  if not cur then
+    redis.call('HSET', locks, key, id)
+    return true
+  end
+  return cur == id
+end
+"#;
+
+/// The receive of ordered or rate-limited queues, in one script: promote due
+/// delayed messages, queue due parked heads, reclaim expired leases (when asked),
+/// then hand out unblocked heads and read new entries with `XREADGROUP` — through
+/// the per-key gate when the queue is ordered, and no more than the rate limit
+/// allows when it has one. Reading inside Lua copies each entry through Lua
+/// tables (the plain receive avoids that), which is the price of deciding per
+/// entry, atomically, whether it may go out.
+///
+/// Rate limit: a sliding window of one zset member per delivery (score: its time):
+/// at most `jobs` deliveries in any window of `period`, across every consumer.
+///
+/// KEYS: delayed, jobs, leases, dead, revoked, locks, held, unblocked, parked,
+///       limiter, seq, wake, ready streams (level 0 first)
+/// ARGV: group, consumer, max, visibility ms, reclaim 0/1, promote limit,
+///       max deliveries, dead maxlen, dead retention ms, queue name, prune ms,
+///       ordered 0/1, limit jobs (0 = none), limit period ms, read budget
+/// Returns {ms until something is due or -1, dead letters trimmed, consumers
+/// pruned, {last delivered id per level, highest first, then (ordered) the wake
+/// stream's last id — only when nothing was handed out and a blocking wait on
+/// new entries is the right wait}, then level,
+/// stream id, deliveries, fields per delivery}.
+const RECEIVE: &str = r#"
+local group, consumer = ARGV[1], ARGV[2]
+local maxn = tonumber(ARGV[3])
+local vis = tonumber(ARGV[4])
+local maxdel = tonumber(ARGV[7])
+local maxlen, retention, queue = ARGV[8], tonumber(ARGV[9]), ARGV[10]
+local prune = tonumber(ARGV[11]) or 0
+local ordered = ARGV[12] == '1'
+local limit_n, limit_per = tonumber(ARGV[13]), tonumber(ARGV[14])
+local budget = tonumber(ARGV[15])
+local K_DELAYED, K_JOBS, K_LEASES, K_DEAD, K_REVOKED = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local K_LOCKS, K_HELD, K_UNBLOCKED, K_PARKED = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local K_LIMITER, K_SEQ, K_WAKE = KEYS[10], KEYS[11], KEYS[12]
+local nlevels = #KEYS - 12
+local function ready(lvl) return KEYS[13 + lvl] end
+local types = {K_DELAYED, 'zset', K_JOBS, 'hash', K_LEASES, 'hash', K_DEAD, 'stream', K_REVOKED, 'set',
+  K_LOCKS, 'hash', K_HELD, 'zset', K_UNBLOCKED, 'list', K_PARKED, 'zset', K_LIMITER, 'zset', K_SEQ, 'string',
+  K_WAKE, 'stream'}
+for lvl = 0, nlevels - 1 do
+  types[#types + 1] = ready(lvl)
+  types[#types + 1] = 'stream'
+end
+check_types(types)
+-- The group must exist on every level (FLUSHDB, a stream deleted by hand): the
+-- caller creates it again on NOGROUP. Checked before the first write.
+local last_ids = {}
+for lvl = nlevels - 1, 0, -1 do
+  local last = last_delivered(ready(lvl), group)
+  if not last then
+    return redis.error_reply('NOGROUP no consumer group ' .. group .. ' on ' .. ready(lvl))
+  end
+  last_ids[#last_ids + 1] = last
+end
+local now = now_ms()
+local trimmed, pruned = 0, 0
+
+local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', now, 'LIMIT', 0, tonumber(ARGV[6]))
+for _, id in ipairs(due) do
+  local packed = redis.call('HGET', K_JOBS, id)
+  if packed then
+    local ok, f = pcall(cmsgpack.unpack, packed)
+    if ok and valid_job(f) then
+      local lvl = tonumber(f[1]) or 0
+      if lvl >= nlevels then lvl = nlevels - 1 end
+      if lvl < 0 then lvl = 0 end
+      redis.call('XADD', ready(lvl), '*', unpack(f, 2))
+    else
+      local fields = dead_fields({'p', packed, 'i', id}, 'undecodable delayed message (not written by ferrymq?); moved aside at promotion', queue, id, 0)
+      trimmed = trimmed + write_dead(K_DEAD, fields, maxlen, retention, now)
+    end
+  end
+  redis.call('ZREM', K_DELAYED, id)
+  redis.call('HDEL', K_JOBS, id)
+end
+if ordered then
+  local back = redis.call('ZRANGEBYSCORE', K_PARKED, '-inf', now, 'LIMIT', 0, tonumber(ARGV[6]))
+  for _, m in ipairs(back) do
+    redis.call('LPUSH', K_UNBLOCKED, m)
+    redis.call('ZREM', K_PARKED, m)
+  end
+end
+
+local out = {-1, 0, 0, {}}
+local n = 0
+local limited_for = nil
+if limit_n > 0 then
+  redis.call('ZREMRANGEBYSCORE', K_LIMITER, '-inf', now - limit_per)
+  local allow = limit_n - redis.call('ZCARD', K_LIMITER)
+  if allow < maxn then
+    if allow < 0 then allow = 0 end
+    maxn = allow
+  end
+  if maxn == 0 then
+    local oldest = redis.call('ZRANGE', K_LIMITER, 0, 0, 'WITHSCORES')
+    limited_for = 1
+    if oldest[2] then limited_for = math.max(1, tonumber(oldest[2]) + limit_per - now) end
+  end
+end
+
+local function deliver(lvl, id, count, fields)
+  out[#out + 1] = lvl
+  out[#out + 1] = id
+  out[#out + 1] = count
+  out[#out + 1] = fields
+  n = n + 1
+end
+
+if maxn > 0 and ARGV[5] == '1' then
+  -- Expired leases, oldest first: gathered consumer by consumer (so the held
+  -- entries' `~held` is skipped however many there are), then in stream order.
+  for lvl = nlevels - 1, 0, -1 do
+    if n >= maxn then break end
+    local key = ready(lvl)
+    local cs = redis.pcall('XINFO', 'CONSUMERS', key, group)
+    if type(cs) == 'table' and not cs.err then
+      local pend = {}
+      for _, c in ipairs(cs) do
+        local name, pending
+        for j = 1, #c, 2 do
+          if c[j] == 'name' then name = c[j + 1] elseif c[j] == 'pending' then pending = tonumber(c[j + 1]) end
+        end
+        if name and name ~= HELD and pending and pending > 0 then
+          for _, p in ipairs(redis.call('XPENDING', key, group, 'IDLE', vis, '-', '+', maxn - n, name)) do
+            local ms_, seq_ = string.match(p[1], '^(%d+)-(%d+)$')
+            p[5], p[6] = tonumber(ms_) or 0, tonumber(seq_) or 0
+            pend[#pend + 1] = p
+          end
+        end
+      end
+      table.sort(pend, function(x, y)
+        if x[5] ~= y[5] then return x[5] < y[5] end
+        return x[6] < y[6]
+      end)
+      do
+          for _, p in ipairs(pend) do
+            if n >= maxn then break end
+            local id, owner, count = p[1], p[2], tonumber(p[4])
+            local tag = lvl .. '/' .. id
+            local lease = tonumber(redis.call('HGET', K_LEASES, tag))
+            if lease and lease > now then
+              local idle = 0
+              if lease - now <= vis then
+                idle = vis - (lease - now)
+                redis.call('HDEL', K_LEASES, tag)
+              end
+              redis.call('XCLAIM', key, group, owner, 0, id, 'IDLE', idle, 'JUSTID')
+            else
+              if lease then redis.call('HDEL', K_LEASES, tag) end
+              local claimed = redis.call('XCLAIM', key, group, consumer, vis, id)
+              local e = claimed[1]
+              if type(e) ~= 'table' or type(e[2]) ~= 'table' then
+                redis.call('XACK', key, group, id)
+                forget_revoked(K_REVOKED, tag, count)
+              elseif maxdel > 0 and prior_attempts(e[2]) + count + 1 > maxdel then
+                local k = key_of(e[2])
+                local fields, attempts, stable = carry_fields(e[2], lvl, id, count)
+                fields = dead_fields(fields,
+                  'not acked within the visibility timeout ' .. attempts .. ' times (max_deliveries ' .. maxdel .. ')',
+                  queue, stable, attempts)
+                trimmed = trimmed + write_dead(K_DEAD, fields, maxlen, retention, now)
+                redis.call('XACK', key, group, id)
+                redis.call('XDEL', key, id)
+                forget_revoked(K_REVOKED, tag, count)
+                if ordered then advance(K_LOCKS, K_HELD, K_UNBLOCKED, k, id) end
+              elseif ordered then
+                local k = key_of(e[2])
+                if gate(K_LOCKS, k, id) then
+                  redis.call('SADD', K_REVOKED, tag)
+                  deliver(lvl, id, count + 1, e[2])
+                else
+                  -- Not its key's head (a queue switched to ordered with entries in
+                  -- flight): wait behind the head, counted afresh.
+                  hold(key, group, K_HELD, k, id, 0)
+                end
+              else
+                redis.call('SADD', K_REVOKED, tag)
+                deliver(lvl, id, count + 1, e[2])
+              end
+            end
+          end
+      end
+    end
+  end
+end
+
+if prune > 0 then
+  for lvl = 0, nlevels - 1 do
+    local key = ready(lvl)
+    local cs = redis.pcall('XINFO', 'CONSUMERS', key, group)
+    if type(cs) == 'table' and not cs.err then
+      for _, c in ipairs(cs) do
+        local name, pending, idle
+        for j = 1, #c, 2 do
+          if c[j] == 'name' then name = c[j + 1]
+          elseif c[j] == 'pending' then pending = tonumber(c[j + 1])
+          elseif c[j] == 'idle' then idle = tonumber(c[j + 1]) end
+        end
+        if name and name ~= consumer and name ~= HELD and pending == 0 and idle and idle > prune then
+          redis.call('XGROUP', 'DELCONSUMER', key, group, name)
+          pruned = pruned + 1
+        end
+      end
+    end
+  end
+end
+
+if ordered then
+  -- Heads whose turn came (the entry before them was acked, or they were nacked).
+  local key = ready(0)
+  while n < maxn do
+    local ms = redis.call('LPOP', K_UNBLOCKED, maxn - n)
+    if not ms or #ms == 0 then break end
+    local ids, info = {}, {}
+    for _, m in ipairs(ms) do
+      local id, cnt, k = split_member(m)
+      ids[#ids + 1] = id
+      info[id] = {cnt, k}
+    end
+    local claimed = redis.call('XCLAIM', key, group, consumer, 0, unpack(ids))
+    for _, e in ipairs(claimed) do
+      if type(e) == 'table' and type(e[2]) == 'table' and info[e[1]] and not info[e[1]][3] then
+        deliver(0, e[1], info[e[1]][1] + 1, e[2])
+        info[e[1]][3] = true
+      end
+    end
+    for _, id in ipairs(ids) do
+      if not info[id][3] then
+        -- Gone (deleted by hand): let its key go on.
+        info[id][3] = true
+        redis.call('XACK', key, group, id)
+        advance(K_LOCKS, K_HELD, K_UNBLOCKED, info[id][2], id)
+      end
+    end
+  end
+end
+
+local read, exhausted = 0, true
+local holds, held_members = {}, {}
+for lvl = nlevels - 1, 0, -1 do
+  local key = ready(lvl)
+  while n < maxn do
+    if read >= budget then
+      exhausted = false
+      break
+    end
+    local want = math.min(maxn - n, budget - read)
+    local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want, 'STREAMS', key, '>')
+    if not r or not r[1] then break end
+    local entries = r[1][2]
+    for _, e in ipairs(entries) do
+      read = read + 1
+      local id, fields = e[1], e[2]
+      if ordered then
+        -- A new entry is never its key's head yet: it becomes the head when the
+        -- key has none, else it is held.
+        local k = key_of(fields)
+        if not k or redis.call('HSETNX', K_LOCKS, k, id) == 1 then
+          deliver(lvl, id, 1, fields)
+        else
+          holds[#holds + 1] = id
+          held_members[#held_members + 1] = '0'
+          held_members[#held_members + 1] = held_member(k, id)
+        end
+      else
+        deliver(lvl, id, 1, fields)
+      end
+    end
+    if #entries < want then break end
+  end
+  if not exhausted then break end
+end
+if #holds > 0 then
+  chunked({'XCLAIM', ready(0), group, HELD, 0}, holds, {'IDLE', 0, 'RETRYCOUNT', 0, 'JUSTID'})
+  chunked({'ZADD', K_HELD}, held_members, {})
+end
+
+if n > 0 and limit_n > 0 then
+  local base = redis.call('INCRBY', K_SEQ, n) - n
+  local args = {}
+  for j = 1, n do
+    args[#args + 1] = now
+    args[#args + 1] = now .. '-' .. (base + j)
+  end
+  redis.call('ZADD', K_LIMITER, unpack(args))
+  redis.call('PEXPIRE', K_LIMITER, limit_per + 1000)
+end
+
+local wait = -1
+local first = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
+if first[2] then wait = math.max(0, tonumber(first[2]) - now) end
+if ordered then
+  local p = redis.call('ZRANGE', K_PARKED, 0, 0, 'WITHSCORES')
+  if p[2] then
+    local w = math.max(0, tonumber(p[2]) - now)
+    if wait < 0 or w < wait then wait = w end
+  end
+end
+if limited_for then
+  if wait < 0 or limited_for < wait then wait = limited_for end
+elseif not exhausted then
+  wait = 0
+elseif n == 0 then
+  if ordered then
+    local w = redis.call('XREVRANGE', K_WAKE, '+', '-', 'COUNT', 1)
+    if w[1] then last_ids[#last_ids + 1] = w[1][1] else last_ids[#last_ids + 1] = '0-0' end
+  end
+  out[4] = last_ids
+end
+out[1] = wait
+out[2] = trimmed
+out[3] = pruned
+return out
+"#;
+
+/// Acknowledge deliveries of an ordered queue: per entry `XACK`, and hand the key
+/// on to its next held entry; then one `XDEL` for the batch. Without reclaims (no
+/// revoked set) no stale handle can exist — a parked entry's handle was settled —
+/// so `XACK`'s own answer tells whether the entry was still ours; where reclaims
+/// happened each lease is checked first (pending with this handle's delivery
+/// counter, and not parked), as the plain ACK does.
+///
+/// KEYS: leases, locks, held, unblocked, ready stream, wake, revoked
+/// ARGV: group, then per entry: stream id, deliveries, `-` (no key) or `+key`.
+/// Returns 1 (acked) or 0 (lease gone) per entry.
+const ORDERED_ACK: &str = r#"
+check_types({KEYS[1], 'hash', KEYS[2], 'hash', KEYS[3], 'zset', KEYS[4], 'list', KEYS[5], 'stream',
+  KEYS[6], 'stream', KEYS[7], 'set'})
+local group = ARGV[1]
+local has_leases = redis.call('EXISTS', KEYS[1]) == 1
+local has_revoked = redis.call('EXISTS', KEYS[7]) == 1
+local res = {}
+local queued = false
+local done = {}
+for i = 2, #ARGV, 3 do
+  local id, count, kf = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+  local key = nil
+  if string.sub(kf, 1, 1) == '+' then key = string.sub(kf, 2) end
+  local ok
+  if has_revoked then
+    local p = in_lease(KEYS[5], group, id, count)
+    ok = p and p[2] ~= HELD and redis.call('XACK', KEYS[5], group, id) == 1
+  else
+    ok = redis.call('XACK', KEYS[5], group, id) == 1
+  end
+  if ok then
+    done[#done + 1] = id
+    local tag = '0/' .. id
+    if has_leases then redis.call('HDEL', KEYS[1], tag) end
+    if has_revoked then forget_revoked(KEYS[7], tag, count - 1) end
+    if advance(KEYS[2], KEYS[3], KEYS[4], key, id) then queued = true end
+    res[#res + 1] = 1
+  else
+    res[#res + 1] = 0
+  end
+end
+chunked({'XDEL', KEYS[5]}, done, {})
+if queued then wake(KEYS[6]) end
+return res
+"#;
+
+/// Nack or release a delivery of an ordered queue. The message stays its key's
+/// head — nothing of its key can overtake it — and stays in its stream entry: it
+/// is parked with `~held` and queued for hand-out again, at once (the unblocked
+/// list) or after the delay (the parked zset). Dead-lettering (max deliveries)
+/// hands the key on instead.
+///
+/// KEYS: leases, dead, locks, held, unblocked, parked, ready stream, wake, revoked
+/// ARGV: group, stream id, deliveries, delay ms, max deliveries, dead maxlen, dead
+///       retention ms, queue name, release 0/1
+/// Returns {0 (lease gone) | 1 (queued again) | 2 (dead-lettered), dead letters
+/// trimmed}.
+const ORDERED_NACK: &str = r#"
+check_types({KEYS[1], 'hash', KEYS[2], 'stream', KEYS[3], 'hash', KEYS[4], 'zset', KEYS[5], 'list', KEYS[6], 'zset', KEYS[7], 'stream', KEYS[8], 'stream', KEYS[9], 'set'})
+local key, group, id = KEYS[7], ARGV[1], ARGV[2]
+local count = tonumber(ARGV[3])
+local p = in_lease(key, group, id, count)
+if not p or p[2] == HELD then return {0, 0} end
+local tag = '0/' .. id
+local e = redis.call('XRANGE', key, id, id)
+if not e[1] then
+  redis.call('XACK', key, group, id)
+  redis.call('HDEL', KEYS[1], tag)
+  return {0, 0}
+end
+local fields = e[1][2]
+local k = key_of(fields)
+local release = ARGV[9] == '1'
+local counted = count
+if release then counted = count - 1 end
+local maxdel = tonumber(ARGV[5])
+local now = now_ms()
+redis.call('HDEL', KEYS[1], tag)
+if not release and maxdel > 0 and prior_attempts(fields) + counted >= maxdel then
+  local f, attempts, stable = carry_fields(fields, 0, id, counted)
+  f = dead_fields(f, 'nacked after ' .. attempts .. ' deliveries (max_deliveries ' .. maxdel .. ')',
+    ARGV[8], stable, attempts)
+  local trimmed = write_dead(KEYS[2], f, ARGV[6], tonumber(ARGV[7]), now)
+  redis.call('XACK', key, group, id)
+  redis.call('XDEL', key, id)
+  forget_revoked(KEYS[9], tag, count - 1)
+  if advance(KEYS[3], KEYS[4], KEYS[5], k, id) then wake(KEYS[8]) end
+  return {2, trimmed}
+end
+park(key, group, id, counted)
+local delay = tonumber(ARGV[4])
+if delay > 0 then
+  redis.call('ZADD', KEYS[6], now + delay, head_member(id, counted, k))
+else
+  redis.call('LPUSH', KEYS[5], head_member(id, counted, k))
+  wake(KEYS[8])
+end
+return {1, 0}
+"#;
+
+/// Depth of an ordered queue: as DEPTH, with held entries (pending with `~held`)
+/// counted as waiting — or delayed, for heads parked by a nack with a delay.
+///
+/// KEYS: delayed, dead, leases, parked, ready stream; ARGV: group, visibility ms
+/// Returns {waiting, in flight, delayed, dead-lettered}.
+const ORDERED_DEPTH: &str = r#"
+local now = now_ms()
+local len = redis.call('XLEN', KEYS[5])
+local pending, held, expired = 0, 0, 0
+local s = redis.pcall('XPENDING', KEYS[5], ARGV[1])
+if type(s) == 'table' and s[1] and tonumber(s[1]) > 0 then
+  pending = tonumber(s[1])
+  local has_leases = redis.call('EXISTS', KEYS[3]) == 1
+  for _, c in ipairs(s[4]) do
+    local name, cnt = c[1], tonumber(c[2])
+    if name == HELD then
+      held = cnt
+    else
+      local idle = redis.call('XPENDING', KEYS[5], ARGV[1], 'IDLE', ARGV[2], '-', '+', 10000, name)
+      for _, p in ipairs(idle) do
+        local lease = has_leases and tonumber(redis.call('HGET', KEYS[3], '0/' .. p[1]))
+        if not lease or lease <= now then expired = expired + 1 end
+      end
+    end
+  end
+end
+local parked = redis.call('ZCARD', KEYS[4])
+local waiting = len - pending + expired + held - parked
+if waiting < 0 then waiting = 0 end
+local in_flight = pending - held - expired
+if in_flight < 0 then in_flight = 0 end
+return {waiting, in_flight, redis.call('ZCARD', KEYS[1]) + parked, redis.call('XLEN', KEYS[2])}
+"#;
+
+/// Purge of an ordered queue: delayed messages, never-delivered entries, held
+/// entries, queued and parked heads, and heads whose lease ran out — never a live
+/// lease. Keys whose head went are handed on (or freed), so order holds after.
+///
+/// KEYS: delayed, jobs, leases, locks, held, unblocked, parked, ready stream, revoked
+/// ARGV: group, visibility ms, limit. Returns how many went.
+const ORDERED_PURGE: &str = r#"
+check_types({KEYS[1], 'zset', KEYS[2], 'hash', KEYS[3], 'hash', KEYS[4], 'hash', KEYS[5], 'zset',
+  KEYS[6], 'list', KEYS[7], 'zset', KEYS[8], 'stream', KEYS[9], 'set'})
+local group, vis, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local key = KEYS[8]
+local now = now_ms()
+local n = 0
+local ids = redis.call('ZRANGE', KEYS[1], 0, limit - 1)
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('HDEL', KEYS[2], id)
+  n = n + 1
+end
+if redis.call('EXISTS', key) == 0 then return n end
+local last = last_delivered(key, group)
+if n < limit then
+  local start = '-'
+  if last then start = '(' .. last end
+  local entries = redis.call('XRANGE', key, start, '+', 'COUNT', limit - n)
+  for _, e in ipairs(entries) do
+    redis.call('XDEL', key, e[1])
+    n = n + 1
+  end
+end
+if not last then return n end
+if n < limit then
+  local hs = redis.call('ZRANGE', KEYS[5], 0, limit - n - 1)
+  for _, m in ipairs(hs) do
+    local id = held_id(m, member_prefix(m))
+    redis.call('ZREM', KEYS[5], m)
+    redis.call('XACK', key, group, id)
+    redis.call('XDEL', key, id)
+    redis.call('SREM', KEYS[9], '0/' .. id)
+    n = n + 1
+  end
+end
+local function drop_head(id, k)
+  redis.call('XACK', key, group, id)
+  redis.call('XDEL', key, id)
+  redis.call('HDEL', KEYS[3], '0/' .. id)
+  redis.call('SREM', KEYS[9], '0/' .. id)
+  advance(KEYS[4], KEYS[5], KEYS[6], k, id)
+  n = n + 1
+end
+while n < limit do
+  local m = redis.call('LPOP', KEYS[6])
+  if not m then break end
+  local id, _, k = split_member(m)
+  drop_head(id, k)
+end
+if n < limit then
+  local ps = redis.call('ZRANGE', KEYS[7], 0, limit - n - 1)
+  for _, m in ipairs(ps) do
+    redis.call('ZREM', KEYS[7], m)
+    local id, _, k = split_member(m)
+    drop_head(id, k)
+  end
+end
+if n < limit then
+  local cs = redis.pcall('XINFO', 'CONSUMERS', key, group)
+  if type(cs) == 'table' and not cs.err then
+    for _, c in ipairs(cs) do
+      if n >= limit then break end
+      local name
+      for j = 1, #c, 2 do if c[j] == 'name' then name = c[j + 1] end end
+      if name and name ~= HELD then
+        local pend = redis.call('XPENDING', key, group, 'IDLE', vis, '-', '+', limit - n, name)
+        for _, p in ipairs(pend) do
+          local id = p[1]
+          local lease = tonumber(redis.call('HGET', KEYS[3], '0/' .. id))
+          if not lease or lease <= now then
+            local e = redis.call('XRANGE', key, id, id)
+            local k = nil
+            if e[1] then k = key_of(e[1][2]) end
+            drop_head(id, k)
+          end
+        end
+      end
+    end
+  end
+end
+return n
+"#;
+
+/// Peek of an ordered queue: the waiting messages that are already pending in the
+/// group — heads queued for hand-out, then held entries (by key) — and then the
+/// never-delivered entries. Reads only.
+///
+/// KEYS: unblocked, held, ready stream; ARGV: group, max.
+/// Returns {level, stream id, fields, ...}.
+const ORDERED_PEEK: &str = r#"
+local group, maxn = ARGV[1], tonumber(ARGV[2])
+local key = KEYS[3]
+local out, n = {}, 0
+if redis.call('EXISTS', key) == 0 then return out end
+local function add(id)
+  local e = redis.call('XRANGE', key, id, id)
+  if e[1] then
+    out[#out + 1] = 0
+    out[#out + 1] = e[1][1]
+    out[#out + 1] = e[1][2]
+    n = n + 1
+  end
+end
+for _, m in ipairs(redis.call('LRANGE', KEYS[1], 0, maxn - 1)) do
+  if n >= maxn then break end
+  local id = split_member(m)
+  add(id)
+end
+if n < maxn then
+  for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, maxn - n - 1)) do
+    if n >= maxn then break end
+    add(held_id(m, member_prefix(m)))
+  end
+end
+if n < maxn then
+  local last = last_delivered(key, group)
+  local start = '-'
+  if last then start = '(' .. last end
+  for _, e in ipairs(redis.call('XRANGE', key, start, '+', 'COUNT', maxn - n)) do
+    out[#out + 1] = 0
+    out[#out + 1] = e[1]
+    out[#out + 1] = e[2]
+    n = n + 1
+  end
+end
+return out
+"#;
+
 /// One script: its source (for `SCRIPT LOAD`) and SHA (for `EVALSHA`).
 #[derive(Debug)]
 pub(crate) struct Lua {
@@ -687,7 +1396,7 @@ pub(crate) struct Lua {
 
 impl Lua {
     fn new(name: &'static str, body: &str) -> Self {
-        let code = format!("{PRELUDE}{LAST_DELIVERED}{body}");
+        let code = format!("{PRELUDE}{LAST_DELIVERED}{ORDERED_HELPERS}{body}");
         Lua {
             name,
             script: Script::new(&code),
@@ -722,10 +1431,16 @@ pub(crate) struct Scripts {
     pub(crate) peek: Lua,
     pub(crate) purge: Lua,
     pub(crate) settings: Lua,
+    pub(crate) receive: Lua,
+    pub(crate) ordered_ack: Lua,
+    pub(crate) ordered_nack: Lua,
+    pub(crate) ordered_depth: Lua,
+    pub(crate) ordered_purge: Lua,
+    pub(crate) ordered_peek: Lua,
 }
 
 impl Scripts {
-    pub(crate) fn all(&self) -> [&Lua; 11] {
+    pub(crate) fn all(&self) -> [&Lua; 17] {
         [
             &self.enqueue,
             &self.maintain,
@@ -738,6 +1453,12 @@ impl Scripts {
             &self.peek,
             &self.purge,
             &self.settings,
+            &self.receive,
+            &self.ordered_ack,
+            &self.ordered_nack,
+            &self.ordered_depth,
+            &self.ordered_purge,
+            &self.ordered_peek,
         ]
     }
 }
@@ -756,5 +1477,11 @@ pub(crate) fn scripts() -> &'static Scripts {
         peek: Lua::new("peek", PEEK),
         purge: Lua::new("purge", PURGE),
         settings: Lua::new("settings", crate::settings::SETTINGS),
+        receive: Lua::new("receive", RECEIVE),
+        ordered_ack: Lua::new("ordered ack", ORDERED_ACK),
+        ordered_nack: Lua::new("ordered nack", ORDERED_NACK),
+        ordered_depth: Lua::new("ordered depth", ORDERED_DEPTH),
+        ordered_purge: Lua::new("ordered purge", ORDERED_PURGE),
+        ordered_peek: Lua::new("ordered peek", ORDERED_PEEK),
     })
 }

@@ -19,7 +19,8 @@
 //! | field | recorded and checked by |
 //! |---|---|
 //! | `priority_levels` | every producer, consumer and `Admin::ensure` |
-//! | `group`, `visibility_ms`, `max_deliveries`, `dlq_max_len`, `dlq_retention_ms` | consumers and `Admin::ensure` |
+//! | `ordered` | every producer, consumer and `Admin::ensure` |
+//! | `group`, `visibility_ms`, `max_deliveries`, `dlq_max_len`, `dlq_retention_ms`, `rate_limit` | consumers and `Admin::ensure` |
 //!
 //! An admin connection records nothing on connect: it adopts what the queue says,
 //! so `describe` shows the queue as it is whatever URL it was opened with.
@@ -44,11 +45,22 @@ pub(crate) enum Role {
 }
 
 /// Record the settings not yet recorded (when `write`) and return what is recorded.
+/// Nothing is recorded when a recorded setting disagrees: the client is about to
+/// be refused, and must not leave a setting of its own behind (a setting newer
+/// than the queue's record, such as `ordered`, would then refuse every client
+/// that agrees with the queue).
 /// KEYS: meta; ARGV: write 0/1, name, value, ... Returns HGETALL of meta.
 pub(crate) const SETTINGS: &str = r#"
 check_types({KEYS[1], 'hash'})
 if ARGV[1] == '1' then
-  for j = 2, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[j], ARGV[j + 1]) end
+  local agree = true
+  for j = 2, #ARGV, 2 do
+    local v = redis.call('HGET', KEYS[1], ARGV[j])
+    if v and v ~= ARGV[j + 1] then agree = false end
+  end
+  if agree then
+    for j = 2, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[j], ARGV[j + 1]) end
+  end
 end
 return redis.call('HGETALL', KEYS[1])
 "#;
@@ -62,6 +74,13 @@ pub(crate) fn settings_of(
     if role == Role::Other {
         return out;
     }
+    // First, so a client that disagrees on it hears about order, not about the
+    // priority levels order implies.
+    out.push((
+        "ordered",
+        if config.ordered { "1" } else { "0" }.to_string(),
+        "ordered",
+    ));
     out.push((
         "priority_levels",
         config.priority_levels.to_string(),
@@ -85,6 +104,14 @@ pub(crate) fn settings_of(
             ms(config.dlq_retention).to_string(),
             "dlq_retention",
         ));
+        out.push((
+            "rate_limit",
+            config.rate_limit.map_or_else(
+                || "none".to_string(),
+                |l| format!("{}/{}ms", l.jobs, ms(l.per)),
+            ),
+            "rate_limit",
+        ));
     }
     out
 }
@@ -100,6 +127,15 @@ pub(crate) fn recorded(reply: Value) -> Vec<(String, String)> {
 
 fn shown(field: &str, value: &str) -> String {
     match field {
+        "ordered" => (if value == "1" { "true" } else { "false" }).to_string(),
+        "rate_limit" => value
+            .strip_suffix("ms")
+            .and_then(|v| v.split_once('/'))
+            .and_then(|(n, p)| Some((n.parse::<u32>().ok()?, p.parse::<u64>().ok()?)))
+            .map(|(n, p)| {
+                crate::config::RateLimit::new(n, std::time::Duration::from_millis(p)).to_string()
+            })
+            .unwrap_or_else(|| value.to_string()),
         "visibility_ms" | "dlq_retention_ms" => value
             .parse::<u64>()
             .map(|ms| humantime::format_duration(std::time::Duration::from_millis(ms)).to_string())
@@ -172,6 +208,16 @@ pub(crate) fn adopt(mut config: RedisConfig, recorded: &[(String, String)]) -> R
                 if let Ok(v) = value.parse() {
                     config.dlq_retention = std::time::Duration::from_millis(v);
                 }
+            }
+            "ordered" => config.ordered = value == "1",
+            "rate_limit" => {
+                config.rate_limit = value
+                    .strip_suffix("ms")
+                    .and_then(|v| v.split_once('/'))
+                    .and_then(|(n, p)| Some((n.parse().ok()?, p.parse().ok()?)))
+                    .map(|(n, p)| {
+                        crate::config::RateLimit::new(n, std::time::Duration::from_millis(p))
+                    });
             }
             _ => {}
         }

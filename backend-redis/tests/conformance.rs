@@ -1,8 +1,11 @@
-//! The conformance suite (`ferrymq-conformance`) against a real redis-server.
+//! The conformance suite (`ferrymq-conformance`) against a real redis-server, in two
+//! setups: `redis` (plain queues) and `redis-ordered` (`ordered=true`: per-key order,
+//! `Ordering::PerKey`, so the per-key cases apply there).
 //!
 //! ```text
 //! scripts/redis.sh start 6399
 //! FERRYMQ_TEST_REDIS_URL=redis://127.0.0.1:6399 cargo test -p ferrymq-redis --test conformance
+//! cargo test -p ferrymq-redis --test conformance -- redis-ordered::   # one setup
 //! ```
 //!
 //! Each case gets fresh, uniquely named queues, deleted afterwards; the visibility
@@ -19,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ferrymq_conformance::{require_env, Backend};
+use ferrymq_conformance::{require_env, run_setups, Backend, Setup};
 use ferrymq_core::middleware::DedupStore;
 use ferrymq_core::{Admin, Capabilities, Consumer, Producer, Result};
 use ferrymq_redis::RedisConfig;
@@ -29,19 +32,25 @@ const VISIBILITY: &str = "2s";
 struct Redis {
     /// `redis://host:port[/db]`, without a queue.
     base: String,
+    /// Extra URL parameters of this setup (`&ordered=true`).
+    extra: &'static str,
     capabilities: Capabilities,
     shown: String,
 }
 
 impl Redis {
     fn config(&self, queue: &str) -> Result<RedisConfig> {
-        RedisConfig::from_url(&format!("{}/{queue}?visibility={VISIBILITY}", self.base))
+        RedisConfig::from_url(&format!(
+            "{}/{queue}?visibility={VISIBILITY}{}",
+            self.base, self.extra
+        ))
     }
 
-    async fn connect(url: &str) -> Result<Self> {
+    async fn connect(url: &str, extra: &'static str) -> Result<Self> {
         let base = url.trim_end_matches('/').to_string();
         let mut redis = Redis {
             base,
+            extra,
             capabilities: Capabilities::minimal("redis"),
             shown: String::new(),
         };
@@ -107,13 +116,19 @@ impl Backend for Redis {
     }
 }
 
+fn url() -> std::result::Result<String, ferrymq_core::BoxError> {
+    require_env(
+        "FERRYMQ_TEST_REDIS_URL",
+        "Start Redis with `scripts/redis.sh start 6399` (or `scripts/test.sh`) and set \
+         FERRYMQ_TEST_REDIS_URL=redis://127.0.0.1:6399",
+    )
+}
+
 fn main() -> ExitCode {
-    ferrymq_conformance::run(|| async {
-        let url = require_env(
-            "FERRYMQ_TEST_REDIS_URL",
-            "Start Redis with `scripts/redis.sh start 6399` (or `scripts/test.sh`) and set \
-             FERRYMQ_TEST_REDIS_URL=redis://127.0.0.1:6399",
-        )?;
-        Ok(Redis::connect(&url).await?)
-    })
+    run_setups(vec![
+        Setup::new("redis", || async { Ok(Redis::connect(&url()?, "").await?) }),
+        Setup::new("redis-ordered", || async {
+            Ok(Redis::connect(&url()?, "&ordered=true").await?)
+        }),
+    ])
 }

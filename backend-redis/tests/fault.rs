@@ -462,3 +462,93 @@ async fn a_worker_resumes_by_itself_after_a_restart_and_its_health_says_so() {
     let summary = run.await.unwrap().unwrap();
     assert!(summary.succeeded >= 200, "{summary:?}");
 }
+
+/// A consumer keeps receiving while its server is killed and comes back *empty*
+/// (no persistence: the stream, its consumer group and the loaded scripts are
+/// gone): it resumes by itself — reconnects, reloads its scripts, creates the group
+/// again — and receives what is sent after the restart, within seconds. For a plain
+/// queue and an ordered one (`ordered=true`, whose receive is a script of its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_resumes_after_a_restart_that_lost_everything() {
+    for (queue, extra) in [("restart-plain", ""), ("restart-ordered", "&ordered=true")] {
+        let mut server = Server::start_with(&["--appendonly", "no"]);
+        let url = format!("{}{extra}", server.url(queue));
+        let cfg = RedisConfig::from_url(&url).unwrap();
+        let (p, c) = cfg.connect().await.unwrap();
+        let got: Arc<Mutex<Vec<String>>> = Arc::default();
+        let errors: Arc<Mutex<Vec<ErrorKind>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let consumer = {
+            let (c, got, errors, stop) = (c.clone(), got.clone(), errors.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match c.receive(10, Duration::from_millis(200)).await {
+                        Ok(ds) => {
+                            for d in ds {
+                                got.lock()
+                                    .unwrap()
+                                    .push(String::from_utf8_lossy(d.payload()).into_owned());
+                                let _ = d.ack().await;
+                            }
+                        }
+                        Err(e) => {
+                            errors.lock().unwrap().push(e.kind());
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            })
+        };
+        p.send(Message::new("before").key("k")).await.unwrap();
+        let until = Instant::now() + Duration::from_secs(5);
+        while got.lock().unwrap().is_empty() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            *got.lock().unwrap(),
+            ["before"],
+            "{queue}: before the restart"
+        );
+
+        tokio::task::block_in_place(|| {
+            server.kill9();
+            std::thread::sleep(Duration::from_millis(1500));
+            server.spawn_with(&["--appendonly", "no"]);
+        });
+        let back = Instant::now();
+        // Sends retry until the server answers (the producer reconnects too).
+        let mut sent = false;
+        while !sent && back.elapsed() < Duration::from_secs(10) {
+            sent = p.send(Message::new("after").key("k")).await.is_ok();
+            if !sent {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        assert!(
+            sent,
+            "{queue}: the producer could not send after the restart"
+        );
+        let until = Instant::now() + Duration::from_secs(10);
+        while got.lock().unwrap().len() < 2 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let resumed = back.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        consumer.await.unwrap();
+        assert_eq!(
+            *got.lock().unwrap(),
+            ["before", "after"],
+            "{queue}: the consumer did not resume within 10 s of the restart (errors {:?})",
+            errors.lock().unwrap()
+        );
+        let errors = errors.lock().unwrap().clone();
+        assert!(
+            errors.iter().all(|k| TRANSIENT.contains(k)),
+            "{queue}: untyped errors while down: {errors:?}"
+        );
+        eprintln!(
+            "{queue}: resumed {resumed:?} after the restart; {} receive errors while down ({errors:?})",
+            errors.len()
+        );
+    }
+}

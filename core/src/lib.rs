@@ -32,6 +32,7 @@ pub mod memory;
 pub mod message;
 pub mod middleware;
 pub mod producer;
+pub mod schedule;
 pub mod time;
 pub mod worker;
 

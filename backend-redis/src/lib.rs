@@ -40,6 +40,7 @@
 //! | `ferrymq:{Q}:revoked` | set | `N/stream-id` of entries reclaimed while still held (one member per entry, however often), so acks of them check the lease and stale handles get `LeaseExpired`; emptied as the entries leave |
 //! | `ferrymq:{Q}:handled:K` | string | [`RedisDedupStore`] (Dedup middleware): `claimed:<store>` (claim TTL) or `done` (retention) |
 //! | `ferrymq:{Q}:seq` | string | counter for the ids of delayed sends |
+//! | `ferrymq:{Q}:schedules`, `ferrymq:{Q}:schedule:ID` | set, hash | [`RedisScheduleStore`]: the queue's schedules and their progress (see its docs) |
 //! | `ferrymq:{Q}:meta` | hash | the queue's settings, recorded by its first client and checked by every other (`priority_levels`, `group`, `visibility_ms`, `max_deliveries`, `dlq_max_len`, `dlq_retention_ms`) |
 //!
 //! A stream entry's fields: `p` payload, `h` headers (`<len>:<name><len>:<value>`…,
@@ -166,6 +167,7 @@ mod dedup;
 mod driver;
 mod keys;
 mod producer;
+mod schedule;
 mod scripts;
 mod settings;
 
@@ -175,3 +177,4 @@ pub use consumer::{DeadLetter, RedisConsumer};
 pub use dedup::RedisDedupStore;
 pub use driver::RedisDriver;
 pub use producer::RedisProducer;
+pub use schedule::RedisScheduleStore;

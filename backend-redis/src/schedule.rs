@@ -225,7 +225,13 @@ impl RedisScheduleStore {
         format!("{}{id}", self.prefix)
     }
 
-    async fn run(&self, script: &Script, keys: &[&str], args: &[&str], what: &str) -> Result<Value> {
+    async fn run(
+        &self,
+        script: &Script,
+        keys: &[&str],
+        args: &[&str],
+        what: &str,
+    ) -> Result<Value> {
         let mut invocation = script.prepare_invoke();
         for k in keys {
             invocation.key(*k);
@@ -339,7 +345,12 @@ impl ScheduleStore for RedisScheduleStore {
     async fn remove(&self, id: &str) -> Result<bool> {
         let key = self.key(id);
         let reply = self
-            .run(&scripts().remove, &[&self.index, &key], &[id], "schedule remove")
+            .run(
+                &scripts().remove,
+                &[&self.index, &key],
+                &[id],
+                "schedule remove",
+            )
             .await?;
         Ok(matches!(reply, Value::Int(n) if n > 0))
     }

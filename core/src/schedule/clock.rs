@@ -41,8 +41,12 @@ impl Clock {
         })
     }
 
-    /// The current time.
+    /// The current time, in whole milliseconds (what stores keep and run ids name).
     pub fn now(&self) -> DateTime<Utc> {
+        truncate_ms(self.now_exact())
+    }
+
+    fn now_exact(&self) -> DateTime<Utc> {
         match &self.0 {
             Kind::System => Utc::now(),
             Kind::Tokio { start, base } => TimeDelta::from_std(base.elapsed())
@@ -60,4 +64,9 @@ impl Clock {
             .min(max);
         tokio::time::sleep_until(crate::time::deadline_in(wait)).await;
     }
+}
+
+/// `t` without its sub-millisecond part.
+pub(crate) fn truncate_ms(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
 }

@@ -548,6 +548,7 @@ pub(crate) fn upsert_in(
     def: &ScheduleDef,
     now: DateTime<Utc>,
 ) -> (Upserted, Option<ScheduleEntry>) {
+    let now = super::clock::truncate_ms(now);
     match existing {
         None => (
             Upserted::Created,

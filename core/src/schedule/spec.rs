@@ -318,7 +318,7 @@ fn interval_run(anchor_ms: i64, period_ms: i64, k: i128) -> Option<DateTime<Utc>
 /// | `All { max }` | the latest `max` missed runs are enqueued, oldest first; earlier ones are dropped | `all:100` |
 ///
 /// Dropped runs are never enqueued later: the cursor moves past them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "policy", rename_all = "snake_case", deny_unknown_fields)]
 pub enum CatchUp {
     /// Drop missed runs; a run that just came due (at most `grace` ago) still goes.
@@ -328,18 +328,13 @@ pub enum CatchUp {
         grace: Duration,
     },
     /// Enqueue the latest missed run once, drop the rest.
+    #[default]
     Once,
     /// Enqueue every missed run, at most `max` (1..=[`MAX_CATCH_UP`]) of the latest.
     All {
         /// Most runs enqueued to catch up.
         max: u32,
     },
-}
-
-impl Default for CatchUp {
-    fn default() -> Self {
-        CatchUp::Once
-    }
 }
 
 impl CatchUp {

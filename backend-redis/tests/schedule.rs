@@ -375,3 +375,108 @@ async fn three_schedulers_killed_mid_way_miss_nothing_and_duplicate_nothing() {
     assert_every_run_once(&cfg, &store, 20).await;
     let _ = Arc::new(());
 }
+
+/// A redis-server of the test's own with the append-only file on (`appendfsync
+/// always`), killed with SIGKILL and restarted on the same port and directory.
+struct AofServer {
+    port: u16,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl AofServer {
+    fn start() -> AofServer {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let dir = std::env::temp_dir().join(format!("ferrymq-sched-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = AofServer {
+            port,
+            dir,
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["--logfile", "redis.log"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run redis-server ({e}); install it with scripts/redis.sh start")
+            });
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while redis::Client::open(format!("redis://127.0.0.1:{}", self.port))
+            .and_then(|c| c.get_connection())
+            .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+            .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server on {} did not start",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for AofServer {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Three schedulers while the Redis server is killed (-9) and restarted: the
+/// runs that came due while it was down are caught up (`All`), and every run from
+/// the schedule's start to its last is on the queue exactly once. Errors while it
+/// is down are typed and retried; no scheduler stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_under_three_schedulers_every_run_once() {
+    let mut server = AofServer::start();
+    let url = format!(
+        "redis://127.0.0.1:{}/sched-fault?command_timeout=500ms&connect_timeout=500ms",
+        server.port
+    );
+    let cfg = RedisConfig::from_url(&url).unwrap();
+    let store = upsert(&cfg).await;
+    let mut running = Vec::new();
+    for _ in 0..3 {
+        running.push(start(&cfg, true).await);
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    tokio::task::block_in_place(|| {
+        server.kill9();
+        std::thread::sleep(Duration::from_millis(1000));
+        server.spawn(); // replays the append-only file
+    });
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut errors = 0;
+    for r in running {
+        let summary = r.stop().await;
+        errors += summary.errors;
+    }
+    assert!(errors > 0, "the schedulers noticed the server was gone");
+    drop(store); // its connection broke with the server; read with a new one
+    let store = RedisScheduleStore::connect(&cfg).await.unwrap();
+    assert_every_run_once(&cfg, &store, 20).await;
+}

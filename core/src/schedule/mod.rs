@@ -34,7 +34,7 @@
 //!   (bull #1003, bullmq #2889). An upsert with the same timing keeps the
 //!   schedule's progress, so a restart neither re-runs nor skips anything; a
 //!   changed timing starts over from the upsert (no run of the old timing is
-//!   enqueued after it).
+//!   claimed after it; one whose send was already under way still arrives).
 //! - **Each run enqueued once, by any number of schedulers.** The schedule's
 //!   state (its *cursor*: every run at or before it is dealt with) lives in the
 //!   store. A scheduler enqueues a run in three steps: it **claims** the run

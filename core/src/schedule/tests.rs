@@ -588,3 +588,70 @@ async fn next_run_is_shown_for_listing() {
     assert_eq!(e.next_run(at(3)), Some(at(3)), "due (Once: the latest)");
     let _ = Arc::new(store);
 }
+
+/// A producer whose first send is applied but unanswered (`OutcomeUnknown`, like a
+/// response lost on the wire).
+struct LostAnswer {
+    inner: MemoryProducer,
+    lost: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl Producer for LostAnswer {
+    async fn send(&self, message: crate::Message) -> Result<crate::SendReceipt> {
+        let receipt = self.inner.send(message).await?;
+        if !self.lost.swap(true, Ordering::SeqCst) {
+            return Err(crate::Error::new(ErrorKind::OutcomeUnknown, "answer lost"));
+        }
+        Ok(receipt)
+    }
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+    async fn depth(&self) -> Result<crate::Depth> {
+        self.inner.depth().await
+    }
+    fn queue(&self) -> &str {
+        self.inner.queue()
+    }
+    fn capabilities(&self) -> &crate::Capabilities {
+        self.inner.capabilities()
+    }
+}
+
+/// A send whose outcome is unknown keeps its claim: the next tick sends the same
+/// run again (same dedup id, dropped by the backend), and the schedule moves on —
+/// the run is neither lost nor doubled.
+#[tokio::test(start_paused = true)]
+async fn an_unknown_send_outcome_is_resent_under_the_same_dedup_id() {
+    let cfg = queue("unknown");
+    let (producer, consumer) = connect(&cfg);
+    let store = MemoryScheduleStore::new();
+    let clock = Clock::tokio_at(t0());
+    let s = Scheduler::new(
+        LostAnswer {
+            inner: producer,
+            lost: Default::default(),
+        },
+        store.clone(),
+    )
+    .clock(clock.clone());
+    s.upsert(minutely("o")).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    let report = s.tick().await.unwrap();
+    assert_eq!(report.errors.len(), 1);
+    assert_eq!(report.errors[0].1.kind(), ErrorKind::OutcomeUnknown);
+    let pending = store.get("o").await.unwrap().unwrap().state.pending;
+    assert_eq!(pending.map(|p| p.run), Some(at(1)), "the claim is kept");
+    let report = s.tick().await.unwrap();
+    assert_eq!(
+        report.duplicates,
+        vec![Run {
+            schedule: "o".into(),
+            at: at(1)
+        }]
+    );
+    let e = store.get("o").await.unwrap().unwrap();
+    assert_eq!((e.state.cursor, e.state.pending), (at(1), None));
+    assert_eq!(runs_of(&drain(&consumer).await, "o"), minutes(1..=1));
+}

@@ -91,6 +91,10 @@ impl BackendConfig for RedisConfig {
     async fn admin(&self) -> Result<Box<dyn Admin>> {
         Ok(Box::new(RedisConfig::admin(self).await?))
     }
+
+    async fn schedule_store(&self) -> Result<Box<dyn ferrymq_core::schedule::ScheduleStore>> {
+        Ok(Box::new(crate::RedisScheduleStore::connect(self).await?))
+    }
 }
 
 #[cfg(test)]

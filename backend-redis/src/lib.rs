@@ -40,6 +40,7 @@
 //! | `ferrymq:{Q}:revoked` | set | `N/stream-id` of entries reclaimed while still held (one member per entry, however often), so acks of them check the lease and stale handles get `LeaseExpired`; emptied as the entries leave |
 //! | `ferrymq:{Q}:handled:K` | string | [`RedisDedupStore`] (Dedup middleware): `claimed:<store>` (claim TTL) or `done` (retention) |
 //! | `ferrymq:{Q}:seq` | string | counter for the ids of delayed sends |
+//! | `ferrymq:{Q}:schedules`, `ferrymq:{Q}:schedule:ID` | set, hash | [`RedisScheduleStore`]: the queue's schedules and their progress (see its docs) |
 //! | `ferrymq:{Q}:meta` | hash | the queue's settings, recorded by its first client and checked by every other (`ordered`, `priority_levels`, `group`, `visibility_ms`, `max_deliveries`, `dlq_max_len`, `dlq_retention_ms`, `rate_limit`) |
 //! | `ferrymq:{Q}:locks` | hash | ordered queues: message key → stream id of the key's head (its oldest unsettled message) |
 //! | `ferrymq:{Q}:held` | zset | ordered queues: entries read while their key's head was unsettled, `<len>:<key><padded stream id>` (lexicographic: per key in stream order); pending, owned by the consumer `~held` |
@@ -211,6 +212,7 @@ mod driver;
 mod keys;
 mod ordered;
 mod producer;
+mod schedule;
 mod scripts;
 mod settings;
 
@@ -222,3 +224,4 @@ pub use consumer::{DeadLetter, RedisConsumer};
 pub use dedup::RedisDedupStore;
 pub use driver::RedisDriver;
 pub use producer::RedisProducer;
+pub use schedule::RedisScheduleStore;

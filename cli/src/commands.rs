@@ -59,7 +59,7 @@ pub struct DepthArgs {
     json: bool,
 }
 
-fn parse_header(s: &str) -> std::result::Result<(String, String), String> {
+pub(crate) fn parse_header(s: &str) -> std::result::Result<(String, String), String> {
     match s.split_once('=') {
         Some((name, value)) if !name.is_empty() => Ok((name.to_string(), value.to_string())),
         _ => Err(format!("expected NAME=VALUE, got {s:?}")),

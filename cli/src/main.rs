@@ -10,6 +10,8 @@
 //! ferry queue describe redis://127.0.0.1:6379/orders
 //! ferry queue peek redis://127.0.0.1:6379/orders -n 5
 //! ferry dlq peek redis://127.0.0.1:6379/orders-dlq
+//! ferry schedule add redis://127.0.0.1:6379/reports nightly --cron '0 2 * * *' --tz Europe/Berlin
+//! ferry schedule list redis://127.0.0.1:6379/reports
 //! ferry dlq redrive redis://127.0.0.1:6379/orders-dlq --to redis://127.0.0.1:6379/orders
 //! ```
 //!
@@ -22,6 +24,7 @@ mod commands;
 mod demo;
 mod dlq;
 mod queue;
+mod schedule;
 mod scrub;
 mod show;
 
@@ -59,6 +62,8 @@ enum Command {
     Queue(queue::Args),
     /// Inspect a dead-letter queue (peek) and move its messages back (redrive).
     Dlq(dlq::Args),
+    /// List, add (upsert by id) or remove a queue's schedules; run a scheduler.
+    Schedule(schedule::Args),
 }
 
 fn init_tracing(verbose: u8, secrets: &scrub::Scrubbed) {
@@ -91,6 +96,7 @@ async fn main() -> ExitCode {
         Command::Depth(args) => commands::depth(args).await,
         Command::Queue(args) => queue::run(args).await,
         Command::Dlq(args) => dlq::run(args).await,
+        Command::Schedule(args) => schedule::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,8 +6,8 @@ use ferrymq_core::{Accuracy, Ordering, Priority};
 pub use futures::future::BoxFuture;
 
 use crate::cases::{
-    admin, basics, capacity, concurrency, lifecycle, limits, ordering, receiving, scheduling,
-    settle, validation, visibility,
+    admin, basics, capacity, concurrency, lifecycle, limits, ordering, receiving, schedules,
+    scheduling, settle, validation, visibility,
 };
 use crate::claims::Claims;
 use crate::context::Context;
@@ -279,6 +279,13 @@ pub static CASES: &[Case] = &[
         duplicate_dedup_id_delivered_once,
         requires::DEDUP
     ),
+    // schedules (core/src/schedule) over the backend's producer
+    case!(schedules, schedule_runs_once_across_schedulers),
+    case!(
+        schedules,
+        schedule_takeover_resend_delivered_once,
+        requires::DEDUP
+    ),
     // many consumers, many settles
     case!(concurrency, competing_consumers),
     case!(concurrency, many_nacks_lose_nothing),
@@ -393,6 +400,7 @@ mod tests {
                 "priority_order",
                 "delayed_send_not_visible_early",
                 "duplicate_dedup_id_delivered_once",
+                "schedule_takeover_resend_delivered_once",
                 "depth_counts",
                 "queue_full_when_bounded",
                 "admin_peek_has_no_side_effects",

@@ -86,6 +86,16 @@ pub trait BackendConfig: fmt::Debug + fmt::Display + Send + Sync {
 
     /// The queue's administration.
     async fn admin(&self) -> Result<Box<dyn Admin>>;
+
+    /// The store of the queue's schedules (`ferry schedule`, a
+    /// [`Scheduler`](crate::schedule::Scheduler)). `Unsupported` by default: a backend
+    /// without a place to keep them shared says so by name.
+    async fn schedule_store(&self) -> Result<Box<dyn crate::schedule::ScheduleStore>> {
+        Err(Error::unsupported(format!(
+            "the {} backend keeps no schedules; use a memory or redis store",
+            self.backend()
+        )))
+    }
 }
 
 impl Clone for Box<dyn BackendConfig> {

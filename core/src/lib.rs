@@ -3,7 +3,8 @@
 //! The message model, the [`Producer`] / [`Consumer`] / [`Ack`] traits every backend
 //! implements, [`Capabilities`], the typed [`Error`], and the in-memory backend
 //! ([`memory`]) that is both the zero-setup default and the reference every other
-//! backend is compared with by the conformance suite.
+//! backend is compared with by the conformance suite. Repeatable jobs (cron in a
+//! time zone, or fixed intervals) are in [`schedule`].
 //!
 //! ```
 //! use std::time::Duration;
@@ -32,6 +33,7 @@ pub mod memory;
 pub mod message;
 pub mod middleware;
 pub mod producer;
+pub mod schedule;
 pub mod time;
 pub mod worker;
 

@@ -347,7 +347,7 @@ pub mod reserved {
 }
 
 fn is_known_reserved(name: &str) -> bool {
-    reserved::ALL.contains(&name)
+    reserved::ALL.contains(&name) || crate::schedule::RESERVED_HEADERS.contains(&name)
 }
 
 #[cfg(test)]

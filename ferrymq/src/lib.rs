@@ -52,6 +52,13 @@ pub async fn connect_consumer(url: &str) -> Result<Box<dyn Consumer>> {
     Config::from_url(url)?.consumer().await
 }
 
+/// The schedule store of the queue named by `url` (see
+/// [`schedule`](ferrymq_core::schedule)): pair it with a producer of the same URL in a
+/// [`schedule::Scheduler`].
+pub async fn connect_schedule_store(url: &str) -> Result<Box<dyn schedule::ScheduleStore>> {
+    Config::from_url(url)?.schedule_store().await
+}
+
 /// The administration of the queue named by `url` (see [`connect`]): create, ensure,
 /// describe, purge, delete, peek, dead letters. What a backend cannot do answers
 /// [`ErrorKind::Unsupported`].

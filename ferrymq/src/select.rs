@@ -244,6 +244,12 @@ impl Config {
     pub async fn admin(&self) -> Result<Box<dyn Admin>> {
         self.inner.admin().await
     }
+
+    /// The store of the queue's schedules (memory: in process, by queue name;
+    /// redis: beside the queue). Backends without one answer `Unsupported`.
+    pub async fn schedule_store(&self) -> Result<Box<dyn crate::schedule::ScheduleStore>> {
+        self.inner.schedule_store().await
+    }
 }
 
 impl From<Box<dyn BackendConfig>> for Config {

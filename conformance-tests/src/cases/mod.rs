@@ -17,6 +17,7 @@ pub mod lifecycle;
 pub mod limits;
 pub mod ordering;
 pub mod receiving;
+pub mod schedules;
 pub mod scheduling;
 pub mod settle;
 pub mod validation;

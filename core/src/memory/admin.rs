@@ -184,6 +184,14 @@ impl BackendConfig for MemoryConfig {
     async fn admin(&self) -> Result<Box<dyn Admin>> {
         Ok(Box::new(MemoryConfig::admin(self)))
     }
+
+    /// The process-wide [`MemoryScheduleStore`](crate::schedule::MemoryScheduleStore)
+    /// named after the queue.
+    async fn schedule_store(&self) -> Result<Box<dyn crate::schedule::ScheduleStore>> {
+        Ok(Box::new(crate::schedule::MemoryScheduleStore::named(
+            &self.queue,
+        )))
+    }
 }
 
 /// The in-memory backend's registration: `memory://NAME`.

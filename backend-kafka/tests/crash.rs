@@ -104,6 +104,7 @@ impl Drop for OwnBroker {
 #[derive(Debug, Clone)]
 struct Seen {
     payload: String,
+    at: Instant,
     acked_at: Option<Instant>,
     ack_error: Option<ErrorKind>,
 }
@@ -184,9 +185,11 @@ async fn broker_kill9_mid_stream_loses_no_acknowledged_send() {
                     Ok(ds) => {
                         for d in ds {
                             let payload = String::from_utf8_lossy(d.payload()).into_owned();
+                            let at = Instant::now();
                             let r = d.ack().await;
                             seen.lock().unwrap().push(Seen {
                                 payload,
+                                at,
                                 acked_at: r.is_ok().then(Instant::now),
                                 ack_error: r.err().map(|e| e.kind()),
                             });
@@ -229,6 +232,12 @@ async fn broker_kill9_mid_stream_loses_no_acknowledged_send() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let resumed_after = restarted_at.elapsed();
+    let first_after = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|s| s.at >= restarted_at)
+        .map(|s| s.at - restarted_at);
     stop.store(true, Ordering::Release);
     let produced = patient_task.await.expect("producer panicked");
     let produced_impatient = impatient_task.await.expect("producer panicked");
@@ -325,8 +334,8 @@ async fn broker_kill9_mid_stream_loses_no_acknowledged_send() {
         .filter(|(p, _)| last.contains_key(p.as_str()))
         .count();
     eprintln!(
-        "broker kill -9: down {down:?} (kill, 1 s, restart on its data); traffic resumed \
-         {resumed_after:?} after the restart; {produced} + {produced_impatient} sends \
+        "broker kill -9: down {down:?} (kill, 1 s, restart on its data); first delivery \
+         {first_after:?} after the restart, 300 more {resumed_after:?} after it; {produced} + {produced_impatient} sends \
          ({} acknowledged, {impatient_failed} failed: {:?}, of which {impatient_failed_but_delivered} \
          were on the broker after all); {} deliveries of {distinct} records ({before_kill} \
          before the kill); redeliveries: {after_failed_ack} after a failed ack \

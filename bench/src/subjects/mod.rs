@@ -16,6 +16,7 @@ pub mod apalis;
 pub mod bullmq;
 pub mod channel;
 pub mod ferry;
+pub mod kafka;
 pub mod omniqueue;
 pub mod raw_redis;
 
@@ -67,6 +68,7 @@ pub fn all() -> Vec<Box<dyn Subject>> {
     v.push(Box::new(omniqueue::Omniqueue));
     v.push(Box::new(bullmq::BullMq));
     v.push(Box::new(apalis::Apalis));
+    v.extend(kafka::subjects());
     v
 }
 

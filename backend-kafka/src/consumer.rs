@@ -802,8 +802,12 @@ fn poll_thread(shared: Arc<Shared>, main: BaseConsumer<Ctx>, retry: Option<BaseC
     loop {
         match &retry {
             Some(r) => {
-                poll_into(&shared, &main, POLL_WAIT / 2);
-                poll_into(&shared, r, POLL_WAIT / 2);
+                // The queue's member waits for records; the tier member is only
+                // looked at between (its records are due seconds later anyway): a
+                // record of the queue is handed on the moment it arrives, not after
+                // the tier member's wait.
+                poll_into(&shared, &main, POLL_WAIT);
+                poll_into(&shared, r, Duration::ZERO);
                 shared.maintain(r, 1, &mut commits[1]);
             }
             None => poll_into(&shared, &main, POLL_WAIT),

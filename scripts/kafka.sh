@@ -2,9 +2,11 @@
 # Start or stop a throwaway Apache Kafka (KRaft, one combined broker+controller) for
 # ferrymq's tests, bound to 127.0.0.1.
 #
-#   scripts/kafka.sh start  [PORT]   # default port 9092; the controller listens on PORT+1
-#   scripts/kafka.sh stop   [PORT]
-#   scripts/kafka.sh status [PORT]   # exit 0 only when the broker answers ApiVersions
+#   scripts/kafka.sh start   [PORT] [--keep-data] # default port 9092; the controller on PORT+1
+#   scripts/kafka.sh stop    [PORT]
+#   scripts/kafka.sh status  [PORT]   # exit 0 only when the broker answers ApiVersions
+#   scripts/kafka.sh restart [PORT]   # stop (if running), start again with the same data
+#   scripts/kafka.sh kill    [PORT]   # SIGKILL the broker (a crash: no shutdown, data kept)
 #
 # Kafka comes from the Maven repository, not a tarball: the jars listed by
 # scripts/services/kafka-pom.xml (kafka_2.13, kafka-tools, a log4j2 binding) and their
@@ -15,7 +17,11 @@
 # Maven when missing.
 #
 # Idempotent: `start` on a port where the broker already answers reuses it. Otherwise a
-# fresh data dir is formatted and the broker started. State (server.properties, log4j2
+# fresh data dir is formatted and the broker started — unless `--keep-data` (or
+# FERRYMQ_KAFKA_KEEP_DATA=1) is given and the state dir holds a formatted data dir: then
+# the broker starts on that data (its topics, offsets and committed group offsets), as a
+# production broker restarts after a crash. `restart` is `stop` then `start --keep-data`;
+# `kill` + `restart` is a broker crash and recovery (the crash tests use it). State (server.properties, log4j2
 # config, pid, logs, data) lives in ${FERRYMQ_KAFKA_STATE:-/tmp/ferrymq-kafka-PORT}; the
 # broker's log is server.log there. A broker that does not answer within ~90 s fails the
 # script with its log tail.
@@ -31,7 +37,7 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 start [PORT] | stop [PORT] | status [PORT]" >&2
+    echo "usage: $0 start [PORT] [--keep-data] | stop [PORT] | status [PORT] | restart [PORT] | kill [PORT]" >&2
     exit 2
 }
 
@@ -39,10 +45,15 @@ cmd="${1:-}"
 [ -n "$cmd" ] || usage
 shift
 port=9092
+keep_data="${FERRYMQ_KAFKA_KEEP_DATA:-0}"
 while [ $# -gt 0 ]; do
     case "$1" in
         [0-9]*)
             port="$1"
+            shift
+            ;;
+        --keep-data)
+            keep_data=1
             shift
             ;;
         *) usage ;;
@@ -200,6 +211,11 @@ transaction.state.log.num.partitions=8
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 log.segment.bytes=16777216
+# After a crash (kill -9) the restarted broker cannot register until the controller
+# fenced its old incarnation (broker.session.timeout.ms, 9 s by default): 4 s, with
+# heartbeats every 0.5 s so a live broker is never fenced for a late heartbeat.
+broker.session.timeout.ms=4000
+broker.heartbeat.interval.ms=500
 log.retention.check.interval.ms=60000
 EOF
     cat >"$state/log4j2.properties" <<EOF
@@ -248,15 +264,22 @@ start() {
         fi
     done
     mkdir -p "$state"
-    rm -rf "$state/data"
-    : >"$logfile"
-    : >"$consolefile"
+    local reuse=0
+    if [ "$keep_data" = 1 ] && [ -f "$state/data/meta.properties" ]; then
+        reuse=1
+        echo "--- restart on the kept data, $(date -u +%FT%TZ) ---" >>"$logfile"
+        echo "--- restart on the kept data, $(date -u +%FT%TZ) ---" >>"$consolefile"
+    else
+        rm -rf "$state/data"
+        : >"$logfile"
+        : >"$consolefile"
+    fi
     write_config
     local jvm=(-Dlog4j2.configurationFile="$state/log4j2.properties" -Dkafka.logs.dir="$state"
         -Djava.awt.headless=true)
     local out
     # A short-lived JVM: C1 only and the serial GC start it ~0.3 s faster.
-    if ! out="$("$java" -XX:TieredStopAtLevel=1 -XX:+UseSerialGC \
+    if [ "$reuse" = 0 ] && ! out="$("$java" -XX:TieredStopAtLevel=1 -XX:+UseSerialGC \
         -Dlog4j2.configurationFile="$state/tools-log4j2.properties" \
         -cp "$lib/*" kafka.tools.StorageTool format \
         -t "$(cluster_id)" -c "$state/server.properties" 2>&1)"; then
@@ -269,14 +292,16 @@ start() {
         exec setsid nohup "$java" "${heap_opts[@]}" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
             -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent \
             "${jvm[@]}" -cp "$lib/*" kafka.Kafka "$state/server.properties" \
-            >"$consolefile" 2>&1 </dev/null
+            >>"$consolefile" 2>&1 </dev/null
     ) &
     echo $! >"$pidfile"
     local pid
     pid="$(cat "$pidfile")"
     for _ in $(seq 1 360); do
         if ready; then
-            echo "kafka.sh: Kafka $kafka_version ready on 127.0.0.1:$port (controller 127.0.0.1:$cport, state $state)"
+            local how="fresh data"
+            [ "$reuse" = 1 ] && how="kept data"
+            echo "kafka.sh: Kafka $kafka_version ready on 127.0.0.1:$port (controller 127.0.0.1:$cport, state $state, $how)"
             return 0
         fi
         kill -0 "$pid" 2>/dev/null || fail_with_log "Kafka on port $port exited during start"
@@ -311,9 +336,32 @@ stop() {
     rm -f "$pidfile"
 }
 
+# A crash: SIGKILL the broker's process group, nothing flushed, the data dir kept.
+kill9() {
+    local pid
+    pid="$(running_pid)"
+    if [ -z "$pid" ]; then
+        echo "kafka.sh: no Kafka started from $state runs on port $port" >&2
+        exit 1
+    fi
+    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.05
+    done
+    rm -f "$pidfile"
+    echo "kafka.sh: killed Kafka on port $port (pid $pid, SIGKILL; data kept in $state/data)"
+}
+
 case "$cmd" in
     start) start ;;
     stop) stop ;;
+    restart)
+        stop
+        keep_data=1
+        start
+        ;;
+    kill) kill9 ;;
     status)
         if ready; then
             echo "running on 127.0.0.1:$port"

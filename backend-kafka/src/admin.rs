@@ -11,7 +11,7 @@ use ferrymq_core::{Error, ErrorKind, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::capabilities;
@@ -22,6 +22,8 @@ use crate::record::{unix_ms, Received};
 
 /// Longest a metadata, offsets or admin request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request that found a partition without a leader is asked again.
+const LEADERLESS_RETRY: Duration = Duration::from_secs(5);
 
 /// Topic sets this process already made sure of (`brokers/topic`), so reconnecting
 /// does not ask the broker again.
@@ -72,6 +74,9 @@ pub(crate) fn kafka_error(what: &str, e: KafkaError) -> Error {
             | RDKafkaErrorCode::Authentication,
         ) => ErrorKind::Auth,
         Some(RDKafkaErrorCode::ThrottlingQuotaExceeded) => ErrorKind::Throttled,
+        // No leader or coordinator at the moment (a topic just created, a broker
+        // restarting): transient, like a connection that broke.
+        _ if leaderless(&e) => ErrorKind::Connection,
         _ => ErrorKind::Backend,
     };
     Error::new(kind, format!("{what}: {e}")).with_source(e)
@@ -209,6 +214,41 @@ fn partitions_of(consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>> {
     Ok(ps)
 }
 
+/// Whether `e` says the partition has no leader at the moment: right after the
+/// topic was created, or while a broker restarts. Asking again shortly succeeds.
+fn leaderless(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::NotCoordinator
+                | RDKafkaErrorCode::CoordinatorNotAvailable
+                | RDKafkaErrorCode::CoordinatorLoadInProgress
+        )
+    )
+}
+
+/// Run `f` (a blocking request), asking again while the answer is [`leaderless`],
+/// for up to `LEADERLESS_RETRY` in all.
+fn retry_leaderless<T>(mut f: impl FnMut() -> KafkaResult<T>) -> KafkaResult<T> {
+    let deadline = std::time::Instant::now() + LEADERLESS_RETRY;
+    loop {
+        match f() {
+            Err(e) if leaderless(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Low and high watermark of one partition (asking again while it has no leader).
+fn watermarks(consumer: &BaseConsumer, topic: &str, p: i32) -> Result<(i64, i64)> {
+    retry_leaderless(|| consumer.fetch_watermarks(topic, p, REQUEST_TIMEOUT))
+        .map_err(|e| kafka_error(&format!("watermarks of {topic:?}/{p}"), e))
+}
+
 /// Lag of every partition of `topic` for the client's group.
 fn topic_lag(consumer: &BaseConsumer, topic: &str) -> Result<Vec<PartitionLag>> {
     let parts = partitions_of(consumer, topic)?;
@@ -221,9 +261,7 @@ fn topic_lag(consumer: &BaseConsumer, topic: &str) -> Result<Vec<PartitionLag>> 
         .map_err(|e| kafka_error(&format!("committed offsets of {topic:?}"), e))?;
     let mut out = Vec::with_capacity(parts.len());
     for p in parts {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, REQUEST_TIMEOUT)
-            .map_err(|e| kafka_error(&format!("watermarks of {topic:?}/{p}"), e))?;
+        let (low, high) = watermarks(consumer, topic, p)?;
         let c = committed
             .find_partition(topic, p)
             .and_then(|e| e.offset().to_raw())
@@ -350,9 +388,7 @@ impl KafkaAdmin {
                     .offsets_for_times(q, REQUEST_TIMEOUT)
                     .map_err(|e| kafka_error("offsets for the timestamp", e))?;
                 for p in &parts {
-                    let (_, high) = consumer
-                        .fetch_watermarks(topic, *p, REQUEST_TIMEOUT)
-                        .map_err(|e| kafka_error("watermarks", e))?;
+                    let (_, high) = watermarks(consumer, topic, *p)?;
                     // No record at or after the time: the end.
                     let o = found
                         .find_partition(topic, *p)
@@ -365,9 +401,7 @@ impl KafkaAdmin {
             }
             OffsetReset::Earliest | OffsetReset::Latest => {
                 for p in &parts {
-                    let (low, high) = consumer
-                        .fetch_watermarks(topic, *p, REQUEST_TIMEOUT)
-                        .map_err(|e| kafka_error("watermarks", e))?;
+                    let (low, high) = watermarks(consumer, topic, *p)?;
                     let o = if matches!(to, OffsetReset::Earliest) {
                         low
                     } else {
@@ -683,4 +717,51 @@ fn peek_blocking(cfg: &KafkaConfig, lag: &BaseConsumer, max: usize) -> Result<Ve
     got.sort_by_key(|(t, _)| *t);
     out.extend(got.into_iter().take(want).map(|(_, p)| p));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn not_leader() -> KafkaError {
+        KafkaError::MetadataFetch(RDKafkaErrorCode::NotLeaderForPartition)
+    }
+
+    #[test]
+    fn a_partition_without_leader_is_a_transient_error() {
+        // Seen in the suite: depth right after the tier topics were created.
+        let e = kafka_error("watermarks", not_leader());
+        assert_eq!(e.kind(), ErrorKind::Connection, "{e}");
+        assert!(e.kind().is_transient());
+        let e = kafka_error(
+            "x",
+            KafkaError::MetadataFetch(RDKafkaErrorCode::InvalidPartitions),
+        );
+        assert_eq!(e.kind(), ErrorKind::Backend);
+    }
+
+    #[test]
+    fn leaderless_answers_are_asked_again() {
+        let mut calls = 0;
+        let r = retry_leaderless(|| {
+            calls += 1;
+            if calls < 3 {
+                Err(not_leader())
+            } else {
+                Ok(7)
+            }
+        });
+        assert_eq!(r.unwrap(), 7);
+        assert_eq!(calls, 3);
+        // Anything else is answered at once.
+        let mut calls = 0;
+        let r: KafkaResult<()> = retry_leaderless(|| {
+            calls += 1;
+            Err(KafkaError::MetadataFetch(
+                RDKafkaErrorCode::InvalidPartitions,
+            ))
+        });
+        assert!(r.is_err());
+        assert_eq!(calls, 1);
+    }
 }

@@ -31,7 +31,7 @@ pub const MAX_TOPIC_LEN: usize = 200;
 /// ```
 ///
 /// Query parameters (all optional): `group`, `partitions`, `replication`, `create`,
-/// `retry_tiers`, `commit_interval`, `revoke_grace`, `close_timeout`, `buffer`,
+/// `retry_tiers`, `retry_mode` (`tiered` or `ordered`), `commit_interval`, `revoke_grace`, `close_timeout`, `buffer`,
 /// `join_timeout`, `send_timeout`, `max_message_size`, `max_record_bytes`,
 /// `client_id`, and any librdkafka property prefixed with `rdkafka.` (passed through
 /// as is, after ferrymq's own settings, so it can override them). An unknown
@@ -79,6 +79,11 @@ pub struct KafkaConfig {
     /// largest is the longest delay. Empty: no delays, and a nack fails.
     #[serde(with = "tiers_serde", default = "defaults::retry_tiers")]
     pub retry_tiers: Vec<Duration>,
+    /// What a nack does: [`RetryMode::Tiered`] (the default: a copy on a retry tier
+    /// topic, nothing blocked, order not kept) or [`RetryMode::Ordered`] (the record
+    /// is redelivered in place after the delay and its key waits for it).
+    #[serde(default)]
+    pub retry_mode: RetryMode,
     /// Offsets acked are committed this often (the stored watermarks, by the poll
     /// thread), and synchronously on revoke and close.
     #[serde(with = "humantime_serde", default = "defaults::commit_interval")]
@@ -117,6 +122,35 @@ pub struct KafkaConfig {
     /// them). Values of secret-looking names are redacted whenever printed.
     #[serde(default)]
     pub rdkafka: BTreeMap<String, String>,
+}
+
+/// How a nacked record is retried. See the crate docs, "Retry modes".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RetryMode {
+    /// Non-blocking: a nack produces a copy to the smallest retry tier topic that
+    /// holds the delay (attempt + 1), and the original is done once the broker
+    /// confirmed the copy. Later records of the key are not held back, so a retry
+    /// loses its place (`Ordering::PerKeyPipelined`).
+    #[default]
+    Tiered,
+    /// Blocking, in order (what pause + seek gives a plain Kafka consumer): a nacked
+    /// record stays where it is (not done, so never committed past), is delivered
+    /// again after the delay, and every later record of its key waits for it — one
+    /// record per key in flight at a time (`Ordering::PerKey`). Other keys of the
+    /// partition keep flowing until the partition's buffer is full, then the
+    /// partition pauses. The attempt is counted in memory: a replay after a crash or
+    /// a rebalance starts again at 1.
+    Ordered,
+}
+
+impl RetryMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            RetryMode::Tiered => "tiered",
+            RetryMode::Ordered => "ordered",
+        }
+    }
 }
 
 mod defaults {
@@ -298,6 +332,7 @@ impl KafkaConfig {
             replication: None,
             create: defaults::create(),
             retry_tiers: defaults::retry_tiers(),
+            retry_mode: RetryMode::default(),
             commit_interval: defaults::commit_interval(),
             revoke_grace: defaults::revoke_grace(),
             close_timeout: defaults::close_timeout(),
@@ -383,6 +418,18 @@ impl KafkaConfig {
             }
             "create" => self.create = boolean(v)?,
             "retry_tiers" => self.retry_tiers = parse_tiers(v)?,
+            "retry_mode" => {
+                self.retry_mode = match v {
+                    "tiered" => RetryMode::Tiered,
+                    "ordered" => RetryMode::Ordered,
+                    other => {
+                        return Err(Error::invalid_config(
+                            k,
+                            format!("{other:?}: expected tiered or ordered"),
+                        ))
+                    }
+                }
+            }
             "commit_interval" => self.commit_interval = parse_duration(k, v)?,
             "revoke_grace" => self.revoke_grace = parse_duration(k, v)?,
             "close_timeout" => self.close_timeout = parse_duration(k, v)?,
@@ -585,6 +632,9 @@ impl KafkaConfig {
         if self.retry_tiers != d.retry_tiers {
             q.append_pair("retry_tiers", &tiers_to_string(&self.retry_tiers));
         }
+        if self.retry_mode != d.retry_mode {
+            q.append_pair("retry_mode", self.retry_mode.as_str());
+        }
         let durations = [
             ("commit_interval", self.commit_interval, d.commit_interval),
             ("revoke_grace", self.revoke_grace, d.revoke_grace),
@@ -754,7 +804,7 @@ mod tests {
     #[test]
     fn url_with_host_list_and_params() {
         let c = KafkaConfig::from_url(
-            "kafka://h1:9092,H2:9093/orders.v1?group=g&partitions=6&retry_tiers=1s,2s,1m&revoke_grace=500ms&rdkafka.linger.ms=2",
+            "kafka://h1:9092,H2:9093/orders.v1?group=g&partitions=6&retry_tiers=1s,2s,1m&retry_mode=ordered&revoke_grace=500ms&rdkafka.linger.ms=2",
         )
         .unwrap();
         assert_eq!(c.brokers, ["h1:9092", "H2:9093"]);
@@ -765,6 +815,8 @@ mod tests {
         assert_eq!(c.retry_tiers.len(), 3);
         assert_eq!(c.tier_topic(c.retry_tiers[2]), "orders.v1.retry-1m");
         assert_eq!(c.revoke_grace, Duration::from_millis(500));
+        assert_eq!(c.retry_mode, RetryMode::Ordered);
+        assert_eq!(KafkaConfig::new("h:1", "t").retry_mode, RetryMode::Tiered);
         assert_eq!(c.rdkafka.get("linger.ms").map(String::as_str), Some("2"));
         assert_eq!(c.identity(), "kafka://h1:9092,h2:9093/orders.v1#g");
         // Display round-trips.
@@ -783,6 +835,7 @@ mod tests {
             ("kafka://h1:9092/t?partitions=0", "partitions"),
             ("kafka://h1:9092/t?retry_tiers=5s,1s", "retry_tiers"),
             ("kafka://h1:9092/t?bogus=1", "bogus"),
+            ("kafka://h1:9092/t?retry_mode=blocking", "retry_mode"),
             ("kafka://h1:9092/t?group=a&group=b", "group"),
             ("kafka://u:pw@h1:9092/t", "url"),
         ] {

@@ -68,6 +68,9 @@ struct Part {
     requeued: Vec<Requeued>,
     /// Polled and not done.
     outstanding: BTreeSet<i64>,
+    /// Ordered mode, queue topic: per key, its records handed out or re-queued (the
+    /// key's next record waits while this is non-zero).
+    blocked: HashMap<String, usize>,
     handed_out: usize,
     /// Offset after the last record polled (-1: none yet).
     next_fetch: i64,
@@ -91,6 +94,7 @@ impl Part {
             buffered: VecDeque::new(),
             requeued: Vec::new(),
             outstanding: BTreeSet::new(),
+            blocked: HashMap::new(),
             handed_out: 0,
             next_fetch: -1,
             stored: None,
@@ -151,6 +155,8 @@ struct State {
 
 pub(crate) struct Shared {
     cfg: Arc<KafkaConfig>,
+    /// `retry_mode=ordered`: one record per key in flight, nacks redelivered in place.
+    ordered: bool,
     topics: Vec<String>,
     queue: Arc<str>,
     caps: Arc<Capabilities>,
@@ -408,18 +414,37 @@ impl Shared {
                     for r in &part.requeued {
                         soonest(r.due.saturating_duration_since(now));
                     }
-                    match part.buffered.front() {
-                        Some(front) => match front.not_before {
-                            Some(t) if t > wall => {
-                                soonest(t.duration_since(wall).unwrap_or_default());
-                                None
+                    if self.ordered && tp.topic == 0 {
+                        // The first record whose key has nothing in flight (keyless
+                        // records promise no order).
+                        let blocked = &part.blocked;
+                        let idx = part.buffered.iter().position(|r| {
+                            r.key.as_ref().map_or(true, |k| !blocked.contains_key(k))
+                        });
+                        let picked = idx.and_then(|i| part.buffered.remove(i));
+                        if let Some(r) = &picked {
+                            if let Some(k) = &r.key {
+                                *part.blocked.entry(k.clone()).or_default() += 1;
                             }
-                            _ => part.buffered.pop_front().map(|r| {
-                                let a = r.attempt;
-                                (r, a)
-                            }),
-                        },
-                        None => None,
+                        }
+                        picked.map(|r| {
+                            let a = r.attempt;
+                            (r, a)
+                        })
+                    } else {
+                        match part.buffered.front() {
+                            Some(front) => match front.not_before {
+                                Some(t) if t > wall => {
+                                    soonest(t.duration_since(wall).unwrap_or_default());
+                                    None
+                                }
+                                _ => part.buffered.pop_front().map(|r| {
+                                    let a = r.attempt;
+                                    (r, a)
+                                }),
+                            },
+                            None => None,
+                        }
                     }
                 };
                 if let Some((record, attempt)) = picked {
@@ -440,13 +465,23 @@ impl Shared {
         Ok((deliveries, next_due))
     }
 
-    /// Mark a handed-out record done (acked, or its retry copy confirmed).
-    fn done(&self, tp: Tp, live: &Arc<AtomicBool>, offset: i64) -> Result<()> {
+    /// Mark a handed-out record done (acked, or its retry copy confirmed); in
+    /// ordered mode its key's next record may go out now.
+    fn done(&self, tp: Tp, live: &Arc<AtomicBool>, offset: i64, key: Option<&str>) -> Result<()> {
         let mut st = self.lock();
         let Some(part) = st.parts.get_mut(&tp).filter(|p| Arc::ptr_eq(&p.live, live)) else {
             return Err(lease_gone());
         };
         part.outstanding.remove(&offset);
+        if let Some(k) = key {
+            if let Some(n) = part.blocked.get_mut(k) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    part.blocked.remove(k);
+                }
+            }
+        }
+        let unblocked = self.ordered && key.is_some();
         part.handed_out = part.handed_out.saturating_sub(1);
         let wake = part.revoking || st.closing.is_some();
         st.handed_out = st.handed_out.saturating_sub(1);
@@ -454,6 +489,9 @@ impl Shared {
         drop(st);
         if wake {
             self.settled.notify_all();
+        }
+        if unblocked {
+            self.notify.notify_waiters();
         }
         Ok(())
     }
@@ -764,8 +802,12 @@ fn poll_thread(shared: Arc<Shared>, main: BaseConsumer<Ctx>, retry: Option<BaseC
     loop {
         match &retry {
             Some(r) => {
-                poll_into(&shared, &main, POLL_WAIT / 2);
-                poll_into(&shared, r, POLL_WAIT / 2);
+                // The queue's member waits for records; the tier member is only
+                // looked at between (its records are due seconds later anyway): a
+                // record of the queue is handed on the moment it arrives, not after
+                // the tier member's wait.
+                poll_into(&shared, &main, POLL_WAIT);
+                poll_into(&shared, r, Duration::ZERO);
                 shared.maintain(r, 1, &mut commits[1]);
             }
             None => poll_into(&shared, &main, POLL_WAIT),
@@ -863,7 +905,12 @@ impl KafkaAck {
 #[async_trait]
 impl Ack for KafkaAck {
     async fn ack(&self) -> Result<()> {
-        let r = self.shared.done(self.tp, &self.live, self.record.offset);
+        let r = self.shared.done(
+            self.tp,
+            &self.live,
+            self.record.offset,
+            self.record.key.as_deref(),
+        );
         self.settled_ok(r).await
     }
 
@@ -877,9 +924,15 @@ impl Ack for KafkaAck {
         let delay = redeliver_after.unwrap_or_default();
         let cfg = &self.shared.cfg;
         let attempt = self.attempt.saturating_add(1);
-        let Some(tier) = cfg.tier_for(delay) else {
-            // No tiers configured: redeliver in this session (attempt counted in
-            // memory only).
+        let tier = if self.shared.ordered && self.tp.topic == 0 {
+            // Ordered mode: in place, its key blocked until it is done.
+            None
+        } else {
+            cfg.tier_for(delay)
+        };
+        let Some(tier) = tier else {
+            // Ordered mode, or no tiers configured: redeliver in this session
+            // (attempt counted in memory only), never committed past meanwhile.
             let r = self
                 .shared
                 .give_back(self.tp, &self.live, &self.record, attempt, delay);
@@ -900,7 +953,7 @@ impl Ack for KafkaAck {
             .await?;
         let done = self
             .shared
-            .done(self.tp, &self.live, r.offset)
+            .done(self.tp, &self.live, r.offset, r.key.as_deref())
             .map_err(|_| {
                 Error::new(
                 ErrorKind::LeaseExpired,
@@ -981,6 +1034,7 @@ impl KafkaConsumer {
         let (joined_tx, mut joined_rx) = watch::channel(false);
         let (finished_tx, _) = watch::channel(false);
         let shared = Arc::new(Shared {
+            ordered: cfg.retry_mode == crate::RetryMode::Ordered,
             caps: Arc::new(capabilities(&cfg)),
             queue: Arc::from(cfg.topic.as_str()),
             sender: Arc::new(Sender::new(cfg.clone())?),

@@ -111,13 +111,40 @@
 //! the largest tier is `Unsupported` and leaves the delivery as it was.
 //!
 //! Retries do not keep order (a retried record comes after later records of its
-//! key); use `Worker::ordered_by_key` for per-key order with concurrency.
+//! key); use `Worker::ordered_by_key` for per-key order with concurrency, or the
+//! ordered mode.
+//!
+//! ## Retry modes
+//!
+//! `retry_mode=tiered` (the default, above) never blocks: a slow retry never holds
+//! up other records, at the price of order. `retry_mode=ordered` is the blocking
+//! mode a plain Kafka consumer gets with pause + seek, per key: the consumer hands
+//! out one record per key at a time (the next record of a key only once the one
+//! before is done), and a nack keeps the record in place — not done, so never
+//! committed past — and delivers it again after the delay, before any later record
+//! of its key (attempt + 1, counted in memory). Records of other keys in the
+//! partition keep flowing; the partition pauses when its buffer (`buffer`) is full
+//! of records waiting behind blocked keys. No retry copy is produced, so a crash
+//! replays the nacked record from the committed watermark with attempt 1. Delayed
+//! *sends* still go through the tiers in both modes (they are out of order by
+//! definition). A release behaves as in the tiered mode, and also keeps its key
+//! blocked.
+//!
+//! | | `tiered` (default) | `ordered` |
+//! |---|---|---|
+//! | `Capabilities::ordering` | `PerKeyPipelined` | `PerKey` |
+//! | `nack_delay_blocks` | false | true (its key waits) |
+//! | a key's records in flight | several | one |
+//! | retry keeps order | no | yes |
+//! | attempt after a crash | kept (header) | back to 1 |
+//! | conformance: `per_key_order`, `per_key_next_waits_for_head`, `per_key_order_with_concurrency_8_and_retries` | not applicable | apply |
 //!
 //! ## Capabilities
 //!
-//! `Ordering::PerKeyPipelined`; `max_delay` = `max_nack_delay` = the largest tier;
-//! `nack_delay_blocks` false; `release_keeps_attempt` true; `Attempts::NacksOnly` (a
-//! header counter: a replay after a crash or rebalance says the same attempt);
+//! `Ordering::PerKeyPipelined` (ordered mode: `PerKey`); `max_delay` =
+//! `max_nack_delay` = the largest tier; `nack_delay_blocks` false (ordered: true);
+//! `release_keeps_attempt` true; `Attempts::NacksOnly` (a header counter: a replay
+//! after a crash or rebalance says the same attempt; in memory in ordered mode);
 //! depth `Approximate` (group lag: end − committed of `Q` is waiting, less what this
 //! consumer holds, in flight; lag of the tiers in `G.retry` is delayed);
 //! `visibility_timeout` None; no broker-side dedup; not bounded.
@@ -144,7 +171,7 @@ mod record;
 use ferrymq_core::{Accuracy, Attempts, Capabilities, Ordering};
 
 pub use admin::KafkaAdmin;
-pub use config::{KafkaConfig, KafkaDriver, MAX_TOPIC_LEN};
+pub use config::{KafkaConfig, KafkaDriver, RetryMode, MAX_TOPIC_LEN};
 pub use consumer::KafkaConsumer;
 pub use producer::KafkaProducer;
 
@@ -157,10 +184,18 @@ pub mod headers {
 /// What a Kafka queue with these settings can do.
 pub(crate) fn capabilities(cfg: &KafkaConfig) -> Capabilities {
     let mut c = Capabilities::minimal("kafka");
-    c.ordering = Ordering::PerKeyPipelined;
+    match cfg.retry_mode {
+        RetryMode::Tiered => {
+            c.ordering = Ordering::PerKeyPipelined;
+            c.nack_delay_blocks = false;
+        }
+        RetryMode::Ordered => {
+            c.ordering = Ordering::PerKey;
+            c.nack_delay_blocks = true;
+        }
+    }
     c.max_delay = cfg.max_delay();
     c.max_nack_delay = cfg.max_delay();
-    c.nack_delay_blocks = false;
     c.release_keeps_attempt = true;
     c.max_message_size = cfg.max_message_size;
     c.max_batch = 10_000;

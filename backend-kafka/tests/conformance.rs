@@ -8,13 +8,24 @@
 //!
 //! Each case gets fresh topics (the queue, its retry tiers `1s,3s,10s,2m`, and its
 //! DLQ), deleted afterwards.
+//!
+//! Two setups, every case on each (trials `kafka::<case>` and
+//! `kafka-ordered::<case>`): the default `retry_mode=tiered` (`PerKeyPipelined`, so
+//! the strict per-key cases are not applicable) and `retry_mode=ordered`
+//! (`PerKey`: `per_key_order`, `per_key_next_waits_for_head` and
+//! `per_key_order_with_concurrency_8_and_retries` apply). The Kafka-specific cases
+//! (partitions, commits, revokes, retry copies) run in the tiered setup only: the
+//! mode changes nothing of them but the nack, and the ordered nack is covered by the
+//! per-key cases.
 
 use std::collections::HashSet;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use ferrymq_conformance::{backend_case, ensure, require_env, Backend, Case, CaseResult, Context};
+use ferrymq_conformance::{
+    backend_case, ensure, require_env, Backend, Case, CaseResult, Context, Setup,
+};
 use ferrymq_core::admin::Admin;
 use ferrymq_core::{Capabilities, Consumer, Delivery, ErrorKind, Message, Producer, Result};
 use ferrymq_kafka::{KafkaConfig, KafkaConsumer};
@@ -24,6 +35,8 @@ const PARAMS: &str =
 
 struct Kafka {
     brokers: String,
+    /// Parameters of the setup (`retry_mode=ordered`), after [`PARAMS`].
+    mode: &'static str,
     capabilities: Capabilities,
 }
 
@@ -32,6 +45,7 @@ impl Kafka {
         let mut all: Vec<(String, String)> = Vec::new();
         for pair in PARAMS
             .split('&')
+            .chain(self.mode.split('&'))
             .chain(params.split('&'))
             .filter(|p| !p.is_empty())
         {
@@ -48,9 +62,10 @@ impl Kafka {
         self.config_with(queue, "")
     }
 
-    async fn connect(brokers: String) -> Result<Self> {
+    async fn connect(brokers: String, mode: &'static str) -> Result<Self> {
         let mut k = Kafka {
             brokers,
+            mode,
             capabilities: Capabilities::minimal("kafka"),
         };
         let probe = k.config(&ferrymq_conformance::unique_queue_name(
@@ -70,7 +85,7 @@ impl Backend for Kafka {
     }
 
     fn describe(&self) -> String {
-        format!("Apache Kafka at {}, {PARAMS}", self.brokers)
+        format!("Apache Kafka at {}, {PARAMS}&{}", self.brokers, self.mode)
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -109,6 +124,9 @@ impl Backend for Kafka {
     }
 
     fn extra_cases(&self) -> Vec<Case> {
+        if !self.mode.is_empty() {
+            return Vec::new();
+        }
         vec![
             backend_case!(kafka_same_key_same_partition_as_java_murmur2),
             backend_case!(kafka_two_members_split_partitions_each_message_once),
@@ -463,13 +481,29 @@ async fn kafka_retry_copy_keeps_id_enqueue_time_and_counts_attempt(ctx: &Context
     Ok(())
 }
 
+fn brokers() -> std::result::Result<String, ferrymq_core::BoxError> {
+    require_env(
+        "FERRYMQ_TEST_KAFKA_BROKERS",
+        "Start Apache Kafka with `scripts/kafka.sh start 9101` (or `scripts/test.sh`) and set \
+         FERRYMQ_TEST_KAFKA_BROKERS=127.0.0.1:9101",
+    )
+}
+
+/// Cases at a time: they mostly wait on the broker (joins, rebalances, tier
+/// delays), so 8 at once take about a third of the time the default (one per CPU)
+/// takes on a 2-CPU machine.
+const THREADS: usize = 8;
+
 fn main() -> ExitCode {
-    ferrymq_conformance::run(|| async {
-        let brokers = require_env(
-            "FERRYMQ_TEST_KAFKA_BROKERS",
-            "Start Apache Kafka with `scripts/kafka.sh start 9101` (or `scripts/test.sh`) and set \
-             FERRYMQ_TEST_KAFKA_BROKERS=127.0.0.1:9101",
-        )?;
-        Ok(Kafka::connect(brokers).await?)
-    })
+    ferrymq_conformance::run_setups_concurrently(
+        THREADS,
+        vec![
+            Setup::new("kafka", || async {
+                Ok(Kafka::connect(brokers()?, "").await?)
+            }),
+            Setup::new("kafka-ordered", || async {
+                Ok(Kafka::connect(brokers()?, "retry_mode=ordered").await?)
+            }),
+        ],
+    )
 }

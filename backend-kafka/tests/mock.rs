@@ -22,7 +22,8 @@ fn config(
     }
     let url = format!(
         "kafka://{}/{topic}?create=false&retry_tiers=1s&partitions=2&revoke_grace=500ms&close_timeout=2s\
-         &commit_interval=100ms&rdkafka.session.timeout.ms=6000&rdkafka.heartbeat.interval.ms=500{extra}",
+         &commit_interval=100ms&rdkafka.session.timeout.ms=6000&rdkafka.heartbeat.interval.ms=500\
+         &rdkafka.reconnect.backoff.max.ms=500{extra}",
         mock.bootstrap_servers()
     );
     KafkaConfig::from_url(&url).unwrap()

@@ -20,7 +20,7 @@ pub struct Args {
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
 
-    /// Backends to run (comma separated): memory, redis.
+    /// Backends to run (comma separated): memory, redis, kafka.
     #[arg(long, value_delimiter = ',', default_value = "memory,redis")]
     pub backends: Vec<String>,
 
@@ -89,6 +89,16 @@ pub struct Args {
     /// Its own port, so the bench neither flushes nor disturbs the test server.
     #[arg(long, default_value_t = 6398)]
     pub redis_port: u16,
+
+    /// Use this Kafka cluster (`host:port[,host:port…]`) instead of starting one
+    /// (the bench creates and deletes topics of its own there).
+    #[arg(long)]
+    pub kafka_brokers: Option<String>,
+
+    /// Port of the Kafka broker the bench starts (with scripts/kafka.sh; the
+    /// controller on the next port) and stops, when a Kafka subject runs.
+    #[arg(long, default_value_t = 9396)]
+    pub kafka_port: u16,
 
     /// Set the ferrymq Worker's prefetch (default: the Worker's own default). For
     /// experiments only: the published results use the defaults.

@@ -14,6 +14,8 @@ use crate::redis_server::RedisServer;
 #[derive(Debug)]
 pub struct Env {
     pub redis: Option<RedisServer>,
+    /// The Kafka broker, when a Kafka subject runs.
+    pub kafka: Option<crate::subjects::kafka::KafkaBroker>,
     pub stall: Duration,
     /// Throughput runs stop here and report the rate so far (marked capped).
     pub cap: Duration,
@@ -32,6 +34,7 @@ impl Env {
     pub fn new(redis: Option<RedisServer>, stall: Duration, cap: Duration) -> Result<Self> {
         Ok(Env {
             redis,
+            kafka: None,
             stall,
             cap,
             rss_cap: cap * 2,
@@ -53,6 +56,12 @@ impl Env {
         self.redis
             .as_ref()
             .ok_or_else(|| anyhow!("no Redis server in this run"))
+    }
+
+    pub fn kafka(&self) -> Result<&crate::subjects::kafka::KafkaBroker> {
+        self.kafka
+            .as_ref()
+            .ok_or_else(|| anyhow!("no Kafka broker in this run"))
     }
 
     /// Drain a `backlog` of `size`-byte messages already waiting in `queue` with a

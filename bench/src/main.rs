@@ -220,6 +220,12 @@ async fn run(args: Args) -> Result<()> {
         Duration::from_secs_f64(args.max_run_secs),
     )?;
     env.worker_prefetch = args.worker_prefetch;
+    if subjects.iter().any(|s| s.backend() == Backend::Kafka) {
+        env.kafka = Some(match &args.kafka_brokers {
+            Some(b) => subjects::kafka::KafkaBroker::existing(b),
+            None => subjects::kafka::KafkaBroker::start(args.kafka_port)?,
+        });
+    }
     if subjects.iter().any(|s| s.name() == "bullmq") {
         match subjects::bullmq::NodeSetup::prepare(&args.bullmq_dir, &args.cache_dir()) {
             Ok(setup) => env.bullmq = Some(setup),
@@ -229,6 +235,9 @@ async fn run(args: Args) -> Result<()> {
     let result = run_all(&args, &env, &subjects, started).await;
     if let Some(r) = &env.redis {
         r.stop();
+    }
+    if let Some(k) = &env.kafka {
+        k.stop();
     }
     result
 }

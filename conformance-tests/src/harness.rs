@@ -138,6 +138,21 @@ pub fn run_setups(setups: Vec<Setup>) -> ExitCode {
     }
 }
 
+/// [`run_setups`], running up to `threads` cases at a time unless `--test-threads`
+/// says otherwise. For backends whose cases mostly wait on the server (a Kafka
+/// group's rebalance, a tier's delay): the default, one case per CPU, leaves a
+/// small machine idle most of the run.
+pub fn run_setups_concurrently(threads: usize, setups: Vec<Setup>) -> ExitCode {
+    let mut args = Arguments::from_args();
+    if args.test_threads.is_none() {
+        args.test_threads = Some(threads.max(1));
+    }
+    match run_setups_with(&args, setups) {
+        Some(conclusion) => conclusion.exit_code(),
+        None => ExitCode::FAILURE,
+    }
+}
+
 /// [`run_setups`] with these arguments; `None` when nothing could run.
 pub(crate) fn run_setups_with(
     args: &Arguments,

@@ -77,11 +77,11 @@ impl FerryTraits {
     async fn rss_as(&self, subject: &str, env: &Env, backlog: u64, size: usize) -> Result<Sample> {
         let queue = env.queue_name(subject);
         let redis_url = match self.backend {
-            Backend::Redis => {
+            Backend::Redis | Backend::Kafka => {
                 // The backlog goes to the server from this process; the child only consumes.
                 let (producer, _c) = self.pair(env, &queue).await?;
                 produce_all(producer.as_ref(), backlog, size).await?;
-                Some(env.redis()?.url.clone())
+                self.server_url(env)?
             }
             // An in-process queue lives in its consumer's process: the child fills it.
             Backend::Memory => None,
@@ -92,11 +92,16 @@ impl FerryTraits {
     }
 
     async fn pair(&self, env: &Env, queue: &str) -> Result<Pair> {
-        let url = match self.backend {
+        (self.connect)(self.server_url(env)?, queue.to_string()).await
+    }
+
+    /// What the connector gets: the Redis URL, the Kafka broker list, or nothing.
+    fn server_url(&self, env: &Env) -> Result<Option<String>> {
+        Ok(match self.backend {
             Backend::Redis => Some(env.redis()?.url.clone()),
+            Backend::Kafka => Some(env.kafka()?.brokers.clone()),
             Backend::Memory => None,
-        };
-        (self.connect)(url, queue.to_string()).await
+        })
     }
 
     fn cleanup(&self, queue: &str) {

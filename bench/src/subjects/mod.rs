@@ -17,6 +17,7 @@ pub mod bullmq;
 pub mod bullmq_official;
 pub mod channel;
 pub mod ferry;
+pub mod kafka;
 pub mod omniqueue;
 pub mod raw_redis;
 
@@ -69,6 +70,7 @@ pub fn all() -> Vec<Box<dyn Subject>> {
     v.push(Box::new(bullmq::BullMq));
     v.push(Box::new(bullmq_official::BullMqOfficial));
     v.push(Box::new(apalis::Apalis));
+    v.extend(kafka::subjects());
     v
 }
 

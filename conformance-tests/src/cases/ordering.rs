@@ -34,7 +34,11 @@ struct KeyLog {
 /// later message of a key is never delivered before the earlier one is acked — and
 /// each is handled exactly once.
 pub async fn per_key_order(ctx: &Context) -> CaseResult {
-    let (q, p, _c) = ctx.fresh().await?;
+    let (q, p, idle) = ctx.fresh().await?;
+    // Only the competing consumers below may be members: on a partitioned backend
+    // (Kafka) an idle member would own partitions whose records nobody handles.
+    idle.close().await?;
+    drop(idle);
     let log = Arc::new(Mutex::new(KeyLog::default()));
     let deadline = Instant::now() + Duration::from_secs(45);
 

@@ -1,0 +1,367 @@
+//! Kafka: the broker the bench uses, raw rdkafka as an expert writes it
+//! (`raw-kafka`), and ferrymq-kafka through the traits (`ferrymq-kafka`) and the
+//! Worker (`ferrymq-kafka-worker`), on the same broker in the same run.
+//!
+//! Every subject writes to topics of its own (3 partitions, created before the
+//! timer starts) and reads them with a group of its own; the topics are deleted
+//! after each run.
+//!
+//! - `raw-kafka`: a `FutureProducer` (idempotent, `acks=all`: ferrymq's guarantees)
+//!   with every send of the run in flight at once, awaited at the end (librdkafka
+//!   batches them); a `BaseConsumer` poll loop on a thread of its own that handles
+//!   each record, `store_offset`s it, and lets librdkafka commit the stored offsets
+//!   every 500 ms (at-least-once, the usual expert loop). One poll loop, whatever
+//!   the concurrency: that is how one consumes Kafka fastest.
+//! - `ferrymq-kafka`: `KafkaConfig` defaults (but `partitions=3`, `commit_interval`
+//!   500 ms like the raw loop) through `Box<dyn Producer>` / `Box<dyn Consumer>`.
+//! - `ferrymq-kafka-worker`: the same, consumed by the Worker with the default
+//!   middleware stack (see [`super::ferry::FerryWorker`]).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use async_trait::async_trait;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::util::Timeout;
+use rdkafka::{ClientConfig, Message as _};
+use tokio::task::JoinSet;
+
+use super::ferry::{FerryTraits, FerryWorker, Pair};
+use super::Subject;
+use crate::drive::{
+    handle, latency_us, pace, payload, run_until_done, stamp_of, timed_run, wall_nanos, Progress,
+};
+use crate::env::Env;
+use crate::model::{Backend, Role, Sample, Workload};
+
+/// Partitions of every bench topic.
+pub const PARTITIONS: i32 = 3;
+
+/// The Kafka broker of a run: one the bench started with `scripts/kafka.sh` (and
+/// stops), or one given with `--kafka-brokers`.
+#[derive(Debug)]
+pub struct KafkaBroker {
+    /// `host:port[,host:port…]`.
+    pub brokers: String,
+    port: Option<u16>,
+    script: PathBuf,
+}
+
+fn script_path() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/kafka.sh"))
+}
+
+impl KafkaBroker {
+    pub fn existing(brokers: &str) -> Self {
+        KafkaBroker {
+            brokers: brokers.to_string(),
+            port: None,
+            script: script_path(),
+        }
+    }
+
+    /// Start Apache Kafka on `port` (controller on the next port) in a fresh state
+    /// dir of its own; stopped by [`stop`](Self::stop).
+    pub fn start(port: u16) -> Result<Self> {
+        let script = script_path();
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            bail!(
+                "127.0.0.1:{port} is taken: pass --kafka-brokers to use that broker, or \
+                 --kafka-port for another port"
+            );
+        }
+        let out = Command::new("bash")
+            .arg(&script)
+            .args(["start", &port.to_string()])
+            .env("FERRYMQ_KAFKA_STATE", state_dir(port))
+            .output()
+            .with_context(|| format!("running {}", script.display()))?;
+        if !out.status.success() {
+            bail!(
+                "scripts/kafka.sh start {port} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(KafkaBroker {
+            brokers: format!("127.0.0.1:{port}"),
+            port: Some(port),
+            script,
+        })
+    }
+
+    pub fn stop(&self) {
+        if let Some(port) = self.port {
+            let _ = Command::new("bash")
+                .arg(&self.script)
+                .args(["stop", &port.to_string()])
+                .env("FERRYMQ_KAFKA_STATE", state_dir(port))
+                .output();
+            let _ = std::fs::remove_dir_all(state_dir(port));
+        }
+    }
+
+    fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        c
+    }
+
+    /// Create `topics` (3 partitions each) and wait until they are usable.
+    pub async fn create(&self, topics: &[String]) -> Result<()> {
+        let admin: AdminClient<DefaultClientContext> = self.client().create()?;
+        let new: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|t| NewTopic::new(t, PARTITIONS, TopicReplication::Fixed(1)))
+            .collect();
+        for r in admin.create_topics(&new, &AdminOptions::new()).await? {
+            if let Err((t, e)) = r {
+                if e != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
+                    bail!("creating {t}: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Delete `topics` (best effort: a bench run never fails on its cleanup).
+    pub async fn delete(&self, topics: &[String]) {
+        if let Ok(admin) = self.client().create::<AdminClient<DefaultClientContext>>() {
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
+        }
+    }
+}
+
+fn state_dir(port: u16) -> PathBuf {
+    std::env::temp_dir().join(format!("ferrymq-bench-kafka-{port}"))
+}
+
+/// The Kafka subjects, in run order (raw first).
+pub fn subjects() -> Vec<Box<dyn Subject>> {
+    vec![
+        Box::new(RawKafka),
+        Box::new(ferry_kafka("ferrymq-kafka")),
+        Box::new(FerryWorker::new(
+            "ferrymq-kafka-worker",
+            ferry_kafka("ferrymq-kafka-worker"),
+        )),
+    ]
+}
+
+/// ferrymq-kafka through the traits; the connector's "url" is the broker list.
+fn ferry_kafka(name: &'static str) -> FerryTraits {
+    FerryTraits::new(
+        name,
+        Backend::Kafka,
+        Arc::new(|brokers, queue| {
+            Box::pin(async move {
+                let brokers = brokers.ok_or_else(|| anyhow!("no Kafka broker"))?;
+                let cfg = ferrymq_kafka::KafkaConfig::from_url(&format!(
+                    "kafka://{brokers}/{queue}?partitions={PARTITIONS}&commit_interval=500ms"
+                ))?;
+                let p = cfg.producer().await?;
+                let c = cfg.consumer().await?;
+                Ok::<Pair, anyhow::Error>((Box::new(p), Box::new(c)))
+            })
+        }),
+        "ferrymq-kafka (defaults, partitions=3, commit_interval=500ms) through \
+         Box<dyn Producer>/Box<dyn Consumer>: send_batch(100); receive(100) shared by N tasks, \
+         concurrent Delivery::ack per batch"
+            .into(),
+    )
+}
+
+/// Raw rdkafka, the way an expert writes it.
+pub struct RawKafka;
+
+impl RawKafka {
+    fn producer(broker: &KafkaBroker) -> Result<FutureProducer> {
+        Ok(broker
+            .client()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .create()?)
+    }
+
+    /// A member of a fresh group on `topic`, assigned before it returns.
+    fn consumer(broker: &KafkaBroker, topic: &str) -> Result<BaseConsumer> {
+        let c: BaseConsumer = broker
+            .client()
+            .set("group.id", format!("{topic}.raw"))
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "500")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .create()?;
+        c.subscribe(&[topic])?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.assignment()?.count() == 0 {
+            if Instant::now() > deadline {
+                bail!("raw consumer: no assignment within 30 s");
+            }
+            if let Some(Err(e)) = c.poll(Duration::from_millis(50)) {
+                bail!("raw consumer: {e}");
+            }
+        }
+        Ok(c)
+    }
+
+    /// Produce `n` records with every send in flight at once, then await them all.
+    async fn produce_all(p: &FutureProducer, topic: &str, n: u64, size: usize) -> Result<()> {
+        let mut pending = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let body = payload(size, i);
+            let mut record: FutureRecord<'_, (), [u8]> = FutureRecord::to(topic).payload(&body);
+            loop {
+                match p.send_result(record) {
+                    Ok(f) => {
+                        pending.push(f);
+                        break;
+                    }
+                    Err((e, back)) => {
+                        if e.rdkafka_error_code()
+                            != Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
+                        {
+                            bail!("produce: {e}");
+                        }
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+            }
+        }
+        for f in pending {
+            match f.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => bail!("delivery: {e}"),
+                Err(_) => bail!("delivery report lost"),
+            }
+        }
+        Ok(())
+    }
+
+    /// The poll loop: handle, store the offset; librdkafka commits what is stored.
+    fn poll_loop(c: BaseConsumer, progress: Arc<Progress>, record_latency: bool) -> Result<()> {
+        while !progress.should_stop() {
+            match c.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    let body = m.payload().unwrap_or_default();
+                    if record_latency {
+                        progress.record_latencies(vec![latency_us(stamp_of(body).unwrap_or(0))]);
+                    }
+                    handle(body);
+                    c.store_offset_from_message(&m)?;
+                    progress.add(1);
+                }
+                Some(Err(e)) => bail!("poll: {e}"),
+                None => {}
+            }
+        }
+        let _ = c.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Subject for RawKafka {
+    fn name(&self) -> &'static str {
+        "raw-kafka"
+    }
+    fn backend(&self) -> Backend {
+        Backend::Kafka
+    }
+    fn role(&self) -> Role {
+        Role::Raw
+    }
+    fn describe(&self) -> String {
+        "rdkafka FutureProducer (idempotent, acks=all, linger.ms=2) with every send in flight, \
+         awaited at the end; one BaseConsumer poll loop on its own thread: handle, \
+         store_offset, auto commit of stored offsets every 500 ms"
+            .into()
+    }
+
+    fn applies(&self, workload: &Workload) -> bool {
+        !matches!(workload, Workload::Rss { .. })
+    }
+
+    async fn produce(&self, env: &Env, n: u64, size: usize) -> Result<Sample> {
+        let broker = env.kafka()?;
+        let topic = env.queue_name(self.name());
+        broker.create(std::slice::from_ref(&topic)).await?;
+        let p = Self::producer(broker)?;
+        let start = Instant::now();
+        Self::produce_all(&p, &topic, n, size).await?;
+        let elapsed = start.elapsed();
+        p.flush(Timeout::After(Duration::from_secs(10)))?;
+        drop(p);
+        broker.delete(&[topic]).await;
+        Ok(Sample::throughput(n, elapsed))
+    }
+
+    async fn e2e(&self, env: &Env, n: u64, size: usize, _concurrency: usize) -> Result<Sample> {
+        let broker = env.kafka()?;
+        let topic = env.queue_name(self.name());
+        broker.create(std::slice::from_ref(&topic)).await?;
+        let p = Self::producer(broker)?;
+        let c = Self::consumer(broker, &topic)?;
+        let progress = Progress::new(n);
+        let mut tasks = JoinSet::new();
+        let start = Instant::now();
+        let t = topic.clone();
+        tasks.spawn(async move { Self::produce_all(&p, &t, n, size).await });
+        let pr = progress.clone();
+        tasks.spawn(async move {
+            tokio::task::spawn_blocking(move || Self::poll_loop(c, pr, false))
+                .await
+                .map_err(|e| anyhow!("poll thread: {e}"))?
+        });
+        let sample = timed_run(tasks, &progress, start, env.stall, env.cap).await;
+        broker.delete(&[topic]).await;
+        sample
+    }
+
+    async fn latency(&self, env: &Env, n: u64, size: usize, rate: u64) -> Result<Sample> {
+        let broker = env.kafka()?;
+        let topic = env.queue_name(self.name());
+        broker.create(std::slice::from_ref(&topic)).await?;
+        let p = Self::producer(broker)?;
+        let c = Self::consumer(broker, &topic)?;
+        let progress = Progress::new(n);
+        let mut tasks = JoinSet::new();
+        let pr = progress.clone();
+        tasks.spawn(async move {
+            tokio::task::spawn_blocking(move || Self::poll_loop(c, pr, true))
+                .await
+                .map_err(|e| anyhow!("poll thread: {e}"))?
+        });
+        let t = topic.clone();
+        tasks.spawn(async move {
+            let start = tokio::time::Instant::now();
+            for i in 0..n {
+                pace(start, i, rate).await;
+                let body = payload(size, wall_nanos());
+                let record: FutureRecord<'_, (), [u8]> = FutureRecord::to(&t).payload(&body);
+                p.send(record, Timeout::After(Duration::from_secs(10)))
+                    .await
+                    .map_err(|(e, _)| anyhow!("send: {e}"))?;
+            }
+            Ok(())
+        });
+        let outcome = run_until_done(tasks, &progress, Instant::now(), env.stall).await;
+        broker.delete(&[topic]).await;
+        outcome?;
+        Ok(Sample::latency(progress.take_latencies(), rate))
+    }
+
+    async fn rss(&self, _env: &Env, _backlog: u64, _size: usize) -> Result<Sample> {
+        bail!("raw-kafka has no RSS consumer child")
+    }
+}

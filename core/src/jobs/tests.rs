@@ -1,0 +1,381 @@
+//! The job side on the memory backend, on a paused clock.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::json;
+use tower::{Layer, ServiceBuilder};
+
+use super::*;
+use crate::middleware::testing::queue;
+use crate::middleware::{handler_fn, Backoff, RetryToDlqLayer};
+use crate::{BoxError, Delivery, Message, Producer, Worker};
+
+#[derive(serde::Deserialize)]
+struct Order {
+    id: u64,
+    fail_until: u32,
+}
+
+#[derive(serde::Serialize)]
+struct Invoice {
+    order: u64,
+    total: u64,
+}
+
+fn order(id: u64, fail_until: u32) -> Message {
+    Message::json(&json!({ "id": id, "fail_until": fail_until }))
+        .unwrap()
+        .job_id(format!("order-{id}"))
+}
+
+/// A handler reporting progress 50 and returning an invoice, failing its first
+/// `fail_until` attempts.
+fn invoicer() -> JobJson<
+    impl FnMut(
+            Order,
+            Delivery,
+        )
+            -> futures::future::BoxFuture<'static, std::result::Result<Invoice, BoxError>>
+        + Clone,
+    Order,
+> {
+    json_job_handler(|o: Order, d: Delivery| {
+        Box::pin(async move {
+            progress(json!({ "step": "pricing", "pct": 50 })).await;
+            if d.attempt() <= o.fail_until {
+                return Err::<Invoice, BoxError>(format!("attempt {} fails", d.attempt()).into());
+            }
+            Ok(Invoice {
+                order: o.id,
+                total: o.id * 10,
+            })
+        }) as futures::future::BoxFuture<'static, _>
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn completed_failed_and_dead_lettered_jobs_with_results_progress_and_events() {
+    let cfg = queue("jobs-life");
+    let (p, c) = cfg.connect().unwrap();
+    let dlq = queue("jobs-life-dlq").producer().unwrap();
+    let store = MemoryJobStore::new(cfg.queue.clone());
+    let mut events = store.subscribe().await.unwrap();
+
+    send(&p, &store, order(1, 0)).await.unwrap();
+    send(&p, &store, order(2, 1)).await.unwrap();
+    send(&p, &store, order(3, 99)).await.unwrap();
+    let waiting = store.get("order-1").await.unwrap().unwrap();
+    assert_eq!((waiting.state, waiting.attempts), (JobState::Waiting, 0));
+
+    let service = ServiceBuilder::new()
+        .layer(
+            TrackJobsLayer::new(store.clone())
+                .keep_completed(Keep::Count(10))
+                .keep_failed(Keep::Count(10)),
+        )
+        .layer(
+            RetryToDlqLayer::new(dlq)
+                .max_attempts(3)
+                .backoff(Backoff::new(Duration::from_millis(100))),
+        )
+        .service(invoicer());
+    let summary = Worker::new(c)
+        .concurrency(3)
+        .run_until(service, tokio::time::sleep(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(
+        (summary.succeeded, summary.dead_lettered),
+        (2, 1),
+        "{summary}"
+    );
+
+    let one = store.get("order-1").await.unwrap().unwrap();
+    assert_eq!(one.state, JobState::Completed);
+    assert_eq!(one.attempts, 1);
+    assert_eq!(one.result, Some(json!({ "order": 1, "total": 10 })));
+    assert_eq!(one.progress, Some(json!({ "step": "pricing", "pct": 50 })));
+    assert!(one.started_at.is_some() && one.finished_at.is_some());
+    let two = store.get("order-2").await.unwrap().unwrap();
+    assert_eq!((two.state, two.attempts), (JobState::Completed, 2));
+    assert_eq!(
+        two.failure.as_deref(),
+        Some("attempt 1 fails"),
+        "the last failure stays readable"
+    );
+    let three = store.get("order-3").await.unwrap().unwrap();
+    assert_eq!((three.state, three.attempts), (JobState::DeadLettered, 3));
+    assert_eq!(three.failure.as_deref(), Some("attempt 3 fails"));
+    assert_eq!(three.result, None);
+
+    let counts = store.counts().await.unwrap();
+    assert_eq!(
+        (
+            counts.waiting,
+            counts.active,
+            counts.completed,
+            counts.dead_lettered
+        ),
+        (0, 0, 2, 1)
+    );
+
+    // The events, per job, in order.
+    let mut seen: Vec<(String, String)> = Vec::new();
+    while let Some(Some(event)) = events.next().now_or_never() {
+        let event = event.unwrap();
+        seen.push((event.id.clone(), event.kind.name().to_string()));
+        if let JobEventKind::Completed { result } = &event.kind {
+            assert!(result.is_some(), "a completed event carries the result");
+        }
+    }
+    let of = |id: &str| -> Vec<&str> {
+        seen.iter()
+            .filter(|(i, _)| i == id)
+            .map(|(_, k)| k.as_str())
+            .collect()
+    };
+    assert_eq!(
+        of("order-1"),
+        ["waiting", "active", "progress", "completed"]
+    );
+    assert_eq!(
+        of("order-2"),
+        [
+            "waiting",
+            "active",
+            "progress",
+            "retried",
+            "active",
+            "progress",
+            "completed"
+        ]
+    );
+    assert_eq!(
+        of("order-3"),
+        [
+            "waiting",
+            "active",
+            "progress",
+            "retried",
+            "active",
+            "progress",
+            "retried",
+            "active",
+            "progress",
+            "dead_lettered"
+        ]
+    );
+}
+
+use futures::FutureExt;
+
+#[tokio::test(start_paused = true)]
+async fn nothing_is_kept_by_default_and_a_header_overrides_the_queue() {
+    let cfg = queue("jobs-keep");
+    let (p, c) = cfg.connect().unwrap();
+    let store = MemoryJobStore::new(cfg.queue.clone());
+    p.send(Message::new("a").job_id("dropped")).await.unwrap();
+    p.send(
+        Message::new("b")
+            .job_id("kept")
+            .keep_completed(Keep::Age(Duration::from_secs(60))),
+    )
+    .await
+    .unwrap();
+    let service =
+        TrackJobsLayer::new(store.clone()).layer(tower::service_fn(|_d: Delivery| async {
+            Ok::<_, BoxError>(json!("done"))
+        }));
+    Worker::new(c)
+        .run_until(service, tokio::time::sleep(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get("dropped").await.unwrap(),
+        None,
+        "default keeps nothing"
+    );
+    let kept = store.get("kept").await.unwrap().unwrap();
+    assert_eq!(kept.state, JobState::Completed);
+    assert_eq!(
+        kept.result,
+        Some(json!("done")),
+        "a handler's response is the result"
+    );
+    assert_eq!(store.counts().await.unwrap().completed, 1);
+    // The age runs out on tokio's clock.
+    tokio::time::advance(Duration::from_secs(61)).await;
+    assert_eq!(store.get("kept").await.unwrap(), None, "gone after its age");
+    assert_eq!(store.counts().await.unwrap().completed, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn count_retention_keeps_the_newest_and_the_cap_bounds_every_policy() {
+    let store = MemoryJobStore::with_max_per_state("jobs-cap", 5);
+    for i in 0..20 {
+        store
+            .record(JobUpdate::new(format!("c{i}"), JobState::Completed, 1).keep(Keep::Count(3)))
+            .await
+            .unwrap();
+        store
+            .record(
+                JobUpdate::new(format!("f{i}"), JobState::Failed, 1)
+                    .keep(Keep::Age(Duration::from_secs(365 * 24 * 3600))),
+            )
+            .await
+            .unwrap();
+        // Active records of crashed workers are bounded too.
+        store
+            .record(JobUpdate::new(format!("a{i}"), JobState::Active, 1))
+            .await
+            .unwrap();
+    }
+    let counts = store.counts().await.unwrap();
+    assert_eq!((counts.completed, counts.failed, counts.active), (3, 5, 5));
+    let newest: Vec<String> = store
+        .list(JobState::Completed, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(
+        newest,
+        ["c19", "c18", "c17"],
+        "newest first, oldest trimmed"
+    );
+    assert!(
+        store.get("f0").await.unwrap().is_none(),
+        "the cap trims the oldest"
+    );
+    assert!(store.get("f19").await.unwrap().is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_send_never_turns_an_active_job_back_into_waiting() {
+    let store = MemoryJobStore::new("jobs-race");
+    store
+        .record(JobUpdate::new("j", JobState::Active, 1))
+        .await
+        .unwrap();
+    store
+        .record(JobUpdate::new("j", JobState::Waiting, 0).only_if_new())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get("j").await.unwrap().unwrap().state,
+        JobState::Active
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_attempt_without_retry_layer_is_failed_and_comes_back() {
+    let cfg = queue("jobs-fail");
+    let (p, c) = cfg.connect().unwrap();
+    let store = MemoryJobStore::new(cfg.queue.clone());
+    p.send(Message::new("x").job_id("f").keep_failed(Keep::Count(5)))
+        .await
+        .unwrap();
+    let service = TrackJobsLayer::new(store.clone()).layer(handler_fn(|d: Delivery| async move {
+        if d.attempt() == 1 {
+            Err::<(), BoxError>("boom".into())
+        } else {
+            Ok(())
+        }
+    }));
+    let worker = Worker::new(c).nack_delay(Some(Duration::from_secs(5)));
+    let run = tokio::spawn(worker.run_until(service, tokio::time::sleep(Duration::from_secs(10))));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let failed = store.get("f").await.unwrap().unwrap();
+    assert_eq!(failed.state, JobState::Failed);
+    assert_eq!(failed.failure.as_deref(), Some("boom"));
+    run.await.unwrap().unwrap();
+    // Completed with the default `none`: the record goes, though failed was kept.
+    assert_eq!(store.get("f").await.unwrap(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn progress_and_result_outside_a_tracked_handler_do_nothing() {
+    progress(10).await;
+    set_result(json!(1)).unwrap();
+    assert!(current().is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn named_stores_are_shared_in_the_process() {
+    let a = MemoryJobStore::named("jobs-named-shared");
+    let b = MemoryJobStore::named("jobs-named-shared");
+    a.record(JobUpdate::new("x", JobState::Active, 1))
+        .await
+        .unwrap();
+    assert!(b.get("x").await.unwrap().is_some());
+    assert!(MemoryJobStore::named("jobs-named-other")
+        .get("x")
+        .await
+        .unwrap()
+        .is_none());
+}
+
+#[test]
+fn keep_reads_none_counts_and_ages() {
+    assert_eq!("none".parse::<Keep>().unwrap(), Keep::None);
+    assert_eq!("0".parse::<Keep>().unwrap(), Keep::None);
+    assert_eq!("100".parse::<Keep>().unwrap(), Keep::Count(100));
+    assert_eq!(
+        "1h".parse::<Keep>().unwrap(),
+        Keep::Age(Duration::from_secs(3600))
+    );
+    let e = "lots".parse::<Keep>().unwrap_err();
+    assert_eq!(e.kind(), crate::ErrorKind::InvalidConfig);
+    assert!(e.to_string().contains("keep"), "{e}");
+    for k in [
+        Keep::None,
+        Keep::Count(7),
+        Keep::Age(Duration::from_secs(90)),
+    ] {
+        assert_eq!(k.to_string().parse::<Keep>().unwrap(), k);
+    }
+    assert_eq!(
+        "dead_lettered".parse::<JobState>().unwrap(),
+        JobState::DeadLettered
+    );
+    assert!("nope".parse::<JobState>().is_err());
+}
+
+#[test]
+fn events_serialize_with_an_event_tag() {
+    let e = JobUpdate::new("j", JobState::Completed, 2)
+        .result(Some(json!({"ok": true})))
+        .event("q");
+    let v = serde_json::to_value(&e).unwrap();
+    assert_eq!(v["event"], "completed");
+    assert_eq!(v["result"], json!({"ok": true}));
+    assert_eq!(v["id"], "j");
+    let back: JobEvent = serde_json::from_value(v).unwrap();
+    assert_eq!(back.kind, e.kind);
+}
+
+/// A job id: the header, else the dedup id, else the backend's id.
+#[test]
+fn job_ids() {
+    let m = Message::new("x");
+    assert_eq!(job_id_of(&m, Some("7")), Some("7"));
+    let m = m.dedup_id("d");
+    assert_eq!(job_id_of(&m, Some("7")), Some("d"));
+    let m = m.job_id("j");
+    assert_eq!(job_id_of(&m, Some("7")), Some("j"));
+    assert_eq!(job_id_of(&Message::new("x"), Some("")), None);
+    // The headers pass a send's validation.
+    m.validate(1 << 20).unwrap();
+    Message::new("x")
+        .keep_completed(Keep::Count(1))
+        .keep_failed(Keep::None)
+        .validate(1 << 20)
+        .unwrap();
+}
+
+#[allow(dead_code)]
+fn producer_is_object_safe(p: &dyn Producer, s: &dyn JobStore) {
+    let _ = send(p, s, Message::new("x"));
+}

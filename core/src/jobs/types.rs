@@ -425,6 +425,17 @@ pub struct JobEvent {
 }
 
 impl JobEvent {
+    /// An event of job `id` (for stores decoding what they stored).
+    pub fn new(queue: &str, id: &str, attempt: u32, at: SystemTime, kind: JobEventKind) -> Self {
+        JobEvent {
+            queue: queue.to_string(),
+            id: id.to_string(),
+            attempt,
+            at,
+            kind,
+        }
+    }
+
     /// A progress event.
     pub fn progress(queue: &str, id: &str, value: serde_json::Value) -> Self {
         JobEvent {

@@ -11,6 +11,9 @@
 //! ferry queue peek redis://127.0.0.1:6379/orders -n 5
 //! ferry dlq peek redis://127.0.0.1:6379/orders-dlq
 //! ferry dlq redrive redis://127.0.0.1:6379/orders-dlq --to redis://127.0.0.1:6379/orders
+//! ferry jobs counts --url redis://127.0.0.1:6379/orders
+//! ferry jobs get order-42 --url redis://127.0.0.1:6379/orders
+//! ferry events --url redis://127.0.0.1:6379/orders
 //! ```
 //!
 //! `--url` defaults to `$FERRYMQ_URL`. Nothing `ferry` prints — output, errors,
@@ -21,6 +24,7 @@
 mod commands;
 mod demo;
 mod dlq;
+mod jobs;
 mod queue;
 mod scrub;
 mod show;
@@ -59,6 +63,11 @@ enum Command {
     Queue(queue::Args),
     /// Inspect a dead-letter queue (peek) and move its messages back (redrive).
     Dlq(dlq::Args),
+    /// A queue's jobs: counts per state, one job's record, the newest of a state.
+    Jobs(jobs::Args),
+    /// Tail a queue's job lifecycle events (completed, failed, retried, dead-lettered,
+    /// progress) from any process.
+    Events(jobs::EventsArgs),
 }
 
 fn init_tracing(verbose: u8, secrets: &scrub::Scrubbed) {
@@ -91,6 +100,8 @@ async fn main() -> ExitCode {
         Command::Depth(args) => commands::depth(args).await,
         Command::Queue(args) => queue::run(args).await,
         Command::Dlq(args) => dlq::run(args).await,
+        Command::Jobs(args) => jobs::run(args).await,
+        Command::Events(args) => jobs::events(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

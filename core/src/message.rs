@@ -341,6 +341,11 @@ pub mod reserved {
     /// This message's retention once failed or dead-lettered, like
     /// [`KEEP_COMPLETED`].
     pub const KEEP_FAILED: &str = "ferrymq-keep-failed";
+    /// On a flow's child: the job id of its parent (see [`Flow`](crate::jobs::Flow)).
+    pub const FLOW_PARENT: &str = "ferrymq-flow-parent";
+    /// On a flow's parent: its children's results, as JSON (read with
+    /// [`jobs::children`](crate::jobs::children)).
+    pub const FLOW_CHILDREN: &str = "ferrymq-flow-children";
 
     /// All reserved names ferrymq itself writes.
     pub const ALL: &[&str] = &[
@@ -355,6 +360,8 @@ pub mod reserved {
         JOB_ID,
         KEEP_COMPLETED,
         KEEP_FAILED,
+        FLOW_PARENT,
+        FLOW_CHILDREN,
     ];
 }
 

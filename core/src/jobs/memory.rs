@@ -7,6 +7,9 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
+use super::flow::{
+    release_message, ChildOutcome, FlowChildren, FlowRecord, OnChildFailure, Release,
+};
 use super::types::{JobEvent, JobRecord, JobState, JobUpdate, Keep, StoredCounts};
 use super::{JobEvents, JobStore, DEFAULT_MAX_PER_STATE};
 use crate::error::{Error, ErrorKind, Result};
@@ -44,6 +47,70 @@ struct State {
     /// (expiry, id) of records kept for an age.
     expiries: BTreeSet<(Instant, String)>,
     seq: u64,
+    /// Flows not yet released, by parent id; `flow_order` (creation sequence, id)
+    /// bounds them like a state.
+    flows: HashMap<String, FlowData>,
+    flow_order: BTreeSet<(u64, String)>,
+}
+
+#[derive(Debug)]
+struct FlowData {
+    record: FlowRecord,
+    seq: u64,
+    outcomes: FlowChildren,
+    released: bool,
+}
+
+impl FlowData {
+    /// Record `child`'s outcome and decide about the parent.
+    fn child_done(&mut self, child: &str, outcome: ChildOutcome) -> Release {
+        if !self.record.children.iter().any(|c| c == child) {
+            return Release::Wait;
+        }
+        let policy = self.record.on_child_failure;
+        let failed_now = match outcome {
+            ChildOutcome::Completed(result) => {
+                self.outcomes.failed.remove(child);
+                self.outcomes
+                    .results
+                    .insert(child.to_string(), result.unwrap_or_default());
+                None
+            }
+            ChildOutcome::Failed(reason) => {
+                if self.outcomes.results.contains_key(child) {
+                    // It completed once: a later failure of a rerun does not undo that.
+                    None
+                } else {
+                    self.outcomes
+                        .failed
+                        .insert(child.to_string(), reason.clone());
+                    Some(reason)
+                }
+            }
+        };
+        if let (Some(reason), OnChildFailure::FailParent) = (&failed_now, policy) {
+            return Release::Failed {
+                reason: format!("child {child} failed: {reason}"),
+            };
+        }
+        let done = self.record.children.iter().all(|c| {
+            self.outcomes.results.contains_key(c)
+                || (policy != OnChildFailure::FailParent && self.outcomes.failed.contains_key(c))
+        });
+        let continue_now = failed_now.is_some() && policy == OnChildFailure::Continue;
+        if done || continue_now {
+            self.released = true;
+            return Release::Send {
+                queue: self.record.parent_queue.clone(),
+                message: release_message(
+                    self.record.message.clone(),
+                    &self.record.parent,
+                    &self.outcomes,
+                ),
+            };
+        }
+        Release::Wait
+    }
 }
 
 #[derive(Debug)]
@@ -245,6 +312,60 @@ impl JobStore for MemoryJobStore {
             counts.set(s, state.by_state[index(s)].len() as u64);
         }
         Ok(counts)
+    }
+
+    async fn create_flow(&self, flow: FlowRecord) -> Result<()> {
+        let mut state = self.lock();
+        if state.flows.contains_key(&flow.parent) {
+            return Ok(());
+        }
+        state.seq += 1;
+        let seq = state.seq;
+        state.flow_order.insert((seq, flow.parent.clone()));
+        state.flows.insert(
+            flow.parent.clone(),
+            FlowData {
+                record: flow,
+                seq,
+                outcomes: FlowChildren::default(),
+                released: false,
+            },
+        );
+        let over = (state.flow_order.len() as u64).saturating_sub(self.inner.max_per_state);
+        for _ in 0..over {
+            if let Some((_, parent)) = state.flow_order.pop_first() {
+                tracing::warn!(queue = %self.inner.queue, flow = %parent, "too many pending flows: dropping the oldest");
+                state.flows.remove(&parent);
+            }
+        }
+        Ok(())
+    }
+
+    async fn child_done(
+        &self,
+        parent: &str,
+        child: &str,
+        outcome: ChildOutcome,
+    ) -> Result<Release> {
+        let mut state = self.lock();
+        let Some(flow) = state.flows.get_mut(parent) else {
+            return Ok(Release::Wait);
+        };
+        let release = flow.child_done(child, outcome);
+        if matches!(release, Release::Failed { .. }) {
+            let seq = flow.seq;
+            state.flows.remove(parent);
+            state.flow_order.remove(&(seq, parent.to_string()));
+        }
+        Ok(release)
+    }
+
+    async fn parent_sent(&self, parent: &str) -> Result<()> {
+        let mut state = self.lock();
+        if let Some(flow) = state.flows.remove(parent) {
+            state.flow_order.remove(&(flow.seq, parent.to_string()));
+        }
+        Ok(())
     }
 
     async fn subscribe(&self) -> Result<JobEvents> {

@@ -80,6 +80,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod context;
+pub mod flow;
 mod memory;
 mod track;
 mod types;
@@ -88,6 +89,7 @@ mod types;
 mod tests;
 
 pub use context::{current, progress, set_result, JobContext};
+pub use flow::{children, ChildOutcome, Flow, FlowChildren, FlowRecord, OnChildFailure, Release};
 pub use memory::MemoryJobStore;
 pub use track::{json_job_handler, JobJson, JobJsonFn, TrackJobs, TrackJobsLayer};
 pub use types::{
@@ -138,6 +140,40 @@ pub trait JobStore: Send + Sync + fmt::Debug {
 
     /// Events from now on.
     async fn subscribe(&self) -> Result<JobEvents>;
+
+    /// Record a [`Flow`]: its parent (not sent) and its children. A flow already
+    /// recorded under the same parent id is left as it is.
+    async fn create_flow(&self, flow: FlowRecord) -> Result<()> {
+        Err(no_flows(self.queue(), &flow.parent))
+    }
+
+    /// Record how child `child` of flow `parent` ended, and say whether the parent
+    /// is to be sent now (see [`Release`]) — one atomic step. Recording the same
+    /// child again replaces its outcome; while the parent is released but not
+    /// marked [sent](JobStore::parent_sent), the step that completes the flow
+    /// answers `Send` again (the caller may have died before sending).
+    async fn child_done(
+        &self,
+        parent: &str,
+        child: &str,
+        outcome: ChildOutcome,
+    ) -> Result<Release> {
+        let _ = (child, outcome);
+        Err(no_flows(self.queue(), parent))
+    }
+
+    /// The parent of flow `parent` was sent: forget the flow, so no later step
+    /// sends it again.
+    async fn parent_sent(&self, parent: &str) -> Result<()> {
+        Err(no_flows(self.queue(), parent))
+    }
+}
+
+fn no_flows(queue: &str, parent: &str) -> crate::Error {
+    crate::Error::new(
+        crate::ErrorKind::Unsupported,
+        format!("the job store of {queue} keeps no flows (flow {parent:?})"),
+    )
 }
 
 #[async_trait]
@@ -163,6 +199,20 @@ impl<T: JobStore + ?Sized> JobStore for std::sync::Arc<T> {
     async fn subscribe(&self) -> Result<JobEvents> {
         (**self).subscribe().await
     }
+    async fn create_flow(&self, flow: FlowRecord) -> Result<()> {
+        (**self).create_flow(flow).await
+    }
+    async fn child_done(
+        &self,
+        parent: &str,
+        child: &str,
+        outcome: ChildOutcome,
+    ) -> Result<Release> {
+        (**self).child_done(parent, child, outcome).await
+    }
+    async fn parent_sent(&self, parent: &str) -> Result<()> {
+        (**self).parent_sent(parent).await
+    }
 }
 
 #[async_trait]
@@ -187,6 +237,20 @@ impl<T: JobStore + ?Sized> JobStore for Box<T> {
     }
     async fn subscribe(&self) -> Result<JobEvents> {
         (**self).subscribe().await
+    }
+    async fn create_flow(&self, flow: FlowRecord) -> Result<()> {
+        (**self).create_flow(flow).await
+    }
+    async fn child_done(
+        &self,
+        parent: &str,
+        child: &str,
+        outcome: ChildOutcome,
+    ) -> Result<Release> {
+        (**self).child_done(parent, child, outcome).await
+    }
+    async fn parent_sent(&self, parent: &str) -> Result<()> {
+        (**self).parent_sent(parent).await
     }
 }
 

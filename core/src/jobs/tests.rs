@@ -375,7 +375,265 @@ fn job_ids() {
         .unwrap();
 }
 
+/// `send` takes trait objects, and its future crosses `tokio::spawn`.
 #[allow(dead_code)]
-fn producer_is_object_safe(p: &dyn Producer, s: &dyn JobStore) {
-    let _ = send(p, s, Message::new("x"));
+fn send_takes_trait_objects_and_is_send(p: &dyn Producer, s: &dyn JobStore) {
+    fn assert_send<T: Send>(_: T) {}
+    assert_send(send(p, s, Message::new("x")));
+}
+
+mod flows {
+    use super::*;
+    use crate::jobs::flow::{decode_message, encode_message};
+    use crate::{Consumer, Producer};
+    use std::sync::Arc;
+    use tokio::sync::Notify;
+
+    #[derive(serde::Deserialize, serde::Serialize)]
+    struct Invoice {
+        order: u64,
+        part: u64,
+    }
+
+    /// Invoices complete with `{invoice: "INV-<order>-<part>"}`; part 2 of order 1
+    /// waits for `gate`; order 9 always fails.
+    fn invoicer(
+        gate: Arc<Notify>,
+    ) -> impl tower::Service<Delivery, Response = (), Error = BoxError, Future = impl Send> + Clone
+    {
+        json_job_handler(move |i: Invoice, _d: Delivery| {
+            let gate = gate.clone();
+            async move {
+                if i.order == 1 && i.part == 2 {
+                    gate.notified().await;
+                }
+                if i.order == 9 {
+                    return Err::<serde_json::Value, BoxError>("card declined".into());
+                }
+                Ok(json!({ "invoice": format!("INV-{}-{}", i.order, i.part) }))
+            }
+        })
+    }
+
+    fn invoice(order: u64, part: u64) -> Message {
+        Message::json(&Invoice { order, part })
+            .unwrap()
+            .job_id(format!("inv-{order}-{part}"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_parent_runs_only_after_its_children_with_their_results() {
+        let invoices = queue("flow-invoices");
+        let emails = queue("flow-emails");
+        let (inv_p, inv_c) = invoices.connect().unwrap();
+        let (email_p, email_c) = emails.connect().unwrap();
+        let dlq = queue("flow-dlq").producer().unwrap();
+        let store = MemoryJobStore::new(invoices.queue.clone());
+
+        for order in [1, 9] {
+            Flow::new(
+                format!("email-{order}"),
+                emails.queue.clone(),
+                Message::new(format!("mail {order}")),
+            )
+            .child(&inv_p, invoice(order, 1))
+            .child(&inv_p, invoice(order, 2))
+            .add(&store)
+            .await
+            .unwrap();
+        }
+        let gate = Arc::new(Notify::new());
+        let service = ServiceBuilder::new()
+            .layer(
+                TrackJobsLayer::new(store.clone())
+                    .keep_failed(Keep::Count(10))
+                    .flows(email_p.clone()),
+            )
+            .layer(
+                RetryToDlqLayer::new(dlq)
+                    .max_attempts(2)
+                    .backoff(Backoff::new(Duration::from_millis(10))),
+            )
+            .service(invoicer(gate.clone()));
+        let run = tokio::spawn(
+            Worker::new(inv_c)
+                .concurrency(4)
+                .run_until(service, tokio::time::sleep(Duration::from_secs(5))),
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            email_c.depth().await.unwrap().total(),
+            0,
+            "one child still running: no parent yet"
+        );
+        assert!(
+            store.get("inv-1-1").await.unwrap().is_none(),
+            "completed children are not kept by default"
+        );
+        gate.notify_one();
+        run.await.unwrap().unwrap();
+
+        let parents = email_c.receive(10, Duration::ZERO).await.unwrap();
+        assert_eq!(
+            parents.len(),
+            1,
+            "order 9's parent failed with its child: never sent"
+        );
+        let parent = &parents[0];
+        assert_eq!(parent.payload().as_ref(), b"mail 1");
+        assert_eq!(job_id_of(parent.message(), None), Some("email-1"));
+        let kids = children(parent).unwrap();
+        assert_eq!(kids.results.len(), 2);
+        assert_eq!(kids.results["inv-1-2"], json!({ "invoice": "INV-1-2" }));
+        let typed: serde_json::Value = kids.get("inv-1-1").unwrap();
+        assert_eq!(typed, json!({ "invoice": "INV-1-1" }));
+
+        let failed = store.get("email-9").await.unwrap().unwrap();
+        assert_eq!(failed.state, JobState::DeadLettered);
+        assert!(failed.failure.unwrap().contains("card declined"));
+    }
+
+    /// A worker killed after recording the last child's result, or after sending
+    /// the parent but before marking it: the child's redelivery completes the flow,
+    /// and the parent is on its queue once.
+    #[tokio::test(start_paused = true)]
+    async fn a_crash_between_steps_loses_nothing_and_duplicates_nothing() {
+        for sent_before_crash in [false, true] {
+            let invoices = queue("flow-crash-invoices");
+            let emails = queue("flow-crash-emails");
+            let (inv_p, inv_c) = invoices.connect().unwrap();
+            let (email_p, email_c) = emails.connect().unwrap();
+            let store = MemoryJobStore::new(invoices.queue.clone());
+            Flow::new("email-5", emails.queue.clone(), Message::new("mail 5"))
+                .child(&inv_p, invoice(5, 1))
+                .add(&store)
+                .await
+                .unwrap();
+            // The first run: the child handled, its result recorded, then the crash.
+            let release = store
+                .child_done(
+                    "email-5",
+                    "inv-5-1",
+                    ChildOutcome::Completed(Some(json!("first"))),
+                )
+                .await
+                .unwrap();
+            let Release::Send { message, .. } = release else {
+                panic!("the last child releases the parent: {release:?}");
+            };
+            if sent_before_crash {
+                email_p.send(message).await.unwrap();
+            }
+            // The child was never acked: it comes back and is handled again.
+            let service = TrackJobsLayer::new(store.clone())
+                .flows(email_p.clone())
+                .layer(invoicer(Arc::new(Notify::new())));
+            Worker::new(inv_c)
+                .run_until(service, tokio::time::sleep(Duration::from_secs(1)))
+                .await
+                .unwrap();
+            let parents = email_c.receive(10, Duration::ZERO).await.unwrap();
+            assert_eq!(
+                parents.len(),
+                1,
+                "sent before the crash: {sent_before_crash}"
+            );
+            // The flow is done: a late rerun of the child sends nothing more.
+            assert_eq!(
+                store
+                    .child_done("email-5", "inv-5-1", ChildOutcome::Completed(None))
+                    .await
+                    .unwrap(),
+                Release::Wait
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn failure_policies() {
+        let store = MemoryJobStore::new("flow-policies");
+        let flow = |id: &str, policy| FlowRecord {
+            parent: id.to_string(),
+            parent_queue: "p".into(),
+            message: Message::new("parent"),
+            children: vec!["a".into(), "b".into()],
+            on_child_failure: policy,
+        };
+        let failed = || ChildOutcome::Failed("no".into());
+        let ok = || ChildOutcome::Completed(Some(json!(1)));
+        store
+            .create_flow(flow("fail", OnChildFailure::FailParent))
+            .await
+            .unwrap();
+        store
+            .create_flow(flow("ignore", OnChildFailure::Ignore))
+            .await
+            .unwrap();
+        store
+            .create_flow(flow("continue", OnChildFailure::Continue))
+            .await
+            .unwrap();
+
+        assert!(matches!(
+            store.child_done("fail", "a", failed()).await.unwrap(),
+            Release::Failed { .. }
+        ));
+        assert_eq!(
+            store.child_done("fail", "b", ok()).await.unwrap(),
+            Release::Wait,
+            "a failed flow is over"
+        );
+
+        assert_eq!(
+            store.child_done("ignore", "a", failed()).await.unwrap(),
+            Release::Wait
+        );
+        let Release::Send { message, .. } = store.child_done("ignore", "b", ok()).await.unwrap()
+        else {
+            panic!("ignore: the parent runs once the others are done");
+        };
+        let kids: FlowChildren = serde_json::from_str(
+            message
+                .headers()
+                .get(crate::reserved::FLOW_CHILDREN)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!((kids.results.len(), kids.failed.len()), (1, 1));
+        assert_eq!(message.get_dedup_id(), Some("flow:ignore"));
+
+        assert!(
+            matches!(
+                store.child_done("continue", "a", failed()).await.unwrap(),
+                Release::Send { .. }
+            ),
+            "continue: at once"
+        );
+        store.parent_sent("continue").await.unwrap();
+        assert_eq!(
+            store.child_done("continue", "b", ok()).await.unwrap(),
+            Release::Wait
+        );
+        // Unknown flows and children wait.
+        assert_eq!(
+            store.child_done("nope", "a", ok()).await.unwrap(),
+            Release::Wait
+        );
+    }
+
+    #[tokio::test]
+    async fn a_flow_needs_children_and_a_parent_survives_storage() {
+        let store = MemoryJobStore::new("flow-empty");
+        let e = Flow::new("p", "q", Message::new("x"))
+            .add(&store)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::InvalidMessage);
+        let m = Message::new(vec![0u8, 255, 7])
+            .header("a", "b")
+            .key("k")
+            .priority(3)
+            .dedup_id("d");
+        assert_eq!(decode_message(&encode_message(&m)).unwrap(), m);
+    }
 }

@@ -12,13 +12,15 @@ use serde::Serialize;
 use tower::{Layer, Service};
 
 use super::context::{self, JobContext};
+use super::flow::{ChildOutcome, Release};
 use super::types::{job_id_of, JobState, JobUpdate, Keep};
 use super::JobStore;
 use crate::delivery::Delivery;
-use crate::error::BoxError;
+use crate::error::{BoxError, Error, ErrorKind};
 use crate::message::reserved;
 use crate::middleware::outcome::{self, Outcome};
 use crate::middleware::{permanent, BoxFuture, Json};
+use crate::producer::Producer;
 
 /// Records the job of every delivery it handles: `active` when the handler starts,
 /// then `completed` with the handler's result (after acking the delivery itself),
@@ -51,6 +53,14 @@ struct Config {
     store: Arc<dyn JobStore>,
     keep_completed: Keep,
     keep_failed: Keep,
+    flows: Option<Flows>,
+}
+
+/// Where flows are recorded and where their parents go.
+#[derive(Clone)]
+struct Flows {
+    store: Arc<dyn JobStore>,
+    parents: Vec<Arc<dyn Producer>>,
 }
 
 impl<S: Clone> Clone for TrackJobs<S> {
@@ -79,6 +89,7 @@ pub struct TrackJobsLayer {
     store: Arc<dyn JobStore>,
     keep_completed: Keep,
     keep_failed: Keep,
+    flows: Option<Flows>,
 }
 
 impl fmt::Debug for TrackJobsLayer {
@@ -87,6 +98,15 @@ impl fmt::Debug for TrackJobsLayer {
             .field("store", &self.store)
             .field("keep_completed", &self.keep_completed)
             .field("keep_failed", &self.keep_failed)
+            .field(
+                "flow_parents",
+                &self.flows.as_ref().map(|f| {
+                    f.parents
+                        .iter()
+                        .map(|p| p.queue().to_string())
+                        .collect::<Vec<_>>()
+                }),
+            )
             .finish()
     }
 }
@@ -99,7 +119,38 @@ impl TrackJobsLayer {
             store: Arc::new(store),
             keep_completed: Keep::None,
             keep_failed: Keep::None,
+            flows: None,
         }
+    }
+
+    /// Complete [`Flow`](super::Flow)s: the deliveries handled here may be a flow's
+    /// children, recorded in this layer's store (or the one of
+    /// [`flow_store`](Self::flow_store)); a released parent goes out through
+    /// `parent`, whose queue must be the flow's parent queue. Call once per parent
+    /// queue. See the [flow module](super::flow) for what is guaranteed.
+    pub fn flows(mut self, parent: impl Producer + 'static) -> Self {
+        let flows = self.flows.get_or_insert_with(|| Flows {
+            store: self.store.clone(),
+            parents: Vec::new(),
+        });
+        flows.parents.push(Arc::new(parent));
+        self
+    }
+
+    /// Record flows in `store` rather than in the layer's own store (children in
+    /// several queues sharing one flow store).
+    pub fn flow_store(mut self, store: impl JobStore + 'static) -> Self {
+        let store: Arc<dyn JobStore> = Arc::new(store);
+        match &mut self.flows {
+            Some(flows) => flows.store = store,
+            None => {
+                self.flows = Some(Flows {
+                    store,
+                    parents: Vec::new(),
+                })
+            }
+        }
+        self
     }
 
     /// The queue's retention of completed jobs; a message's
@@ -126,6 +177,7 @@ impl<S> Layer<S> for TrackJobsLayer {
                 store: self.store.clone(),
                 keep_completed: self.keep_completed,
                 keep_failed: self.keep_failed,
+                flows: self.flows.clone(),
             }),
         }
     }
@@ -146,6 +198,45 @@ impl Config {
                 default
             }
             None => default,
+        }
+    }
+
+    /// A flow child ended: record it under its flow and send the parent when
+    /// released. `Err` when a step failed: the child must not be acked yet.
+    async fn child_done(
+        &self,
+        delivery: &Delivery,
+        child: &str,
+        outcome: ChildOutcome,
+    ) -> Result<(), Error> {
+        let Some(parent) = delivery.headers().get(reserved::FLOW_PARENT) else {
+            return Ok(());
+        };
+        let Some(flows) = &self.flows else {
+            tracing::warn!(queue = %delivery.meta().queue, job = child, flow = parent, "a flow's child ended, but this TrackJobs layer has no flows(): its parent is never released");
+            return Ok(());
+        };
+        match flows.store.child_done(parent, child, outcome).await? {
+            Release::Wait => Ok(()),
+            Release::Failed { reason } => {
+                let update = JobUpdate::new(parent, JobState::DeadLettered, 0)
+                    .failure(reason)
+                    .keep(self.keep_failed);
+                flows.store.record(update).await
+            }
+            Release::Send { queue, message } => {
+                let producer = flows.parents.iter().find(|p| p.queue() == queue).ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::InvalidConfig,
+                        format!(
+                            "flow {parent:?}: its parent goes to queue {queue:?}, and this TrackJobs layer has no flows() producer for it"
+                        ),
+                    )
+                })?;
+                let receipt = producer.send(message).await?;
+                tracing::info!(queue = %queue, flow = parent, duplicate = receipt.duplicate, "flow complete: parent sent");
+                flows.store.parent_sent(parent).await
+            }
         }
     }
 
@@ -214,12 +305,35 @@ where
                     if acker.is_settled() {
                         // The handler settled it itself.
                         let done = if acker.is_acked() {
+                            if let Err(e) = config
+                                .child_done(&delivery, &id, ChildOutcome::Completed(result.clone()))
+                                .await
+                            {
+                                tracing::warn!(queue = %meta.queue, job = %id, error = %e, "the handler acked a flow child itself, and completing its flow failed");
+                            }
                             update(JobState::Completed).result(result)
                         } else {
                             update(JobState::Waiting)
                         };
                         config.record(&delivery, done).await;
                         return Ok(());
+                    }
+                    // A flow's child: its result recorded, and the parent sent if
+                    // this was the last, before the ack — a crash in between leaves
+                    // the child to be delivered again, never a parent lost.
+                    if let Err(e) = config
+                        .child_done(&delivery, &id, ChildOutcome::Completed(result.clone()))
+                        .await
+                    {
+                        config
+                            .record(
+                                &delivery,
+                                update(JobState::Failed).failure(format!(
+                                    "handled, but completing its flow failed: {e}"
+                                )),
+                            )
+                            .await;
+                        return Err(Box::new(e) as BoxError);
                     }
                     // Acked here, not by the worker, so `completed` is recorded only
                     // once the message is gone for good.
@@ -255,8 +369,21 @@ where
                         }
                         _ => Some(update(JobState::Failed).failure(reason)),
                     };
+                    let dead = step
+                        .as_ref()
+                        .is_some_and(|s| s.state == JobState::DeadLettered);
                     if let Some(step) = step {
                         config.record(&delivery, step).await;
+                    }
+                    if dead {
+                        // Already acked (moved to the DLQ): a failing flow step can
+                        // only be logged.
+                        if let Err(e) = config
+                            .child_done(&delivery, &id, ChildOutcome::Failed(error.to_string()))
+                            .await
+                        {
+                            tracing::warn!(queue = %meta.queue, job = %id, error = %e, "a flow child was dead-lettered, and telling its flow failed");
+                        }
                     }
                     Err(error)
                 }

@@ -10,6 +10,8 @@
 //! | `ferrymq:{Q}:jobexpiry` | zset | id → expiry (server ms) of records kept for an age |
 //! | `ferrymq:{Q}:jobseq` | string | the update sequence |
 //! | `ferrymq:{Q}:events` | stream | lifecycle events, trimmed to about `events_max_len` (`XADD … MAXLEN ~`) |
+//! | `ferrymq:{Q}:flow:P` | hash | pending flow `P`: `q` parent queue, `m` parent message, `pol` failure policy, `c:ID` per child, `r:ID` its result (JSON), `x:ID` its failure, `rel` once released |
+//! | `ferrymq:{Q}:flows` | zset | pending flow → creation sequence, capped at `max_per_state` (oldest dropped) |
 //!
 //! Every step is one Lua script — the state change, retention (age expiry of up to
 //! 100 records per call, the count policy, the per-state cap) and the `XADD` of the
@@ -30,9 +32,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use ferrymq_core::jobs::flow::{decode_message, encode_message, release_message};
 use ferrymq_core::jobs::{
-    JobEvent, JobEventKind, JobEvents, JobRecord, JobState, JobStore, JobUpdate, Keep,
-    StoredCounts, DEFAULT_MAX_PER_STATE,
+    ChildOutcome, FlowChildren, FlowRecord, JobEvent, JobEventKind, JobEvents, JobRecord, JobState,
+    JobStore, JobUpdate, Keep, Release, StoredCounts, DEFAULT_MAX_PER_STATE,
 };
 use ferrymq_core::{Error, ErrorKind, Result};
 use redis::{Script, Value};
@@ -169,10 +172,95 @@ end
 return {redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2]), redis.call('ZCARD', KEYS[3]), redis.call('ZCARD', KEYS[4]), redis.call('ZCARD', KEYS[5])}
 "#;
 
+/// Type checks of the flow scripts: KEYS[1] the flow hash, KEYS[2] the flows zset.
+const FLOW_PRELUDE: &str = r#"
+local F, FLOWS = KEYS[1], KEYS[2]
+for i, want in ipairs({'hash', 'zset'}) do
+  local t = redis.call('TYPE', KEYS[i]).ok
+  if t ~= 'none' and t ~= want then
+    return redis.error_reply('ferrymq: key ' .. KEYS[i] .. ' holds a ' .. t .. ', not a ' .. want)
+  end
+end
+"#;
+
+/// Create a flow unless it exists. KEYS 3 sequence. ARGV 1 parent, 2 parent queue,
+/// 3 parent message, 4 policy, 5 max flows, 6 flow key prefix, 7.. children.
+const CREATE_FLOW: &str = r#"
+if redis.call('EXISTS', F) == 1 then return 0 end
+local fields = {'q', ARGV[2], 'm', ARGV[3], 'pol', ARGV[4]}
+for i = 7, #ARGV do
+  table.insert(fields, 'c:' .. ARGV[i]); table.insert(fields, '1')
+end
+redis.call('HSET', F, unpack(fields))
+redis.call('ZADD', FLOWS, redis.call('INCR', KEYS[3]), ARGV[1])
+local over = redis.call('ZCARD', FLOWS) - tonumber(ARGV[5])
+if over > 0 then
+  for _, p in ipairs(redis.call('ZRANGE', FLOWS, 0, over - 1)) do
+    redis.call('DEL', ARGV[6] .. p)
+    redis.call('ZREM', FLOWS, p)
+  end
+  return 2
+end
+return 1
+"#;
+
+/// A child ended. ARGV 1 parent, 2 child, 3 `completed`/`failed`, 4 result (JSON)
+/// or reason. Returns {'wait'}, {'failed', reason} or {'send', queue, message,
+/// {child, result, ...}, {child, reason, ...}}.
+const CHILD_DONE: &str = r#"
+local parent, child, kind, value = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if redis.call('HEXISTS', F, 'c:' .. child) == 0 then return {'wait'} end
+local failed_now = false
+if kind == 'completed' then
+  redis.call('HSET', F, 'r:' .. child, value)
+  redis.call('HDEL', F, 'x:' .. child)
+elseif redis.call('HEXISTS', F, 'r:' .. child) == 0 then
+  redis.call('HSET', F, 'x:' .. child, value)
+  failed_now = true
+end
+local pol = redis.call('HGET', F, 'pol')
+if failed_now and pol == 'fail_parent' then
+  redis.call('DEL', F)
+  redis.call('ZREM', FLOWS, parent)
+  return {'failed', 'child ' .. child .. ' failed: ' .. value}
+end
+local all = redis.call('HGETALL', F)
+local children, results, failed, rmap, xmap = {}, {}, {}, {}, {}
+local queue, message
+for i = 1, #all, 2 do
+  local k, v = all[i], all[i + 1]
+  local p, rest = string.sub(k, 1, 2), string.sub(k, 3)
+  if p == 'c:' then table.insert(children, rest)
+  elseif p == 'r:' then rmap[rest] = v; table.insert(results, rest); table.insert(results, v)
+  elseif p == 'x:' then xmap[rest] = v; table.insert(failed, rest); table.insert(failed, v)
+  elseif k == 'q' then queue = v
+  elseif k == 'm' then message = v end
+end
+local done = true
+for _, c in ipairs(children) do
+  if not rmap[c] and not (pol ~= 'fail_parent' and xmap[c]) then done = false end
+end
+if done or (failed_now and pol == 'continue') then
+  redis.call('HSET', F, 'rel', '1')
+  return {'send', queue, message, results, failed}
+end
+return {'wait'}
+"#;
+
+/// The parent was sent: forget the flow. ARGV 1 parent.
+const PARENT_SENT: &str = r#"
+redis.call('DEL', F)
+redis.call('ZREM', FLOWS, ARGV[1])
+return 1
+"#;
+
 struct Scripts {
     record: Script,
     progress: Script,
     read: Script,
+    create_flow: Script,
+    child_done: Script,
+    parent_sent: Script,
 }
 
 fn scripts() -> &'static Scripts {
@@ -181,6 +269,9 @@ fn scripts() -> &'static Scripts {
         record: Script::new(&format!("{PRELUDE}{RECORD}")),
         progress: Script::new(&format!("{PRELUDE}{PROGRESS}")),
         read: Script::new(&format!("{PRELUDE}{READ}")),
+        create_flow: Script::new(&format!("{FLOW_PRELUDE}{CREATE_FLOW}")),
+        child_done: Script::new(&format!("{FLOW_PRELUDE}{CHILD_DONE}")),
+        parent_sent: Script::new(&format!("{FLOW_PRELUDE}{PARENT_SENT}")),
     })
 }
 
@@ -212,6 +303,9 @@ struct Inner {
     zsets: [String; 6],
     seq: String,
     events: String,
+    /// `ferrymq:{Q}:flow:` and the zset of pending flows.
+    flow_prefix: String,
+    flows: String,
     max_per_state: u64,
     events_max_len: u64,
 }
@@ -247,6 +341,8 @@ impl RedisJobStore {
                 ],
                 seq: format!("{base}:jobseq"),
                 events: format!("{base}:events"),
+                flow_prefix: format!("{base}:flow:"),
+                flows: format!("{base}:flows"),
                 max_per_state: max_per_state.max(1),
                 events_max_len: events_max_len.max(1),
                 shared,
@@ -296,6 +392,13 @@ impl RedisJobStore {
             .shared
             .with_timeout(what, inv.invoke_async::<T>(&mut conn))
             .await
+    }
+
+    fn flow_invocation<'a>(&self, script: &'a Script, parent: &str) -> redis::ScriptInvocation<'a> {
+        let mut inv = script.prepare_invoke();
+        inv.key(format!("{}{parent}", self.inner.flow_prefix))
+            .key(&self.inner.flows);
+        inv
     }
 
     async fn read(&self, id: &str, state: Option<JobState>, max: usize) -> Result<Value> {
@@ -478,6 +581,89 @@ impl JobStore for RedisJobStore {
             }
         }
         Ok(counts)
+    }
+
+    async fn create_flow(&self, flow: FlowRecord) -> Result<()> {
+        let mut inv = self.flow_invocation(&scripts().create_flow, &flow.parent);
+        inv.key(&self.inner.seq);
+        inv.arg(&flow.parent)
+            .arg(&flow.parent_queue)
+            .arg(encode_message(&flow.message))
+            .arg(flow.on_child_failure.as_str())
+            .arg(self.inner.max_per_state)
+            .arg(&self.inner.flow_prefix);
+        for child in &flow.children {
+            inv.arg(child);
+        }
+        if self.run::<i64>("flow create", &inv).await? == 2 {
+            tracing::warn!(
+                queue = self.queue(),
+                "too many pending flows: dropped the oldest"
+            );
+        }
+        Ok(())
+    }
+
+    async fn child_done(
+        &self,
+        parent: &str,
+        child: &str,
+        outcome: ChildOutcome,
+    ) -> Result<Release> {
+        let mut inv = self.flow_invocation(&scripts().child_done, parent);
+        inv.arg(parent).arg(child);
+        match &outcome {
+            ChildOutcome::Completed(result) => inv
+                .arg("completed")
+                .arg(result.clone().unwrap_or_default().to_string()),
+            ChildOutcome::Failed(reason) => inv.arg("failed").arg(reason),
+        };
+        let reply: Vec<Value> = self.run("flow child done", &inv).await?;
+        let text = |i: usize| reply.get(i).and_then(bulk);
+        let pairs = |i: usize| -> Vec<(String, String)> {
+            match reply.get(i) {
+                Some(Value::Array(items)) => items
+                    .chunks(2)
+                    .filter_map(|p| match p {
+                        [k, v] => Some((bulk(k)?, bulk(v)?)),
+                        _ => None,
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            }
+        };
+        match text(0).as_deref() {
+            Some("wait") => Ok(Release::Wait),
+            Some("failed") => Ok(Release::Failed {
+                reason: text(1).unwrap_or_default(),
+            }),
+            Some("send") => {
+                let queue = text(1).unwrap_or_default();
+                let message = decode_message(&text(2).unwrap_or_default())?;
+                let mut children = FlowChildren::default();
+                for (child, result) in pairs(3) {
+                    let value = serde_json::from_str(&result).unwrap_or(serde_json::Value::Null);
+                    children.results.insert(child, value);
+                }
+                for (child, reason) in pairs(4) {
+                    children.failed.insert(child, reason);
+                }
+                Ok(Release::Send {
+                    queue,
+                    message: release_message(message, parent, &children),
+                })
+            }
+            _ => Err(Error::new(
+                ErrorKind::Backend,
+                format!("unexpected reply to a flow step: {reply:?}"),
+            )),
+        }
+    }
+
+    async fn parent_sent(&self, parent: &str) -> Result<()> {
+        let mut inv = self.flow_invocation(&scripts().parent_sent, parent);
+        inv.arg(parent);
+        self.run::<i64>("flow parent sent", &inv).await.map(|_| ())
     }
 
     async fn subscribe(&self) -> Result<JobEvents> {

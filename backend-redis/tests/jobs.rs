@@ -17,7 +17,7 @@ use ferrymq_core::{BoxError, Delivery, ErrorKind, Message, Producer, Worker};
 use ferrymq_redis::RedisJobStore;
 use futures::StreamExt;
 use serde_json::json;
-use tower::ServiceBuilder;
+use tower::{Layer, ServiceBuilder};
 
 #[derive(serde::Deserialize)]
 struct Order {
@@ -259,7 +259,7 @@ async fn a_message_header_overrides_the_queue_retention() {
     )
     .await
     .unwrap();
-    let service = tower::Layer::layer(
+    let service = Layer::layer(
         &TrackJobsLayer::new(store.clone()),
         tower::service_fn(|_d: Delivery| async { Ok::<_, BoxError>(json!("ok")) }),
     );
@@ -366,4 +366,218 @@ async fn progress_of_an_untracked_job_is_an_event_only() {
         .unwrap()
         .unwrap();
     assert_eq!(e.kind, JobEventKind::Progress { value: json!(42) });
+}
+
+mod flows {
+    use super::*;
+    use ferrymq_core::jobs::{children, ChildOutcome, Flow, OnChildFailure, Release};
+    use ferrymq_core::{Consumer, Producer};
+
+    #[derive(serde::Deserialize, serde::Serialize)]
+    struct Invoice {
+        order: u64,
+    }
+
+    fn invoicer(
+    ) -> impl tower::Service<Delivery, Response = (), Error = BoxError, Future = impl Send>
+           + Clone
+           + Send
+           + 'static {
+        json_job_handler(|i: Invoice, _d: Delivery| async move {
+            if i.order == 9 {
+                return Err::<serde_json::Value, BoxError>("card declined".into());
+            }
+            Ok(json!({ "invoice": format!("INV-{}", i.order) }))
+        })
+    }
+
+    #[tokio::test]
+    async fn parents_run_after_their_children_with_results_across_processes() {
+        let (inv_p, inv_c, inv_cfg) = connect("flow-invoices", "visibility=2s").await;
+        let (email_p, email_c, _) = connect("flow-emails", "visibility=2s").await;
+        let dlq = config("flow-dlq", "").producer().await.unwrap();
+        // The process adding flows has a store of its own.
+        let adder = RedisJobStore::connect(&inv_cfg).await.unwrap();
+        for order in [1, 2, 9] {
+            Flow::new(
+                format!("email-{order}"),
+                email_p.queue(),
+                Message::new(format!("mail {order}")),
+            )
+            .child(
+                &inv_p,
+                Message::json(&Invoice { order })
+                    .unwrap()
+                    .job_id(format!("inv-{order}-a")),
+            )
+            .child(
+                &inv_p,
+                Message::json(&Invoice {
+                    order: if order == 9 { 9 } else { order * 10 },
+                })
+                .unwrap()
+                .job_id(format!("inv-{order}-b")),
+            )
+            .on_child_failure(OnChildFailure::FailParent)
+            .add(&adder)
+            .await
+            .unwrap();
+        }
+        assert_eq!(
+            email_c.depth().await.unwrap().total(),
+            0,
+            "no parent before its children"
+        );
+        let service = ServiceBuilder::new()
+            .layer(
+                TrackJobsLayer::new(inv_c.job_store())
+                    .keep_failed(Keep::Count(10))
+                    .flows(email_p),
+            )
+            .layer(RetryToDlqLayer::new(dlq).max_attempts(1))
+            .service(invoicer());
+        Worker::new(inv_c)
+            .concurrency(4)
+            .run_until(service, tokio::time::sleep(Duration::from_secs(2)))
+            .await
+            .unwrap();
+        let mut parents = email_c.receive(10, Duration::from_secs(1)).await.unwrap();
+        parents.sort_by_key(|d| d.payload().clone());
+        let bodies: Vec<&[u8]> = parents.iter().map(|d| d.payload().as_ref()).collect();
+        assert_eq!(
+            bodies,
+            [b"mail 1".as_ref(), b"mail 2".as_ref()],
+            "order 9's parent failed with its child"
+        );
+        let kids = children(&parents[0]).unwrap();
+        assert_eq!(kids.results["inv-1-a"], json!({ "invoice": "INV-1" }));
+        assert_eq!(kids.results["inv-1-b"], json!({ "invoice": "INV-10" }));
+        let failed = adder.get("email-9").await.unwrap().unwrap();
+        assert_eq!(failed.state, JobState::DeadLettered);
+        assert!(
+            failed
+                .failure
+                .as_deref()
+                .unwrap_or("")
+                .contains("card declined"),
+            "{failed:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_crash_after_releasing_the_parent_sends_it_once() {
+        let (inv_p, inv_c, _) = connect("flow-crash-invoices", "visibility=2s").await;
+        let (email_p, email_c, _) = connect("flow-crash-emails", "visibility=2s").await;
+        let store = inv_c.job_store();
+        Flow::new("email-5", email_p.queue(), Message::new("mail 5"))
+            .child(&inv_p, Message::json(&Invoice { order: 5 }).unwrap())
+            .add(&store)
+            .await
+            .unwrap();
+        // A first run recorded the result, sent the parent, and died before the mark
+        // and the ack.
+        let Release::Send { message, .. } = store
+            .child_done(
+                "email-5",
+                "email-5/1",
+                ChildOutcome::Completed(Some(json!("first"))),
+            )
+            .await
+            .unwrap()
+        else {
+            panic!("the only child releases the parent");
+        };
+        email_p.send(message).await.unwrap();
+        // The child comes back; its rerun completes the flow again.
+        let service = TrackJobsLayer::new(store.clone())
+            .flows(email_p)
+            .layer(invoicer());
+        Worker::new(inv_c)
+            .run_until(service, tokio::time::sleep(Duration::from_millis(800)))
+            .await
+            .unwrap();
+        let parents = email_c
+            .receive(10, Duration::from_millis(500))
+            .await
+            .unwrap();
+        assert_eq!(
+            parents.len(),
+            1,
+            "the second send was dropped by the queue's dedup"
+        );
+        assert_eq!(
+            children(&parents[0]).unwrap().results["email-5/1"],
+            json!("first"),
+            "the copy that went out first is the one on the queue"
+        );
+        assert_eq!(
+            store
+                .child_done("email-5", "email-5/1", ChildOutcome::Completed(None))
+                .await
+                .unwrap(),
+            Release::Wait,
+            "done flows are forgotten"
+        );
+    }
+
+    #[tokio::test]
+    async fn ignore_and_continue_policies() {
+        let store = RedisJobStore::connect(&config("flow-policies", ""))
+            .await
+            .unwrap();
+        let (p, _c, _) = connect("flow-policies-q", "").await;
+        for (id, policy) in [
+            ("ignore", OnChildFailure::Ignore),
+            ("continue", OnChildFailure::Continue),
+        ] {
+            // Children are not consumed here: only the store's decisions are checked.
+            Flow::new(id, "parents", Message::new(id))
+                .child(&p, Message::new("a").job_id(format!("{id}-a")))
+                .child(&p, Message::new("b").job_id(format!("{id}-b")))
+                .on_child_failure(policy)
+                .add(&store)
+                .await
+                .unwrap();
+        }
+        let failed = |s: &str| ChildOutcome::Failed(s.to_string());
+        assert_eq!(
+            store
+                .child_done("ignore", "ignore-a", failed("x"))
+                .await
+                .unwrap(),
+            Release::Wait
+        );
+        let Release::Send { queue, message } = store
+            .child_done(
+                "ignore",
+                "ignore-b",
+                ChildOutcome::Completed(Some(json!(2))),
+            )
+            .await
+            .unwrap()
+        else {
+            panic!("ignore: released once the others are done");
+        };
+        assert_eq!(queue, "parents");
+        let header = message
+            .headers()
+            .get(ferrymq_core::reserved::FLOW_CHILDREN)
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(header).unwrap();
+        assert_eq!(
+            v,
+            json!({ "results": { "ignore-b": 2 }, "failed": { "ignore-a": "x" } })
+        );
+        assert!(matches!(
+            store
+                .child_done("continue", "continue-a", failed("y"))
+                .await
+                .unwrap(),
+            Release::Send { .. }
+        ));
+        assert_eq!(
+            store.child_done("nope", "a", failed("z")).await.unwrap(),
+            Release::Wait
+        );
+    }
 }

@@ -412,6 +412,7 @@ mod tests {
                 "per_key_order_with_concurrency_8_and_retries",
                 "slow_handler_worker_handles_each_once_c1",
                 "slow_handler_worker_handles_each_once_c4",
+                "jobs_record_states_results_and_events",
             ]
         );
     }

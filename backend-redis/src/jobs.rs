@@ -694,6 +694,7 @@ impl JobStore for RedisJobStore {
             last,
             buffer: VecDeque::new(),
             failed: false,
+            conn: None,
         };
         Ok(Box::pin(futures::stream::unfold(
             state,
@@ -725,6 +726,9 @@ struct Tail {
     last: String,
     buffer: VecDeque<JobEvent>,
     failed: bool,
+    /// A connection of the subscription's own, taken out of the blocking pool so
+    /// that a subscriber never holds a slot the consumers' blocking reads need.
+    conn: Option<redis::aio::MultiplexedConnection>,
 }
 
 /// How long one blocking read waits before asking again.
@@ -733,23 +737,25 @@ const BLOCK: Duration = Duration::from_secs(1);
 impl Tail {
     async fn read(&mut self) -> Result<()> {
         let shared = &self.store.inner.shared;
-        let mut conn = match tokio::time::timeout(
-            shared.config.command_timeout,
-            shared.blocking.get(),
-        )
-        .await
-        {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(deadpool_redis::PoolError::Backend(e))) => {
-                return Err(shared.map_err(e, "events connection"))
+        let mut conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => {
+                match tokio::time::timeout(shared.config.command_timeout, shared.blocking.get())
+                    .await
+                {
+                    Ok(Ok(conn)) => deadpool_redis::Connection::take(conn),
+                    Ok(Err(deadpool_redis::PoolError::Backend(e))) => {
+                        return Err(shared.map_err(e, "events connection"))
+                    }
+                    Ok(Err(e)) => {
+                        return Err(Error::new(
+                            ErrorKind::Connection,
+                            format!("no connection to redis for the job events: {e}"),
+                        ))
+                    }
+                    Err(_) => return Err(shared.timeout("events connection")),
+                }
             }
-            Ok(Err(e)) => {
-                return Err(Error::new(
-                    ErrorKind::Connection,
-                    format!("no connection to redis for the job events: {e}"),
-                ))
-            }
-            Err(_) => return Err(shared.timeout("events connection")),
         };
         let mut cmd = redis::cmd("XREAD");
         cmd.arg("COUNT")
@@ -761,20 +767,18 @@ impl Tail {
             .arg(&self.last);
         let reply = tokio::time::timeout(
             BLOCK.saturating_add(shared.config.command_timeout),
-            cmd.query_async::<Value>(&mut *conn),
+            cmd.query_async::<Value>(&mut conn),
         )
         .await;
+        // A failed or timed-out read may still be blocked on the server: its
+        // connection is dropped, and the next read opens another.
         let reply = match reply {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
-                // Possibly still blocked on the server: do not hand it back.
-                drop(deadpool_redis::Connection::take(conn));
-                return Err(shared.map_err(e, "XREAD events"));
+            Ok(Ok(v)) => {
+                self.conn = Some(conn);
+                v
             }
-            Err(_) => {
-                drop(deadpool_redis::Connection::take(conn));
-                return Err(shared.timeout("XREAD events"));
-            }
+            Ok(Err(e)) => return Err(shared.map_err(e, "XREAD events")),
+            Err(_) => return Err(shared.timeout("XREAD events")),
         };
         // [[stream, [[id, [f, v, ...]], ...]]] or nil.
         let Value::Array(streams) = reply else {

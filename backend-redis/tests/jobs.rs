@@ -581,3 +581,87 @@ mod flows {
         );
     }
 }
+
+/// A redis-server on `port` (no persistence), for restarting on the same port.
+fn spawn_server(port: u16, dir: &std::path::Path) -> std::process::Child {
+    let child = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server on PATH (scripts/redis.sh start installs it)");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .and_then(|c| c.get_connection())
+        .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redis-server on {port} did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subscription_goes_on_after_the_server_restarted() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!(
+        "ferrymq-jobs-restart-{}-{port}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut server = spawn_server(port, &dir);
+    let cfg = ferrymq_redis::RedisConfig::from_url(&format!(
+        "redis://127.0.0.1:{port}/events-restart?connect_timeout=1s&command_timeout=1s"
+    ))
+    .unwrap();
+    let store = RedisJobStore::connect(&cfg).await.unwrap();
+    let mut events = store.subscribe().await.unwrap();
+    store.progress("before", json!(1)).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.id, "before");
+
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let mut server = spawn_server(port, &dir);
+    // Events recorded after the restart reach the old subscription.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut errors = 0;
+    let got = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no event after the restart ({errors} errors)"
+        );
+        let _ = store.progress("after", json!(2)).await;
+        match tokio::time::timeout(Duration::from_millis(1500), events.next()).await {
+            Ok(Some(Ok(e))) => break e,
+            Ok(Some(Err(_))) => errors += 1,
+            Ok(None) => panic!("the subscription ended"),
+            Err(_) => {}
+        }
+    };
+    assert_eq!(got.id, "after");
+    assert_eq!(got.kind, JobEventKind::Progress { value: json!(2) });
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -46,8 +46,21 @@ impl JobContext {
 
     /// Record `value` (a number, or any small serializable value) as the job's
     /// progress and emit a progress event.
+    ///
+    /// A value over [`MAX_VALUE_BYTES`](super::MAX_VALUE_BYTES) as JSON is
+    /// [`ErrorKind::TooLarge`](crate::ErrorKind::TooLarge), and nothing is recorded.
     pub async fn progress(&self, value: impl Serialize) -> Result<()> {
         let value = serde_json::to_value(value)?;
+        if let Some(len) = super::types::oversized(&value) {
+            return Err(crate::Error::new(
+                crate::ErrorKind::TooLarge,
+                format!(
+                    "progress of job {:?}: {len} bytes of JSON, the limit is {}",
+                    self.id,
+                    super::MAX_VALUE_BYTES
+                ),
+            ));
+        }
         self.store.progress(&self.id, value).await
     }
 }

@@ -94,7 +94,7 @@ pub use memory::MemoryJobStore;
 pub use track::{json_job_handler, JobJson, JobJsonFn, TrackJobs, TrackJobsLayer};
 pub use types::{
     job_id_of, JobCounts, JobEvent, JobEventKind, JobMessage, JobRecord, JobState, JobUpdate, Keep,
-    StoredCounts, DEFAULT_MAX_PER_STATE,
+    StoredCounts, DEFAULT_MAX_PER_STATE, MAX_VALUE_BYTES,
 };
 
 use std::fmt;

@@ -637,3 +637,39 @@ mod flows {
         assert_eq!(decode_message(&encode_message(&m)).unwrap(), m);
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn oversized_progress_is_refused_and_an_oversized_result_is_not_kept() {
+    let cfg = queue("jobs-big");
+    let (p, c) = cfg.connect().unwrap();
+    let store = MemoryJobStore::new(cfg.queue.clone());
+    p.send(
+        Message::new("x")
+            .job_id("big")
+            .keep_completed(Keep::Count(1)),
+    )
+    .await
+    .unwrap();
+    let refused = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let r2 = refused.clone();
+    let big = "x".repeat(MAX_VALUE_BYTES + 1);
+    let service =
+        TrackJobsLayer::new(store.clone()).layer(tower::service_fn(move |_d: Delivery| {
+            let (r2, big) = (r2.clone(), big.clone());
+            async move {
+                let job = current().unwrap();
+                *r2.lock().unwrap() = job.progress(&big).await.err().map(|e| e.kind());
+                Ok::<_, BoxError>(big)
+            }
+        }));
+    Worker::new(c)
+        .run_until(service, tokio::time::sleep(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    assert_eq!(*refused.lock().unwrap(), Some(crate::ErrorKind::TooLarge));
+    let job = store.get("big").await.unwrap().unwrap();
+    assert_eq!(
+        (job.state, job.result, job.progress),
+        (JobState::Completed, None, None)
+    );
+}

@@ -298,6 +298,13 @@ where
                             set
                         }
                     };
+                    let result = match result.as_ref().and_then(super::types::oversized) {
+                        Some(len) => {
+                            tracing::warn!(queue = %meta.queue, job = %id, bytes = len, limit = super::MAX_VALUE_BYTES, "the handler's result is too large to record; recorded without it");
+                            None
+                        }
+                        None => result,
+                    };
                     let acker = delivery.acker();
                     if recorded == Some(Outcome::Deduplicated) {
                         return Ok(());

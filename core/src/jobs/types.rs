@@ -14,6 +14,17 @@ use crate::message::{reserved, Message};
 /// that keeps memory finite (a long age, records of crashed workers).
 pub const DEFAULT_MAX_PER_STATE: u64 = 10_000;
 
+/// Largest progress value or result a store is handed, as JSON text: they are
+/// small values (BullMQ's `progress(50)`, an invoice number), and the cap keeps
+/// [`DEFAULT_MAX_PER_STATE`] records within a bounded size.
+pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+
+/// `value`'s JSON size when it is over [`MAX_VALUE_BYTES`].
+pub(crate) fn oversized(value: &serde_json::Value) -> Option<usize> {
+    let len = value.to_string().len();
+    (len > MAX_VALUE_BYTES).then_some(len)
+}
+
 /// Where a job is in its life (see the [module docs](super) for when each is set).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -225,6 +225,10 @@ async fn main() -> ferrymq::Result<ExitCode> {
         counts.completed, counts.failed, counts.dead_lettered, counts.waiting, counts.active
     );
 
+    // SQS counts receives (`ApproximateReceiveCount`), which may run ahead of the
+    // deliveries a handler saw; exact counters must match.
+    let approximate = producer.capabilities().attempts == ferrymq::Attempts::Approximate;
+    let attempts_are = |got: u32, want: u32| got == want || (approximate && got >= want);
     let mut checks = Checks::new();
     println!();
     // The subscription began before the sends, so their `waiting` is in too.
@@ -261,7 +265,7 @@ async fn main() -> ferrymq::Result<ExitCode> {
             r.state == JobState::Completed
                 && r.result == Some(json!({ "order": 1, "total": 11 }))
                 && r.progress == Some(json!({ "pct": 100 }))
-                && r.attempts == 1
+                && attempts_are(r.attempts, 1)
                 && r.finished_at.is_some()
         }),
         "order-1 is readable by id: completed, attempt 1, progress 100 %, its result",
@@ -274,7 +278,7 @@ async fn main() -> ferrymq::Result<ExitCode> {
     checks.check(
         three.as_ref().is_some_and(|r| {
             r.state == JobState::DeadLettered
-                && r.attempts == 3
+                && attempts_are(r.attempts, 3)
                 && r.failure.as_deref() == Some("order 3 cannot be priced")
         }),
         "order-3 is dead-lettered after 3 attempts, with its error",
@@ -284,8 +288,11 @@ async fn main() -> ferrymq::Result<ExitCode> {
         .map(|v| v.iter().map(String::as_str).collect())
         .unwrap_or_default();
     checks.check(
-        poison.iter().filter(|k| **k == "retried").count() == 2
-            && poison.last() == Some(&"dead_lettered"),
+        {
+            let retried = poison.iter().filter(|k| **k == "retried").count();
+            (retried == 2 || (approximate && (1..=2).contains(&retried)))
+                && poison.last() == Some(&"dead_lettered")
+        },
         format!("order-3's events: retried twice, then dead_lettered (saw {poison:?})"),
     );
     checks.check(

@@ -13,6 +13,10 @@
 //! | `ferrymq:{Q}:flow:P` | hash | pending flow `P`: `q` parent queue, `m` parent message, `pol` failure policy, `c:ID` per child, `r:ID` its result (JSON), `x:ID` its failure, `rel` once released |
 //! | `ferrymq:{Q}:flows` | zset | pending flow → creation sequence, capped at `max_per_state` (oldest dropped) |
 //!
+//! Scripts name the keys of other records (trimming, expiry) from the prefix they
+//! are given rather than in `KEYS`: every key shares the queue's hash tag, so they
+//! are in the script's slot on Redis Cluster too.
+//!
 //! Every step is one Lua script — the state change, retention (age expiry of up to
 //! 100 records per call, the count policy, the per-state cap) and the `XADD` of the
 //! event — so a record and its event never disagree, and two workers cannot both

@@ -7,7 +7,7 @@
 //! a [`JobEvent`] for each step (plus the handler's [`progress`] reports). Any
 //! process holding a store of the same queue can read a job by id
 //! ([`JobStore::get`]), count jobs per state ([`JobStore::counts`], with
-//! [`JobCounts`] adding the queue's own [`Depth`]) and follow the events
+//! [`JobCounts`] adding the queue's own [`Depth`](crate::Depth)) and follow the events
 //! ([`JobStore::subscribe`], like BullMQ's `QueueEvents`).
 //!
 //! Stores: [`MemoryJobStore`] (in-process, for `memory://` and tests; events by
@@ -19,8 +19,8 @@
 //!
 //! Nothing is kept by default: a job's record lives while it is waiting or active
 //! and goes when it completes or fails. [`Keep`] says otherwise — `none`, the newest
-//! `N`, or for an age — per queue ([`TrackJobs::keep_completed`],
-//! [`TrackJobs::keep_failed`]) and per message ([`JobMessage::keep_completed`], a
+//! `N`, or for an age — per queue ([`TrackJobsLayer::keep_completed`],
+//! [`TrackJobsLayer::keep_failed`]) and per message ([`JobMessage::keep_completed`], a
 //! header). Retention is always bounded: every store caps each state at
 //! [`DEFAULT_MAX_PER_STATE`] records (the oldest go first), whatever the policies
 //! say, so neither a long age nor records of crashed workers can grow memory without
@@ -42,7 +42,7 @@
 //! job `active` (until the per-state cap trims it). A job's id is its
 //! [`reserved::JOB_ID`](crate::reserved::JOB_ID) header, else its dedup id, else the
 //! backend's message id (stable across redeliveries; the `id` of the send's
-//! [`SendReceipt`](crate::SendReceipt)).
+//! [`SendReceipt`]).
 //!
 //! ```
 //! use std::time::Duration;

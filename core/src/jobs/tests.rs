@@ -673,3 +673,112 @@ async fn oversized_progress_is_refused_and_an_oversized_result_is_not_kept() {
         (JobState::Completed, None, None)
     );
 }
+
+/// A store that refuses everything: tracking must not fail the deliveries.
+#[derive(Debug)]
+struct Broken;
+
+#[async_trait::async_trait]
+impl JobStore for Broken {
+    fn queue(&self) -> &str {
+        "broken"
+    }
+    async fn record(&self, _: JobUpdate) -> crate::Result<()> {
+        Err(crate::Error::new(
+            crate::ErrorKind::Connection,
+            "store down",
+        ))
+    }
+    async fn progress(&self, _: &str, _: serde_json::Value) -> crate::Result<()> {
+        Err(crate::Error::new(
+            crate::ErrorKind::Connection,
+            "store down",
+        ))
+    }
+    async fn get(&self, _: &str) -> crate::Result<Option<JobRecord>> {
+        Ok(None)
+    }
+    async fn list(&self, _: JobState, _: usize) -> crate::Result<Vec<JobRecord>> {
+        Ok(Vec::new())
+    }
+    async fn counts(&self) -> crate::Result<StoredCounts> {
+        Ok(StoredCounts::default())
+    }
+    async fn subscribe(&self) -> crate::Result<JobEvents> {
+        Ok(Box::pin(futures::stream::empty()))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_store_never_fails_the_delivery() {
+    let cfg = queue("jobs-broken");
+    let (p, c) = cfg.connect().unwrap();
+    p.send(order(1, 0)).await.unwrap();
+    let service = TrackJobsLayer::new(Broken).layer(invoicer());
+    let summary = Worker::new(c.clone())
+        .run_until(service, tokio::time::sleep(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    assert_eq!((summary.succeeded, summary.failed), (1, 0), "{summary}");
+    assert_eq!(
+        crate::Consumer::depth(&c).await.unwrap().total(),
+        0,
+        "acked"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_skipped_by_dedup_leaves_the_original_record() {
+    use crate::middleware::{DedupLayer, MemoryDedupStore};
+    let cfg = queue("jobs-dedup");
+    let (p, c) = cfg.connect().unwrap();
+    let store = MemoryJobStore::new(cfg.queue.clone());
+    p.send(order(1, 0).dedup_id("o-1")).await.unwrap();
+    let service = ServiceBuilder::new()
+        .layer(DedupLayer::new(MemoryDedupStore::new(Duration::from_secs(
+            3600,
+        ))))
+        .layer(TrackJobsLayer::new(store.clone()).keep_completed(Keep::Count(10)))
+        .service(invoicer());
+    let worker = Worker::new(c);
+    let run = tokio::spawn(worker.run_until(service, tokio::time::sleep(Duration::from_secs(600))));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let first = store.get("order-1").await.unwrap().unwrap();
+    assert_eq!(first.state, JobState::Completed);
+    // Past the broker's dedup window, the same order again: Dedup skips it.
+    tokio::time::sleep(Duration::from_secs(400)).await;
+    let mut events = store.subscribe().await.unwrap();
+    p.send(order(1, 0).dedup_id("o-1")).await.unwrap();
+    let summary = run.await.unwrap().unwrap();
+    assert_eq!(
+        (summary.succeeded, summary.deduplicated),
+        (1, 1),
+        "{summary}"
+    );
+    assert_eq!(
+        store.get("order-1").await.unwrap(),
+        Some(first),
+        "untouched"
+    );
+    assert!(
+        events.next().now_or_never().flatten().is_none(),
+        "no event for a skipped duplicate"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_subscriber_that_falls_behind_is_told_how_much_it_missed() {
+    let store = MemoryJobStore::new("jobs-lag");
+    let mut events = store.subscribe().await.unwrap();
+    for i in 0..1100 {
+        store.progress("j", json!(i)).await.unwrap();
+    }
+    let e = events.next().await.unwrap().unwrap_err();
+    assert!(e.to_string().contains("missed 76 events"), "{e}");
+    let next = events.next().await.unwrap().unwrap();
+    assert_eq!(
+        next.kind,
+        JobEventKind::Progress { value: json!(76) },
+        "then it goes on"
+    );
+}

@@ -32,7 +32,8 @@ use crate::producer::Producer;
 /// Place it **outside** [`RetryToDlq`](crate::middleware::RetryToDlq) (it reads the
 /// outcome that layer records) and **inside**
 /// [`Dedup`](crate::middleware::Dedup) (a duplicate never reaches it, so it cannot
-/// overwrite the original's record):
+/// overwrite the original's record; under it, a skipped duplicate would leave the
+/// record `active`, as the layer records that before the stack runs):
 ///
 /// ```text
 /// ExtendVisibility → Dedup → TrackJobs → RetryToDlq → CatchPanic → json_job_handler

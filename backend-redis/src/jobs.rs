@@ -145,7 +145,7 @@ return 1
 "#;
 
 /// Progress. KEYS 7 job hash, 8 events. ARGV 3 id, 4 value (JSON), 5 at, 6 events
-/// max len.
+/// max len, 7 attempt.
 const PROGRESS: &str = r#"
 local JOB, EVENTS = KEYS[7], KEYS[8]
 local e = check(JOB, 'hash') or check(EVENTS, 'stream')
@@ -154,7 +154,7 @@ sweep()
 if redis.call('EXISTS', JOB) == 1 then
   redis.call('HSET', JOB, 'p', ARGV[4], 'u', ARGV[5])
 end
-redis.call('XADD', EVENTS, 'MAXLEN', '~', ARGV[6], '*', 'e', 'progress', 'id', ARGV[3], 'a', '0', 't', ARGV[5], 'v', ARGV[4])
+redis.call('XADD', EVENTS, 'MAXLEN', '~', ARGV[6], '*', 'e', 'progress', 'id', ARGV[3], 'a', ARGV[7], 't', ARGV[5], 'v', ARGV[4])
 return 1
 "#;
 
@@ -533,13 +533,14 @@ impl JobStore for RedisJobStore {
         self.run::<i64>("job record", &inv).await.map(|_| ())
     }
 
-    async fn progress(&self, id: &str, value: serde_json::Value) -> Result<()> {
+    async fn progress(&self, id: &str, attempt: u32, value: serde_json::Value) -> Result<()> {
         let mut inv = self.invocation(&scripts().progress);
         inv.key(self.job_key(id)).key(&self.inner.events);
         inv.arg(id)
             .arg(value.to_string())
             .arg(ms(std::time::SystemTime::now()))
-            .arg(self.inner.events_max_len);
+            .arg(self.inner.events_max_len)
+            .arg(attempt);
         self.run::<i64>("job progress", &inv).await.map(|_| ())
     }
 

@@ -310,7 +310,7 @@ async fn the_event_stream_is_bounded() {
         .events_max_len(10);
     for i in 0..1000 {
         store
-            .progress(&format!("p{}", i % 3), json!(i))
+            .progress(&format!("p{}", i % 3), 1, json!(i))
             .await
             .unwrap();
     }
@@ -358,7 +358,7 @@ async fn progress_of_an_untracked_job_is_an_event_only() {
     let cfg = config("jobs-progress", "");
     let store = RedisJobStore::connect(&cfg).await.unwrap();
     let mut events = store.subscribe().await.unwrap();
-    store.progress("ghost", json!(42)).await.unwrap();
+    store.progress("ghost", 3, json!(42)).await.unwrap();
     assert_eq!(store.get("ghost").await.unwrap(), None);
     let e = tokio::time::timeout(Duration::from_secs(3), events.next())
         .await
@@ -366,6 +366,7 @@ async fn progress_of_an_untracked_job_is_an_event_only() {
         .unwrap()
         .unwrap();
     assert_eq!(e.kind, JobEventKind::Progress { value: json!(42) });
+    assert_eq!(e.attempt, 3);
 }
 
 mod flows {
@@ -632,7 +633,7 @@ async fn a_subscription_goes_on_after_the_server_restarted() {
     .unwrap();
     let store = RedisJobStore::connect(&cfg).await.unwrap();
     let mut events = store.subscribe().await.unwrap();
-    store.progress("before", json!(1)).await.unwrap();
+    store.progress("before", 1, json!(1)).await.unwrap();
     let first = tokio::time::timeout(Duration::from_secs(5), events.next())
         .await
         .unwrap()
@@ -651,7 +652,7 @@ async fn a_subscription_goes_on_after_the_server_restarted() {
             tokio::time::Instant::now() < deadline,
             "no event after the restart ({errors} errors)"
         );
-        let _ = store.progress("after", json!(2)).await;
+        let _ = store.progress("after", 1, json!(2)).await;
         match tokio::time::timeout(Duration::from_millis(1500), events.next()).await {
             Ok(Some(Ok(e))) => break e,
             Ok(Some(Err(_))) => errors += 1,

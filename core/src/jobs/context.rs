@@ -17,6 +17,7 @@ use crate::error::Result;
 #[derive(Clone)]
 pub struct JobContext {
     id: Arc<str>,
+    attempt: u32,
     store: Arc<dyn JobStore>,
 }
 
@@ -24,19 +25,25 @@ impl fmt::Debug for JobContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("JobContext")
             .field("id", &self.id)
+            .field("attempt", &self.attempt)
             .field("queue", &self.store.queue())
             .finish()
     }
 }
 
 impl JobContext {
-    pub(super) fn new(id: Arc<str>, store: Arc<dyn JobStore>) -> Self {
-        JobContext { id, store }
+    pub(super) fn new(id: Arc<str>, attempt: u32, store: Arc<dyn JobStore>) -> Self {
+        JobContext { id, attempt, store }
     }
 
     /// The job id.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The delivery's attempt.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
     }
 
     /// The queue.
@@ -61,7 +68,7 @@ impl JobContext {
                 ),
             ));
         }
-        self.store.progress(&self.id, value).await
+        self.store.progress(&self.id, self.attempt, value).await
     }
 }
 

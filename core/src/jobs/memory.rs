@@ -274,7 +274,7 @@ impl JobStore for MemoryJobStore {
         Ok(())
     }
 
-    async fn progress(&self, id: &str, value: serde_json::Value) -> Result<()> {
+    async fn progress(&self, id: &str, attempt: u32, value: serde_json::Value) -> Result<()> {
         {
             let mut state = self.lock();
             state.expire(Instant::now());
@@ -283,7 +283,7 @@ impl JobStore for MemoryJobStore {
                 entry.record.updated_at = std::time::SystemTime::now();
             }
         }
-        self.emit(JobEvent::progress(&self.inner.queue, id, value));
+        self.emit(JobEvent::progress(&self.inner.queue, id, attempt, value));
         Ok(())
     }
 

@@ -125,9 +125,10 @@ pub trait JobStore: Send + Sync + fmt::Debug {
     /// Apply one step of a job's life (see [`JobUpdate`]) and emit its event.
     async fn record(&self, update: JobUpdate) -> Result<()>;
 
-    /// Store `value` as the job's progress and emit a progress event. A job with no
-    /// record (never tracked, or already trimmed) gets the event only.
-    async fn progress(&self, id: &str, value: serde_json::Value) -> Result<()>;
+    /// Store `value` as the job's progress and emit a progress event of its
+    /// `attempt`. A job with no record (never tracked, or already trimmed) gets the
+    /// event only.
+    async fn progress(&self, id: &str, attempt: u32, value: serde_json::Value) -> Result<()>;
 
     /// The job's record, if kept.
     async fn get(&self, id: &str) -> Result<Option<JobRecord>>;
@@ -184,8 +185,8 @@ impl<T: JobStore + ?Sized> JobStore for std::sync::Arc<T> {
     async fn record(&self, update: JobUpdate) -> Result<()> {
         (**self).record(update).await
     }
-    async fn progress(&self, id: &str, value: serde_json::Value) -> Result<()> {
-        (**self).progress(id, value).await
+    async fn progress(&self, id: &str, attempt: u32, value: serde_json::Value) -> Result<()> {
+        (**self).progress(id, attempt, value).await
     }
     async fn get(&self, id: &str) -> Result<Option<JobRecord>> {
         (**self).get(id).await
@@ -223,8 +224,8 @@ impl<T: JobStore + ?Sized> JobStore for Box<T> {
     async fn record(&self, update: JobUpdate) -> Result<()> {
         (**self).record(update).await
     }
-    async fn progress(&self, id: &str, value: serde_json::Value) -> Result<()> {
-        (**self).progress(id, value).await
+    async fn progress(&self, id: &str, attempt: u32, value: serde_json::Value) -> Result<()> {
+        (**self).progress(id, attempt, value).await
     }
     async fn get(&self, id: &str) -> Result<Option<JobRecord>> {
         (**self).get(id).await

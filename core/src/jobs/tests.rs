@@ -124,6 +124,11 @@ async fn completed_failed_and_dead_lettered_jobs_with_results_progress_and_event
     let mut seen: Vec<(String, String)> = Vec::new();
     while let Some(Some(event)) = events.next().now_or_never() {
         let event = event.unwrap();
+        // Every event of a delivery carries its attempt; order-2 fails attempt 1.
+        if event.id == "order-2" && event.kind.name() != "waiting" {
+            let retried = seen.iter().any(|(i, k)| i == "order-2" && k == "retried");
+            assert_eq!(event.attempt, if retried { 2 } else { 1 }, "{event:?}");
+        }
         seen.push((event.id.clone(), event.kind.name().to_string()));
         if let JobEventKind::Completed { result } = &event.kind {
             assert!(result.is_some(), "a completed event carries the result");
@@ -689,7 +694,7 @@ impl JobStore for Broken {
             "store down",
         ))
     }
-    async fn progress(&self, _: &str, _: serde_json::Value) -> crate::Result<()> {
+    async fn progress(&self, _: &str, _: u32, _: serde_json::Value) -> crate::Result<()> {
         Err(crate::Error::new(
             crate::ErrorKind::Connection,
             "store down",
@@ -771,7 +776,7 @@ async fn a_subscriber_that_falls_behind_is_told_how_much_it_missed() {
     let store = MemoryJobStore::new("jobs-lag");
     let mut events = store.subscribe().await.unwrap();
     for i in 0..1100 {
-        store.progress("j", json!(i)).await.unwrap();
+        store.progress("j", 1, json!(i)).await.unwrap();
     }
     let e = events.next().await.unwrap().unwrap_err();
     assert!(e.to_string().contains("missed 76 events"), "{e}");

@@ -282,7 +282,7 @@ where
                     JobUpdate::new(&*id, JobState::Active, attempt).created_at(meta.enqueued_at),
                 )
                 .await;
-            let job = JobContext::new(id.clone(), config.store.clone());
+            let job = JobContext::new(id.clone(), attempt, config.store.clone());
             let ((output, recorded), set) = context::scope(job, outcome::scope(handling)).await;
             // Hand what the inner layers recorded on to whoever drives us.
             if let Some(o) = recorded {

@@ -425,7 +425,7 @@ pub struct JobEvent {
     pub queue: String,
     /// The job id.
     pub id: String,
-    /// The delivery's attempt (0 when not known: sent, progress).
+    /// The delivery's attempt (0 when there is none yet: sent).
     pub attempt: u32,
     /// When it happened (ms since the epoch in JSON).
     #[serde(with = "ms")]
@@ -447,12 +447,12 @@ impl JobEvent {
         }
     }
 
-    /// A progress event.
-    pub fn progress(queue: &str, id: &str, value: serde_json::Value) -> Self {
+    /// A progress event of `attempt`, now.
+    pub fn progress(queue: &str, id: &str, attempt: u32, value: serde_json::Value) -> Self {
         JobEvent {
             queue: queue.to_string(),
             id: id.to_string(),
-            attempt: 0,
+            attempt,
             at: SystemTime::now(),
             kind: JobEventKind::Progress { value },
         }

@@ -68,7 +68,10 @@ async fn a_worker_records_states_results_and_progress_that_another_process_reads
             Ok(json!({ "invoice": o.id * 10 }))
         }));
     let worker = Worker::new(c).concurrency(3);
-    let run = tokio::spawn(worker.run_until(service, tokio::time::sleep(Duration::from_secs(3))));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(worker.run_until(service, async {
+        let _ = stopped.await;
+    }));
 
     // Follow the events until every job finished.
     let mut seen: Vec<(String, String)> = Vec::new();
@@ -96,6 +99,7 @@ async fn a_worker_records_states_results_and_progress_that_another_process_reads
         }
         seen.push((event.id, event.kind.name().to_string()));
     }
+    let _ = stop.send(());
     let summary = run.await.unwrap().unwrap();
     assert_eq!(
         (summary.succeeded, summary.dead_lettered),
@@ -264,7 +268,7 @@ async fn a_message_header_overrides_the_queue_retention() {
         tower::service_fn(|_d: Delivery| async { Ok::<_, BoxError>(json!("ok")) }),
     );
     Worker::new(c)
-        .run_until(service, tokio::time::sleep(Duration::from_millis(800)))
+        .run_until(service, tokio::time::sleep(Duration::from_secs(2)))
         .await
         .unwrap();
     assert_eq!(store.get("plain").await.unwrap(), None);
@@ -439,7 +443,7 @@ mod flows {
             .service(invoicer());
         Worker::new(inv_c)
             .concurrency(4)
-            .run_until(service, tokio::time::sleep(Duration::from_secs(2)))
+            .run_until(service, tokio::time::sleep(Duration::from_secs(3)))
             .await
             .unwrap();
         let mut parents = email_c.receive(10, Duration::from_secs(1)).await.unwrap();
@@ -494,7 +498,7 @@ mod flows {
             .flows(email_p)
             .layer(invoicer());
         Worker::new(inv_c)
-            .run_until(service, tokio::time::sleep(Duration::from_millis(800)))
+            .run_until(service, tokio::time::sleep(Duration::from_secs(3)))
             .await
             .unwrap();
         let parents = email_c

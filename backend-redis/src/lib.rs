@@ -209,6 +209,7 @@ mod config;
 mod consumer;
 mod dedup;
 mod driver;
+mod jobs;
 mod keys;
 mod ordered;
 mod producer;
@@ -223,5 +224,6 @@ pub use config::{
 pub use consumer::{DeadLetter, RedisConsumer};
 pub use dedup::RedisDedupStore;
 pub use driver::RedisDriver;
+pub use jobs::{RedisJobStore, DEFAULT_EVENTS_MAX_LEN};
 pub use producer::RedisProducer;
 pub use schedule::RedisScheduleStore;

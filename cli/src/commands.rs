@@ -57,6 +57,10 @@ pub struct DepthArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Job counts instead: waiting, active, delayed, and the job store's completed,
+    /// failed and dead-lettered (`ferry jobs counts`).
+    #[arg(long)]
+    jobs: bool,
 }
 
 pub(crate) fn parse_header(s: &str) -> std::result::Result<(String, String), String> {
@@ -191,6 +195,15 @@ fn delivery_json(d: &Delivery) -> serde_json::Value {
 }
 
 pub async fn depth(args: DepthArgs) -> Result<()> {
+    if args.jobs {
+        let (queue, counts) = crate::jobs::counts(&args.url).await?;
+        if args.json {
+            println!("{}", serde_json::to_string(&counts)?);
+        } else {
+            println!("{queue}: {counts}");
+        }
+        return Ok(());
+    }
     let consumer = open(&args.url)?.consumer().await?;
     let depth = consumer.depth().await?;
     if args.json {

@@ -13,6 +13,9 @@
 //! ferry schedule add redis://127.0.0.1:6379/reports nightly --cron '0 2 * * *' --tz Europe/Berlin
 //! ferry schedule list redis://127.0.0.1:6379/reports
 //! ferry dlq redrive redis://127.0.0.1:6379/orders-dlq --to redis://127.0.0.1:6379/orders
+//! ferry jobs counts --url redis://127.0.0.1:6379/orders
+//! ferry jobs get order-42 --url redis://127.0.0.1:6379/orders
+//! ferry events --url redis://127.0.0.1:6379/orders
 //! ```
 //!
 //! `--url` defaults to `$FERRYMQ_URL`. Nothing `ferry` prints — output, errors,
@@ -23,6 +26,7 @@
 mod commands;
 mod demo;
 mod dlq;
+mod jobs;
 mod queue;
 mod schedule;
 mod scrub;
@@ -64,6 +68,11 @@ enum Command {
     Dlq(dlq::Args),
     /// List, add (upsert by id) or remove a queue's schedules; run a scheduler.
     Schedule(schedule::Args),
+    /// A queue's jobs: counts per state, one job's record, the newest of a state.
+    Jobs(jobs::Args),
+    /// Tail a queue's job lifecycle events (completed, failed, retried, dead-lettered,
+    /// progress) from any process.
+    Events(jobs::EventsArgs),
 }
 
 fn init_tracing(verbose: u8, secrets: &scrub::Scrubbed) {
@@ -97,6 +106,8 @@ async fn main() -> ExitCode {
         Command::Queue(args) => queue::run(args).await,
         Command::Dlq(args) => dlq::run(args).await,
         Command::Schedule(args) => schedule::run(args).await,
+        Command::Jobs(args) => jobs::run(args).await,
+        Command::Events(args) => jobs::events(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

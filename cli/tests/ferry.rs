@@ -51,6 +51,8 @@ fn demo_runs_the_pipeline_and_checks_its_story() {
         "deduplicated         1  ORD-1007",
         "emails sent         11",
         "reason         currency XXX is not supported by the invoicing service",
+        "orders: waiting 0  active 0  delayed 0  completed 11  failed 0  dead-lettered 1",
+        "invoices: waiting 0  active 0  delayed 0  completed 11  failed 0  dead-lettered 0",
         "attempts       3",
     ] {
         assert!(text.contains(line), "missing {line:?} in:\n{text}");

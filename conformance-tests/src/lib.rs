@@ -113,6 +113,7 @@ pub mod claims;
 pub mod context;
 pub mod failure;
 pub mod harness;
+pub mod jobs;
 pub mod middleware;
 pub mod registry;
 pub mod support;

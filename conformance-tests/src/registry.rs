@@ -12,6 +12,7 @@ use crate::cases::{
 use crate::claims::Claims;
 use crate::context::Context;
 use crate::failure::CaseResult;
+use crate::jobs;
 use crate::middleware;
 
 /// Runs a case against a context.
@@ -343,6 +344,13 @@ pub static CASES: &[Case] = &[
         slow_handler_worker_handles_each_once_c4,
         requires::VISIBILITY_TIMEOUT
     ),
+    // jobs (ferrymq_core::jobs): states, results, events, flows
+    case!(
+        jobs,
+        jobs_record_states_results_and_events,
+        requires::NACK_DELAY
+    ),
+    case!(jobs, flow_parent_runs_after_its_children_once),
 ];
 
 /// The case called `name`.
@@ -412,6 +420,7 @@ mod tests {
                 "per_key_order_with_concurrency_8_and_retries",
                 "slow_handler_worker_handles_each_once_c1",
                 "slow_handler_worker_handles_each_once_c4",
+                "jobs_record_states_results_and_events",
             ]
         );
     }

@@ -29,6 +29,7 @@ pub mod consumer;
 pub mod delivery;
 pub mod depth;
 pub mod error;
+pub mod jobs;
 pub mod memory;
 pub mod message;
 pub mod middleware;

@@ -332,6 +332,20 @@ pub mod reserved {
     /// be acked at the source and dropped by the DLQ). A redrive puts it back with
     /// [`restore_origin_dedup_id`](crate::middleware::retry::restore_origin_dedup_id).
     pub const ORIGIN_DEDUP_ID: &str = "ferrymq-origin-dedup-id";
+    /// The job id a [`JobStore`](crate::jobs::JobStore) records the message under
+    /// (set with [`JobMessage::job_id`](crate::jobs::JobMessage::job_id)).
+    pub const JOB_ID: &str = "ferrymq-job-id";
+    /// This message's retention once completed (`none`, a count, or an age such as
+    /// `1h`), overriding the queue's; see [`Keep`](crate::jobs::Keep).
+    pub const KEEP_COMPLETED: &str = "ferrymq-keep-completed";
+    /// This message's retention once failed or dead-lettered, like
+    /// [`KEEP_COMPLETED`].
+    pub const KEEP_FAILED: &str = "ferrymq-keep-failed";
+    /// On a flow's child: the job id of its parent (see [`Flow`](crate::jobs::Flow)).
+    pub const FLOW_PARENT: &str = "ferrymq-flow-parent";
+    /// On a flow's parent: its children's results, as JSON (read with
+    /// [`jobs::children`](crate::jobs::children)).
+    pub const FLOW_CHILDREN: &str = "ferrymq-flow-children";
 
     /// All reserved names ferrymq itself writes.
     pub const ALL: &[&str] = &[
@@ -343,6 +357,11 @@ pub mod reserved {
         ORIGIN_MESSAGE_ID,
         ATTEMPT,
         ORIGIN_DEDUP_ID,
+        JOB_ID,
+        KEEP_COMPLETED,
+        KEEP_FAILED,
+        FLOW_PARENT,
+        FLOW_CHILDREN,
     ];
 }
 

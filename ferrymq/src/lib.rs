@@ -65,3 +65,51 @@ pub async fn connect_schedule_store(url: &str) -> Result<Box<dyn schedule::Sched
 pub async fn connect_admin(url: &str) -> Result<Box<dyn Admin>> {
     Config::from_url(url)?.admin().await
 }
+
+/// The [`JobStore`](jobs::JobStore) of the queue named by `url`: where its jobs'
+/// states, progress and results are recorded and its lifecycle events published
+/// (see [`job_store`]).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> ferrymq::Result<()> {
+/// let store = ferrymq::connect_jobs("memory://facade-jobs").await?;
+/// println!("{:?}", store.counts().await?);
+/// # Ok(())
+/// # }
+/// ```
+pub async fn connect_jobs(url: &str) -> Result<Box<dyn jobs::JobStore>> {
+    job_store(&Config::from_url(url)?).await
+}
+
+/// The [`JobStore`](jobs::JobStore) of `config`'s queue.
+///
+/// `memory://NAME` gives the process-wide
+/// [`MemoryJobStore::named`](jobs::MemoryJobStore::named) of that queue;
+/// `redis://…` (feature `redis`) a `ferrymq_redis::RedisJobStore` on that server,
+/// shared by every process. SQS and Kafka have no store of their own
+/// ([`ErrorKind::Unsupported`]): record the jobs of such a queue in a Redis store
+/// named after it (`redis://host/QUEUE`), or in memory when one process is enough.
+pub async fn job_store(config: &Config) -> Result<Box<dyn jobs::JobStore>> {
+    match config.backend() {
+        "memory" => Ok(Box::new(jobs::MemoryJobStore::named(config.queue()))),
+        #[cfg(feature = "redis")]
+        "redis" => {
+            // The driver's own settings, secrets included, read back as its type.
+            let value = config.as_backend().to_value(true);
+            let redis: ferrymq_redis::RedisConfig = serde_json::from_value(value)
+                .map_err(|e| Error::invalid_config("redis", e.to_string()))?;
+            Ok(Box::new(
+                ferrymq_redis::RedisJobStore::connect(&redis).await?,
+            ))
+        }
+        other => Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "{other} has no job store of its own: record the jobs of queue {} in a \
+                 redis:// (or memory://) store named after it",
+                config.queue()
+            ),
+        )),
+    }
+}

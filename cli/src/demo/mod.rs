@@ -17,6 +17,9 @@ mod stages;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferrymq::jobs::{
+    JobCounts, JobStore, Keep, MemoryJobStore, TrackJobsLayer, DEFAULT_MAX_PER_STATE,
+};
 use ferrymq::middleware::{BackpressureLayer, BatchingLayer, Outcome};
 use ferrymq::worker::{Worker, WorkerEvent};
 use ferrymq::{
@@ -74,8 +77,12 @@ pub async fn run(args: Args) -> Result<()> {
     // `{queue}` is a placeholder for a name; with_queue then names each queue, the
     // same way on every backend.
     let base = Config::from_url(&args.url.replace("{queue}", "ferry-demo"))?;
-    let (orders_out, orders_in) = base.with_queue(&name("orders"))?.connect().await?;
-    let (invoices_out, invoices_in) = base.with_queue(&name("invoices"))?.connect().await?;
+    let orders_cfg = base.with_queue(&name("orders"))?;
+    let invoices_cfg = base.with_queue(&name("invoices"))?;
+    let (orders_out, orders_in) = orders_cfg.connect().await?;
+    let (invoices_out, invoices_in) = invoices_cfg.connect().await?;
+    let orders_jobs = job_store(&orders_cfg).await?;
+    let invoices_jobs = job_store(&invoices_cfg).await?;
     let (dlq_out, dlq_in) = base.with_queue(&name("orders-dlq"))?.connect().await?;
     let dlq_out: Arc<dyn Producer> = Arc::from(dlq_out);
 
@@ -108,11 +115,17 @@ pub async fn run(args: Args) -> Result<()> {
         .concurrency(5)
         .poll_wait(Duration::from_millis(200))
         .flush_on_shutdown(invoices_out.clone());
-    let invoice_svc = stages::invoice_service(&orders_caps, dlq_out.clone(), invoices_out);
+    let invoice_svc = stages::invoice_service(
+        &orders_caps,
+        dlq_out.clone(),
+        keep_all(&orders_jobs),
+        invoices_out,
+    );
     let email_worker = Worker::new(invoices_in)
         .concurrency(2)
         .poll_wait(Duration::from_millis(200));
-    let email_svc = stages::email_service(&invoices_caps, dlq_out.clone());
+    let email_svc =
+        stages::email_service(&invoices_caps, dlq_out.clone(), keep_all(&invoices_jobs));
 
     let mut invoice_events = invoice_worker.subscribe();
     let mut email_events = email_worker.subscribe();
@@ -206,6 +219,13 @@ pub async fn run(args: Args) -> Result<()> {
     println!("  emails sent      {:>5}", tally.emailed);
     println!("  invoice worker   {invoice_summary}");
     println!("  email worker     {email_summary}");
+    for (cfg, store) in [(&orders_cfg, &orders_jobs), (&invoices_cfg, &invoices_jobs)] {
+        println!(
+            "  jobs             {}: {}",
+            cfg.queue(),
+            job_counts(cfg, &**store).await?
+        );
+    }
     println!();
     println!(
         "Dead-letter queue {} ({} message{}):",
@@ -353,6 +373,34 @@ fn on_email_event(e: &WorkerEvent, tally: &mut Tally, clock: &Clock, quiet: bool
     if !quiet {
         println!("{} email worker    {line}", clock.stamp());
     }
+}
+
+/// The queue's job store; an in-process one where the backend has none (SQS, Kafka).
+async fn job_store(config: &Config) -> Result<Arc<dyn JobStore>> {
+    match ferrymq::job_store(config).await {
+        Ok(store) => Ok(Arc::from(store)),
+        Err(e) if e.kind() == ErrorKind::Unsupported => {
+            Ok(Arc::new(MemoryJobStore::named(config.queue())))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Record every job, keeping finished ones (up to the store's per-state cap).
+fn keep_all(store: &Arc<dyn JobStore>) -> TrackJobsLayer {
+    TrackJobsLayer::new(store.clone())
+        .keep_completed(Keep::Count(DEFAULT_MAX_PER_STATE))
+        .keep_failed(Keep::Count(DEFAULT_MAX_PER_STATE))
+}
+
+/// BullMQ's `getJobCounts`: the queue's depth (where the backend reports one) and
+/// the store's completed / failed / dead-lettered.
+async fn job_counts(config: &Config, store: &dyn JobStore) -> Result<JobCounts> {
+    let depth = match config.producer().await {
+        Ok(p) => p.depth().await.unwrap_or_default(),
+        Err(_) => Default::default(),
+    };
+    Ok(JobCounts::new(depth, store.counts().await?))
 }
 
 fn joined(

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ferrymq::jobs::TrackJobsLayer;
 use ferrymq::middleware::{
     json_handler, Backoff, CatchPanicLayer, DedupLayer, ExtendVisibilityLayer, MemoryDedupStore,
     RetryToDlqLayer,
@@ -14,10 +15,10 @@ use tower::{Service, ServiceBuilder};
 use super::model::{gateway_timeouts, Invoice, Order};
 
 /// The reliability stack both stages share, outermost first: keep the lease while
-/// working, skip duplicates, retry with backoff then dead-letter, turn panics into
-/// errors, and give up on a handler after 10 s.
+/// working, skip duplicates, record job states, retry with backoff then dead-letter,
+/// turn panics into errors, and give up on a handler after 10 s.
 macro_rules! reliable {
-    ($caps:expr, $dlq:expr, $handler:expr) => {
+    ($caps:expr, $dlq:expr, $jobs:expr, $handler:expr) => {
         ServiceBuilder::new()
             .layer(ExtendVisibilityLayer::from_capabilities($caps))
             // The demo re-sends an order with the same content: dedup by content.
@@ -25,6 +26,8 @@ macro_rules! reliable {
                 DedupLayer::new(MemoryDedupStore::new(Duration::from_secs(3600)))
                     .content_hash(true),
             )
+            // Job states for the counts at the end (completed, dead-lettered).
+            .layer($jobs)
             .layer(
                 RetryToDlqLayer::from_arc($dlq)
                     .max_attempts(3)
@@ -40,6 +43,7 @@ macro_rules! reliable {
 pub fn invoice_service(
     caps: &Capabilities,
     dlq: Arc<dyn Producer>,
+    jobs: TrackJobsLayer,
     invoices: Arc<dyn Producer>,
 ) -> impl Service<Delivery, Response = (), Error = BoxError, Future = impl Send + 'static> + Send + 'static
 {
@@ -80,18 +84,19 @@ pub fn invoice_service(
             Ok(())
         }
     });
-    reliable!(caps, dlq, handler)
+    reliable!(caps, dlq, jobs, handler)
 }
 
 /// Email worker: "sends" each invoice.
 pub fn email_service(
     caps: &Capabilities,
     dlq: Arc<dyn Producer>,
+    jobs: TrackJobsLayer,
 ) -> impl Service<Delivery, Response = (), Error = BoxError, Future = impl Send + 'static> + Send + 'static
 {
     let handler = json_handler(|_invoice: Invoice, _delivery: Delivery| async move {
         tokio::time::sleep(Duration::from_millis(10)).await;
         Ok::<(), BoxError>(())
     });
-    reliable!(caps, dlq, handler)
+    reliable!(caps, dlq, jobs, handler)
 }

@@ -36,7 +36,7 @@ BUILD_FLAGS = ["--workspace", "--all-features"]
 
 # The runnable examples of the facade (ferrymq/examples): each checks its own guarantee on
 # the backend FERRYMQ_URL names and exits non-zero when it does not hold.
-EXAMPLES = ["quickstart", "worker", "dead_letter", "per_key_order", "backpressure", "batching", "autoscale", "schedule"]
+EXAMPLES = ["quickstart", "worker", "dead_letter", "per_key_order", "backpressure", "batching", "autoscale", "schedule", "progress", "flow"]
 
 # Packages whose binaries take longest start first (measured, seconds, warm).
 LONGEST_FIRST = ["ferrymq-sqs", "ferrymq-redis", "ferrymq-kafka", "ferrymq-conformance", "ferrymq-cli"]

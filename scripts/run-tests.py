@@ -8,13 +8,13 @@ another spends ~10 minutes mostly asleep. Cargo builds everything once
 (`--no-run`), then this script runs each package's test binaries in order, as cargo
 would (same working directory and CARGO_* variables), with several packages at a
 time, plus the doc tests, then every example on every backend and `ferry demo` on
-the networked ones, also side by side. Output of each binary is kept in a log and
+the networked ones, also side by side, and last the bench's `--smoke` run. Output of each binary is kept in a log and
 printed whole when it finishes, so nothing interleaves; a failure is printed again
 at the end. Exit status 1 when anything failed.
 
 Used by scripts/test.sh (which starts the servers and exports their addresses):
 
-    scripts/run-tests.py [--jobs N] [--skip-examples]
+    scripts/run-tests.py [--jobs N] [--skip-examples] [--skip-bench]
 
 FERRYMQ_TEST_JOBS sets how many packages run at once (default 3: the SQS package alone
 takes as long as the rest together, and more lanes only add CPU load next to it).
@@ -206,6 +206,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("FERRYMQ_TEST_JOBS", "3")))
     parser.add_argument("--skip-examples", action="store_true")
+    parser.add_argument("--skip-bench", action="store_true")
     args = parser.parse_args()
 
     started = time.monotonic()
@@ -220,9 +221,17 @@ def main():
         if not args.skip_examples:
             say("\n== examples on memory, redis, sqs and kafka; ferry demo on the three servers")
             run_units(example_units(), 6, logdir, results)
+        examined = time.monotonic()
+        if not args.skip_bench:
+            # The bench's smoke run (tiny counts, every subject once, its own Redis on
+            # 6398): so the bench never rots. Speed is not asserted; a failing ferrymq
+            # or raw-baseline run fails it.
+            say("\n== bench smoke run (ferrymq-bench --smoke, dev profile)")
+            bench = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "debug", "ferrymq-bench")
+            run_units([[("bench --smoke", [bench, "--smoke"], ROOT, dict(os.environ))]], 1, logdir, results)
         done = time.monotonic()
         say(f"\n== times: build {built - started:.0f}s, tests {tested - built:.0f}s, "
-            f"examples {done - tested:.0f}s, total {done - started:.0f}s")
+            f"examples {examined - tested:.0f}s, bench smoke {done - examined:.0f}s, total {done - started:.0f}s")
         if results.failed:
             say(f"== {len(results.failed)} FAILED:")
             for label, _ in results.failed:

@@ -10,9 +10,10 @@
 //!
 //! Where it comes from: `Worker::ordered_by_key(true)` runs deliveries with the same
 //! key one at a time in receive order. On a backend whose capabilities say
-//! `Ordering::PerKey` (memory, SQS FIFO, Kafka) the broker also holds back a key's next
-//! message while one is in flight, so the order survives retries; on others (Redis)
-//! receive order is send order as long as nothing is redelivered.
+//! `Ordering::PerKey` (memory, SQS FIFO, Redis with `ordered=true`, Kafka with
+//! `retry_mode=ordered`) the broker also holds back a key's next message while one is
+//! in flight, so the order survives retries; on others (plain Redis, Kafka's default
+//! tiered retries) receive order is send order as long as nothing is redelivered.
 //!
 //! ```text
 //! cargo run -p ferrymq --example per_key_order

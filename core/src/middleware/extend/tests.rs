@@ -152,6 +152,37 @@ async fn no_op_without_the_capability() {
     assert_eq!(counts.extends.load(Ordering::SeqCst), 0);
 }
 
+/// An ack whose extend never answers.
+#[derive(Debug)]
+struct StuckExtend;
+
+#[async_trait::async_trait]
+impl crate::Ack for StuckExtend {
+    async fn ack(&self) -> crate::Result<()> {
+        Ok(())
+    }
+    async fn nack(&self, _: Option<Duration>) -> crate::Result<()> {
+        Ok(())
+    }
+    async fn extend(&self, _: Duration) -> crate::Result<()> {
+        std::future::pending().await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_extend_that_never_answers_does_not_stop_the_other_leases_beats() {
+    let svc = counting_layer_run("ok");
+    let meta = crate::DeliveryMeta::new("stuck", 1, std::time::SystemTime::now(), "loose".into());
+    let stuck = Delivery::new(Message::new("x"), meta, crate::AckHandle::new(StuckExtend));
+    let (fine, counts) = loose_delivery(Message::new("y"), "fine", 1);
+    let (a, b) = tokio::join!(svc.clone().oneshot(stuck), svc.oneshot(fine));
+    a.unwrap();
+    b.unwrap();
+    // The stuck lease's extends are given up after a period each; the other lease is
+    // beaten on schedule all the same: at 3, 6, ..., 24.
+    assert_eq!(counts.extends.load(Ordering::SeqCst), 8);
+}
+
 #[test]
 fn fraction_sets_the_interval() {
     let layer = ExtendVisibilityLayer::new(Duration::from_secs(10)).fraction(0.5);

@@ -172,9 +172,14 @@
 //!   consumer killed mid-handler keeps its head's lease until the visibility
 //!   timeout; the reclaim then hands the head out again, first, with attempt + 1
 //!   (tests/ordered.rs kills a consumer process with SIGKILL). Costs: entries pass
-//!   through Lua (the plain receive avoids that), and acks check each lease — about
-//!   0.6–0.8× the plain queue's processing rate with 1 000 keys (see
-//!   `examples/ordered_throughput.rs`). An ordered queue has one priority level (a
+//!   through Lua (the plain receive avoids that), and each ack moves its key; an
+//!   entry read while its key is busy costs two `XCLAIM`s more (hold and hand-out:
+//!   each seeks its stream entry). Measured with `examples/ordered_throughput.rs`
+//!   (1 000 keys, `receive(100)` tasks sharing a consumer, on a loaded 2-core
+//!   machine): 0.48× the plain queue's processing rate with 8 tasks (≤ 800 in
+//!   flight), 0.38× with 4, and 0.19× with 16 — where more deliveries are asked for
+//!   than there are keys, so nearly every entry is read while its key is busy and
+//!   is held. An ordered queue has one priority level (a
 //!   key's order is its send order): `ordered=true` in a URL sets
 //!   `priority_levels=1`, and more is refused. `ordered` is a setting of the queue:
 //!   a producer or consumer that disagrees is refused. Switch it only on an empty

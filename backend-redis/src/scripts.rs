@@ -835,6 +835,10 @@ end
 /// tables (the plain receive avoids that), which is the price of deciding per
 /// entry, atomically, whether it may go out.
 ///
+/// Read-ahead: once entries of busy keys were met, the read stops — each entry
+/// read behind a busy key costs a hold and a hand-out, while left unread it is
+/// read directly once its key is free.
+///
 /// Rate limit: a sliding window of one zset member per delivery (score: its time):
 /// at most `jobs` deliveries in any window of `period`, across every consumer.
 ///
@@ -846,7 +850,8 @@ end
 /// Returns {ms until something is due or -1, dead letters trimmed, consumers
 /// pruned, {last delivered id per level, highest first, then (ordered) the wake
 /// stream's last id — only when nothing was handed out and a blocking wait on
-/// new entries is the right wait}, then level,
+/// new entries is the right wait; a level's id is empty when what is unread there
+/// waits behind busy keys, so only the wake stream is worth waiting on}, then level,
 /// stream id, deliveries, fields per delivery}.
 const RECEIVE: &str = r#"
 local group, consumer = ARGV[1], ARGV[2]
@@ -1066,6 +1071,7 @@ end
 
 local read, exhausted = 0, true
 local holds, held_members, held_keys = {}, {}, {}
+local behind_busy = false
 for lvl = nlevels - 1, 0, -1 do
   local key = ready(lvl)
   while n < maxn do
@@ -1097,8 +1103,15 @@ for lvl = nlevels - 1, 0, -1 do
       end
     end
     if #entries < want then break end
+    -- Entries of busy keys were met: read no further ahead. Each entry read
+    -- behind a busy key costs a hold and a hand-out; left unread, it is read
+    -- directly once its key is free (the keys' heads go out meanwhile).
+    if #holds > 0 then
+      behind_busy = true
+      break
+    end
   end
-  if not exhausted then break end
+  if not exhausted or behind_busy then break end
 end
 if #holds > 0 then
   chunked({'XCLAIM', ready(0), group, HELD, 0}, holds, {'IDLE', 0, 'RETRYCOUNT', 0, 'JUSTID'})
@@ -1133,6 +1146,11 @@ elseif not exhausted then
   wait = 0
 elseif n == 0 then
   if ordered then
+    if behind_busy then
+      -- What is unread waits behind busy keys: wait for a key to go on (the
+      -- wake stream), not for new entries (an empty id: not waited on).
+      for j = 1, #last_ids do last_ids[j] = '' end
+    end
     local w = redis.call('XREVRANGE', K_WAKE, '+', '-', 'COUNT', 1)
     if w[1] then last_ids[#last_ids + 1] = w[1][1] else last_ids[#last_ids + 1] = '0-0' end
   end
@@ -1196,7 +1214,8 @@ for j, id in ipairs(ids) do
   end
 end
 if not deleted then chunked({'XDEL', KEYS[5]}, done, {}) end
-if queued then wake(KEYS[6]) end
+-- A head left: its key goes on (queued) or is free for what is unread.
+if queued or #done > 0 then wake(KEYS[6]) end
 return res
 "#;
 

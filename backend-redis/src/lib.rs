@@ -176,10 +176,10 @@
 //!   entry read while its key is busy costs two `XCLAIM`s more (hold and hand-out:
 //!   each seeks its stream entry). Measured with `examples/ordered_throughput.rs`
 //!   (1 000 keys, `receive(100)` tasks sharing a consumer, on a loaded 2-core
-//!   machine): 0.48× the plain queue's processing rate with 8 tasks (≤ 800 in
-//!   flight), 0.38× with 4, and 0.19× with 16 — where more deliveries are asked for
-//!   than there are keys, so nearly every entry is read while its key is busy and
-//!   is held. An ordered queue has one priority level (a
+//!   machine, medians of 3): 0.47× the plain queue's processing rate with 8 tasks
+//!   (≤ 800 in flight), 0.41× with 4, and 0.26× with 16 — where more deliveries are
+//!   asked for than there are keys, so entries are read while their key is busy
+//!   and held. An ordered queue has one priority level (a
 //!   key's order is its send order): `ordered=true` in a URL sets
 //!   `priority_levels=1`, and more is refused. `ordered` is a setting of the queue:
 //!   a producer or consumer that disagrees is refused. Switch it only on an empty

@@ -6,10 +6,11 @@
 //! cargo run --release -p ferrymq-redis --example ordered_throughput -- redis://127.0.0.1:6399 50000 1000
 //! ```
 //!
-//! Arguments: server URL (no queue), messages, keys. For each of plain and ordered,
-//! three runs: send the messages in batches of 100 (keys interleaved, `key-0`,
-//! `key-1`, … so each batch spans many keys), then process them with 16 tasks
-//! sharing one consumer, each `receive(100)` + acking every delivery concurrently;
+//! Arguments: server URL (no queue), messages, keys, tasks (default 16). For each of
+//! plain and ordered, three runs: send the messages in batches of 100 (keys
+//! interleaved, `key-0`, `key-1`, … so each batch spans many keys), then process them
+//! with the tasks sharing one consumer, each `receive(100)` + acking every delivery
+//! concurrently;
 //! the rate is the processing rate (messages acked per second). Prints each run and
 //! the medians, and the ordered/plain ratio. The ordered runs also check the order:
 //! a key's messages must be acked in send order (the run panics otherwise).
@@ -25,9 +26,8 @@ use ferrymq_core::{Consumer, Message, Producer};
 use ferrymq_redis::RedisConfig;
 
 const BATCH: usize = 100;
-const TASKS: usize = 16;
 
-async fn run(base: &str, ordered: bool, n: u64, keys: u64, run: usize) -> f64 {
+async fn run(base: &str, ordered: bool, n: u64, keys: u64, tasks: usize, run: usize) -> f64 {
     let queue = format!("ordered-tput-{}-{}-{run}", std::process::id(), ordered);
     let query = if ordered { "?ordered=true" } else { "" };
     let cfg = RedisConfig::from_url(&format!("{base}/{queue}{query}")).unwrap();
@@ -47,7 +47,7 @@ async fn run(base: &str, ordered: bool, n: u64, keys: u64, run: usize) -> f64 {
     let next: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
     let t0 = Instant::now();
     let mut set = tokio::task::JoinSet::new();
-    for _ in 0..TASKS {
+    for _ in 0..tasks {
         let (c, done, next) = (c.clone(), done.clone(), next.clone());
         set.spawn(async move {
             while done.load(Ordering::Relaxed) < n {
@@ -88,17 +88,18 @@ async fn main() {
         .unwrap_or_else(|| "redis://127.0.0.1:6399".into());
     let n: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(50_000);
     let keys: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1000);
+    let tasks: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(16);
     let (mut plain, mut ordered) = (Vec::new(), Vec::new());
     for i in 0..3 {
-        let p = run(&base, false, n, keys, i).await;
-        let o = run(&base, true, n, keys, i).await;
+        let p = run(&base, false, n, keys, tasks, i).await;
+        let o = run(&base, true, n, keys, tasks, i).await;
         println!("run {i}: plain {p:>9.0} msg/s   ordered {o:>9.0} msg/s");
         plain.push(p);
         ordered.push(o);
     }
     let (p, o) = (median(plain), median(ordered));
     println!(
-        "median of 3 ({n} messages, {keys} keys, {TASKS} tasks x receive({BATCH})): \
+        "median of 3 ({n} messages, {keys} keys, {tasks} tasks x receive({BATCH})): \
          plain {p:.0} msg/s, ordered {o:.0} msg/s, ordered/plain {:.2}",
         o / p
     );

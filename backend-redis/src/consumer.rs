@@ -768,19 +768,33 @@ impl RedisConsumer {
             }
             Err(_) => return Err(shared.timeout("blocking connection")),
         };
+        // Streams to wait on, highest level first, then (ordered) the wake stream,
+        // which acks and nacks elsewhere write to; an empty id: not waited on.
+        let mut streams: Vec<&str> = (0..shared.keys.ready.len())
+            .rev()
+            .map(|l| shared.keys.ready[l].as_str())
+            .collect();
+        if shared.config.ordered {
+            streams.push(&shared.keys.wake);
+        }
+        let waited: Vec<(&str, &String)> = streams
+            .into_iter()
+            .zip(&ids)
+            .filter(|(_, id)| !id.is_empty())
+            .collect();
+        if waited.is_empty() {
+            tokio::time::sleep(block).await;
+            return Ok(());
+        }
         let mut guard = Discard(Some(conn));
         let mut cmd = redis::cmd("XREAD");
         cmd.arg("COUNT").arg(1).arg("BLOCK").arg(ms(block).max(1));
         cmd.arg("STREAMS");
-        for level in (0..shared.keys.ready.len()).rev() {
-            cmd.arg(&shared.keys.ready[level]);
+        for (stream, _) in &waited {
+            cmd.arg(*stream);
         }
-        if shared.config.ordered {
-            // Heads queued by acks and nacks elsewhere wake this wait too.
-            cmd.arg(&shared.keys.wake);
-        }
-        for id in &ids {
-            cmd.arg(id);
+        for (_, id) in &waited {
+            cmd.arg(id.as_str());
         }
         let Some(conn) = guard.0.as_mut() else {
             return Ok(());

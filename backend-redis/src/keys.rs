@@ -22,8 +22,9 @@ pub(crate) struct Keys {
     pub(crate) seq: String,
     /// HASH: the queue's recorded settings.
     pub(crate) meta: String,
-    /// Ordered queues — HASH: message key -> `0/stream-id` of the key's head (its
-    /// oldest unsettled message: in flight, parked or about to be handed out).
+    /// Ordered queues — HASH: message key -> `<stream id>:<n>`: the key's head (its
+    /// oldest unsettled message: in flight, parked or about to be handed out) and
+    /// how many entries are held behind it.
     pub(crate) locks: String,
     /// Ordered queues — ZSET (lexicographic, all scores 0): the entries read from the
     /// stream while their key's head was unsettled, `<len>:<key><padded stream id>`,

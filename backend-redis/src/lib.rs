@@ -42,7 +42,7 @@
 //! | `ferrymq:{Q}:seq` | string | counter for the ids of delayed sends |
 //! | `ferrymq:{Q}:schedules`, `ferrymq:{Q}:schedule:ID` | set, hash | [`RedisScheduleStore`]: the queue's schedules and their progress (see its docs) |
 //! | `ferrymq:{Q}:meta` | hash | the queue's settings, recorded by its first client and checked by every other (`ordered`, `priority_levels`, `group`, `visibility_ms`, `max_deliveries`, `dlq_max_len`, `dlq_retention_ms`, `rate_limit`) |
-//! | `ferrymq:{Q}:locks` | hash | ordered queues: message key → stream id of the key's head (its oldest unsettled message) |
+//! | `ferrymq:{Q}:locks` | hash | ordered queues: message key → `<stream id>:<n>`, the key's head (its oldest unsettled message) and how many entries are held behind it |
 //! | `ferrymq:{Q}:held` | zset | ordered queues: entries read while their key's head was unsettled, `<len>:<key><padded stream id>` (lexicographic: per key in stream order); pending, owned by the consumer `~held` |
 //! | `ferrymq:{Q}:unblocked` | list | ordered queues: heads due to be handed out (`stream-id\|key`): a key's next after an ack, a nacked head |
 //! | `ferrymq:{Q}:parked` | zset | ordered queues: heads nacked with a delay → due time (ms); their key stays blocked |
@@ -173,9 +173,14 @@
 //!   consumer killed mid-handler keeps its head's lease until the visibility
 //!   timeout; the reclaim then hands the head out again, first, with attempt + 1
 //!   (tests/ordered.rs kills a consumer process with SIGKILL). Costs: entries pass
-//!   through Lua (the plain receive avoids that), and acks check each lease — about
-//!   0.6–0.8× the plain queue's processing rate with 1 000 keys (see
-//!   `examples/ordered_throughput.rs`). An ordered queue has one priority level (a
+//!   through Lua (the plain receive avoids that), and each ack moves its key; an
+//!   entry read while its key is busy costs two `XCLAIM`s more (hold and hand-out:
+//!   each seeks its stream entry). Measured with `examples/ordered_throughput.rs`
+//!   (1 000 keys, `receive(100)` tasks sharing a consumer, on a loaded 2-core
+//!   machine, medians of 3): 0.47× the plain queue's processing rate with 8 tasks
+//!   (≤ 800 in flight), 0.41× with 4, and 0.26× with 16 — where more deliveries are
+//!   asked for than there are keys, so entries are read while their key is busy
+//!   and held. An ordered queue has one priority level (a
 //!   key's order is its send order): `ordered=true` in a URL sets
 //!   `priority_levels=1`, and more is refused. `ordered` is a setting of the queue:
 //!   a producer or consumer that disagrees is refused. Switch it only on an empty

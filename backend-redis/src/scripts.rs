@@ -739,18 +739,20 @@ local function split_member(m)
 end
 
 -- redis.call(before..., items..., after...), in chunks of 500 items (unpack of
--- long lists fails).
+-- long lists fails). Returns the sum of the integer replies.
 local function chunked(before, items, after)
-  local c = 1
+  local c, total = 1, 0
   while c <= #items do
     local last = math.min(c + 499, #items)
     local args = {}
     for _, a in ipairs(before) do args[#args + 1] = a end
     for j = c, last do args[#args + 1] = items[j] end
     for _, a in ipairs(after) do args[#args + 1] = a end
-    redis.call(unpack(args))
+    local r = redis.call(unpack(args))
+    if type(r) == 'number' then total = total + r end
     c = last + 1
   end
+  return total
 end
 
 -- Park a pending entry with `~held`: nobody's lease, and its next hand-out
@@ -759,25 +761,48 @@ local function park(ready, group, id, deliveries)
   redis.call('XCLAIM', ready, group, HELD, 0, id, 'IDLE', 0, 'RETRYCOUNT', deliveries, 'JUSTID')
 end
 
+-- A locks value: `<head stream id>:<entries held behind it>` (the count spares
+-- the held zset a lookup when a key has nothing waiting — the common case).
+local function lock_parts(v)
+  local id, n = string.match(v, '^(.-):(%d+)$')
+  if not id then return v, 1 end
+  return id, tonumber(n)
+end
+
+-- `n` more entries of `key` are held behind its head.
+local function add_held(locks, key, n)
+  local v = redis.call('HGET', locks, key)
+  if v then
+    local id, m = lock_parts(v)
+    redis.call('HSET', locks, key, id .. ':' .. (m + n))
+  end
+end
+
 -- Hold an entry read while its key's head is unsettled.
-local function hold(ready, group, held, key, id, deliveries)
+local function hold(ready, group, held, locks, key, id, deliveries)
   park(ready, group, id, deliveries)
   redis.call('ZADD', held, 0, held_member(key, id))
+  add_held(locks, key, 1)
 end
 
 -- The head `id` of `key` left the queue: the key's next held entry becomes its
 -- head and is queued for hand-out; without one the key is free.
 local function advance(locks, held, unblocked, key, id)
   if not key then return false end
-  if redis.call('HGET', locks, key) ~= id then return false end
-  local prefix = held_prefix(key)
-  local nxt = redis.call('ZRANGE', held, '[' .. prefix, '[' .. prefix .. '\255', 'BYLEX', 'LIMIT', 0, 1)
-  if nxt[1] then
-    redis.call('ZREM', held, nxt[1])
-    local nid = held_id(nxt[1], prefix)
-    redis.call('HSET', locks, key, nid)
-    redis.call('RPUSH', unblocked, head_member(nid, 0, key))
-    return true
+  local v = redis.call('HGET', locks, key)
+  if not v then return false end
+  local head, n = lock_parts(v)
+  if head ~= id then return false end
+  if n > 0 then
+    local prefix = held_prefix(key)
+    local nxt = redis.call('ZRANGE', held, '[' .. prefix, '[' .. prefix .. '\255', 'BYLEX', 'LIMIT', 0, 1)
+    if nxt[1] then
+      redis.call('ZREM', held, nxt[1])
+      local nid = held_id(nxt[1], prefix)
+      redis.call('HSET', locks, key, nid .. ':' .. (n - 1))
+      redis.call('RPUSH', unblocked, head_member(nid, 0, key))
+      return true
+    end
   end
   redis.call('HDEL', locks, key)
   return false
@@ -795,10 +820,10 @@ local function gate(locks, key, id)
   if not key then return true end
   local cur = redis.call('HGET', locks, key)
   if not cur then
-    redis.call('HSET', locks, key, id)
+    redis.call('HSET', locks, key, id .. ':0')
     return true
   end
-  return cur == id
+  return lock_parts(cur) == id
 end
 "#;
 
@@ -809,6 +834,10 @@ end
 /// allows when it has one. Reading inside Lua copies each entry through Lua
 /// tables (the plain receive avoids that), which is the price of deciding per
 /// entry, atomically, whether it may go out.
+///
+/// Read-ahead: once entries of busy keys were met, the read stops — each entry
+/// read behind a busy key costs a hold and a hand-out, while left unread it is
+/// read directly once its key is free.
 ///
 /// Rate limit: a sliding window of one zset member per delivery (score: its time):
 /// at most `jobs` deliveries in any window of `period`, across every consumer.
@@ -821,7 +850,8 @@ end
 /// Returns {ms until something is due or -1, dead letters trimmed, consumers
 /// pruned, {last delivered id per level, highest first, then (ordered) the wake
 /// stream's last id — only when nothing was handed out and a blocking wait on
-/// new entries is the right wait}, then level,
+/// new entries is the right wait; a level's id is empty when what is unread there
+/// waits behind busy keys, so only the wake stream is worth waiting on}, then level,
 /// stream id, deliveries, fields per delivery}.
 const RECEIVE: &str = r#"
 local group, consumer = ARGV[1], ARGV[2]
@@ -975,7 +1005,7 @@ if maxn > 0 and ARGV[5] == '1' then
                 else
                   -- Not its key's head (a queue switched to ordered with entries in
                   -- flight): wait behind the head, counted afresh.
-                  hold(key, group, K_HELD, k, id, 0)
+                  hold(key, group, K_HELD, K_LOCKS, k, id, 0)
                 end
               else
                 redis.call('SADD', K_REVOKED, tag)
@@ -1040,7 +1070,8 @@ if ordered then
 end
 
 local read, exhausted = 0, true
-local holds, held_members = {}, {}
+local holds, held_members, held_keys = {}, {}, {}
+local behind_busy = false
 for lvl = nlevels - 1, 0, -1 do
   local key = ready(lvl)
   while n < maxn do
@@ -1059,24 +1090,33 @@ for lvl = nlevels - 1, 0, -1 do
         -- A new entry is never its key's head yet: it becomes the head when the
         -- key has none, else it is held.
         local k = key_of(fields)
-        if not k or redis.call('HSETNX', K_LOCKS, k, id) == 1 then
+        if not k or redis.call('HSETNX', K_LOCKS, k, id .. ':0') == 1 then
           deliver(lvl, id, 1, fields)
         else
           holds[#holds + 1] = id
           held_members[#held_members + 1] = '0'
           held_members[#held_members + 1] = held_member(k, id)
+          held_keys[k] = (held_keys[k] or 0) + 1
         end
       else
         deliver(lvl, id, 1, fields)
       end
     end
     if #entries < want then break end
+    -- Entries of busy keys were met: read no further ahead. Each entry read
+    -- behind a busy key costs a hold and a hand-out; left unread, it is read
+    -- directly once its key is free (the keys' heads go out meanwhile).
+    if #holds > 0 then
+      behind_busy = true
+      break
+    end
   end
-  if not exhausted then break end
+  if not exhausted or behind_busy then break end
 end
 if #holds > 0 then
   chunked({'XCLAIM', ready(0), group, HELD, 0}, holds, {'IDLE', 0, 'RETRYCOUNT', 0, 'JUSTID'})
   chunked({'ZADD', K_HELD}, held_members, {})
+  for k, c in pairs(held_keys) do add_held(K_LOCKS, k, c) end
 end
 
 if n > 0 and limit_n > 0 then
@@ -1106,6 +1146,11 @@ elseif not exhausted then
   wait = 0
 elseif n == 0 then
   if ordered then
+    if behind_busy then
+      -- What is unread waits behind busy keys: wait for a key to go on (the
+      -- wake stream), not for new entries (an empty id: not waited on).
+      for j = 1, #last_ids do last_ids[j] = '' end
+    end
     local w = redis.call('XREVRANGE', K_WAKE, '+', '-', 'COUNT', 1)
     if w[1] then last_ids[#last_ids + 1] = w[1][1] else last_ids[#last_ids + 1] = '0-0' end
   end
@@ -1135,31 +1180,42 @@ local has_leases = redis.call('EXISTS', KEYS[1]) == 1
 local has_revoked = redis.call('EXISTS', KEYS[7]) == 1
 local res = {}
 local queued = false
-local done = {}
+local ids, keys_, counts = {}, {}, {}
 for i = 2, #ARGV, 3 do
-  local id, count, kf = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
-  local key = nil
-  if string.sub(kf, 1, 1) == '+' then key = string.sub(kf, 2) end
-  local ok
-  if has_revoked then
-    local p = in_lease(KEYS[5], group, id, count)
-    ok = p and p[2] ~= HELD and redis.call('XACK', KEYS[5], group, id) == 1
-  else
-    ok = redis.call('XACK', KEYS[5], group, id) == 1
+  ids[#ids + 1] = ARGV[i]
+  counts[#counts + 1] = tonumber(ARGV[i + 1])
+  local kf = ARGV[i + 2]
+  if string.sub(kf, 1, 1) == '+' then keys_[#ids] = string.sub(kf, 2) end
+end
+local deleted = false
+if has_revoked then
+  for j, id in ipairs(ids) do
+    local p = in_lease(KEYS[5], group, id, counts[j])
+    if p and p[2] ~= HELD and redis.call('XACK', KEYS[5], group, id) == 1 then res[j] = 1 else res[j] = 0 end
   end
-  if ok then
+else
+  -- One XACK for all; when it took fewer than all, an entry still in the stream
+  -- was ours (the rest were purged or deleted).
+  if chunked({'XACK', KEYS[5], group}, ids, {}) == #ids then
+    for j = 1, #ids do res[j] = 1 end
+  else
+    for j, id in ipairs(ids) do res[j] = redis.call('XDEL', KEYS[5], id) end
+    deleted = true
+  end
+end
+local done = {}
+for j, id in ipairs(ids) do
+  if res[j] == 1 then
     done[#done + 1] = id
     local tag = '0/' .. id
     if has_leases then redis.call('HDEL', KEYS[1], tag) end
-    if has_revoked then forget_revoked(KEYS[7], tag, count - 1) end
-    if advance(KEYS[2], KEYS[3], KEYS[4], key, id) then queued = true end
-    res[#res + 1] = 1
-  else
-    res[#res + 1] = 0
+    if has_revoked then forget_revoked(KEYS[7], tag, counts[j] - 1) end
+    if advance(KEYS[2], KEYS[3], KEYS[4], keys_[j], id) then queued = true end
   end
 end
-chunked({'XDEL', KEYS[5]}, done, {})
-if queued then wake(KEYS[6]) end
+if not deleted then chunked({'XDEL', KEYS[5]}, done, {}) end
+-- A head left: its key goes on (queued) or is free for what is unread.
+if queued or #done > 0 then wake(KEYS[6]) end
 return res
 "#;
 

@@ -243,8 +243,10 @@ async fn clients_that_disagree_on_ordered_are_refused() {
 
 /// `rate_limit=10/500ms` with two consumers (separate connections) draining one
 /// queue as fast as they can: in every window of 500 ms at most 10 deliveries in
-/// all — the limit is the queue's, not each consumer's — and both consumers got
-/// some. The limit also lets work through: at least 10 per window on average.
+/// all — the limit is the queue's, not each consumer's (with a limit per consumer
+/// the two, both asking all along, would take 20) — and the limit lets work
+/// through: at least 10 per window on average. Which consumer gets a window's
+/// budget is not promised (whoever asks first).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_holds_across_two_consumers() {
     const JOBS: usize = 10;
@@ -259,13 +261,15 @@ async fn rate_limit_holds_across_two_consumers() {
         r.unwrap();
     }
     let log: Arc<Mutex<Vec<(Instant, usize)>>> = Arc::default();
+    let asks: Arc<Mutex<[usize; 2]>> = Arc::default();
     let start = Instant::now();
     let mut tasks = Vec::new();
     for who in 0..2 {
         let c = cfg.consumer().await.unwrap();
-        let log = log.clone();
+        let (log, asks) = (log.clone(), asks.clone());
         tasks.push(tokio::spawn(async move {
             while start.elapsed() < RUN {
+                asks.lock().unwrap()[who] += 1;
                 let ds = c.receive(100, Duration::from_millis(100)).await.unwrap();
                 let at = Instant::now();
                 for d in ds {
@@ -307,12 +311,13 @@ async fn rate_limit_holds_across_two_consumers() {
         "{} deliveries in {RUN:?}",
         log.len()
     );
-    for who in 0..2 {
-        assert!(
-            log.iter().any(|(_, w)| *w == who),
-            "consumer {who} got nothing"
-        );
-    }
+    // Both consumers kept asking (a receive returns within its 100 ms wait, or
+    // when the window reopens), so the limit was tested across two.
+    let asks = *asks.lock().unwrap();
+    assert!(
+        asks.iter().all(|&n| n >= 5),
+        "receive calls per consumer: {asks:?}"
+    );
     // A consumer with another limit is refused, naming it.
     let e = RedisConfig::from_url(&format!("{}/{queue}?rate_limit=20/500ms", base_url()))
         .unwrap()

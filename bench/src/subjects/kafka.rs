@@ -167,8 +167,13 @@ pub fn subjects() -> Vec<Box<dyn Subject>> {
 /// 500 ms commit interval (the raw loop's auto-commit interval).
 fn ferry_config(env: &Env, topic: &str) -> Result<ferrymq_kafka::KafkaConfig> {
     let brokers = &env.kafka()?.brokers;
+    // For experiments only (the published figures leave it unset): more URL
+    // parameters, like `buffer=5000`.
+    let extra = std::env::var("FERRYMQ_BENCH_KAFKA_PARAMS")
+        .map(|p| format!("&{p}"))
+        .unwrap_or_default();
     Ok(ferrymq_kafka::KafkaConfig::from_url(&format!(
-        "kafka://{brokers}/{topic}?partitions={PARTITIONS}&commit_interval=500ms"
+        "kafka://{brokers}/{topic}?partitions={PARTITIONS}&commit_interval=500ms{extra}"
     ))?)
 }
 

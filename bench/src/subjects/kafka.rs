@@ -13,7 +13,9 @@
 //!   every 500 ms (at-least-once, the usual expert loop). One poll loop, whatever
 //!   the concurrency: that is how one consumes Kafka fastest.
 //! - `ferrymq-kafka`: `KafkaConfig` defaults (but `partitions=3`, `commit_interval`
-//!   500 ms like the raw loop) through `Box<dyn Producer>` / `Box<dyn Consumer>`.
+//!   500 ms like the raw loop) through `Box<dyn Producer>` / `Box<dyn Consumer>`:
+//!   `send_batch(100)` with every batch of the run in flight at once (the raw
+//!   producer's pipelining, through the trait); `receive(100)` shared by N tasks.
 //! - `ferrymq-kafka-worker`: the same, consumed by the Worker with the default
 //!   middleware stack (see [`super::ferry::FerryWorker`]).
 
@@ -32,10 +34,14 @@ use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Message as _};
 use tokio::task::JoinSet;
 
-use super::ferry::{FerryTraits, FerryWorker, Pair};
+use ferrymq_core::{Consumer, Message, Producer};
+use futures::stream::{FuturesUnordered, StreamExt as _};
+
+use super::ferry::{consume_loop, run_worker, Pair};
 use super::Subject;
 use crate::drive::{
-    handle, latency_us, pace, payload, run_until_done, stamp_of, timed_run, wall_nanos, Progress,
+    check_batch, handle, latency_us, pace, payload, run_until_done, stamp_of, timed_run,
+    wall_nanos, Progress, BATCH,
 };
 use crate::env::Env;
 use crate::model::{Backend, Role, Sample, Workload};
@@ -146,48 +152,229 @@ fn state_dir(port: u16) -> PathBuf {
 pub fn subjects() -> Vec<Box<dyn Subject>> {
     vec![
         Box::new(RawKafka),
-        Box::new(ferry_kafka("ferrymq-kafka")),
-        Box::new(FerryWorker::new(
-            "ferrymq-kafka-worker",
-            ferry_kafka("ferrymq-kafka-worker"),
-        )),
+        Box::new(FerryKafka {
+            name: "ferrymq-kafka",
+            worker: false,
+        }),
+        Box::new(FerryKafka {
+            name: "ferrymq-kafka-worker",
+            worker: true,
+        }),
     ]
 }
 
-/// ferrymq-kafka through the traits; the connector's "url" is the broker list.
-fn ferry_kafka(name: &'static str) -> FerryTraits {
-    FerryTraits::new(
-        name,
-        Backend::Kafka,
-        Arc::new(|brokers, queue| {
-            Box::pin(async move {
-                let brokers = brokers.ok_or_else(|| anyhow!("no Kafka broker"))?;
-                let cfg = ferrymq_kafka::KafkaConfig::from_url(&format!(
-                    "kafka://{brokers}/{queue}?partitions={PARTITIONS}&commit_interval=500ms"
-                ))?;
-                let p = cfg.producer().await?;
-                let c = cfg.consumer().await?;
-                Ok::<Pair, anyhow::Error>((Box::new(p), Box::new(c)))
-            })
-        }),
-        "ferrymq-kafka (defaults, partitions=3, commit_interval=500ms) through \
-         Box<dyn Producer>/Box<dyn Consumer>: send_batch(100); receive(100) shared by N tasks, \
-         concurrent Delivery::ack per batch"
-            .into(),
-    )
+/// The ferrymq-kafka config of a bench topic: defaults, but 3 partitions and a
+/// 500 ms commit interval (the raw loop's auto-commit interval).
+fn ferry_config(env: &Env, topic: &str) -> Result<ferrymq_kafka::KafkaConfig> {
+    let brokers = &env.kafka()?.brokers;
+    // For experiments only (the published figures leave it unset): more URL
+    // parameters, like `buffer=5000`.
+    let extra = std::env::var("FERRYMQ_BENCH_KAFKA_PARAMS")
+        .map(|p| format!("&{p}"))
+        .unwrap_or_default();
+    Ok(ferrymq_kafka::KafkaConfig::from_url(&format!(
+        "kafka://{brokers}/{topic}?partitions={PARTITIONS}&commit_interval=500ms{extra}"
+    ))?)
+}
+
+/// Topics ferrymq-kafka made for `topic`: the topic, its retry tiers, its DLQ.
+fn ferry_topics(cfg: &ferrymq_kafka::KafkaConfig) -> Vec<String> {
+    let mut v = vec![cfg.topic.clone(), cfg.dlq_topic()];
+    v.extend(cfg.tier_topics());
+    v
+}
+
+/// Send `n` messages through `Producer::send_batch` in batches of [`BATCH`], every
+/// batch in flight at once (as the raw producer has every record in flight): the
+/// traits pipelined, the way one sends a backlog to Kafka.
+async fn produce_pipelined(producer: &dyn Producer, n: u64, size: usize) -> Result<()> {
+    let mut batches = Vec::new();
+    let mut sent = 0;
+    while sent < n {
+        let k = BATCH.min((n - sent) as usize);
+        batches.push(
+            (0..k as u64)
+                .map(|i| Message::new(payload(size, sent + i)))
+                .collect::<Vec<_>>(),
+        );
+        sent += k as u64;
+    }
+    let mut inflight: FuturesUnordered<_> = batches
+        .into_iter()
+        .map(|b| producer.send_batch(b))
+        .collect();
+    while let Some(results) = inflight.next().await {
+        check_batch(&results?)?;
+    }
+    Ok(())
+}
+
+/// ferrymq-kafka through `Box<dyn Producer>` / `Box<dyn Consumer>`, or consumed by
+/// the Worker with the default middleware stack.
+pub struct FerryKafka {
+    name: &'static str,
+    worker: bool,
+}
+
+impl FerryKafka {
+    async fn pair(&self, env: &Env) -> Result<(ferrymq_kafka::KafkaConfig, Pair)> {
+        let cfg = ferry_config(env, &env.queue_name(self.name))?;
+        let p: Box<dyn Producer> = Box::new(cfg.producer().await?);
+        let c: Box<dyn Consumer> = Box::new(cfg.consumer().await?);
+        Ok((cfg, (p, c)))
+    }
+
+    /// Consume `progress.target()` from `consumer`: the trait loop shared by
+    /// `concurrency` tasks, or the Worker.
+    #[allow(clippy::too_many_arguments)]
+    async fn consumers(
+        &self,
+        env: &Env,
+        cfg: &ferrymq_kafka::KafkaConfig,
+        consumer: Box<dyn Consumer>,
+        concurrency: usize,
+        progress: &Arc<Progress>,
+        record_latency: bool,
+        tasks: &mut JoinSet<Result<()>>,
+    ) -> Result<()> {
+        if self.worker {
+            let dlq: Box<dyn Producer> =
+                Box::new(cfg.for_topic(&cfg.dlq_topic())?.producer().await?);
+            tasks.spawn(run_worker(
+                consumer,
+                dlq,
+                concurrency,
+                env.worker_prefetch,
+                progress.clone(),
+                record_latency,
+            ));
+        } else {
+            let consumer = Arc::new(consumer);
+            for _ in 0..concurrency {
+                tasks.spawn(consume_loop(
+                    consumer.clone(),
+                    progress.clone(),
+                    record_latency,
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Subject for FerryKafka {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn backend(&self) -> Backend {
+        Backend::Kafka
+    }
+    fn role(&self) -> Role {
+        Role::Ferrymq
+    }
+    fn describe(&self) -> String {
+        let base = "ferrymq-kafka (defaults, partitions=3, commit_interval=500ms) through \
+                    Box<dyn Producer>: send_batch(100) with every batch in flight";
+        if self.worker {
+            format!(
+                "{base}; consumed by ferrymq's Worker (concurrency N, default prefetch and poll) \
+                 with ExtendVisibility + RetryToDlq(5) + CatchPanic + Timeout(30 s)"
+            )
+        } else {
+            format!(
+                "{base}; Box<dyn Consumer> receive(100) shared by N tasks, concurrent \
+                 Delivery::ack per batch"
+            )
+        }
+    }
+
+    fn applies(&self, workload: &Workload) -> bool {
+        match workload {
+            Workload::Rss { .. } => false,
+            // The Worker only consumes: produce-only is the traits subject's figure.
+            Workload::Produce => !self.worker,
+            _ => true,
+        }
+    }
+
+    async fn produce(&self, env: &Env, n: u64, size: usize) -> Result<Sample> {
+        let (cfg, (producer, consumer)) = self.pair(env).await?;
+        let start = Instant::now();
+        produce_pipelined(producer.as_ref(), n, size).await?;
+        let elapsed = start.elapsed();
+        consumer.close().await?;
+        env.kafka()?.delete(&ferry_topics(&cfg)).await;
+        Ok(Sample::throughput(n, elapsed))
+    }
+
+    async fn e2e(&self, env: &Env, n: u64, size: usize, concurrency: usize) -> Result<Sample> {
+        let (cfg, (producer, consumer)) = self.pair(env).await?;
+        let progress = Progress::new(n);
+        let mut tasks = JoinSet::new();
+        self.consumers(
+            env,
+            &cfg,
+            consumer,
+            concurrency,
+            &progress,
+            false,
+            &mut tasks,
+        )
+        .await?;
+        let start = Instant::now();
+        tasks.spawn(async move { produce_pipelined(producer.as_ref(), n, size).await });
+        let sample = timed_run(tasks, &progress, start, env.stall, env.cap).await;
+        env.kafka()?.delete(&ferry_topics(&cfg)).await;
+        sample
+    }
+
+    async fn latency(&self, env: &Env, n: u64, size: usize, rate: u64) -> Result<Sample> {
+        let (cfg, (producer, consumer)) = self.pair(env).await?;
+        let progress = Progress::new(n);
+        let mut tasks = JoinSet::new();
+        self.consumers(env, &cfg, consumer, 1, &progress, true, &mut tasks)
+            .await?;
+        tasks.spawn(async move {
+            let start = tokio::time::Instant::now();
+            for i in 0..n {
+                pace(start, i, rate).await;
+                producer
+                    .send(Message::new(payload(size, wall_nanos())))
+                    .await?;
+            }
+            Ok(())
+        });
+        let outcome = run_until_done(tasks, &progress, Instant::now(), env.stall).await;
+        env.kafka()?.delete(&ferry_topics(&cfg)).await;
+        outcome?;
+        Ok(Sample::latency(progress.take_latencies(), rate))
+    }
+
+    async fn rss(&self, _env: &Env, _backlog: u64, _size: usize) -> Result<Sample> {
+        bail!("{} has no RSS consumer child", self.name)
+    }
 }
 
 /// Raw rdkafka, the way an expert writes it.
 pub struct RawKafka;
 
 impl RawKafka {
-    fn producer(broker: &KafkaBroker) -> Result<FutureProducer> {
-        Ok(broker
+    /// A producer connected to the broker with the topic's metadata loaded (and
+    /// its idempotent producer id, asked for once connected), so the timed run does
+    /// not pay for the connection — the ferrymq subjects' producers are as warm, a
+    /// consumer having joined after them.
+    async fn producer(broker: &KafkaBroker, topic: &str) -> Result<FutureProducer> {
+        let p: FutureProducer = broker
             .client()
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "2")
-            .create()?)
+            .create()?;
+        p.client()
+            .fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok(p)
     }
 
     /// A member of a fresh group on `topic`, assigned before it returns.
@@ -296,7 +483,7 @@ impl Subject for RawKafka {
         let broker = env.kafka()?;
         let topic = env.queue_name(self.name());
         broker.create(std::slice::from_ref(&topic)).await?;
-        let p = Self::producer(broker)?;
+        let p = Self::producer(broker, &topic).await?;
         let start = Instant::now();
         Self::produce_all(&p, &topic, n, size).await?;
         let elapsed = start.elapsed();
@@ -310,7 +497,7 @@ impl Subject for RawKafka {
         let broker = env.kafka()?;
         let topic = env.queue_name(self.name());
         broker.create(std::slice::from_ref(&topic)).await?;
-        let p = Self::producer(broker)?;
+        let p = Self::producer(broker, &topic).await?;
         let c = Self::consumer(broker, &topic)?;
         let progress = Progress::new(n);
         let mut tasks = JoinSet::new();
@@ -332,7 +519,7 @@ impl Subject for RawKafka {
         let broker = env.kafka()?;
         let topic = env.queue_name(self.name());
         broker.create(std::slice::from_ref(&topic)).await?;
-        let p = Self::producer(broker)?;
+        let p = Self::producer(broker, &topic).await?;
         let c = Self::consumer(broker, &topic)?;
         let progress = Progress::new(n);
         let mut tasks = JoinSet::new();

@@ -126,7 +126,12 @@ impl SqsProducer {
                 .ok()
                 .and_then(|i| results.get_mut(i))
             {
-                let kind = batch_entry_kind(&failed.code, failed.sender_fault, Call::Send);
+                let kind = batch_entry_kind(
+                    &failed.code,
+                    failed.message.as_deref(),
+                    failed.sender_fault,
+                    Call::Send,
+                );
                 *slot = Some(Err(Error::new(
                     kind,
                     format!(

@@ -22,6 +22,7 @@
 
 pub mod admin;
 pub mod backend;
+pub mod batch;
 pub mod capabilities;
 pub mod config;
 pub mod consumer;

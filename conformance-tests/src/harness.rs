@@ -138,6 +138,16 @@ pub fn run_setups(setups: Vec<Setup>) -> ExitCode {
     }
 }
 
+/// [`run_setups`] with arguments the caller parsed and may have adjusted: a backend
+/// whose cases mostly wait on the server's timers can run more trials at once than
+/// the machine has cores (`args.test_threads`, when the command line set none).
+pub fn run_setups_args(args: &Arguments, setups: Vec<Setup>) -> ExitCode {
+    match run_setups_with(args, setups) {
+        Some(conclusion) => conclusion.exit_code(),
+        None => ExitCode::FAILURE,
+    }
+}
+
 /// [`run_setups`] with these arguments; `None` when nothing could run.
 pub(crate) fn run_setups_with(
     args: &Arguments,

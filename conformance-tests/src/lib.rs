@@ -124,5 +124,5 @@ pub use backend::{unique_queue_name, Backend};
 pub use claims::{AdminOps, Claims};
 pub use context::Context;
 pub use failure::{CaseResult, Failure};
-pub use harness::{require_env, run, run_setups, Setup};
+pub use harness::{require_env, run, run_setups, run_setups_args, Setup};
 pub use registry::{requires, Case, Requirement, CASES};

@@ -230,6 +230,7 @@ async fn run(args: Args) -> Result<()> {
     if let Some(r) = &env.redis {
         r.stop();
     }
+    subjects::sqs::stop_server();
     result
 }
 

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 pub enum Backend {
     Memory,
     Redis,
+    Sqs,
 }
 
 impl fmt::Display for Backend {
@@ -19,6 +20,7 @@ impl fmt::Display for Backend {
         f.write_str(match self {
             Backend::Memory => "memory",
             Backend::Redis => "redis",
+            Backend::Sqs => "sqs",
         })
     }
 }

@@ -84,7 +84,8 @@ impl FerryTraits {
                 Some(env.redis()?.url.clone())
             }
             // An in-process queue lives in its consumer's process: the child fills it.
-            Backend::Memory => None,
+            // (SQS subjects do not run the RSS workload.)
+            Backend::Memory | Backend::Sqs => None,
         };
         let in_process = self.backend == Backend::Memory;
         env.rss_sample(subject, queue, redis_url, backlog, size, in_process)
@@ -94,7 +95,8 @@ impl FerryTraits {
     async fn pair(&self, env: &Env, queue: &str) -> Result<Pair> {
         let url = match self.backend {
             Backend::Redis => Some(env.redis()?.url.clone()),
-            Backend::Memory => None,
+            // SQS connectors know their server (subjects::sqs).
+            Backend::Memory | Backend::Sqs => None,
         };
         (self.connect)(url, queue.to_string()).await
     }

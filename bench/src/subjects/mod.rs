@@ -18,6 +18,8 @@ pub mod channel;
 pub mod ferry;
 pub mod omniqueue;
 pub mod raw_redis;
+pub mod sqs;
+pub mod sqs_raw;
 
 #[async_trait]
 pub trait Subject: Send + Sync {
@@ -67,6 +69,7 @@ pub fn all() -> Vec<Box<dyn Subject>> {
     v.push(Box::new(omniqueue::Omniqueue));
     v.push(Box::new(bullmq::BullMq));
     v.push(Box::new(apalis::Apalis));
+    v.extend(sqs::subjects());
     v
 }
 

@@ -14,7 +14,7 @@ use crate::error::{batch_entry_kind, map_sdk, Call};
 
 /// Standard-queue batches sent at once by one `send_batch` (FIFO batches go one
 /// after another, to keep each group's order).
-const CONCURRENT_BATCHES: usize = 4;
+const CONCURRENT_BATCHES: usize = 5;
 
 /// Sends to one SQS queue.
 ///

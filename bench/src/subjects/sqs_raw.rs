@@ -38,7 +38,7 @@ use crate::env::Env;
 use crate::model::{Backend, Role, Sample, Workload};
 
 /// `SendMessageBatch` calls in flight at once.
-pub const IN_FLIGHT: usize = 4;
+pub const IN_FLIGHT: usize = 5;
 /// SQS's batch limit (send, receive, delete).
 const SQS_BATCH: usize = 10;
 /// The message attribute carrying the payload.

@@ -10,100 +10,60 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use ferrymq_core::batch::{BatchConfig, Batcher};
 use ferrymq_core::middleware::outcome::{self, Outcome};
 use ferrymq_core::{Ack, Error, ErrorKind, Result};
 use redis::Value;
-use tokio::sync::{mpsc, oneshot};
 
 use crate::client::{Shared, MAX_BATCH};
 use crate::scripts::scripts;
 
-struct AckRequest {
+/// One ack for the batcher: the lease it settles.
+struct AckItem {
     level: usize,
     stream_id: String,
     deliveries: u64,
-    reply: oneshot::Sender<Result<bool>>,
 }
 
-/// Queue of acks flushed by one task: whatever arrived while the previous batch was
-/// on the wire (plus `ack_linger`, when set) goes out as one ACK script call — one
-/// `XACK` + `XDEL` per level. Each `ack()` returns only after its batch was applied
-/// on the server.
+/// Acks flushed as batches (core's [`Batcher`]): whatever arrived while the previous
+/// batches were on the wire (plus `ack_linger`, when set) goes out as one ACK script
+/// call — one `XACK` + `XDEL` per level. Each `ack()` returns only after its batch
+/// was applied on the server; `false` when its lease was no longer held.
 #[derive(Debug, Clone)]
 pub(crate) struct AckBatcher {
-    tx: mpsc::UnboundedSender<AckRequest>,
+    batcher: Batcher<AckItem, bool>,
 }
 
 impl AckBatcher {
     pub(crate) fn spawn(shared: Arc<Shared>) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(shared, rx));
-        AckBatcher { tx }
+        let config = BatchConfig::new(MAX_BATCH).linger(shared.config.ack_linger);
+        let batcher = Batcher::spawn("redis ack", config, move |batch: Vec<AckItem>| {
+            let shared = shared.clone();
+            async move {
+                match flush(&shared, &batch).await {
+                    Ok(flags) => flags.into_iter().map(Ok).collect(),
+                    Err(e) => batch
+                        .iter()
+                        .map(|_| Err(Error::new(e.kind(), e.message())))
+                        .collect(),
+                }
+            }
+        });
+        AckBatcher { batcher }
     }
 
     async fn ack(&self, level: usize, stream_id: &str, deliveries: u64) -> Result<bool> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(AckRequest {
+        self.batcher
+            .submit(AckItem {
                 level,
                 stream_id: stream_id.to_owned(),
                 deliveries,
-                reply,
             })
-            .map_err(|_| Error::new(ErrorKind::Closed, "the ack task of this consumer stopped"))?;
-        rx.await
-            .map_err(|_| Error::new(ErrorKind::Closed, "the ack task of this consumer stopped"))?
+            .await
     }
 }
 
-/// Batches in flight at once: enough to keep the connection busy while a batch is
-/// on the wire, few enough that acks still pile up into large batches.
-const IN_FLIGHT: usize = 4;
-
-async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AckRequest>) {
-    let linger = shared.config.ack_linger;
-    let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let Some(first) = rx.recv().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        if linger.is_zero() {
-            // Let the task that sent this ack finish sending its siblings (a worker
-            // acking a batch concurrently) before draining: one call instead of two.
-            tokio::task::yield_now().await;
-        } else {
-            tokio::time::sleep(linger).await;
-        }
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(req) => batch.push(req),
-                Err(_) => break,
-            }
-        }
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            match flush(&shared, &batch).await {
-                Ok(flags) => {
-                    for (req, ok) in batch.into_iter().zip(flags) {
-                        let _ = req.reply.send(Ok(ok));
-                    }
-                }
-                Err(e) => {
-                    for req in batch {
-                        let _ = req.reply.send(Err(Error::new(e.kind(), e.message())));
-                    }
-                }
-            }
-            drop(slot);
-        });
-    }
-}
-
-async fn flush(shared: &Shared, batch: &[AckRequest]) -> Result<Vec<bool>> {
+async fn flush(shared: &Shared, batch: &[AckItem]) -> Result<Vec<bool>> {
     let keys = &shared.keys;
     // The script wants the ids grouped by level; `order` maps back to the batch.
     let mut order: Vec<usize> = (0..batch.len()).collect();

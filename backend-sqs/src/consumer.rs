@@ -63,6 +63,7 @@ use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
     MessageSystemAttributeName,
 };
+use ferrymq_core::batch::{BatchConfig, Batcher};
 use ferrymq_core::time::{deadline_after, deadline_in};
 use ferrymq_core::{
     AckHandle, Capabilities, Consumer, Delivery, DeliveryMeta, Depth, Error, ErrorKind, Message,
@@ -72,7 +73,6 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::ack::{Lease, SqsAck};
-use crate::batcher::Batcher;
 use crate::client::{timeouts, Queue, MAX_BATCH};
 use crate::codec;
 use crate::config::{whole_seconds, MAX_VISIBILITY};
@@ -536,7 +536,12 @@ pub(crate) async fn change_visibility_batch(
                         .and_then(|i| chunk_results.get_mut(i))
                     {
                         *slot = Err(Error::new(
-                            batch_entry_kind(&failed.code, failed.sender_fault, Call::Other),
+                            batch_entry_kind(
+                                &failed.code,
+                                failed.message.as_deref(),
+                                failed.sender_fault,
+                                Call::Other,
+                            ),
                             format!(
                                 "SQS ChangeMessageVisibilityBatch entry on queue {}: {} ({})",
                                 queue.name,
@@ -590,7 +595,12 @@ pub(crate) async fn delete_batch(queue: &Queue, receipts: Vec<String>) -> Vec<Re
                     .ok()
                     .and_then(|i| results.get_mut(i))
                 {
-                    let kind = batch_entry_kind(&failed.code, failed.sender_fault, Call::Other);
+                    let kind = batch_entry_kind(
+                        &failed.code,
+                        failed.message.as_deref(),
+                        failed.sender_fault,
+                        Call::Other,
+                    );
                     *slot = Err(Error::new(
                         kind,
                         format!(
@@ -799,7 +809,7 @@ impl SqsConsumer {
             let queue = queue.clone();
             Batcher::spawn(
                 "DeleteMessageBatch",
-                queue.config.ack_linger,
+                BatchConfig::new(MAX_BATCH).linger(queue.config.ack_linger),
                 move |receipts: Vec<String>| {
                     let queue = queue.clone();
                     async move { delete_batch(&queue, receipts).await }

@@ -80,9 +80,29 @@ fn kind_of_code(code: &str, call: Call) -> Option<ErrorKind> {
     })
 }
 
+/// [`kind_of_code`], but a bad-parameter error about the receipt handle ("Value …
+/// for parameter ReceiptHandle is invalid. Reason: The receipt handle has expired.",
+/// what SQS answers for a handle past its visibility timeout) is `LeaseExpired`: the
+/// lease is gone, nothing is wrong with the configuration.
+fn kind_of(code: &str, message: Option<&str>, call: Call) -> Option<ErrorKind> {
+    let bad_parameter = matches!(
+        code.strip_prefix("AWS.SimpleQueueService.").unwrap_or(code),
+        "InvalidParameterValue" | "InvalidParameterValueException"
+    );
+    if bad_parameter && message.is_some_and(|m| m.contains("ReceiptHandle")) {
+        return Some(ErrorKind::LeaseExpired);
+    }
+    kind_of_code(code, call)
+}
+
 /// The kind of a per-entry failure of a batch call (`BatchResultErrorEntry`).
-pub(crate) fn batch_entry_kind(code: &str, sender_fault: bool, call: Call) -> ErrorKind {
-    kind_of_code(code, call).unwrap_or(if sender_fault {
+pub(crate) fn batch_entry_kind(
+    code: &str,
+    message: Option<&str>,
+    sender_fault: bool,
+    call: Call,
+) -> ErrorKind {
+    kind_of(code, message, call).unwrap_or(if sender_fault {
         ErrorKind::Backend
     } else {
         match call {
@@ -169,7 +189,7 @@ where
         },
         SdkError::ServiceError(service) => {
             let code = service.err().code().unwrap_or_default();
-            match kind_of_code(code, call) {
+            match kind_of(code, service.err().message(), call) {
                 Some(kind) => kind,
                 None if context.contains("credentials") => ErrorKind::Auth,
                 None => ErrorKind::Backend,
@@ -215,8 +235,39 @@ mod tests {
         );
         assert_eq!(kind_of_code("Whatever", Call::Other), None);
         assert_eq!(
-            batch_entry_kind("Whatever", false, Call::Send),
+            batch_entry_kind("Whatever", None, false, Call::Send),
             ErrorKind::OutcomeUnknown
+        );
+    }
+
+    /// SQS (and LocalStack) answer a settle with a receipt handle whose visibility
+    /// timeout ran out — on FIFO queues even in the lease clock's last moments —
+    /// with `InvalidParameterValue`, naming the handle: the lease is gone, which is
+    /// `LeaseExpired`, not a configuration error.
+    #[test]
+    fn an_expired_receipt_handle_is_a_lost_lease() {
+        let expired = "Value NzQ2...== for parameter ReceiptHandle is invalid. Reason: The \
+                       receipt handle has expired.";
+        for code in ["InvalidParameterValue", "InvalidParameterValueException"] {
+            assert_eq!(
+                batch_entry_kind(code, Some(expired), true, Call::Other),
+                ErrorKind::LeaseExpired,
+                "{code}"
+            );
+            assert_eq!(
+                kind_of(code, Some(expired), Call::Other),
+                Some(ErrorKind::LeaseExpired)
+            );
+        }
+        // Any other bad parameter stays what it was.
+        assert_eq!(
+            batch_entry_kind(
+                "InvalidParameterValue",
+                Some("Value 99999 for parameter VisibilityTimeout is invalid."),
+                true,
+                Call::Other
+            ),
+            ErrorKind::InvalidConfig
         );
     }
 

@@ -84,7 +84,6 @@
 
 mod ack;
 mod admin;
-mod batcher;
 mod client;
 pub mod codec;
 mod config;

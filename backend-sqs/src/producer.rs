@@ -14,7 +14,7 @@ use crate::error::{batch_entry_kind, map_sdk, Call};
 
 /// Standard-queue batches sent at once by one `send_batch` (FIFO batches go one
 /// after another, to keep each group's order).
-const CONCURRENT_BATCHES: usize = 4;
+const CONCURRENT_BATCHES: usize = 5;
 
 /// Sends to one SQS queue.
 ///
@@ -126,7 +126,12 @@ impl SqsProducer {
                 .ok()
                 .and_then(|i| results.get_mut(i))
             {
-                let kind = batch_entry_kind(&failed.code, failed.sender_fault, Call::Send);
+                let kind = batch_entry_kind(
+                    &failed.code,
+                    failed.message.as_deref(),
+                    failed.sender_fault,
+                    Call::Send,
+                );
                 *slot = Some(Err(Error::new(
                     kind,
                     format!(

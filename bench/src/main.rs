@@ -239,6 +239,7 @@ async fn run(args: Args) -> Result<()> {
     if let Some(k) = &env.kafka {
         k.stop();
     }
+    subjects::sqs::stop_server();
     result
 }
 

@@ -13,6 +13,7 @@ pub enum Backend {
     Memory,
     Redis,
     Kafka,
+    Sqs,
 }
 
 impl fmt::Display for Backend {
@@ -21,6 +22,7 @@ impl fmt::Display for Backend {
             Backend::Memory => "memory",
             Backend::Redis => "redis",
             Backend::Kafka => "kafka",
+            Backend::Sqs => "sqs",
         })
     }
 }

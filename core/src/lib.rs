@@ -23,6 +23,7 @@
 
 pub mod admin;
 pub mod backend;
+pub mod batch;
 pub mod capabilities;
 pub mod config;
 pub mod consumer;

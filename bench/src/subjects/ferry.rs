@@ -84,7 +84,8 @@ impl FerryTraits {
                 self.server_url(env)?
             }
             // An in-process queue lives in its consumer's process: the child fills it.
-            Backend::Memory => None,
+            // (SQS subjects do not run the RSS workload.)
+            Backend::Memory | Backend::Sqs => None,
         };
         let in_process = self.backend == Backend::Memory;
         env.rss_sample(subject, queue, redis_url, backlog, size, in_process)
@@ -100,7 +101,8 @@ impl FerryTraits {
         Ok(match self.backend {
             Backend::Redis => Some(env.redis()?.url.clone()),
             Backend::Kafka => Some(env.kafka()?.brokers.clone()),
-            Backend::Memory => None,
+            // SQS connectors know their server (subjects::sqs).
+            Backend::Memory | Backend::Sqs => None,
         })
     }
 

@@ -20,6 +20,8 @@ pub mod ferry;
 pub mod kafka;
 pub mod omniqueue;
 pub mod raw_redis;
+pub mod sqs;
+pub mod sqs_raw;
 
 #[async_trait]
 pub trait Subject: Send + Sync {
@@ -71,6 +73,7 @@ pub fn all() -> Vec<Box<dyn Subject>> {
     v.push(Box::new(bullmq_official::BullMqOfficial));
     v.push(Box::new(apalis::Apalis));
     v.extend(kafka::subjects());
+    v.extend(sqs::subjects());
     v
 }
 

@@ -20,95 +20,58 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use ferrymq_core::batch::{BatchConfig, Batcher};
 use ferrymq_core::middleware::outcome::{self, Outcome};
 use ferrymq_core::{Ack, Error, ErrorKind, Result};
 use redis::Value;
-use tokio::sync::{mpsc, oneshot};
 
 use crate::ack::RedisAck;
 use crate::client::{ms, Shared, MAX_BATCH};
 use crate::scripts::scripts;
 
-struct AckRequest {
+struct AckItem {
     stream_id: String,
     deliveries: u64,
     key: Option<String>,
-    reply: oneshot::Sender<Result<bool>>,
 }
 
-/// Batches acks of an ordered queue into ORDERED_ACK calls (the same scheme as the
-/// plain ack batcher: one flush task, up to [`IN_FLIGHT`] batches on the wire).
+/// Batches acks of an ordered queue into ORDERED_ACK calls, over the same
+/// [`Batcher`] as the plain acks (one flush task, a few batches on the wire).
 #[derive(Debug, Clone)]
 pub(crate) struct OrderedBatcher {
-    tx: mpsc::UnboundedSender<AckRequest>,
+    batcher: Batcher<AckItem, bool>,
 }
-
-const IN_FLIGHT: usize = 4;
 
 impl OrderedBatcher {
     pub(crate) fn spawn(shared: Arc<Shared>) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(shared, rx));
-        OrderedBatcher { tx }
+        let config = BatchConfig::new(MAX_BATCH).linger(shared.config.ack_linger);
+        let batcher = Batcher::spawn("redis ordered ack", config, move |batch: Vec<AckItem>| {
+            let shared = shared.clone();
+            async move {
+                match flush(&shared, &batch).await {
+                    Ok(flags) => flags.into_iter().map(Ok).collect(),
+                    Err(e) => batch
+                        .iter()
+                        .map(|_| Err(Error::new(e.kind(), e.message())))
+                        .collect(),
+                }
+            }
+        });
+        OrderedBatcher { batcher }
     }
 
     async fn ack(&self, stream_id: &str, deliveries: u64, key: Option<&str>) -> Result<bool> {
-        let (reply, rx) = oneshot::channel();
-        let stopped = || Error::new(ErrorKind::Closed, "the ack task of this consumer stopped");
-        self.tx
-            .send(AckRequest {
+        self.batcher
+            .submit(AckItem {
                 stream_id: stream_id.to_owned(),
                 deliveries,
                 key: key.map(str::to_owned),
-                reply,
             })
-            .map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
+            .await
     }
 }
 
-async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AckRequest>) {
-    let linger = shared.config.ack_linger;
-    let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let Some(first) = rx.recv().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        if linger.is_zero() {
-            tokio::task::yield_now().await;
-        } else {
-            tokio::time::sleep(linger).await;
-        }
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(req) => batch.push(req),
-                Err(_) => break,
-            }
-        }
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            match flush(&shared, &batch).await {
-                Ok(flags) => {
-                    for (req, ok) in batch.into_iter().zip(flags) {
-                        let _ = req.reply.send(Ok(ok));
-                    }
-                }
-                Err(e) => {
-                    for req in batch {
-                        let _ = req.reply.send(Err(Error::new(e.kind(), e.message())));
-                    }
-                }
-            }
-            drop(slot);
-        });
-    }
-}
-
-async fn flush(shared: &Shared, batch: &[AckRequest]) -> Result<Vec<bool>> {
+async fn flush(shared: &Shared, batch: &[AckItem]) -> Result<Vec<bool>> {
     let keys = &shared.keys;
     let lua = &scripts().ordered_ack;
     let mut cmd = lua.call(7);

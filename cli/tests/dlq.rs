@@ -9,29 +9,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Command, Output};
 use std::time::Duration;
 
 use ferrymq::middleware::{handler_fn, RetryToDlqLayer};
 use ferrymq::{reserved, BoxError, Consumer, Delivery, Message, Producer};
 use tower::{Layer, ServiceExt};
 
-fn ferry(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .env_remove("FERRYMQ_URL")
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod common;
+use common::{ferry, redis_base, stderr, stdout, unique};
 
 #[test]
 fn help_states_what_peek_and_redrive_promise() {
@@ -204,24 +189,6 @@ fn native_and_to_are_exclusive_and_memory_has_no_native_store() {
 
 // ---- against Redis -------------------------------------------------------------
 
-fn redis_base() -> String {
-    match std::env::var("FERRYMQ_TEST_REDIS_URL") {
-        Ok(url) if !url.is_empty() => url.trim_end_matches('/').to_string(),
-        _ => panic!(
-            "FERRYMQ_TEST_REDIS_URL is not set: this test runs `ferry dlq` against Redis. \
-             Run scripts/test.sh, or start a server with `scripts/redis.sh start 6399` and \
-             export FERRYMQ_TEST_REDIS_URL=redis://127.0.0.1:6399"
-        ),
-    }
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() % 1_000_000_007);
-    format!("ferry-dlq-test-{prefix}-{}-{nanos}", std::process::id())
-}
-
 /// Put `messages` into `dlq_url` the way a worker does: through `RetryToDlq`, failing
 /// each once with max_attempts = 1.
 async fn dead_letter(source_url: &str, dlq_url: &str, messages: Vec<Message>) {
@@ -256,9 +223,9 @@ async fn delete_queues(urls: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn peek_and_redrive_through_the_binary_on_redis() {
-    let base = redis_base();
-    let source_name = unique("orders");
-    let dlq_name = unique("orders-dlq");
+    let base = redis_base("ferry dlq");
+    let source_name = unique("ferry-dlq-test-orders");
+    let dlq_name = unique("ferry-dlq-test-orders-dlq");
     let source_url = format!("{base}/{source_name}?visibility=5s");
     let dlq_url = format!("{base}/{dlq_name}?visibility=5s");
     dead_letter(

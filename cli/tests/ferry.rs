@@ -2,20 +2,8 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Command, Output};
-
-fn ferry(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .env_remove("FERRYMQ_URL")
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+mod common;
+use common::{ferry, stdout};
 
 #[test]
 fn demo_runs_the_pipeline_and_checks_its_story() {

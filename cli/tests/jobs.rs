@@ -9,31 +9,11 @@ use std::time::{Duration, Instant};
 use ferrymq::jobs::{JobState, JobUpdate, Keep};
 use serde_json::{json, Value};
 
-fn ferry(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .env_remove("FERRYMQ_URL")
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap()
-}
+mod common;
+use common::{ferry, redis_base, unique};
 
 fn redis_url(queue: &str) -> String {
-    match std::env::var("FERRYMQ_TEST_REDIS_URL") {
-        Ok(url) if !url.is_empty() => format!("{}/{queue}", url.trim_end_matches('/')),
-        _ => panic!(
-            "FERRYMQ_TEST_REDIS_URL is not set: this test runs `ferry jobs` against Redis. \
-             Start one with `scripts/redis.sh start 6399` and export \
-             FERRYMQ_TEST_REDIS_URL=redis://127.0.0.1:6399"
-        ),
-    }
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!("{prefix}-{}-{nanos}", std::process::id())
+    format!("{}/{queue}", redis_base("ferry jobs"))
 }
 
 fn json_out(o: &Output) -> Value {

@@ -4,27 +4,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Command, Output};
 use std::time::Duration;
 
 use ferrymq::{Consumer, Message, Producer};
 
-fn ferry(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .env_remove("FERRYMQ_URL")
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod common;
+use common::{ferry, redis_base, stderr, stdout, unique};
 
 #[test]
 fn create_describes_every_capability() {
@@ -101,28 +86,10 @@ fn describe_of_a_missing_memory_queue_is_not_found() {
 
 // ---- against Redis -------------------------------------------------------------
 
-fn redis_base() -> String {
-    match std::env::var("FERRYMQ_TEST_REDIS_URL") {
-        Ok(url) if !url.is_empty() => url.trim_end_matches('/').to_string(),
-        _ => panic!(
-            "FERRYMQ_TEST_REDIS_URL is not set: this test runs `ferry queue` against Redis. \
-             Run scripts/test.sh, or start a server with `scripts/redis.sh start 6399` and \
-             export FERRYMQ_TEST_REDIS_URL=redis://127.0.0.1:6399"
-        ),
-    }
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() % 1_000_000_007);
-    format!("ferry-queue-test-{prefix}-{}-{nanos}", std::process::id())
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn queue_commands_on_redis() {
-    let name = unique("orders");
-    let url = format!("{}/{name}?visibility=5s", redis_base());
+    let name = unique("ferry-queue-test-orders");
+    let url = format!("{}/{name}?visibility=5s", redis_base("ferry queue"));
 
     let out = ferry(&["queue", "ensure", &url]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -185,8 +152,11 @@ async fn queue_commands_on_redis() {
 /// redriven natively through the work queue's URL.
 #[tokio::test(flavor = "multi_thread")]
 async fn native_dead_letters_on_redis() {
-    let name = unique("native");
-    let url = format!("{}/{name}?visibility=5s&max_deliveries=1", redis_base());
+    let name = unique("ferry-queue-test-native");
+    let url = format!(
+        "{}/{name}?visibility=5s&max_deliveries=1",
+        redis_base("ferry queue")
+    );
     let (producer, consumer) = ferrymq::connect(&url).await.unwrap();
     producer.send(Message::new("a")).await.unwrap();
     producer.send(Message::new("b")).await.unwrap();

@@ -3,43 +3,16 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Command, Output};
 use std::time::Duration;
 
 use ferrymq::schedule::{SCHEDULED_FOR, SCHEDULE_ID};
 use ferrymq::Consumer;
 
-fn ferry(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .env_remove("FERRYMQ_URL")
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod common;
+use common::{ferry, redis_base, stderr, stdout, unique};
 
 fn redis_url(queue: &str) -> String {
-    let base = match std::env::var("FERRYMQ_TEST_REDIS_URL") {
-        Ok(url) if !url.is_empty() => url.trim_end_matches('/').to_string(),
-        _ => panic!(
-            "FERRYMQ_TEST_REDIS_URL is not set: this test runs `ferry schedule` against Redis. \
-             Run scripts/test.sh, or start a server with `scripts/redis.sh start 6399` and \
-             export FERRYMQ_TEST_REDIS_URL=redis://127.0.0.1:6399"
-        ),
-    };
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{base}/{queue}-{}-{nanos}", std::process::id())
+    format!("{}/{}", redis_base("ferry schedule"), unique(queue))
 }
 
 #[test]

@@ -177,83 +177,53 @@ fn no_flows(queue: &str, parent: &str) -> crate::Error {
     )
 }
 
-#[async_trait]
-impl<T: JobStore + ?Sized> JobStore for std::sync::Arc<T> {
-    fn queue(&self) -> &str {
-        (**self).queue()
-    }
-    async fn record(&self, update: JobUpdate) -> Result<()> {
-        (**self).record(update).await
-    }
-    async fn progress(&self, id: &str, attempt: u32, value: serde_json::Value) -> Result<()> {
-        (**self).progress(id, attempt, value).await
-    }
-    async fn get(&self, id: &str) -> Result<Option<JobRecord>> {
-        (**self).get(id).await
-    }
-    async fn list(&self, state: JobState, max: usize) -> Result<Vec<JobRecord>> {
-        (**self).list(state, max).await
-    }
-    async fn counts(&self) -> Result<StoredCounts> {
-        (**self).counts().await
-    }
-    async fn subscribe(&self) -> Result<JobEvents> {
-        (**self).subscribe().await
-    }
-    async fn create_flow(&self, flow: FlowRecord) -> Result<()> {
-        (**self).create_flow(flow).await
-    }
-    async fn child_done(
-        &self,
-        parent: &str,
-        child: &str,
-        outcome: ChildOutcome,
-    ) -> Result<Release> {
-        (**self).child_done(parent, child, outcome).await
-    }
-    async fn parent_sent(&self, parent: &str) -> Result<()> {
-        (**self).parent_sent(parent).await
-    }
+/// `Arc<dyn JobStore>` and `Box<dyn JobStore>` are stores too, so layers and tools
+/// take either (as `Producer` does).
+macro_rules! forward_job_store {
+    ($($wrapper:ident)::+) => {
+        #[async_trait]
+        impl<T: JobStore + ?Sized> JobStore for $($wrapper)::+<T> {
+            fn queue(&self) -> &str {
+                (**self).queue()
+            }
+            async fn record(&self, update: JobUpdate) -> Result<()> {
+                (**self).record(update).await
+            }
+            async fn progress(&self, id: &str, attempt: u32, value: serde_json::Value) -> Result<()> {
+                (**self).progress(id, attempt, value).await
+            }
+            async fn get(&self, id: &str) -> Result<Option<JobRecord>> {
+                (**self).get(id).await
+            }
+            async fn list(&self, state: JobState, max: usize) -> Result<Vec<JobRecord>> {
+                (**self).list(state, max).await
+            }
+            async fn counts(&self) -> Result<StoredCounts> {
+                (**self).counts().await
+            }
+            async fn subscribe(&self) -> Result<JobEvents> {
+                (**self).subscribe().await
+            }
+            async fn create_flow(&self, flow: FlowRecord) -> Result<()> {
+                (**self).create_flow(flow).await
+            }
+            async fn child_done(
+                &self,
+                parent: &str,
+                child: &str,
+                outcome: ChildOutcome,
+            ) -> Result<Release> {
+                (**self).child_done(parent, child, outcome).await
+            }
+            async fn parent_sent(&self, parent: &str) -> Result<()> {
+                (**self).parent_sent(parent).await
+            }
+        }
+    };
 }
 
-#[async_trait]
-impl<T: JobStore + ?Sized> JobStore for Box<T> {
-    fn queue(&self) -> &str {
-        (**self).queue()
-    }
-    async fn record(&self, update: JobUpdate) -> Result<()> {
-        (**self).record(update).await
-    }
-    async fn progress(&self, id: &str, attempt: u32, value: serde_json::Value) -> Result<()> {
-        (**self).progress(id, attempt, value).await
-    }
-    async fn get(&self, id: &str) -> Result<Option<JobRecord>> {
-        (**self).get(id).await
-    }
-    async fn list(&self, state: JobState, max: usize) -> Result<Vec<JobRecord>> {
-        (**self).list(state, max).await
-    }
-    async fn counts(&self) -> Result<StoredCounts> {
-        (**self).counts().await
-    }
-    async fn subscribe(&self) -> Result<JobEvents> {
-        (**self).subscribe().await
-    }
-    async fn create_flow(&self, flow: FlowRecord) -> Result<()> {
-        (**self).create_flow(flow).await
-    }
-    async fn child_done(
-        &self,
-        parent: &str,
-        child: &str,
-        outcome: ChildOutcome,
-    ) -> Result<Release> {
-        (**self).child_done(parent, child, outcome).await
-    }
-    async fn parent_sent(&self, parent: &str) -> Result<()> {
-        (**self).parent_sent(parent).await
-    }
-}
+forward_job_store!(std::sync::Arc);
+forward_job_store!(Box);
 
 /// Send `message` and record its job as `waiting` (unless a worker got to it
 /// first). Returns the send's receipt; the job id is the message's

@@ -74,6 +74,9 @@ use tokio::time::Instant;
 
 use crate::ack::{Lease, SqsAck};
 use crate::client::{timeouts, Queue, MAX_BATCH};
+
+/// Most `ReceiveMessage` calls one standard-queue consumer has in flight.
+const MAX_POLLS: usize = 4;
 use crate::codec;
 use crate::config::{whole_seconds, MAX_VISIBILITY};
 use crate::error::{batch_entry_kind, map_sdk, Call};
@@ -106,8 +109,9 @@ struct Held {
     runs: HashMap<String, Run>,
     /// Messages in all runs' tails.
     tails: usize,
-    /// A poll is in flight.
-    polling: bool,
+    /// Polls in flight: at most one on a FIFO queue; on a standard queue at most one
+    /// per waiting receive, up to [`MAX_POLLS`].
+    polling: usize,
     /// Polls completed so far.
     polls_done: u64,
     /// The last poll failed; handed to the next waiting receive.
@@ -287,21 +291,39 @@ impl Shared {
         .with_capabilities(self.queue.caps.clone())
     }
 
-    /// Start a poll for up to `max` messages waiting up to `wait`, unless one runs.
+    /// Polls a standard queue may have in flight at once.
+    ///
+    /// Several receives sharing one consumer (tasks, or a worker and a tool) would
+    /// otherwise all wait on one `ReceiveMessage`: one round trip brings at most 10
+    /// messages, so four tasks gained +24 % over one where raw clients with a poll
+    /// each gained +46 % (issue 9's bench). A FIFO queue keeps one poll, so its group
+    /// runs are placed in receive order.
+    fn may_poll(&self, held: &Held) -> bool {
+        let limit = if self.queue.fifo() {
+            1
+        } else {
+            held.waiters.clamp(1, MAX_POLLS)
+        };
+        held.polling < limit
+    }
+
+    /// Start a poll for up to `max` messages waiting up to `wait`, unless as many
+    /// run as may (see [`may_poll`](Self::may_poll)).
     fn start_poll(self: &Arc<Self>, held: &mut Held, max: usize, wait: Duration) -> bool {
-        if held.polling {
+        if !self.may_poll(held) {
             return false;
         }
+        // Room counts what the polls in flight may still bring.
         let room = self
             .queue
             .config
             .fifo_buffer
-            .saturating_sub(held.buffered());
+            .saturating_sub(held.buffered() + held.polling * MAX_BATCH);
         let n = max.min(MAX_BATCH).min(room);
         if n == 0 {
             return false;
         }
-        held.polling = true;
+        held.polling += 1;
         let wait_secs = whole_seconds(wait.min(self.queue.config.wait));
         tokio::spawn(poll(self.clone(), n, wait_secs));
         true
@@ -674,7 +696,7 @@ async fn poll(shared: Arc<Shared>, max: usize, wait_secs: i32) {
     let mut release = Vec::new();
     {
         let mut held = shared.held();
-        held.polling = false;
+        held.polling = held.polling.saturating_sub(1);
         held.polls_done += 1;
         match result {
             Ok(entries) => {
@@ -907,17 +929,18 @@ impl Consumer for SqsConsumer {
                 if now >= deadline && ours_done {
                     return Ok(Vec::new());
                 }
-                if !held.polling {
+                // Counted first: the number of waiting receives bounds the polls.
+                if !waiting.counted {
+                    held.waiters += 1;
+                    waiting.counted = true;
+                }
+                if shared.may_poll(&held) {
                     let gen = held.polls_done;
                     if shared.start_poll(&mut held, max, deadline.saturating_duration_since(now))
                         && wait.is_zero()
                     {
                         must_see = Some(gen);
                     }
-                }
-                if !waiting.counted {
-                    held.waiters += 1;
-                    waiting.counted = true;
                 }
             }
             if must_see.is_some() {

@@ -110,7 +110,7 @@ async fn flush(shared: &Shared, batch: &[AckItem]) -> Result<Vec<bool>> {
     Ok(acked)
 }
 
-fn lease_expired() -> Error {
+pub(crate) fn lease_expired() -> Error {
     Error::new(
         ErrorKind::LeaseExpired,
         "the visibility timeout passed and the message was redelivered, or it was settled through another delivery",

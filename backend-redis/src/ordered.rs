@@ -25,7 +25,7 @@ use ferrymq_core::middleware::outcome::{self, Outcome};
 use ferrymq_core::{Ack, Error, ErrorKind, Result};
 use redis::Value;
 
-use crate::ack::RedisAck;
+use crate::ack::{lease_expired, RedisAck};
 use crate::client::{ms, Shared, MAX_BATCH};
 use crate::scripts::scripts;
 
@@ -108,13 +108,6 @@ async fn flush(shared: &Shared, batch: &[AckItem]) -> Result<Vec<bool>> {
             format!("unexpected ordered ack reply: {other:?}"),
         )),
     }
-}
-
-fn lease_expired() -> Error {
-    Error::new(
-        ErrorKind::LeaseExpired,
-        "the visibility timeout passed and the message was redelivered, or it was settled through another delivery",
-    )
 }
 
 /// One delivery's lease on an ordered queue.

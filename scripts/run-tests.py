@@ -185,6 +185,7 @@ def example_units():
             "memory": None,
             "redis": f"{redis}/{queue_name}?visibility=5s",
             "sqs": f"sqs://{queue_name}?endpoint={sqs}&create=true&visibility=5s",
+            "sqs-fifo": f"sqs://{queue_name}.fifo?endpoint={sqs}&create=true&visibility=5s",
             "kafka": f"kafka://{kafka}/{queue_name}?create=true",
         }
 
@@ -219,7 +220,7 @@ def main():
         run_units(test_units(binaries), args.jobs, logdir, results)
         tested = time.monotonic()
         if not args.skip_examples:
-            say("\n== examples on memory, redis, sqs and kafka; ferry demo on the three servers")
+            say("\n== examples on memory, redis, sqs (standard and FIFO) and kafka; ferry demo on the servers")
             run_units(example_units(), 6, logdir, results)
         examined = time.monotonic()
         if not args.skip_bench:

@@ -73,10 +73,16 @@ pub async fn run(args: Args) -> Result<()> {
     let n = args.orders as usize;
     let script = Script::new(n);
     let run_id = run_id();
-    let name = |q: &str| format!("ferry-demo-{run_id}-{q}");
     // `{queue}` is a placeholder for a name; with_queue then names each queue, the
-    // same way on every backend.
+    // same way on every backend. An SQS FIFO queue's name must end in `.fifo`, so
+    // `sqs://{queue}.fifo` gives FIFO queues throughout.
     let base = Config::from_url(&args.url.replace("{queue}", "ferry-demo"))?;
+    let fifo = if base.queue().ends_with(".fifo") {
+        ".fifo"
+    } else {
+        ""
+    };
+    let name = |q: &str| format!("ferry-demo-{run_id}-{q}{fifo}");
     let orders_cfg = base.with_queue(&name("orders"))?;
     let invoices_cfg = base.with_queue(&name("invoices"))?;
     let (orders_out, orders_in) = orders_cfg.connect().await?;

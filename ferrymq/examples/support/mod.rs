@@ -25,9 +25,15 @@ pub fn base_config(default: &str) -> ferrymq::Result<Config> {
 }
 
 /// `base` for the queue `<base queue>-<suffix>`, same server and settings
-/// (`Config::with_queue`: no URL rewriting, whatever the backend).
+/// (`Config::with_queue`: no URL rewriting, whatever the backend). An SQS FIFO
+/// queue's name must end in `.fifo`, so the suffix goes before it there.
 pub fn queue(base: &Config, suffix: &str) -> ferrymq::Result<Config> {
-    base.with_queue(&format!("{}-{suffix}", base.queue()))
+    let name = base.queue();
+    let name = match name.strip_suffix(".fifo") {
+        Some(stem) => format!("{stem}-{suffix}.fifo"),
+        None => format!("{name}-{suffix}"),
+    };
+    base.with_queue(&name)
 }
 
 /// A short id, different on every run (time and process id, base 36).

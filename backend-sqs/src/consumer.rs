@@ -2,9 +2,11 @@
 //!
 //! ## Long polls and cancellation
 //!
-//! A consumer has at most one `ReceiveMessage` call in flight, run by a task of its
-//! own: its result lands in the consumer's buffer, never in a future that may have
-//! been dropped. `receive(max, wait)` hands out what the buffer holds, else starts
+//! Each `ReceiveMessage` call runs in a task of its own: its result lands in the
+//! consumer's buffer, never in a future that may have been dropped. A FIFO consumer
+//! has at most one call in flight (its runs are placed in receive order); a
+//! standard one has one per waiting `receive`, up to four, so tasks sharing a
+//! consumer do not queue behind one poll, and a lone `Worker` still polls once. `receive(max, wait)` hands out what the buffer holds, else starts
 //! a poll (`WaitTimeSeconds` = the wait left, rounded **up** to whole seconds, at
 //! most the `wait` setting ≤ 20 s; polled again until the wait is over) and waits
 //! for it. A `receive` future dropped mid-call therefore leaves nothing leased to

@@ -167,6 +167,7 @@ mod consumer;
 mod producer;
 mod progress;
 mod record;
+mod transaction;
 
 use ferrymq_core::{Accuracy, Attempts, Capabilities, Ordering};
 
@@ -174,6 +175,7 @@ pub use admin::KafkaAdmin;
 pub use config::{KafkaConfig, KafkaDriver, RetryMode, MAX_TOPIC_LEN};
 pub use consumer::KafkaConsumer;
 pub use producer::KafkaProducer;
+pub use transaction::{ExactlyOnce, ExactlyOnceSummary};
 
 /// Header names ferrymq writes on retry copies and delayed records (stripped again
 /// before a delivery is handed out; read them from [`ferrymq_core::DeliveryMeta`]).

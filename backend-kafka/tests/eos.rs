@@ -1,0 +1,446 @@
+//! Exactly-once consume-transform-produce on the real broker (issue 10): a processor
+//! *process* (this binary re-executed, [`eos_child`]) is killed with SIGKILL at
+//! random points — mid-handler, mid-transaction, right after a commit — several
+//! times and restarted; at the end a `read_committed` reader of the output topic
+//! must see every input's output exactly once.
+//!
+//! - [`transactional_outputs_are_exactly_once_across_kill9`], with [`ExactlyOnce`]
+//!   (outputs and offsets in one transaction per batch): no duplicate, no loss.
+//! - [`plain_produce_then_ack_duplicates_across_the_same_kill9`], the same inputs,
+//!   kills and checker with transactions off — the at-least-once way, a ferrymq
+//!   `Worker` whose handler sends the output through a `KafkaProducer` and whose
+//!   ack commits the input — loses nothing but duplicates: the check the first test
+//!   passes is one that fails without transactions.
+//! - [`failing_inputs_are_dead_lettered_in_the_transaction`]: a handler failing
+//!   `max_attempts` times sends its input to the dead-letter topic, once, and no
+//!   output.
+//!
+//! Uses the shared broker (`FERRYMQ_TEST_KAFKA_BROKERS`).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead as _, BufReader, Read as _};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use ferrymq_core::admin::Admin;
+use ferrymq_core::middleware::handler_fn;
+use ferrymq_core::worker::Worker;
+use ferrymq_core::{BoxError, Delivery, Message, Producer};
+use ferrymq_kafka::{ExactlyOnce, KafkaConfig};
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::error::KafkaError;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+const CHILD_ENV: &str = "FERRYMQ_EOS_CHILD";
+/// Inputs.
+const N: usize = 2000;
+/// Kills before the last (graceful) run.
+const KILLS: usize = 4;
+const PARTITIONS: u32 = 3;
+
+/// The processor process, when this binary is re-executed as one (a no-op test
+/// otherwise). `EOS_MODE` is `transactional` or `plain`; reads `EOS_URL` (the input
+/// queue) and writes `out-<payload>` per input to `EOS_OUT`; prints `EOS handled
+/// <payload>` when a handler returns (before anything is committed); stops
+/// gracefully when its stdin closes.
+#[test]
+fn eos_child() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(child_main());
+    std::process::exit(0);
+}
+
+/// Completes when stdin reaches EOF (the parent dropped its end).
+fn stdin_closed() -> impl std::future::Future<Output = ()> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+        let _ = tx.send(());
+    });
+    async move {
+        let _ = rx.await;
+    }
+}
+
+/// A handler's work: 1-3 ms, so a run spans many transactions.
+async fn work(d: &Delivery) -> Message {
+    let ms = 1 + u64::from(rand::random::<u8>() % 3);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    let payload = String::from_utf8_lossy(d.payload()).into_owned();
+    println!("EOS handled {payload}");
+    let out = Message::new(format!("out-{payload}"));
+    match d.key() {
+        Some(k) => out.key(k),
+        None => out,
+    }
+}
+
+async fn child_main() {
+    let cfg = KafkaConfig::from_url(&std::env::var("EOS_URL").unwrap()).unwrap();
+    let out = std::env::var("EOS_OUT").unwrap();
+    match std::env::var("EOS_MODE").unwrap().as_str() {
+        "transactional" => {
+            let summary = cfg
+                .exactly_once(&out, "eos-test-0")
+                .unwrap()
+                .max_batch(50)
+                .concurrency(4)
+                .run_until(
+                    |d: Delivery| async move { Ok::<_, BoxError>(vec![work(&d).await]) },
+                    stdin_closed(),
+                )
+                .await
+                .unwrap();
+            println!("EOS summary {summary:?}");
+        }
+        "plain" => {
+            let producer = Arc::new(cfg.for_topic(&out).unwrap().producer().await.unwrap());
+            let consumer = cfg.consumer().await.unwrap();
+            let p = producer.clone();
+            let summary = Worker::new(consumer)
+                .concurrency(4)
+                .run_until(
+                    handler_fn(move |d: Delivery| {
+                        let p = p.clone();
+                        async move {
+                            p.send(work(&d).await).await?;
+                            Ok::<_, BoxError>(())
+                        }
+                    }),
+                    stdin_closed(),
+                )
+                .await
+                .unwrap();
+            producer.close().await.unwrap();
+            println!("EOS summary {summary:?}");
+        }
+        other => panic!("EOS_MODE {other:?}"),
+    }
+}
+
+/// A running processor process and the `EOS handled` lines it printed.
+struct Proc {
+    child: Child,
+    handled: mpsc::Receiver<String>,
+    seen: usize,
+}
+
+impl Proc {
+    fn spawn(mode: &str, url: &str, out: &str) -> Proc {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["eos_child", "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, "1")
+            .env("EOS_MODE", mode)
+            .env("EOS_URL", url)
+            .env("EOS_OUT", out)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, handled) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+                if let Some(p) = line.strip_prefix("EOS handled ") {
+                    let _ = tx.send(p.to_string());
+                } else if line.starts_with("EOS ") {
+                    eprintln!("child: {line}");
+                }
+            }
+        });
+        Proc {
+            child,
+            handled,
+            seen: 0,
+        }
+    }
+
+    /// Wait until the process has handled `n` inputs in this run (false if it
+    /// stopped making progress for `idle`).
+    fn wait_handled(&mut self, n: usize, idle: Duration) -> bool {
+        while self.seen < n {
+            match self.handled.recv_timeout(idle) {
+                Ok(_) => self.seen += 1,
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+
+    /// Close stdin (the graceful stop) and wait for the exit.
+    fn stop(mut self) {
+        drop(self.child.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "the processor process failed: {status}");
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("the processor process did not stop within 30 s of its stdin closing");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Every record of `topic` as a `read_committed` reader sees it: payload → count.
+fn read_committed(brokers: &str, topic: &str) -> HashMap<String, usize> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("{topic}-verify"))
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let parts: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
+    assert!(!parts.is_empty(), "{topic} has no partitions");
+    let mut tpl = TopicPartitionList::new();
+    for p in &parts {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    let mut at_end = std::collections::HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while at_end.len() < parts.len() {
+        assert!(
+            Instant::now() < deadline,
+            "reading {topic} to its end took over 30 s ({} partitions at the end)",
+            at_end.len()
+        );
+        match c.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let payload = rdkafka::Message::payload(&m).unwrap_or_default();
+                *counts
+                    .entry(String::from_utf8_lossy(payload).into_owned())
+                    .or_default() += 1;
+                at_end.remove(&rdkafka::Message::partition(&m));
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    counts
+}
+
+/// Wait until the input group has committed every input (lag 0).
+async fn wait_all_committed(cfg: &KafkaConfig, within: Duration) {
+    let admin = cfg.admin().unwrap();
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(lag) = admin.lag(None).await {
+            if !lag.is_empty() && lag.iter().all(|l| l.lag == 0 && l.committed.is_some()) {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the inputs were not all committed within {within:?}: {:?}",
+            admin.lag(None).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+struct Outcome {
+    duplicates: usize,
+    lost: usize,
+    unexpected: usize,
+    kills: usize,
+}
+
+/// N inputs, KILLS kill -9s of the processor at random points, one last run until
+/// every input is committed; then count each input's outputs as read_committed.
+async fn kill9_run(mode: &str) -> Outcome {
+    let t0 = Instant::now();
+    let cfg = common::config(
+        &format!("eos-{mode}"),
+        &format!("partitions={PARTITIONS}&rdkafka.group.instance.id=eos-test-0"),
+    );
+    let out = format!("{}.out", cfg.topic);
+    let url = cfg.to_string();
+    let producer = cfg.producer().await.unwrap();
+    let msgs = (0..N)
+        .map(|i| Message::new(format!("m{i}")).key(format!("k{}", i % 37)))
+        .collect();
+    for r in producer.send_batch(msgs).await.unwrap() {
+        r.unwrap();
+    }
+    producer.close().await.unwrap();
+
+    let mut kills = 0;
+    for round in 0..KILLS {
+        let mut p = Proc::spawn(mode, &url, &out);
+        // A random point: after 20-300 handled inputs of this run (mid-batch or in
+        // its transaction), plus 0-30 ms (into the commit, or the next batch).
+        let target = 20 + rand::random::<usize>() % 281;
+        let reached = p.wait_handled(target, Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(rand::random::<u64>() % 31));
+        p.kill9();
+        assert!(
+            reached,
+            "round {round}: the processor stopped making progress before {target} inputs"
+        );
+        kills += 1;
+    }
+    let p = Proc::spawn(mode, &url, &out);
+    wait_all_committed(&cfg, Duration::from_secs(60)).await;
+    p.stop();
+
+    let counts = read_committed(&common::brokers(), &out);
+    let mut duplicates = 0;
+    let mut lost = 0;
+    for i in 0..N {
+        match counts.get(&format!("out-m{i}")).copied().unwrap_or(0) {
+            0 => lost += 1,
+            n => duplicates += n - 1,
+        }
+    }
+    let unexpected = counts
+        .keys()
+        .filter(|k| {
+            k.strip_prefix("out-m")
+                .and_then(|i| i.parse::<usize>().ok())
+                .map_or(true, |i| i >= N)
+        })
+        .count();
+    eprintln!(
+        "{mode}: {N} inputs, {kills} kill -9s at random points and a restart after each: \
+         {} records read_committed from the output, {duplicates} duplicates, {lost} lost, \
+         {unexpected} unexpected; {:?}",
+        counts.values().sum::<usize>(),
+        t0.elapsed()
+    );
+    let _ = cfg.admin().unwrap().delete().await;
+    let _ = cfg.for_topic(&out).unwrap().admin().unwrap().delete().await;
+    Outcome {
+        duplicates,
+        lost,
+        unexpected,
+        kills,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactional_outputs_are_exactly_once_across_kill9() {
+    let o = kill9_run("transactional").await;
+    assert_eq!(o.kills, KILLS);
+    assert_eq!(o.unexpected, 0, "records that are no input's output");
+    assert_eq!(o.lost, 0, "inputs without an output");
+    assert_eq!(o.duplicates, 0, "outputs read_committed more than once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_produce_then_ack_duplicates_across_the_same_kill9() {
+    let o = kill9_run("plain").await;
+    assert_eq!(o.kills, KILLS);
+    assert_eq!(o.unexpected, 0);
+    assert_eq!(o.lost, 0, "at-least-once lost inputs");
+    assert!(
+        o.duplicates > 0,
+        "no duplicates without transactions: the kills did not land mid-stream, so the \
+         exactly-once test proves nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_inputs_are_dead_lettered_in_the_transaction() {
+    let cfg = common::config("eos-dlq", "partitions=2");
+    let out = format!("{}.out", cfg.topic);
+    let producer = cfg.producer().await.unwrap();
+    let msgs = (0..100).map(|i| Message::new(format!("m{i}"))).collect();
+    for r in producer.send_batch(msgs).await.unwrap() {
+        r.unwrap();
+    }
+    let calls = Arc::new(AtomicU32::new(0));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let processor: ExactlyOnce = cfg
+        .exactly_once(&out, "dlq-0")
+        .unwrap()
+        .max_attempts(2)
+        .retry_backoff(Duration::from_millis(5))
+        .static_membership(false);
+    let c = calls.clone();
+    let run = tokio::spawn(async move {
+        processor
+            .run_until(
+                move |d: Delivery| {
+                    let c = c.clone();
+                    async move {
+                        c.fetch_add(1, Ordering::Relaxed);
+                        let n: usize = String::from_utf8_lossy(d.payload())[1..].parse()?;
+                        // Settling is the transaction's job.
+                        assert_eq!(
+                            d.ack().await.unwrap_err().kind(),
+                            ferrymq_core::ErrorKind::Unsupported
+                        );
+                        if n % 10 == 0 {
+                            return Err(
+                                format!("input {n} is poison (attempt {})", d.attempt()).into()
+                            );
+                        }
+                        Ok::<_, BoxError>(vec![Message::new(format!("out-m{n}"))])
+                    }
+                },
+                async {
+                    let _ = stop_rx.await;
+                },
+            )
+            .await
+    });
+    wait_all_committed(&cfg, Duration::from_secs(30)).await;
+    let _ = stop_tx.send(());
+    let summary = run.await.unwrap().unwrap();
+    assert_eq!(summary.inputs, 100);
+    assert_eq!(summary.outputs, 90);
+    assert_eq!(summary.dead_lettered, 10);
+    assert_eq!(
+        summary.handler_errors, 20,
+        "2 attempts for each of 10 inputs"
+    );
+    assert_eq!(calls.load(Ordering::Relaxed), 110);
+
+    let outputs = read_committed(&common::brokers(), &out);
+    assert_eq!(outputs.len(), 90);
+    assert!(outputs.values().all(|n| *n == 1));
+    let dead = read_committed(&common::brokers(), &cfg.dlq_topic());
+    let mut expected: Vec<String> = (0..100).step_by(10).map(|i| format!("m{i}")).collect();
+    let mut got: Vec<String> = dead.keys().cloned().collect();
+    expected.sort();
+    got.sort();
+    assert_eq!(got, expected);
+    assert!(dead.values().all(|n| *n == 1));
+    let _ = cfg.admin().unwrap().delete().await;
+    let _ = cfg.for_topic(&out).unwrap().admin().unwrap().delete().await;
+}

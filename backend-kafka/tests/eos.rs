@@ -183,19 +183,25 @@ impl Proc {
         true
     }
 
-    fn kill9(mut self) {
+    /// Every input this run handled (drained after the process ended).
+    fn handled_total(&self) -> usize {
+        self.seen + self.handled.iter().count()
+    }
+
+    fn kill9(mut self) -> usize {
         self.child.kill().unwrap(); // SIGKILL
         self.child.wait().unwrap();
+        self.handled_total()
     }
 
     /// Close stdin (the graceful stop) and wait for the exit.
-    fn stop(mut self) {
+    fn stop(mut self) -> usize {
         drop(self.child.stdin.take());
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 assert!(status.success(), "the processor process failed: {status}");
-                return;
+                return self.handled_total();
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
@@ -274,6 +280,9 @@ async fn wait_all_committed(cfg: &KafkaConfig, within: Duration) {
 }
 
 struct Outcome {
+    /// Handler calls beyond one per input: work a kill threw away and that was done
+    /// again (shows the kills landed mid-stream).
+    rehandled: usize,
     duplicates: usize,
     lost: usize,
     unexpected: usize,
@@ -300,6 +309,7 @@ async fn kill9_run(mode: &str) -> Outcome {
     producer.close().await.unwrap();
 
     let mut kills = 0;
+    let mut handled = 0;
     for round in 0..KILLS {
         let mut p = Proc::spawn(mode, &url, &out);
         // A random point: after 20-300 handled inputs of this run (mid-batch or in
@@ -307,7 +317,7 @@ async fn kill9_run(mode: &str) -> Outcome {
         let target = 20 + rand::random::<usize>() % 281;
         let reached = p.wait_handled(target, Duration::from_secs(20));
         std::thread::sleep(Duration::from_millis(rand::random::<u64>() % 31));
-        p.kill9();
+        handled += p.kill9();
         assert!(
             reached,
             "round {round}: the processor stopped making progress before {target} inputs"
@@ -316,7 +326,8 @@ async fn kill9_run(mode: &str) -> Outcome {
     }
     let p = Proc::spawn(mode, &url, &out);
     wait_all_committed(&cfg, Duration::from_secs(60)).await;
-    p.stop();
+    handled += p.stop();
+    let rehandled = handled.saturating_sub(N);
 
     let counts = read_committed(&common::brokers(), &out);
     let mut duplicates = 0;
@@ -337,7 +348,8 @@ async fn kill9_run(mode: &str) -> Outcome {
         .count();
     eprintln!(
         "{mode}: {N} inputs, {kills} kill -9s at random points and a restart after each: \
-         {} records read_committed from the output, {duplicates} duplicates, {lost} lost, \
+         {handled} handler calls ({rehandled} redone after a kill), {} records \
+         read_committed from the output, {duplicates} duplicates, {lost} lost, \
          {unexpected} unexpected; {:?}",
         counts.values().sum::<usize>(),
         t0.elapsed()
@@ -345,6 +357,7 @@ async fn kill9_run(mode: &str) -> Outcome {
     let _ = cfg.admin().unwrap().delete().await;
     let _ = cfg.for_topic(&out).unwrap().admin().unwrap().delete().await;
     Outcome {
+        rehandled,
         duplicates,
         lost,
         unexpected,
@@ -359,6 +372,10 @@ async fn transactional_outputs_are_exactly_once_across_kill9() {
     assert_eq!(o.unexpected, 0, "records that are no input's output");
     assert_eq!(o.lost, 0, "inputs without an output");
     assert_eq!(o.duplicates, 0, "outputs read_committed more than once");
+    assert!(
+        o.rehandled > 0,
+        "no input was handled twice: no kill landed before a commit, so nothing was tested"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -666,9 +666,11 @@ impl ConsumerContext for TxCtx {
                         r.push(e.partition());
                     }
                 }
+                tracing::debug!(topic = %self.topic, partitions = ?r, "partitions revoked");
             }
             Rebalance::Assign(tpl) => {
-                tracing::debug!(topic = %self.topic, partitions = tpl.count(), "assigned");
+                let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                tracing::debug!(topic = %self.topic, partitions = ?parts, "partitions assigned");
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
@@ -864,9 +866,16 @@ impl Clients {
                 Err(e) => return self.after_error("send_offsets_to_transaction", e, timeout),
             }
         }
+        tracing::debug!(
+            topic, outputs = outputs.len(), offsets = ?offsets,
+            "offsets sent to the transaction; committing it"
+        );
         loop {
             match self.producer.commit_transaction(timeout) {
-                Ok(()) => return Ok(Tx::Committed),
+                Ok(()) => {
+                    tracing::debug!(topic, "transaction committed");
+                    return Ok(Tx::Committed);
+                }
                 // The outcome is unknown until a retry answers (librdkafka's rule).
                 Err(e) if retriable(&e) && std::time::Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(50));

@@ -43,6 +43,8 @@ const N: usize = 2000;
 /// Kills before the last (graceful) run.
 const KILLS: usize = 4;
 const PARTITIONS: u32 = 3;
+/// Partitions of the takeover test's input.
+const PARTITIONS_TAKEOVER: usize = 4;
 
 /// The processor process, when this binary is re-executed as one (a no-op test
 /// otherwise). `EOS_MODE` is `transactional` or `plain`; reads `EOS_URL` (the input
@@ -77,12 +79,19 @@ fn stdin_closed() -> impl std::future::Future<Output = ()> {
     }
 }
 
-/// A handler's work: 1-3 ms, so a run spans many transactions.
+/// A handler's work: 1-3 ms (`EOS_HANDLER_MS`, default 1, plus 0-2), so a run
+/// spans many transactions.
 async fn work(d: &Delivery) -> Message {
-    let ms = 1 + u64::from(rand::random::<u8>() % 3);
+    let base: u64 = std::env::var("EOS_HANDLER_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let ms = base + u64::from(rand::random::<u8>() % 3);
     tokio::time::sleep(Duration::from_millis(ms)).await;
     let payload = String::from_utf8_lossy(d.payload()).into_owned();
-    println!("EOS handled {payload}");
+    // The id is `partition/offset`.
+    let partition = d.id().split('/').next().unwrap_or("?");
+    println!("EOS handled {payload} partition {partition}");
     let out = Message::new(format!("out-{payload}"));
     match d.key() {
         Some(k) => out.key(k),
@@ -91,13 +100,26 @@ async fn work(d: &Delivery) -> Message {
 }
 
 async fn child_main() {
+    // The processor's transaction steps, on stdout: the parent can kill it inside
+    // a transaction (offsets sent, commit not done).
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            "ferrymq_kafka::transaction=debug",
+        ))
+        .with_writer(std::io::stdout)
+        .with_ansi(false)
+        .init();
     let cfg = KafkaConfig::from_url(&std::env::var("EOS_URL").unwrap()).unwrap();
     let out = std::env::var("EOS_OUT").unwrap();
     match std::env::var("EOS_MODE").unwrap().as_str() {
         "transactional" => {
-            let summary = cfg
-                .exactly_once(&out, "eos-test-0")
-                .unwrap()
+            let instance = std::env::var("EOS_INSTANCE").unwrap_or_else(|_| "eos-test-0".into());
+            let mut processor = cfg.exactly_once(&out, &instance).unwrap();
+            if let Ok(ms) = std::env::var("EOS_TXN_TIMEOUT_MS") {
+                processor =
+                    processor.transaction_timeout(Duration::from_millis(ms.parse().unwrap()));
+            }
+            let summary = processor
                 .max_batch(50)
                 .concurrency(4)
                 .run_until(
@@ -133,17 +155,49 @@ async fn child_main() {
     }
 }
 
-/// A running processor process and the `EOS handled` lines it printed.
+/// What a processor process printed.
+enum Event {
+    /// A handler returned (nothing committed yet), for an input of this partition.
+    Handled(i32),
+    /// The offsets were sent to the transaction; its commit is next.
+    OffsetsSent,
+    /// Partitions assigned to it.
+    Assigned(Vec<i32>),
+}
+
+/// The partition list of a `partitions=[0, 2]` field.
+fn partition_list(line: &str) -> Vec<i32> {
+    let Some(i) = line.find("partitions=[") else {
+        return Vec::new();
+    };
+    let rest = &line[i + 12..];
+    let list = &rest[..rest.find(']').unwrap_or(0)];
+    list.split(',')
+        .filter_map(|p| p.trim().parse().ok())
+        .collect()
+}
+
+/// A running processor process and the events it printed.
 struct Proc {
     child: Child,
-    handled: mpsc::Receiver<String>,
+    events: mpsc::Receiver<Event>,
+    /// `Handled` events received so far.
     seen: usize,
+    /// Of those, per input partition.
+    by_partition: HashMap<i32, usize>,
+    /// Every partition assigned to it so far (in the order first assigned).
+    assigned: Vec<i32>,
 }
 
 impl Proc {
     fn spawn(mode: &str, url: &str, out: &str) -> Proc {
+        Self::spawn_with(mode, url, out, &[])
+    }
+
+    fn spawn_with(mode: &str, url: &str, out: &str, env: &[(&str, &str)]) -> Proc {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["eos_child", "--exact", "--nocapture", "--test-threads=1"])
+            .envs(env.iter().copied())
             .env(CHILD_ENV, "1")
             .env("EOS_MODE", mode)
             .env("EOS_URL", url)
@@ -154,48 +208,105 @@ impl Proc {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
-        let (tx, handled) = mpsc::channel();
+        let (tx, events) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
-                if let Some(p) = line.strip_prefix("EOS handled ") {
-                    let _ = tx.send(p.to_string());
-                } else if line.starts_with("EOS ") {
-                    eprintln!("child: {line}");
-                }
+                // Anywhere in the line: the first one follows libtest's
+                // `test eos_child ... ` (no newline).
+                let event = if line.contains("EOS handled ") {
+                    let p = line.rsplit(' ').next().and_then(|p| p.parse().ok());
+                    Event::Handled(p.unwrap_or(-1))
+                } else if line.contains("offsets sent to the transaction") {
+                    Event::OffsetsSent
+                } else if line.contains("partitions assigned") {
+                    Event::Assigned(partition_list(&line))
+                } else {
+                    if let Some(i) = line.find("EOS ") {
+                        eprintln!("child: {}", &line[i..]);
+                    }
+                    continue;
+                };
+                let _ = tx.send(event);
             }
         });
         Proc {
             child,
-            handled,
+            events,
             seen: 0,
+            by_partition: HashMap::new(),
+            assigned: Vec::new(),
         }
+    }
+
+    /// The next event (None after `idle` without one), counted.
+    fn next(&mut self, idle: Duration) -> Option<Event> {
+        let e = self.events.recv_timeout(idle).ok()?;
+        match &e {
+            Event::Handled(p) => {
+                self.seen += 1;
+                *self.by_partition.entry(*p).or_default() += 1;
+            }
+            Event::Assigned(parts) => {
+                for p in parts {
+                    if !self.assigned.contains(p) {
+                        self.assigned.push(*p);
+                    }
+                }
+            }
+            Event::OffsetsSent => {}
+        }
+        Some(e)
     }
 
     /// Wait until the process has handled `n` inputs in this run (false if it
     /// stopped making progress for `idle`).
     fn wait_handled(&mut self, n: usize, idle: Duration) -> bool {
         while self.seen < n {
-            match self.handled.recv_timeout(idle) {
-                Ok(_) => self.seen += 1,
-                Err(_) => return false,
+            if self.next(idle).is_none() {
+                return false;
             }
         }
         true
     }
 
-    /// Every input this run handled (drained after the process ended).
-    fn handled_total(&self) -> usize {
-        self.seen + self.handled.iter().count()
+    /// Wait for the next transaction's offsets to be sent (false after `idle`).
+    fn wait_offsets_sent(&mut self, idle: Duration) -> bool {
+        loop {
+            match self.next(idle) {
+                Some(Event::OffsetsSent) => return true,
+                Some(_) => {}
+                None => return false,
+            }
+        }
     }
 
-    fn kill9(mut self) -> usize {
+    /// Wait until `p` was assigned to it (false after `within`).
+    fn wait_assigned(&mut self, p: i32, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while !self.assigned.contains(&p) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let _ = self.next(left);
+        }
+        true
+    }
+
+    /// Every input this run handled (drained after the process ended).
+    fn handled_total(&mut self) -> usize {
+        while self.next(Duration::from_secs(30)).is_some() {}
+        self.seen
+    }
+
+    fn kill9(&mut self) -> usize {
         self.child.kill().unwrap(); // SIGKILL
         self.child.wait().unwrap();
         self.handled_total()
     }
 
     /// Close stdin (the graceful stop) and wait for the exit.
-    fn stop(mut self) -> usize {
+    fn stop(&mut self) -> usize {
         drop(self.child.stdin.take());
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -279,6 +390,27 @@ async fn wait_all_committed(cfg: &KafkaConfig, within: Duration) {
     }
 }
 
+/// `(duplicates, lost, unexpected)` among the outputs of inputs `m0..m{n-1}`.
+fn tally(counts: &HashMap<String, usize>, n: usize) -> (usize, usize, usize) {
+    let mut duplicates = 0;
+    let mut lost = 0;
+    for i in 0..n {
+        match counts.get(&format!("out-m{i}")).copied().unwrap_or(0) {
+            0 => lost += 1,
+            c => duplicates += c - 1,
+        }
+    }
+    let unexpected = counts
+        .keys()
+        .filter(|k| {
+            k.strip_prefix("out-m")
+                .and_then(|i| i.parse::<usize>().ok())
+                .map_or(true, |i| i >= n)
+        })
+        .count();
+    (duplicates, lost, unexpected)
+}
+
 struct Outcome {
     /// Handler calls beyond one per input: work a kill threw away and that was done
     /// again (shows the kills landed mid-stream).
@@ -313,10 +445,16 @@ async fn kill9_run(mode: &str) -> Outcome {
     for round in 0..KILLS {
         let mut p = Proc::spawn(mode, &url, &out);
         // A random point: after 20-300 handled inputs of this run (mid-batch or in
-        // its transaction), plus 0-30 ms (into the commit, or the next batch).
+        // its transaction), then 0-30 ms (into the commit, or the next batch) — or,
+        // every other round, right after the next transaction's offsets were sent
+        // (its commit not answered yet; the plain mode has no transactions).
         let target = 20 + rand::random::<usize>() % 281;
-        let reached = p.wait_handled(target, Duration::from_secs(20));
-        std::thread::sleep(Duration::from_millis(rand::random::<u64>() % 31));
+        let mut reached = p.wait_handled(target, Duration::from_secs(20));
+        if round % 2 == 1 && mode == "transactional" {
+            reached &= p.wait_offsets_sent(Duration::from_secs(20));
+        } else {
+            std::thread::sleep(Duration::from_millis(rand::random::<u64>() % 31));
+        }
         handled += p.kill9();
         assert!(
             reached,
@@ -324,28 +462,13 @@ async fn kill9_run(mode: &str) -> Outcome {
         );
         kills += 1;
     }
-    let p = Proc::spawn(mode, &url, &out);
+    let mut p = Proc::spawn(mode, &url, &out);
     wait_all_committed(&cfg, Duration::from_secs(60)).await;
     handled += p.stop();
     let rehandled = handled.saturating_sub(N);
 
     let counts = read_committed(&common::brokers(), &out);
-    let mut duplicates = 0;
-    let mut lost = 0;
-    for i in 0..N {
-        match counts.get(&format!("out-m{i}")).copied().unwrap_or(0) {
-            0 => lost += 1,
-            n => duplicates += n - 1,
-        }
-    }
-    let unexpected = counts
-        .keys()
-        .filter(|k| {
-            k.strip_prefix("out-m")
-                .and_then(|i| i.parse::<usize>().ok())
-                .map_or(true, |i| i >= N)
-        })
-        .count();
+    let (duplicates, lost, unexpected) = tally(&counts, N);
     eprintln!(
         "{mode}: {N} inputs, {kills} kill -9s at random points and a restart after each: \
          {handled} handler calls ({rehandled} redone after a kill), {} records \
@@ -389,6 +512,103 @@ async fn plain_produce_then_ack_duplicates_across_the_same_kill9() {
         "no duplicates without transactions: the kills did not land mid-stream, so the \
          exactly-once test proves nothing"
     );
+}
+
+/// Two instances share the partitions; one is killed mid-stream (right after its
+/// transaction's offsets were sent) and never comes back. Its partitions move to
+/// the survivor once its session times out (6 s); the survivor's committed-offset
+/// fetch asks for stable offsets (read_committed), so if the dead instance's
+/// transaction was still open it waits until the broker aborted it (3 s
+/// `transaction_timeout`) and then processes those inputs again. Every input's
+/// output is read_committed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_instance_s_partitions_move_to_the_survivor_exactly_once() {
+    const INPUTS: usize = 3000;
+    let t0 = Instant::now();
+    let cfg = common::config(
+        "eos-takeover",
+        &format!("partitions={PARTITIONS_TAKEOVER}&rdkafka.session.timeout.ms=6000"),
+    );
+    let out = format!("{}.out", cfg.topic);
+    let url = cfg.to_string();
+    let producer = cfg.producer().await.unwrap();
+    let msgs = (0..INPUTS)
+        .map(|i| Message::new(format!("m{i}")).key(format!("k{}", i % 37)))
+        .collect();
+    for r in producer.send_batch(msgs).await.unwrap() {
+        r.unwrap();
+    }
+    producer.close().await.unwrap();
+    // A is slow (20 ms a handler), so it has work left on its partitions when it
+    // dies; B is quick.
+    let env = |instance, handler_ms| {
+        [
+            ("EOS_INSTANCE", instance),
+            ("EOS_TXN_TIMEOUT_MS", "3000"),
+            ("EOS_HANDLER_MS", handler_ms),
+        ]
+    };
+    let mut a = Proc::spawn_with("transactional", &url, &out, &env("eos-a", "20"));
+    assert!(
+        a.wait_handled(100, Duration::from_secs(20)),
+        "A made no progress"
+    );
+    // B joins: the rebalance moves some of A's partitions to it.
+    let mut b = Proc::spawn_with("transactional", &url, &out, &env("eos-b", "1"));
+    assert!(
+        b.wait_handled(10, Duration::from_secs(20)),
+        "B made no progress"
+    );
+    let b_before = b.assigned.clone();
+    assert!(
+        !b_before.is_empty() && b_before.len() < PARTITIONS_TAKEOVER,
+        "B should share the partitions with A, has {b_before:?}"
+    );
+    // A dies right after its next transaction's offsets were sent.
+    let more = a.seen + 1;
+    assert!(
+        a.wait_handled(more, Duration::from_secs(20))
+            && a.wait_offsets_sent(Duration::from_secs(20)),
+        "A made no progress next to B"
+    );
+    let handled_a = a.kill9();
+    let killed_at = t0.elapsed();
+    for p in 0..PARTITIONS_TAKEOVER as i32 {
+        assert!(
+            b.wait_assigned(p, Duration::from_secs(30)),
+            "partition {p} never moved to B (B had {b_before:?}, now {:?})",
+            b.assigned
+        );
+    }
+    let taken_over_at = t0.elapsed();
+    wait_all_committed(&cfg, Duration::from_secs(60)).await;
+    let committed_at = t0.elapsed();
+    let handled_b = b.stop();
+    let b_took: usize = b
+        .by_partition
+        .iter()
+        .filter(|(p, _)| !b_before.contains(p))
+        .map(|(_, n)| n)
+        .sum();
+    let counts = read_committed(&common::brokers(), &out);
+    let (duplicates, lost, unexpected) = tally(&counts, INPUTS);
+    eprintln!(
+        "takeover: {INPUTS} inputs over {PARTITIONS_TAKEOVER} partitions; B had {b_before:?}; \
+         A handled {handled_a} and was killed -9 at {killed_at:?}; B got A's partitions at \
+         {taken_over_at:?}, everything was committed at {committed_at:?}; B handled \
+         {handled_b} ({b_took} of A's partitions), {} redone; read_committed: \
+         {duplicates} duplicates, {lost} lost, {unexpected} unexpected",
+        (handled_a + handled_b).saturating_sub(INPUTS)
+    );
+    assert_eq!(unexpected, 0, "records that are no input's output");
+    assert_eq!(lost, 0, "inputs without an output");
+    assert_eq!(duplicates, 0, "outputs read_committed more than once");
+    assert!(
+        b_took > 0,
+        "A had finished its partitions before its kill: no takeover was tested"
+    );
+    let _ = cfg.admin().unwrap().delete().await;
+    let _ = cfg.for_topic(&out).unwrap().admin().unwrap().delete().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

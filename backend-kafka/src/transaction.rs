@@ -95,6 +95,10 @@ use crate::record::{self, with_header, Received};
 const IDLE_POLL: Duration = Duration::from_millis(100);
 /// Longest wait for room in librdkafka's local queue while producing outputs.
 const ENQUEUE_WAIT: Duration = Duration::from_secs(5);
+/// How long one seek back after an abort may take.
+const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest pause after aborts in a row.
+const MAX_ABORT_PAUSE: Duration = Duration::from_secs(5);
 
 /// A consume-transform-produce processor whose outputs and offset commits are
 /// one Kafka transaction per batch: exactly once, as read by `read_committed`
@@ -354,6 +358,7 @@ impl ExactlyOnce {
         let shutdown = shutdown.fuse();
         futures::pin_mut!(shutdown);
         let mut stop_at: Option<tokio::time::Instant> = None;
+        let mut aborts_in_a_row = 0u32;
         loop {
             if stop_at.is_some() {
                 return Ok(());
@@ -447,6 +452,7 @@ impl ExactlyOnce {
             .map_err(|e| Error::backend("the transaction task failed", e))??;
             match outcome {
                 Tx::Committed => {
+                    aborts_in_a_row = 0;
                     summary.transactions += 1;
                     summary.inputs += batch.len() as u64;
                     summary.outputs += produced;
@@ -461,7 +467,16 @@ impl ExactlyOnce {
                     let k = kafka.clone();
                     let topic = self.input.topic.clone();
                     let starts = batch_starts(&batch);
-                    let _ = tokio::task::spawn_blocking(move || k.rewind(&topic, &starts)).await;
+                    tokio::task::spawn_blocking(move || k.rewind(&topic, &starts))
+                        .await
+                        .map_err(|e| Error::backend("the rewind task failed", e))??;
+                    // Aborts in a row (a broker refusing the outputs, say) back off
+                    // rather than spin: 100 ms, doubling, at most 5 s.
+                    let pause = Duration::from_millis(100)
+                        .checked_mul(1 << aborts_in_a_row.min(6))
+                        .map_or(MAX_ABORT_PAUSE, |d| d.min(MAX_ABORT_PAUSE));
+                    aborts_in_a_row += 1;
+                    tokio::time::sleep(pause).await;
                 }
             }
         }
@@ -919,12 +934,14 @@ impl Clients {
 
     /// A step failed: abort when the transaction can be aborted, else give up.
     fn after_error(&self, step: &str, e: KafkaError, timeout: Duration) -> Result<Tx> {
+        let mut flags = String::new();
         if let KafkaError::Transaction(t) = &e {
             if t.is_fatal() {
                 return Err(self.fatal(step, &e));
             }
+            flags = format!(" ({:?})", t.code());
         }
-        self.abort(format!("{step}: {e}"), timeout)
+        self.abort(format!("{step}: {e}{flags}"), timeout)
     }
 
     fn fatal(&self, step: &str, e: &KafkaError) -> Error {
@@ -967,22 +984,63 @@ impl Clients {
     }
 
     /// After an abort: fetch the batch's partitions again from where it began.
-    fn rewind(&self, topic: &str, starts: &BTreeMap<i32, i64>) {
-        let mut tpl = TopicPartitionList::with_capacity(starts.len());
-        for (p, o) in starts {
-            let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(*o));
-        }
-        match self.consumer.seek_partitions(tpl, Duration::from_secs(10)) {
-            Ok(res) => {
-                for e in res.elements() {
-                    if let Err(err) = e.error() {
-                        // Revoked meanwhile: its next owner starts from the commit.
-                        tracing::debug!(partition = e.partition(), error = %err, "seek back failed");
-                    }
-                }
+    /// A partition that could not be sought back while still assigned would go
+    /// on after the aborted records and commit past them (a loss): `Err` then, so
+    /// the run stops and a restart resumes from the committed offsets.
+    fn rewind(&self, topic: &str, starts: &BTreeMap<i32, i64>) -> Result<()> {
+        let mut pending: Vec<(i32, i64)> = starts.iter().map(|(p, o)| (*p, *o)).collect();
+        let mut last_error = String::new();
+        for attempt in 0..5 {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(100));
             }
-            Err(e) => tracing::warn!(error = %e, "seeking back after an abort failed"),
+            let mut tpl = TopicPartitionList::with_capacity(pending.len());
+            for (p, o) in &pending {
+                let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(*o));
+            }
+            let failed: Vec<i32> = match self.consumer.seek_partitions(tpl, SEEK_TIMEOUT) {
+                Ok(res) => res
+                    .elements()
+                    .iter()
+                    .filter_map(|e| match e.error() {
+                        Ok(()) => None,
+                        Err(err) => {
+                            last_error = err.to_string();
+                            Some(e.partition())
+                        }
+                    })
+                    .collect(),
+                Err(e) => {
+                    last_error = e.to_string();
+                    pending.iter().map(|(p, _)| *p).collect()
+                }
+            };
+            // Revoked meanwhile: the next owner starts from the committed offset.
+            let assigned: Vec<i32> = self
+                .consumer
+                .assignment()
+                .map(|a| {
+                    a.elements()
+                        .iter()
+                        .filter(|e| e.topic() == topic)
+                        .map(|e| e.partition())
+                        .collect()
+                })
+                .unwrap_or_default();
+            pending.retain(|(p, _)| failed.contains(p) && assigned.contains(p));
+            if pending.is_empty() {
+                return Ok(());
+            }
         }
+        Err(Error::new(
+            ErrorKind::Backend,
+            format!(
+                "after an aborted transaction, partitions {:?} of {topic:?} could not be \
+                 sought back to the aborted inputs ({last_error}); stopping, so that a restart \
+                 resumes from the committed offsets",
+                pending.iter().map(|(p, _)| *p).collect::<Vec<_>>()
+            ),
+        ))
     }
 }
 

@@ -94,7 +94,11 @@ async fn run() -> Result<(), BoxError> {
     let admin = orders.admin()?;
     loop {
         let lag = admin.lag(None).await?;
-        if !lag.is_empty() && lag.iter().all(|l| l.lag == 0 && l.committed.is_some()) {
+        if !lag.is_empty()
+            && lag
+                .iter()
+                .all(|l| l.lag == 0 && (l.committed.is_some() || l.end == 0))
+        {
             break;
         }
         if t0.elapsed() > Duration::from_secs(60) {

@@ -307,6 +307,16 @@ impl ExactlyOnce {
         Ok(())
     }
 
+    /// [`run_until`](Self::run_until) without a shutdown signal: until a fatal
+    /// error.
+    pub async fn run<H, Fut>(self, handler: H) -> Result<ExactlyOnceSummary>
+    where
+        H: Fn(Delivery) -> Fut,
+        Fut: Future<Output = std::result::Result<Vec<Message>, BoxError>>,
+    {
+        self.run_until(handler, futures::future::pending()).await
+    }
+
     /// Process until `shutdown` completes (then the batch in progress gets
     /// `shutdown_timeout` to commit), or a fatal error (another process took over
     /// this instance's `transactional.id`: `Closed`; a transaction whose outcome

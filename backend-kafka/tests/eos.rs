@@ -377,7 +377,11 @@ async fn wait_all_committed(cfg: &KafkaConfig, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
         if let Ok(lag) = admin.lag(None).await {
-            if !lag.is_empty() && lag.iter().all(|l| l.lag == 0 && l.committed.is_some()) {
+            if !lag.is_empty()
+                && lag
+                    .iter()
+                    .all(|l| l.lag == 0 && (l.committed.is_some() || l.end == 0))
+            {
                 return;
             }
         }

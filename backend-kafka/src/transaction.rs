@@ -1,73 +1,7 @@
 //! Exactly-once consume-transform-produce: a handler's outputs and its input's
 //! offset commit in one Kafka transaction.
 //!
-//! # Why a processor of its own, not a consumer mode
-//!
-//! A [`KafkaConsumer`](crate::KafkaConsumer) settles each delivery on its own (an
-//! ack marks one offset done, commits follow on a timer) and its handlers produce
-//! through any producer they like: there is no point at which "these outputs" and
-//! "these offsets" are known together, which is what a transaction needs. So the
-//! handler here does not produce at all: it *returns* its outputs, and
-//! [`ExactlyOnce`] owns the consumer, the transactional producer and the commit:
-//!
-//! 1. poll a batch of input records (up to [`max_batch`](ExactlyOnce::max_batch),
-//!    waiting at most [`batch_wait`](ExactlyOnce::batch_wait) for it to fill);
-//! 2. run the handler on each (up to [`concurrency`](ExactlyOnce::concurrency) at
-//!    a time; outputs kept in input order);
-//! 3. `begin_transaction`, produce every output, `send_offsets_to_transaction`
-//!    with the batch's next offsets and the consumer's group metadata (KIP-447),
-//!    `commit_transaction`;
-//! 4. if the transaction aborts, seek the batch's partitions back to where the
-//!    batch began: the inputs are delivered again and their outputs, which were
-//!    never committed, are produced again in the next transaction.
-//!
-//! A reader with `isolation.level=read_committed` (librdkafka's default, so also
-//! a ferrymq [`KafkaConsumer`](crate::KafkaConsumer); Java clients must set it)
-//! sees every input's outputs exactly once, whatever crashes in between: either
-//! the transaction committed (outputs visible, offsets moved) or it did not
-//! (outputs discarded, offsets unchanged, inputs processed again).
-//!
-//! # Fencing
-//!
-//! - **A restarted instance**: the producer's `transactional.id` is
-//!   `GROUP.INSTANCE` — stable across restarts of one instance, so its
-//!   `init_transactions` fences the dead process's producer and aborts the
-//!   transaction it left open at once (a fresh id would leave it open until
-//!   `transaction.timeout.ms`, and the next owner's offset fetch waits for it).
-//!   Two live processes must never share an instance name: they fence each other
-//!   and the loser's `run` ends with `Closed`.
-//! - **A zombie member** (one the group expelled, which still thinks it owns a
-//!   partition): `send_offsets_to_transaction` carries the consumer's group
-//!   generation, the broker refuses a stale one, and the transaction aborts.
-//! - **Static membership**: the instance name is also the consumer's
-//!   `group.instance.id`, so a restarted instance gets its partitions back at once
-//!   instead of after the dead member's session timeout. Its price: a clean
-//!   shutdown does not leave the group either, so the partitions move to the other
-//!   members only after `session.timeout.ms` (10 s).
-//!   [`static_membership(false)`](ExactlyOnce::static_membership) turns it off.
-//!
-//! # Limits
-//!
-//! - **Kafka to Kafka only.** Outputs to the output topic (and the dead-letter
-//!   topic) are in the transaction; anything else the handler does — a database
-//!   write, an HTTP call, a send through another producer — is at-least-once: it
-//!   runs again when the input is redelivered. Make such side effects idempotent.
-//! - **Handlers may run more than once per input** (after an abort or a crash);
-//!   only their committed outputs are exactly once.
-//! - **Latency**: outputs become visible when the transaction commits (a few
-//!   round trips to the transaction coordinator per batch, ≈10–50 ms), not when
-//!   produced. Batch many inputs per transaction for throughput
-//!   ([`max_batch`](ExactlyOnce::max_batch)); a smaller batch or
-//!   [`batch_wait`](ExactlyOnce::batch_wait) lowers latency.
-//! - A batch's handlers must finish within `max.poll.interval.ms` (5 min by
-//!   default; `rdkafka.max.poll.interval.ms`): the consumer is polled between
-//!   batches only.
-//! - Outputs cannot be delayed (`Message::delay`): a delayed output fails the
-//!   handler like an error would.
-//! - A handler error is retried in place (`max_attempts`, with a backoff), then the
-//!   input goes to the dead-letter topic — in the same transaction, so it is
-//!   dead-lettered exactly once — or, with `dead_letter(None)`, `run` stops with
-//!   the error and commits nothing of that batch.
+//! See [`ExactlyOnce`] for the design, the fencing and the limits.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -102,8 +36,86 @@ const MAX_ABORT_PAUSE: Duration = Duration::from_secs(5);
 
 /// A consume-transform-produce processor whose outputs and offset commits are
 /// one Kafka transaction per batch: exactly once, as read by `read_committed`
-/// consumers of the output topic. See the [module docs](self) for the design,
-/// the fencing and the limits.
+/// consumers of the output topic. Made by [`KafkaConfig::exactly_once`].
+///
+/// # Why a processor of its own, not a consumer mode
+///
+/// A [`KafkaConsumer`](crate::KafkaConsumer) settles each delivery on its own (an
+/// ack marks one offset done, commits follow on a timer) and its handlers produce
+/// through any producer they like: there is no point at which "these outputs" and
+/// "these offsets" are known together, which is what a transaction needs. So the
+/// handler here does not produce at all: it *returns* its outputs, and
+/// [`ExactlyOnce`] owns the consumer, the transactional producer and the commit:
+///
+/// 1. poll a batch of input records (up to [`max_batch`](ExactlyOnce::max_batch),
+///    waiting at most [`batch_wait`](ExactlyOnce::batch_wait) for it to fill);
+/// 2. run the handler on each (up to [`concurrency`](ExactlyOnce::concurrency) at
+///    a time; outputs kept in input order);
+/// 3. `begin_transaction`, produce every output, `send_offsets_to_transaction`
+///    with the batch's next offsets and the consumer's group metadata (KIP-447),
+///    `commit_transaction`;
+/// 4. if the transaction aborts, seek the batch's partitions back to where the
+///    batch began: the inputs are delivered again and their outputs, which were
+///    never committed, are produced again in the next transaction.
+///
+/// A reader with `isolation.level=read_committed` (librdkafka's default, so also
+/// a ferrymq [`KafkaConsumer`](crate::KafkaConsumer); Java clients must set it)
+/// sees every input's outputs exactly once, whatever crashes in between: either
+/// the transaction committed (outputs visible, offsets moved) or it did not
+/// (outputs discarded, offsets unchanged, inputs processed again).
+///
+/// # Fencing
+///
+/// - **A restarted instance**: the producer's `transactional.id` is
+///   `GROUP.INSTANCE` — stable across restarts of one instance, so its
+///   `init_transactions` fences the dead process's producer and aborts the
+///   transaction it left open at once (a fresh id would leave it open until
+///   `transaction.timeout.ms`, and the next owner's offset fetch waits for it).
+///   Two live processes must never share an instance name: they fence each other
+///   and the loser's `run` ends with `Closed`.
+/// - **A zombie member** (one the group expelled, which still thinks it owns a
+///   partition): `send_offsets_to_transaction` carries the consumer's group
+///   generation, the broker refuses a stale one, and the transaction aborts.
+/// - **Static membership**: the instance name is also the consumer's
+///   `group.instance.id`, so a restarted instance gets its partitions back at once
+///   instead of after the dead member's session timeout. Its price: a clean
+///   shutdown does not leave the group either, so the partitions move to the other
+///   members only after `session.timeout.ms` (10 s).
+///   [`static_membership(false)`](ExactlyOnce::static_membership) turns it off.
+///
+/// # Limits
+///
+/// - **Kafka to Kafka only.** Outputs to the output topic (and the dead-letter
+///   topic) are in the transaction; anything else the handler does — a database
+///   write, an HTTP call, a send through another producer — is at-least-once: it
+///   runs again when the input is redelivered. Make such side effects idempotent.
+/// - **Handlers may run more than once per input** (after an abort or a crash);
+///   only their committed outputs are exactly once.
+/// - **Latency**: outputs become visible when the transaction commits (a few
+///   round trips to the transaction coordinator per batch, ≈10–50 ms), not when
+///   produced. Batch many inputs per transaction for throughput
+///   ([`max_batch`](ExactlyOnce::max_batch)); a smaller batch or
+///   [`batch_wait`](ExactlyOnce::batch_wait) lowers latency.
+/// - A batch's handlers must finish within `max.poll.interval.ms` (5 min by
+///   default; `rdkafka.max.poll.interval.ms`): the consumer is polled between
+///   batches only.
+/// - Outputs cannot be delayed (`Message::delay`): a delayed output fails the
+///   handler like an error would.
+/// - It is not the [`Worker`](ferrymq_core::worker::Worker): no middleware stack
+///   (retries and the dead-letter topic are built in, see below) and no
+///   `ordered_by_key` — handlers of one batch run concurrently whatever their key
+///   (set [`concurrency(1)`](ExactlyOnce::concurrency) for one at a time); the
+///   outputs are produced in input order either way, so a key's outputs keep the
+///   order of its inputs.
+/// - If the group was read by a [`KafkaConsumer`](crate::KafkaConsumer) before,
+///   the records its commit metadata marked done above the watermark are
+///   processed again (this processor resumes at the committed watermark).
+/// - A handler error is retried in place (`max_attempts`, with a backoff), then the
+///   input goes to the dead-letter topic — in the same transaction, so it is
+///   dead-lettered exactly once — or, with `dead_letter(None)`, `run` stops with
+///   the error and commits nothing of that batch.
+///
+/// # Example
 ///
 /// ```no_run
 /// use std::time::Duration;

@@ -323,6 +323,16 @@ impl Proc {
     }
 }
 
+impl Drop for Proc {
+    /// A test that failed midway leaves no processor running.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Every record of `topic` as a `read_committed` reader sees it: payload → count.
 fn read_committed(brokers: &str, topic: &str) -> HashMap<String, usize> {
     let c: BaseConsumer = ClientConfig::new()

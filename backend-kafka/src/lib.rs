@@ -139,6 +139,22 @@
 //! | attempt after a crash | kept (header) | back to 1 |
 //! | conformance: `per_key_order`, `per_key_next_waits_for_head`, `per_key_order_with_concurrency_8_and_retries` | not applicable | apply |
 //!
+//! ## Exactly once, Kafka to Kafka
+//!
+//! A consumer's ack and a producer's send are two separate writes, so a handler
+//! that produces its next step and then acks duplicates that step when the process
+//! dies between the two (at-least-once). [`ExactlyOnce`]
+//! (`cfg.exactly_once(output_topic, instance)`) makes them one: the handler returns
+//! its outputs instead of sending them, and per batch of inputs the processor
+//! produces them with a transactional producer and commits the inputs' offsets in
+//! the same transaction (`send_offsets_to_transaction` with the consumer's group
+//! metadata, KIP-447); an aborted transaction rewinds its inputs. Readers of the
+//! output with `isolation.level=read_committed` (librdkafka's default) see each
+//! input's outputs exactly once across crashes (`tests/eos.rs`: kill -9 at random
+//! points). Only Kafka writes are covered; other side effects of the handler stay
+//! at-least-once. See [`ExactlyOnce`] for fencing (`transactional.id` =
+//! `GROUP.INSTANCE`, static membership) and limits.
+//!
 //! ## Capabilities
 //!
 //! `Ordering::PerKeyPipelined` (ordered mode: `PerKey`); `max_delay` =
@@ -167,6 +183,7 @@ mod consumer;
 mod producer;
 mod progress;
 mod record;
+mod transaction;
 
 use ferrymq_core::{Accuracy, Attempts, Capabilities, Ordering};
 
@@ -174,6 +191,7 @@ pub use admin::KafkaAdmin;
 pub use config::{KafkaConfig, KafkaDriver, RetryMode, MAX_TOPIC_LEN};
 pub use consumer::KafkaConsumer;
 pub use producer::KafkaProducer;
+pub use transaction::{ExactlyOnce, ExactlyOnceSummary};
 
 /// Header names ferrymq writes on retry copies and delayed records (stripped again
 /// before a delivery is handed out; read them from [`ferrymq_core::DeliveryMeta`]).

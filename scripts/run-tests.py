@@ -36,6 +36,7 @@ BUILD_FLAGS = ["--workspace", "--all-features"]
 
 # The runnable examples of the facade (ferrymq/examples): each checks its own guarantee on
 # the backend FERRYMQ_URL names and exits non-zero when it does not hold.
+KAFKA_EXAMPLES = ["exactly_once"]
 EXAMPLES = ["quickstart", "worker", "dead_letter", "per_key_order", "backpressure", "batching", "autoscale", "schedule", "progress", "flow"]
 
 # Packages whose binaries take longest start first (measured, seconds, warm).
@@ -197,6 +198,11 @@ def example_units():
             if url:
                 env["FERRYMQ_URL"] = url
             units.append([(f"example {example} ({backend})", [os.path.join(examples_dir, example)], ROOT, env)])
+    # Kafka-only examples: each checks its own guarantee and exits non-zero if it broke.
+    for example in KAFKA_EXAMPLES:
+        env = dict(os.environ)
+        env["KAFKA_BROKERS"] = kafka
+        units.append([(f"example {example} (kafka)", [os.path.join(examples_dir, example)], ROOT, env)])
     for backend, url in urls("{queue}").items():
         if url:
             units.append([(f"ferry demo ({backend})", [ferry, "demo", "--url", url], ROOT, dict(os.environ))])

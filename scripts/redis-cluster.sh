@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start or stop a throwaway 3-master Redis Cluster for ferrymq's tests, bound to 127.0.0.1.
 #
-#   scripts/redis-cluster.sh start  [PORT]   # masters on PORT, PORT+1, PORT+2 (default 7100); bus ports +10000
+#   scripts/redis-cluster.sh start  [PORT]   # masters on PORT, PORT+1, PORT+2 (default 7000); bus ports +10000
 #   scripts/redis-cluster.sh stop   [PORT]
 #   scripts/redis-cluster.sh status [PORT]
 #
@@ -26,7 +26,7 @@ usage() {
 cmd="${1:-}"
 [ -n "$cmd" ] || usage
 shift
-port=7100
+port=7000
 while [ $# -gt 0 ]; do
     case "$1" in
         [0-9]*)

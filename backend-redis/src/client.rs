@@ -358,6 +358,14 @@ impl Shared {
         }
     }
 
+    /// Whether this is a Redis Cluster, where one script's (or pipeline's) keys
+    /// must share a hash slot: true for every key of one queue (`{queue}` tag),
+    /// not for keys of two queues.
+    #[allow(dead_code)] // for scripts that may span queues (flow steps)
+    pub(crate) fn is_cluster(&self) -> bool {
+        self.config.cluster
+    }
+
     /// The next of the shared multiplexed connections (cheap clone).
     pub(crate) fn conn(&self) -> Conn {
         let i = self

@@ -184,28 +184,37 @@ async fn queues_on_every_master_round_trip_and_keep_their_keys_in_their_slot() {
 
 #[tokio::test]
 async fn a_blocking_receive_leaves_the_shared_connections_free() {
-    // One connection of each kind: a blocking read on the shared one would hold
-    // it (and every command behind it) until the read ends.
+    // One shared connection: a blocking read on it would hold it (and every
+    // command queued behind it) until the read ends — up to 250 ms per read, as
+    // long as the receive waits.
     let queue = unique("blocking");
     let cfg = config(&queue, "command_timeout=1s&connections=1&pool_size=2");
     let (producer, consumer) = cfg.connect().await.unwrap();
 
     // A wait longer than command_timeout is a blocking read, not a timeout.
     let empty = consumer
-        .receive(1, Duration::from_millis(2500))
+        .receive(1, Duration::from_millis(1500))
         .await
         .unwrap();
     assert!(empty.is_empty());
 
     let waiting = tokio::spawn({
         let consumer = consumer.clone();
-        async move { consumer.receive(1, Duration::from_secs(4)).await }
+        async move { consumer.receive(1, Duration::from_secs(3)).await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // Sent on the shared connection while the read blocks: if it queued behind the
-    // read, the send would finish only when the read had given up empty-handed.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // 20 round trips on the shared connection while the receive blocks. Queued
+    // behind its reads they would take ~20 × 250 ms, longer than the receive
+    // waits; beside them, a few ms each. This is an order of events (all done
+    // before the receive gave up), not a speed: the margin is ~100×.
+    for _ in 0..20 {
+        assert_eq!(producer.depth().await.unwrap().total(), 0);
+    }
+    assert!(
+        !waiting.is_finished(),
+        "the commands on the shared connection waited for the blocking reads"
+    );
     producer.send(Message::new("while blocked")).await.unwrap();
-    assert_eq!(producer.depth().await.unwrap().total(), 1);
     let got = waiting.await.unwrap().unwrap();
     assert_eq!(
         got.len(),

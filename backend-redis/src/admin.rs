@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use ferrymq_core::admin::{Admin, Peeked, ProgressFn, QueueInfo, QueueSpec, RedriveProgress};
 use ferrymq_core::{Error, ErrorKind, Result};
-use redis::{AsyncConnectionConfig, FromRedisValue, Value};
+use redis::{FromRedisValue, Value};
 
 use crate::client::{map_error, ms, Shared, MAX_BATCH};
 use crate::codec::{decode_fields, stream_id_ms, system_time};
@@ -468,39 +468,25 @@ impl RedisConfig {
     pub async fn delete_queue(&self) -> Result<u64> {
         self.validate()?;
         let endpoint = self.endpoint();
-        let client = redis::Client::open(self.client_url()?.as_str())
-            .map_err(|e| Error::invalid_config("url", e.to_string()))?;
         let map = |e| map_error(e, "delete queue", &endpoint, &self.queue);
-        let conn_config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(self.command_timeout));
-        let connect = client.get_multiplexed_async_connection_with_config(&conn_config);
-        let mut conn = match tokio::time::timeout(self.connect_timeout, connect).await {
-            Ok(r) => r.map_err(map)?,
-            Err(_) => {
-                return Err(Error::new(
-                    ErrorKind::Connection,
-                    format!(
-                        "redis at {endpoint} could not be reached within {:?}",
-                        self.connect_timeout
-                    ),
-                ))
-            }
-        };
+        let mut conn = crate::client::connect_once(self).await?;
+        // On a cluster, SCAN goes to the master holding the queue's slot.
+        let slot_key = crate::keys::Keys::new(&self.queue, 1).meta;
         let pattern = format!("ferrymq:{{{}}}:*", glob_escape(&self.queue));
         let mut cursor: u64 = 0;
         let mut deleted = 0;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
                 .arg("MATCH")
                 .arg(&pattern)
                 .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .map_err(map)?;
+                .arg(1000);
+            let (next, keys): (u64, Vec<String>) =
+                crate::client::query_on_slot(&mut conn, scan, &slot_key)
+                    .await
+                    .map_err(map)?;
             if !keys.is_empty() {
                 let n: u64 = redis::cmd("DEL")
                     .arg(&keys)

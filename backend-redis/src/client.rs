@@ -5,16 +5,29 @@
 //! - one multiplexed, self-reconnecting connection (`ConnectionManager`) for every
 //!   non-blocking command: sends, receive scripts, acks, depth. Concurrent callers
 //!   are pipelined on it, so no call waits for a pool checkout;
-//! - a `deadpool-redis` pool for blocking reads: `XREADGROUP … BLOCK` holds its
+//! - a `deadpool` pool for blocking reads: `XREADGROUP … BLOCK` holds its
 //!   connection until data arrives, and would stall every command queued behind it
 //!   on a shared connection.
+//!
+//! Against a Redis Cluster (`cluster=true`) both kinds are redis-rs' own cluster
+//! client, [`redis::cluster_async::ClusterConnection`]: several shared ones for the
+//! non-blocking commands, and pooled ones of their own (no response timeout) for
+//! blocking reads — a blocking read on a shared cluster connection would stall its
+//! node's pipeline exactly as on one server. Either way the rest of the backend sees
+//! one type, [`Conn`], which implements [`ConnectionLike`]. Every key of a queue
+//! carries the `{queue}` hash tag ([`Keys`]), so each script, pipeline and blocking
+//! read of a queue goes to the one master that holds its slot.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferrymq_core::{Capabilities, Error, ErrorKind, Ordering, Priority, Result};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncConnectionConfig, Cmd, FromRedisValue, RedisError, Value};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
+use redis::{AsyncConnectionConfig, Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, Value};
 
 use crate::config::RedisConfig;
 use crate::keys::Keys;
@@ -35,13 +48,112 @@ pub(crate) const MAX_BATCH: usize = 1000;
 /// it is refused as `Unsupported` before anything is sent.
 pub(crate) const MAX_DELAY: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// A connection to one server or to a cluster; cheap to clone (a handle on a
+/// multiplexed connection's driver task).
+#[derive(Clone)]
+pub(crate) enum Conn {
+    /// One server, self-reconnecting: the shared connections.
+    Managed(ConnectionManager),
+    /// One server, one plain connection: a blocking read's own.
+    Plain(MultiplexedConnection),
+    /// A Redis Cluster: routes each command to its key's slot, follows
+    /// `MOVED`/`ASK`, reconnects by itself.
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Managed(c) => c.req_packed_command(cmd),
+            Conn::Plain(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Managed(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Plain(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Managed(c) => c.get_db(),
+            Conn::Plain(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Makes the blocking-read connections: plain ones to the server, or cluster
+/// connections of their own.
+pub(crate) enum BlockingManager {
+    Single {
+        client: redis::Client,
+        config: AsyncConnectionConfig,
+    },
+    Cluster(ClusterClient),
+}
+
+impl deadpool::managed::Manager for BlockingManager {
+    type Type = Conn;
+    type Error = RedisError;
+
+    async fn create(&self) -> std::result::Result<Conn, RedisError> {
+        match self {
+            BlockingManager::Single { client, config } => client
+                .get_multiplexed_async_connection_with_config(config)
+                .await
+                .map(Conn::Plain),
+            BlockingManager::Cluster(client) => {
+                client.get_async_connection().await.map(Conn::Cluster)
+            }
+        }
+    }
+
+    async fn recycle(
+        &self,
+        conn: &mut Conn,
+        _: &deadpool::managed::Metrics,
+    ) -> deadpool::managed::RecycleResult<RedisError> {
+        match conn {
+            // A cluster connection reconnects by itself (and a PING would go to
+            // every master).
+            Conn::Cluster(_) => Ok(()),
+            _ => {
+                let pong: String = redis::cmd("PING").query_async(conn).await?;
+                if pong == "PONG" {
+                    Ok(())
+                } else {
+                    Err(deadpool::managed::RecycleError::message(
+                        "unexpected PING reply",
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// The pool of connections for blocking reads.
+pub(crate) type BlockingPool = deadpool::managed::Pool<BlockingManager>;
+/// One of them; [`BlockingConn::take`] keeps it out of the pool (dropped after a
+/// blocking read that may still be pending on the server).
+pub(crate) type BlockingConn = deadpool::managed::Object<BlockingManager>;
+
 pub(crate) struct Shared {
     pub(crate) config: RedisConfig,
     pub(crate) queue: Arc<str>,
     pub(crate) keys: Keys,
-    conns: Vec<ConnectionManager>,
+    conns: Vec<Conn>,
     next_conn: std::sync::atomic::AtomicUsize,
-    pub(crate) blocking: deadpool_redis::Pool,
+    pub(crate) blocking: BlockingPool,
     pub(crate) capabilities: Arc<Capabilities>,
     endpoint: String,
 }
@@ -94,51 +206,14 @@ impl Shared {
     pub(crate) async fn connect(config: RedisConfig, role: Role) -> Result<Arc<Shared>> {
         config.validate()?;
         let endpoint = config.endpoint();
-        let url = config.client_url()?;
-        let client = redis::Client::open(url.as_str()).map_err(|e| open_error(e, &config))?;
-
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.connect_timeout))
-            .set_response_timeout(Some(config.command_timeout))
-            .set_number_of_retries(3)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500));
-        // Several multiplexed connections, used in turn: each has its own driver
-        // task, so parsing large replies (a receive of 100 entries) spreads over the
-        // runtime's threads instead of queueing behind one socket.
-        let connecting = (0..config.connections)
-            .map(|_| ConnectionManager::new_with_config(client.clone(), manager_config.clone()));
-        let conns = match tokio::time::timeout(
-            config.connect_timeout,
-            futures::future::try_join_all(connecting),
-        )
-        .await
-        {
-            Ok(Ok(conns)) => conns,
-            Ok(Err(e)) => return Err(connect_error(e, &endpoint, config.connect_timeout)),
-            Err(_) => {
-                return Err(Error::new(
-                    ErrorKind::Connection,
-                    format!(
-                        "redis at {endpoint} could not be reached within {:?} (connect_timeout)",
-                        config.connect_timeout
-                    ),
-                ))
-            }
+        let (conns, manager) = if config.cluster {
+            connect_cluster(&config, &endpoint).await?
+        } else {
+            connect_single(&config, &endpoint).await?
         };
-
-        let pool_manager = deadpool_redis::Manager::new_with_config(
-            url.as_str(),
-            AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(config.connect_timeout))
-                // Blocking reads wait longer than any response timeout; they are
-                // bounded by a timer of their own.
-                .set_response_timeout(None),
-        )
-        .map_err(|e| open_error(e, &config))?;
-        let blocking = deadpool_redis::Pool::builder(pool_manager)
+        let blocking = deadpool::managed::Pool::builder(manager)
             .max_size(config.pool_size)
-            .runtime(deadpool_redis::Runtime::Tokio1)
+            .runtime(deadpool::Runtime::Tokio1)
             .create_timeout(Some(config.connect_timeout))
             .recycle_timeout(Some(config.command_timeout))
             .wait_timeout(Some(config.command_timeout))
@@ -283,8 +358,16 @@ impl Shared {
         }
     }
 
+    /// Whether this is a Redis Cluster, where one script's (or pipeline's) keys
+    /// must share a hash slot: true for every key of one queue (`{queue}` tag),
+    /// not for keys of two queues.
+    #[allow(dead_code)] // for scripts that may span queues (flow steps)
+    pub(crate) fn is_cluster(&self) -> bool {
+        self.config.cluster
+    }
+
     /// The next of the shared multiplexed connections (cheap clone).
-    pub(crate) fn conn(&self) -> ConnectionManager {
+    pub(crate) fn conn(&self) -> Conn {
         let i = self
             .next_conn
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -408,6 +491,19 @@ impl Shared {
 
     /// Load every script (after the server answered NOSCRIPT inside a pipeline).
     pub(crate) async fn load_scripts(&self) -> Result<()> {
+        if let Conn::Cluster(conn) = self.conn() {
+            // A pipeline of keyless commands would go to a random node; one
+            // `SCRIPT LOAD` goes to every node.
+            let loads = scripts().all().into_iter().map(|lua| {
+                let mut conn = conn.clone();
+                async move { lua.script.load_async(&mut conn).await.map(|_| ()) }
+            });
+            return self
+                .with_timeout("SCRIPT LOAD", async {
+                    futures::future::try_join_all(loads).await.map(|_| ())
+                })
+                .await;
+        }
         let mut pipe = redis::pipe();
         for lua in scripts().all() {
             pipe.cmd("SCRIPT")
@@ -553,6 +649,155 @@ pub(crate) fn map_error(e: RedisError, what: &str, endpoint: &str, queue: &str) 
         ErrorKind::Backend
     };
     Error::new(kind, format!("{what} on redis at {endpoint}: {text}")).with_source(e)
+}
+
+/// One connection of `config`'s own, for a one-off job (deleting a queue).
+pub(crate) async fn connect_once(config: &RedisConfig) -> Result<Conn> {
+    let endpoint = config.endpoint();
+    let conn = if config.cluster {
+        let urls = config.cluster_urls()?;
+        let client = ClusterClientBuilder::new(urls.iter().map(String::as_str))
+            .connection_timeout(config.connect_timeout)
+            .response_timeout(config.command_timeout)
+            .retries(3)
+            .min_retry_wait(50)
+            .max_retry_wait(500)
+            .build()
+            .map_err(|e| open_error(e, config))?;
+        connect_all(
+            config,
+            &endpoint,
+            std::iter::once(client.get_async_connection()),
+        )
+        .await?
+        .into_iter()
+        .next()
+        .map(Conn::Cluster)
+    } else {
+        let client = redis::Client::open(config.client_url()?.as_str())
+            .map_err(|e| open_error(e, config))?;
+        let conn_config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_response_timeout(Some(config.command_timeout));
+        connect_all(
+            config,
+            &endpoint,
+            std::iter::once(client.get_multiplexed_async_connection_with_config(&conn_config)),
+        )
+        .await?
+        .into_iter()
+        .next()
+        .map(Conn::Plain)
+    };
+    conn.ok_or_else(|| {
+        Error::new(
+            ErrorKind::Connection,
+            format!("redis at {endpoint}: no connection"),
+        )
+    })
+}
+
+/// Run a keyless command (SCAN) on the server that holds `key`: on a cluster, the
+/// master of its slot; on one server, that server.
+pub(crate) async fn query_on_slot<T: FromRedisValue>(
+    conn: &mut Conn,
+    cmd: Cmd,
+    key: &str,
+) -> redis::RedisResult<T> {
+    match conn {
+        Conn::Cluster(c) => {
+            use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+            let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                Route::with_key(key, SlotAddr::Master),
+            ));
+            let v = c.route_command(cmd, route).await?;
+            T::from_redis_value(v).map_err(Into::into)
+        }
+        other => cmd.query_async(other).await,
+    }
+}
+
+/// The shared connections and the blocking-read manager of one server.
+async fn connect_single(
+    config: &RedisConfig,
+    endpoint: &str,
+) -> Result<(Vec<Conn>, BlockingManager)> {
+    let url = config.client_url()?;
+    let client = redis::Client::open(url.as_str()).map_err(|e| open_error(e, config))?;
+    let manager_config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(config.connect_timeout))
+        .set_response_timeout(Some(config.command_timeout))
+        .set_number_of_retries(3)
+        .set_min_delay(Duration::from_millis(50))
+        .set_max_delay(Duration::from_millis(500));
+    // Several multiplexed connections, used in turn: each has its own driver
+    // task, so parsing large replies (a receive of 100 entries) spreads over the
+    // runtime's threads instead of queueing behind one socket.
+    let connecting = (0..config.connections)
+        .map(|_| ConnectionManager::new_with_config(client.clone(), manager_config.clone()));
+    let conns = connect_all(config, endpoint, connecting).await?;
+    let manager = BlockingManager::Single {
+        client,
+        config: AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(config.connect_timeout))
+            // Blocking reads wait longer than any response timeout; they are
+            // bounded by a timer of their own.
+            .set_response_timeout(None),
+    };
+    Ok((conns.into_iter().map(Conn::Managed).collect(), manager))
+}
+
+/// The shared connections and the blocking-read manager of a Redis Cluster: two
+/// cluster clients, one with `command_timeout` as its response timeout and one
+/// without (blocking reads are bounded by a timer of their own).
+async fn connect_cluster(
+    config: &RedisConfig,
+    endpoint: &str,
+) -> Result<(Vec<Conn>, BlockingManager)> {
+    let urls = config.cluster_urls()?;
+    let builder = || {
+        ClusterClientBuilder::new(urls.iter().map(String::as_str))
+            .connection_timeout(config.connect_timeout)
+            // Redirects and reconnects retried a few times, briefly (as the
+            // single-server connection manager does).
+            .retries(3)
+            .min_retry_wait(50)
+            .max_retry_wait(500)
+    };
+    let client = builder()
+        .response_timeout(config.command_timeout)
+        .build()
+        .map_err(|e| open_error(e, config))?;
+    let blocking = builder().build().map_err(|e| open_error(e, config))?;
+    let connecting = (0..config.connections).map(|_| client.get_async_connection());
+    let conns = connect_all(config, endpoint, connecting).await?;
+    Ok((
+        conns.into_iter().map(Conn::Cluster).collect(),
+        BlockingManager::Cluster(blocking),
+    ))
+}
+
+async fn connect_all<C>(
+    config: &RedisConfig,
+    endpoint: &str,
+    connecting: impl Iterator<Item = impl std::future::Future<Output = redis::RedisResult<C>>>,
+) -> Result<Vec<C>> {
+    match tokio::time::timeout(
+        config.connect_timeout,
+        futures::future::try_join_all(connecting),
+    )
+    .await
+    {
+        Ok(Ok(conns)) => Ok(conns),
+        Ok(Err(e)) => Err(connect_error(e, endpoint, config.connect_timeout)),
+        Err(_) => Err(Error::new(
+            ErrorKind::Connection,
+            format!(
+                "redis at {endpoint} could not be reached within {:?} (connect_timeout)",
+                config.connect_timeout
+            ),
+        )),
+    }
 }
 
 fn connect_error(e: RedisError, endpoint: &str, timeout: Duration) -> Error {

@@ -17,13 +17,24 @@ use crate::{RedisConsumer, RedisProducer};
 /// ```text
 /// redis://[user:password@]host[:port][/db]/QUEUE?group=invoicers&visibility=30s
 /// rediss://...   (TLS, with the `tls` cargo feature)
+/// redis://host:port/QUEUE?cluster=true[&cluster_nodes=h2:port,h3:port]   (Redis Cluster)
 /// ```
 ///
 /// Query parameters (all optional): `group`, `consumer`, `visibility`,
 /// `max_message_size`, `dedup_window`, `priority_levels`, `max_deliveries`,
 /// `dlq_max_len`, `dlq_retention`, `connect_timeout`, `command_timeout`,
-/// `ack_linger`, `connections`, `pool_size`, `promote_batch`, `ordered`, `rate_limit`.
+/// `ack_linger`, `connections`, `pool_size`, `promote_batch`, `ordered`, `rate_limit`,
+/// `cluster`, `cluster_nodes`.
 /// An unknown parameter is an error.
+///
+/// - `cluster=true`: the server is a Redis Cluster; `host:port` (and any of
+///   `cluster_nodes`) is a seed node. The client is redis-rs' own cluster client
+///   (`redis::cluster_async::ClusterConnection`): it reads the slot map, sends each
+///   command to the master of its key's slot and follows `MOVED`/`ASK`. A queue's
+///   keys share the `{QUEUE}` hash tag, so a queue is one slot on one master and
+///   every feature (ordered queues, dead letters, dedup store, job store, flows,
+///   schedules) runs there unchanged; different queues spread over the masters.
+///   A cluster has database 0 only (`db` other than 0 is refused).
 ///
 /// - `ordered=true`: per-key order (SQS FIFO group semantics, `Ordering::PerKey`): a
 ///   key's messages are delivered in send order and none while an earlier one of
@@ -140,6 +151,17 @@ pub struct RedisConfig {
     /// consumer of the queue. A setting of the queue, like `ordered`.
     #[serde(default)]
     pub rate_limit: Option<RateLimit>,
+    /// Talk to a Redis Cluster (`cluster=true`): `host:port` is a seed node, the
+    /// client learns the slot map from it and follows `MOVED`/`ASK` redirects. Every
+    /// key of a queue shares its `{queue}` hash tag, so a queue lives in one slot
+    /// (one master) and its scripts run there; queues spread over the masters.
+    /// Database 0 only (a cluster has no other).
+    #[serde(default)]
+    pub cluster: bool,
+    /// More seed nodes of the cluster (`host:port` each; `cluster_nodes=h2:7001,h3:7002`
+    /// in a URL), tried when `host:port` is down at connect. Needs `cluster`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster_nodes: Vec<String>,
 }
 
 /// A queue-wide rate limit: at most `jobs` deliveries in any window of `per`
@@ -303,6 +325,8 @@ impl fmt::Debug for RedisConfig {
             .field("promote_batch", &self.promote_batch)
             .field("ordered", &self.ordered)
             .field("rate_limit", &self.rate_limit)
+            .field("cluster", &self.cluster)
+            .field("cluster_nodes", &self.cluster_nodes)
             .finish()
     }
 }
@@ -322,7 +346,14 @@ impl fmt::Display for RedisConfig {
             f,
             "{}:{}/{}/{}?group={}",
             self.host, self.port, self.db, self.queue, self.group
-        )
+        )?;
+        if self.cluster {
+            f.write_str("&cluster=true")?;
+        }
+        if !self.cluster_nodes.is_empty() {
+            write!(f, "&cluster_nodes={}", self.cluster_nodes.join(","))?;
+        }
+        Ok(())
     }
 }
 
@@ -355,6 +386,8 @@ impl RedisConfig {
             promote_batch: defaults::promote_batch(),
             ordered: false,
             rate_limit: None,
+            cluster: false,
+            cluster_nodes: Vec::new(),
         }
     }
 
@@ -467,6 +500,17 @@ impl RedisConfig {
         }
         if let Some(v) = q.take_str("rate_limit") {
             cfg.rate_limit = Some(v.parse()?);
+        }
+        if let Some(v) = q.take_bool("cluster")? {
+            cfg.cluster = v;
+        }
+        if let Some(v) = q.take_str("cluster_nodes") {
+            cfg.cluster_nodes = v
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(str::to_string)
+                .collect();
         }
         q.finish()?;
         cfg.validate()?;
@@ -719,7 +763,39 @@ impl RedisConfig {
         if let Some(limit) = &self.rate_limit {
             limit.validate()?;
         }
+        if !self.cluster_nodes.is_empty() && !self.cluster {
+            return Err(Error::invalid_config(
+                "cluster_nodes",
+                "seed nodes are for a Redis Cluster: add cluster=true",
+            ));
+        }
+        if self.cluster && self.db != 0 {
+            return Err(Error::invalid_config(
+                "db",
+                format!(
+                    "a Redis Cluster has database 0 only, this config names {}",
+                    self.db
+                ),
+            ));
+        }
+        for node in &self.cluster_nodes {
+            valid_node(node)?;
+        }
         Ok(())
+    }
+
+    /// The URLs of the seed nodes of a cluster (`host:port` first, then
+    /// `cluster_nodes`), each with the credentials. Hold the password: never log them.
+    pub(crate) fn cluster_urls(&self) -> Result<Vec<String>> {
+        let mut urls = vec![self.client_url()?];
+        for node in &self.cluster_nodes {
+            let (host, port) = split_node(node)?;
+            let mut seed = self.clone();
+            seed.host = host.to_string();
+            seed.port = port;
+            urls.push(seed.client_url()?);
+        }
+        Ok(urls)
     }
 
     /// The URL handed to the redis client. Holds the password: never log it.
@@ -788,6 +864,26 @@ impl RedisConfig {
             crate::client::Shared::connect(self.clone(), crate::settings::Role::Consumer).await?;
         RedisConsumer::new(shared).await
     }
+}
+
+/// `host:port` of a seed node (`[v6]:port` for an IPv6 address).
+fn split_node(node: &str) -> Result<(&str, u16)> {
+    let bad = |why: &str| Error::invalid_config("cluster_nodes", format!("{node:?}: {why}"));
+    let (host, port) = node
+        .rsplit_once(':')
+        .ok_or_else(|| bad("expected host:port"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.contains(['/', '?', '#', '@', ' ', ',', '[', ']']) {
+        return Err(bad("not a host name or address"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok((host, p)),
+        _ => Err(bad("the port must be 1-65535")),
+    }
+}
+
+fn valid_node(node: &str) -> Result<()> {
+    split_node(node).map(|_| ())
 }
 
 fn percent_decode(param: &str, s: &str) -> Result<String> {

@@ -873,7 +873,7 @@ fn as_string(v: Value) -> Option<String> {
 /// A pooled connection that is dropped — not returned to the pool — unless `keep`
 /// is called: a blocking read that was cancelled or timed out may still be pending
 /// on the server, and closing its connection is what makes the server forget it.
-struct Discard(Option<deadpool_redis::Connection>);
+struct Discard(Option<crate::client::BlockingConn>);
 
 impl Discard {
     fn keep(&mut self) {
@@ -884,7 +884,7 @@ impl Discard {
 impl Drop for Discard {
     fn drop(&mut self) {
         if let Some(conn) = self.0.take() {
-            drop(deadpool_redis::Connection::take(conn));
+            drop(crate::client::BlockingConn::take(conn));
         }
     }
 }

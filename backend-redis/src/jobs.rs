@@ -733,7 +733,7 @@ struct Tail {
     failed: bool,
     /// A connection of the subscription's own, taken out of the blocking pool so
     /// that a subscriber never holds a slot the consumers' blocking reads need.
-    conn: Option<redis::aio::MultiplexedConnection>,
+    conn: Option<crate::client::Conn>,
 }
 
 /// How long one blocking read waits before asking again.
@@ -748,7 +748,7 @@ impl Tail {
                 match tokio::time::timeout(shared.config.command_timeout, shared.blocking.get())
                     .await
                 {
-                    Ok(Ok(conn)) => deadpool_redis::Connection::take(conn),
+                    Ok(Ok(conn)) => crate::client::BlockingConn::take(conn),
                     Ok(Err(deadpool_redis::PoolError::Backend(e))) => {
                         return Err(shared.map_err(e, "events connection"))
                     }

@@ -137,6 +137,39 @@ mod tests {
     }
 
     #[test]
+    fn every_key_of_a_queue_is_in_one_cluster_slot() {
+        use redis::cluster_routing::Slot;
+        for queue in ["orders", "a", "x:y", "with-dash_and.dot", "ü"] {
+            let k = Keys::new(queue, 16);
+            let slot = Slot::for_key(&k.meta);
+            assert_eq!(slot, Slot::for_key(queue), "the hash tag is the queue name");
+            let mut all: Vec<String> = k.typed().iter().map(|(key, _)| key.to_string()).collect();
+            all.push(k.dedup("some:id{with}braces"));
+            // Keys other modules build on the same base (dedup store, job store,
+            // schedules).
+            for suffix in [
+                "handled:k",
+                "job:1",
+                "jobstate:active",
+                "events",
+                "flow:p",
+                "schedules",
+                "schedule:s",
+            ] {
+                all.push(format!("ferrymq:{{{queue}}}:{suffix}"));
+            }
+            for key in &all {
+                assert_eq!(Slot::for_key(key), slot, "{key} of queue {queue}");
+            }
+        }
+        assert_ne!(
+            Slot::for_key(Keys::new("orders", 1).meta),
+            Slot::for_key(Keys::new("emails", 1).meta),
+            "different queues may be on different masters"
+        );
+    }
+
+    #[test]
     fn priority_clamps_into_levels() {
         assert_eq!(level(None, 4), 0);
         assert_eq!(level(Some(-5), 4), 0);

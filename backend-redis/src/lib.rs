@@ -27,7 +27,8 @@
 //! ## Key layout
 //!
 //! A queue `Q` is a family of keys sharing the hash tag `{Q}` (so every script also
-//! works on Redis Cluster, all keys being in one slot):
+//! works on Redis Cluster, all keys being in one slot; connect with `cluster=true`,
+//! see [`RedisConfig`] — different queues spread over the masters):
 //!
 //! | key | type | holds |
 //! |---|---|---|

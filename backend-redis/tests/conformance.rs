@@ -1,10 +1,15 @@
-//! The conformance suite (`ferrymq-conformance`) against a real redis-server, in two
-//! setups: `redis` (plain queues) and `redis-ordered` (`ordered=true`: per-key order,
-//! `Ordering::PerKey`, so the per-key cases apply there).
+//! The conformance suite (`ferrymq-conformance`) against a real redis-server, in
+//! three setups: `redis` (plain queues), `redis-ordered` (`ordered=true`: per-key
+//! order, `Ordering::PerKey`, so the per-key cases apply there) and `redis-cluster`
+//! (plain queues on a 3-master Redis Cluster, `cluster=true`: redis-rs' cluster
+//! client; each case's queues hash to slots spread over the masters).
 //!
 //! ```text
 //! scripts/redis.sh start 6399
-//! FERRYMQ_TEST_REDIS_URL=redis://127.0.0.1:6399 cargo test -p ferrymq-redis --test conformance
+//! scripts/redis-cluster.sh start 7000          # masters 7000-7002
+//! FERRYMQ_TEST_REDIS_URL=redis://127.0.0.1:6399 \
+//! FERRYMQ_TEST_REDIS_CLUSTER_URL=redis://127.0.0.1:7000 \
+//!     cargo test -p ferrymq-redis --test conformance
 //! cargo test -p ferrymq-redis --test conformance -- redis-ordered::   # one setup
 //! ```
 //!
@@ -124,11 +129,23 @@ fn url() -> std::result::Result<String, ferrymq_core::BoxError> {
     )
 }
 
+fn cluster_url() -> std::result::Result<String, ferrymq_core::BoxError> {
+    require_env(
+        "FERRYMQ_TEST_REDIS_CLUSTER_URL",
+        "Start a 3-master Redis Cluster with `scripts/redis-cluster.sh start 7000` (or \
+         `scripts/test.sh`) and set FERRYMQ_TEST_REDIS_CLUSTER_URL=redis://127.0.0.1:7000 \
+         (any node is a seed)",
+    )
+}
+
 fn main() -> ExitCode {
     run_setups(vec![
         Setup::new("redis", || async { Ok(Redis::connect(&url()?, "").await?) }),
         Setup::new("redis-ordered", || async {
             Ok(Redis::connect(&url()?, "&ordered=true").await?)
+        }),
+        Setup::new("redis-cluster", || async {
+            Ok(Redis::connect(&cluster_url()?, "&cluster=true").await?)
         }),
     ])
 }

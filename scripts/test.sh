@@ -6,8 +6,8 @@
 #   scripts/test.sh [cargo test args]   # a slice, e.g. -p ferrymq-redis --test fault
 #
 # To use servers you already run, export their addresses first
-# (FERRYMQ_TEST_REDIS_URL=redis://host:port, FERRYMQ_TEST_SQS_ENDPOINT=http://host:port,
-# FERRYMQ_TEST_KAFKA_BROKERS=host:port); the script then starts nothing for them.
+# (FERRYMQ_TEST_REDIS_URL=redis://host:port, FERRYMQ_TEST_REDIS_CLUSTER_URL=redis://host:port,
+# FERRYMQ_TEST_SQS_ENDPOINT=http://host:port, FERRYMQ_TEST_KAFKA_BROKERS=host:port); the script then starts nothing for them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -53,11 +53,18 @@ if [[ -z "${FERRYMQ_TEST_KAFKA_BROKERS:-}" ]]; then
   use_server kafka.sh "$port"
   export FERRYMQ_TEST_KAFKA_BROKERS="127.0.0.1:$port"
 fi
+# A 3-master Redis Cluster on PORT..PORT+2 (bus ports +10000) for the redis-cluster
+# conformance setup and backend-redis/tests/cluster.rs.
+if [[ -z "${FERRYMQ_TEST_REDIS_CLUSTER_URL:-}" ]]; then
+  port="${FERRYMQ_REDIS_CLUSTER_PORT:-7000}"
+  use_server redis-cluster.sh "$port"
+  export FERRYMQ_TEST_REDIS_CLUSTER_URL="redis://127.0.0.1:$port"
+fi
 # The SDK must never reach for real AWS credentials or a config file in a test run.
 export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}"
 export AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}"
 export AWS_REGION="${AWS_REGION:-us-east-1}"
-echo "== servers: redis=$FERRYMQ_TEST_REDIS_URL sqs=$FERRYMQ_TEST_SQS_ENDPOINT kafka=$FERRYMQ_TEST_KAFKA_BROKERS"
+echo "== servers: redis=$FERRYMQ_TEST_REDIS_URL redis-cluster=$FERRYMQ_TEST_REDIS_CLUSTER_URL sqs=$FERRYMQ_TEST_SQS_ENDPOINT kafka=$FERRYMQ_TEST_KAFKA_BROKERS"
 
 if [[ $# -gt 0 ]]; then
   # A slice (`scripts/test.sh -p ferrymq-redis --test fault`): plain cargo test, no examples.

@@ -213,6 +213,7 @@ mod codec;
 mod config;
 mod consumer;
 mod dedup;
+mod flow_ack;
 mod driver;
 mod jobs;
 mod keys;

@@ -1219,6 +1219,153 @@ if queued or #done > 0 then wake(KEYS[6]) end
 return res
 "#;
 
+/// A flow child's ack with its flow step, in one script (see `flow_ack.rs`): the
+/// lease is checked, the child's result recorded under its flow, and — when it was
+/// the last missing result — the parent enqueued on its queue (claiming its dedup
+/// id, as ENQUEUE does) and the flow forgotten; then the child is acked (`XACK` +
+/// `XDEL`, and on an ordered queue its key handed on). Every check and all the
+/// decoding come before the first write, so a refusal changes nothing.
+///
+/// KEYS: 1 flow hash, 2 pending flows zset (the job store's); the child queue's
+///       3 leases, 4 revoked, 5 ready stream of the child's level, 6 locks, 7 held,
+///       8 unblocked, 9 wake; then the ready streams of each candidate parent queue
+///       (level 0 first), queue after queue
+/// ARGV: 1 group, 2 level, 3 stream id, 4 deliveries, 5 ordered 0/1, 6 `-` (no key)
+///       or `+key`, 7 parent (flow id), 8 child, 9 result (JSON), 10 the children
+///       header's name, 11 candidate parent queues P, then per candidate: queue
+///       name, levels, dedup key prefix, dedup window ms
+/// Returns {'lease'} (nothing done: the lease is gone), {'decline', queue} (nothing
+/// done: the flow's parent goes to a queue not among the candidates), {'none'}
+/// (acked; no pending flow has this child), {'wait'} (acked, result recorded), or
+/// {'sent', queue, duplicate 0/1} (acked, parent enqueued, flow forgotten).
+const FLOW_ACK: &str = r#"
+local group, lvl, id = ARGV[1], ARGV[2], ARGV[3]
+local count = tonumber(ARGV[4])
+local ordered = ARGV[5] == '1'
+local mkey = nil
+if string.sub(ARGV[6], 1, 1) == '+' then mkey = string.sub(ARGV[6], 2) end
+local parent, child, value, header = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local F, FLOWS = KEYS[1], KEYS[2]
+local types = {F, 'hash', FLOWS, 'zset', KEYS[3], 'hash', KEYS[4], 'set', KEYS[5], 'stream',
+  KEYS[6], 'hash', KEYS[7], 'zset', KEYS[8], 'list', KEYS[9], 'stream'}
+for j = 10, #KEYS do
+  types[#types + 1] = KEYS[j]
+  types[#types + 1] = 'stream'
+end
+check_types(types)
+local p = in_lease(KEYS[5], group, id, count)
+if not p or p[2] == HELD then return {'lease'} end
+
+-- The flow step, computed: no write before every check passed.
+local step = 'none'
+local queue, stream, dedup_key, window, fields = nil, nil, nil, nil, nil
+if redis.call('HEXISTS', F, 'c:' .. child) == 1 then
+  step = 'wait'
+  local all = redis.call('HGETALL', F)
+  local children, rmap, xmap = {}, {}, {}
+  local pol, message = nil, nil
+  for i = 1, #all, 2 do
+    local k, v = all[i], all[i + 1]
+    local pre, rest = string.sub(k, 1, 2), string.sub(k, 3)
+    if pre == 'c:' then children[#children + 1] = rest
+    elseif pre == 'r:' then rmap[rest] = v
+    elseif pre == 'x:' then xmap[rest] = v
+    elseif k == 'q' then queue = v
+    elseif k == 'm' then message = v
+    elseif k == 'pol' then pol = v end
+  end
+  rmap[child] = value
+  xmap[child] = nil
+  local done = true
+  for _, c in ipairs(children) do
+    if not rmap[c] and not (pol ~= 'fail_parent' and xmap[c]) then done = false end
+  end
+  if done then
+    step = 'sent'
+    local at, kat = 12, 10
+    for _ = 1, tonumber(ARGV[11]) do
+      local name, nlevels = ARGV[at], tonumber(ARGV[at + 1])
+      if name == queue then
+        local ok, m = pcall(cjson.decode, message or '')
+        if not ok or type(m) ~= 'table' or type(m.p) ~= 'string' then
+          return redis.error_reply('ferrymq: flow ' .. parent .. ': its stored parent message does not decode')
+        end
+        local payload = string.gsub(m.p, '%x%x', function(c) return string.char(tonumber(c, 16)) end)
+        fields = {'p', payload}
+        local h = {}
+        if type(m.h) == 'table' then
+          for _, pair in ipairs(m.h) do
+            local n, v = tostring(pair[1]), tostring(pair[2])
+            if n ~= header then h[#h + 1] = #n .. ':' .. n .. #v .. ':' .. v end
+          end
+        end
+        -- The children's outcomes, as FlowChildren serializes them.
+        local rs, fs = {}, {}
+        for _, c in ipairs(children) do
+          if rmap[c] then rs[#rs + 1] = cjson.encode(c) .. ':' .. rmap[c]
+          elseif xmap[c] then fs[#fs + 1] = cjson.encode(c) .. ':' .. cjson.encode(xmap[c]) end
+        end
+        local text = '{"results":{' .. table.concat(rs, ',') .. '}'
+        if #fs > 0 then text = text .. ',"failed":{' .. table.concat(fs, ',') .. '}' end
+        text = text .. '}'
+        h[#h + 1] = #header .. ':' .. header .. #text .. ':' .. text
+        fields[#fields + 1] = 'h'
+        fields[#fields + 1] = table.concat(h)
+        if type(m.k) == 'string' then
+          fields[#fields + 1] = 'k'
+          fields[#fields + 1] = m.k
+        end
+        local d = m.d
+        if type(d) ~= 'string' then d = 'flow:' .. parent end
+        fields[#fields + 1] = 'd'
+        fields[#fields + 1] = d
+        local plvl = 0
+        if type(m.r) == 'number' then
+          fields[#fields + 1] = 'r'
+          fields[#fields + 1] = string.format('%d', m.r)
+          plvl = math.max(0, math.min(nlevels - 1, m.r))
+        end
+        stream = KEYS[kat + plvl]
+        dedup_key = ARGV[at + 2] .. d
+        window = ARGV[at + 3]
+        break
+      end
+      at = at + 4
+      kat = kat + nlevels
+    end
+    if not fields then return {'decline', queue or ''} end
+  end
+end
+
+-- Writes: the flow step, then the ack.
+local out = {step}
+if step == 'sent' then
+  local dup = 0
+  if redis.call('EXISTS', dedup_key) == 1 then
+    dup = 1
+  else
+    local pid = redis.call('XADD', stream, '*', unpack(fields))
+    redis.call('SET', dedup_key, pid, 'PX', window)
+  end
+  redis.call('DEL', F)
+  redis.call('ZREM', FLOWS, parent)
+  out = {step, queue, dup}
+elseif step == 'wait' then
+  redis.call('HSET', F, 'r:' .. child, value)
+  redis.call('HDEL', F, 'x:' .. child)
+end
+local tag = lvl .. '/' .. id
+redis.call('XACK', KEYS[5], group, id)
+redis.call('XDEL', KEYS[5], id)
+redis.call('HDEL', KEYS[3], tag)
+forget_revoked(KEYS[4], tag, count - 1)
+if ordered then
+  advance(KEYS[6], KEYS[7], KEYS[8], mkey, id)
+  wake(KEYS[9])
+end
+return out
+"#;
+
 /// Nack or release a delivery of an ordered queue. The message stays its key's
 /// head — nothing of its key can overtake it — and stays in its stream entry: it
 /// is parked with `~held` and queued for hand-out again, at once (the unblocked
@@ -1493,10 +1640,11 @@ pub(crate) struct Scripts {
     pub(crate) ordered_depth: Lua,
     pub(crate) ordered_purge: Lua,
     pub(crate) ordered_peek: Lua,
+    pub(crate) flow_ack: Lua,
 }
 
 impl Scripts {
-    pub(crate) fn all(&self) -> [&Lua; 17] {
+    pub(crate) fn all(&self) -> [&Lua; 18] {
         [
             &self.enqueue,
             &self.maintain,
@@ -1515,6 +1663,7 @@ impl Scripts {
             &self.ordered_depth,
             &self.ordered_purge,
             &self.ordered_peek,
+            &self.flow_ack,
         ]
     }
 }
@@ -1539,5 +1688,6 @@ pub(crate) fn scripts() -> &'static Scripts {
         ordered_depth: Lua::new("ordered depth", ORDERED_DEPTH),
         ordered_purge: Lua::new("ordered purge", ORDERED_PURGE),
         ordered_peek: Lua::new("ordered peek", ORDERED_PEEK),
+        flow_ack: Lua::new("flow ack", FLOW_ACK),
     })
 }

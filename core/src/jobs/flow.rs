@@ -38,8 +38,10 @@
 //! queue's message size limit (small values; store large ones elsewhere and return
 //! a reference).
 
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -117,6 +119,68 @@ pub enum Release {
     Failed {
         /// The child's failure.
         reason: String,
+    },
+}
+
+/// A producer of flow parents, as [`TrackJobsLayer::flows`](super::TrackJobsLayer::flows)
+/// was given it: through [`Producer`], and as its own type, so that a store whose
+/// backend can send the parent inside its own atomic step
+/// ([`JobStore::ack_child_completed`]) recognises a producer of that backend.
+#[derive(Clone)]
+pub struct FlowParent {
+    producer: Arc<dyn Producer>,
+    concrete: Arc<dyn Any + Send + Sync>,
+}
+
+impl fmt::Debug for FlowParent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FlowParent")
+            .field("queue", &self.producer.queue())
+            .finish()
+    }
+}
+
+impl FlowParent {
+    /// Wrap `producer`.
+    pub fn new<P: Producer + 'static>(producer: P) -> Self {
+        let producer = Arc::new(producer);
+        FlowParent {
+            producer: producer.clone(),
+            concrete: producer,
+        }
+    }
+
+    /// The producer.
+    pub fn producer(&self) -> &dyn Producer {
+        &*self.producer
+    }
+
+    /// Its queue.
+    pub fn queue(&self) -> &str {
+        self.producer.queue()
+    }
+
+    /// The producer as type `T`, when it is one (a backend's own producer type).
+    pub fn downcast_ref<T: 'static>(&self) -> Option<&T> {
+        self.concrete.downcast_ref::<T>()
+    }
+}
+
+/// What [`JobStore::ack_child_completed`] did, besides acking the child.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ChildAcked {
+    /// The child's result is recorded; the flow waits for others (or the child
+    /// belongs to no pending flow: a finished or unknown one).
+    Wait,
+    /// It was the last: the parent was put on `queue` (`duplicate`: the parent
+    /// queue's dedup already held it — a send of an earlier, interrupted step) and
+    /// the flow forgotten.
+    Sent {
+        /// The parent's queue.
+        queue: String,
+        /// Dropped as a duplicate by the parent queue's dedup.
+        duplicate: bool,
     },
 }
 

@@ -24,6 +24,14 @@
 //! first write. Expiry runs on the server's clock (`TIME`), so clients with skewed
 //! clocks agree; record times are the client's.
 //!
+//! Flows: a child's completion on a queue of this store's server, with a
+//! [`RedisProducer`](crate::RedisProducer) of the parent's queue among the layer's
+//! `flows()`, is one script with the child's ack (`ack_child_completed`): result,
+//! the last child's parent enqueued with its dedup id, flow forgotten, child acked —
+//! so a kill -9 either finds it all undone (the child is redelivered) or all done
+//! (nothing to redo). Otherwise (another server, another backend) the jobs layer
+//! goes step by step, the ack last.
+//!
 //! Events are read with `XREAD BLOCK` on a pooled connection of their own, from the
 //! stream's last entry at subscribe time: a subscriber sees every event after it
 //! subscribed that is still in the stream when it reads (one that falls more than

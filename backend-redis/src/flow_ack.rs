@@ -285,8 +285,14 @@ mod tests {
         // Values from the Redis Cluster specification's examples.
         assert_eq!(crc16(b"123456789"), 0x31c3);
         assert_eq!(slot("ferrymq:{orders}:ready:0"), slot("orders"));
-        assert_eq!(slot("ferrymq:{orders}:flow:x"), slot("ferrymq:{orders}:leases"));
-        assert_ne!(slot("ferrymq:{orders}:ready:0"), slot("ferrymq:{emails}:ready:0"));
+        assert_eq!(
+            slot("ferrymq:{orders}:flow:x"),
+            slot("ferrymq:{orders}:leases")
+        );
+        assert_ne!(
+            slot("ferrymq:{orders}:ready:0"),
+            slot("ferrymq:{emails}:ready:0")
+        );
         assert_eq!(slot("a{}b"), crc16(b"a{}b") % 16384);
     }
 }

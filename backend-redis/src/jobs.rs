@@ -46,8 +46,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use ferrymq_core::jobs::flow::{decode_message, encode_message, release_message};
 use ferrymq_core::jobs::{
-    ChildAcked, ChildOutcome, FlowParent, FlowChildren, FlowRecord, JobEvent, JobEventKind, JobEvents, JobRecord, JobState,
-    JobStore, JobUpdate, Keep, Release, StoredCounts, DEFAULT_MAX_PER_STATE,
+    ChildAcked, ChildOutcome, FlowChildren, FlowParent, FlowRecord, JobEvent, JobEventKind,
+    JobEvents, JobRecord, JobState, JobStore, JobUpdate, Keep, Release, StoredCounts,
+    DEFAULT_MAX_PER_STATE,
 };
 use ferrymq_core::{Delivery, Error, ErrorKind, Result};
 use redis::{Script, Value};
@@ -454,7 +455,9 @@ impl RedisJobStore {
                 let producer = parents.iter().find(|p| p.queue() == queue).ok_or_else(|| {
                     Error::new(
                         ErrorKind::InvalidConfig,
-                        format!("flow {parent:?}: no flows() producer for its parent queue {queue:?}"),
+                        format!(
+                            "flow {parent:?}: no flows() producer for its parent queue {queue:?}"
+                        ),
                     )
                 })?;
                 producer.producer().send(message).await?;

@@ -692,6 +692,14 @@ return n
 const ORDERED_HELPERS: &str = r#"
 local HELD = '~held'
 
+-- A field of the locks hash that no message key can be (a lone 0xFF byte is not
+-- UTF-8), with a value longer than `hash-max-listpack-value` (64 by default): it
+-- keeps the hash in Redis's hashtable encoding whatever its size. A small hash is
+-- otherwise a listpack, where every lookup is a scan of the whole hash — with a
+-- few hundred keys in flight, most of an ordered receive's and ack's time.
+local LOCKS_PIN = '\255'
+local LOCKS_PIN_VALUE = string.rep('-', 256)
+
 -- The `k` field (message key) of an entry's fields, or nil.
 local function key_of(fields)
   for j = 1, #fields, 2 do
@@ -764,9 +772,26 @@ end
 -- A locks value: `<head stream id>:<entries held behind it>` (the count spares
 -- the held zset a lookup when a key has nothing waiting — the common case).
 local function lock_parts(v)
-  local id, n = string.match(v, '^(.-):(%d+)$')
-  if not id then return v, 1 end
-  return id, tonumber(n)
+  -- Stream ids have no ':', so the first one is the separator (a plain find: a
+  -- pattern costs more, and this runs per ack).
+  local c = string.find(v, ':', 1, true)
+  if not c then return v, 1 end
+  local n = tonumber(string.sub(v, c + 1))
+  if not n then return v, 1 end
+  return string.sub(v, 1, c - 1), n
+end
+
+-- HMGET of `fields` (in chunks of 500): the values in order, false for none.
+local function hmget(key, fields)
+  local out = {}
+  local c = 1
+  while c <= #fields do
+    local last = math.min(c + 499, #fields)
+    local vs = redis.call('HMGET', key, unpack(fields, c, last))
+    for j = 1, #vs do out[#out + 1] = vs[j] end
+    c = last + 1
+  end
+  return out
 end
 
 -- `n` more entries of `key` are held behind its head.
@@ -1083,23 +1108,47 @@ for lvl = nlevels - 1, 0, -1 do
     local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want, 'STREAMS', key, '>')
     if not r or not r[1] then break end
     local entries = r[1][2]
-    for _, e in ipairs(entries) do
-      read = read + 1
-      local id, fields = e[1], e[2]
-      if ordered then
-        -- A new entry is never its key's head yet: it becomes the head when the
-        -- key has none, else it is held.
-        local k = key_of(fields)
-        if not k or redis.call('HSETNX', K_LOCKS, k, id .. ':0') == 1 then
-          deliver(lvl, id, 1, fields)
+    if ordered then
+      -- A new entry is never its key's head yet: it becomes the head when the key
+      -- has none (the first of the key in this read), else it is held. The keys'
+      -- heads are looked up with one HMGET and set with one HSET per read, not a
+      -- call per entry.
+      local ks, with_key = {}, {}
+      for j, e in ipairs(entries) do
+        local k = key_of(e[2])
+        ks[j] = k
+        if k then with_key[#with_key + 1] = k end
+      end
+      local busy = {}
+      if #with_key > 0 then
+        local cur = hmget(K_LOCKS, with_key)
+        for j, k in ipairs(with_key) do
+          if cur[j] then busy[k] = true end
+        end
+      end
+      local heads = {}
+      for j, e in ipairs(entries) do
+        read = read + 1
+        local id, k = e[1], ks[j]
+        if not k then
+          deliver(lvl, id, 1, e[2])
+        elseif not busy[k] then
+          busy[k] = true
+          heads[#heads + 1] = k
+          heads[#heads + 1] = id .. ':0'
+          deliver(lvl, id, 1, e[2])
         else
           holds[#holds + 1] = id
           held_members[#held_members + 1] = '0'
           held_members[#held_members + 1] = held_member(k, id)
           held_keys[k] = (held_keys[k] or 0) + 1
         end
-      else
-        deliver(lvl, id, 1, fields)
+      end
+      if #heads > 0 then chunked({'HSET', K_LOCKS, LOCKS_PIN, LOCKS_PIN_VALUE}, heads, {}) end
+    else
+      for _, e in ipairs(entries) do
+        read = read + 1
+        deliver(lvl, e[1], 1, e[2])
       end
     end
     if #entries < want then break end
@@ -1203,6 +1252,34 @@ else
     deleted = true
   end
 end
+-- Keys whose head was acked with nothing held behind it (the common case) are
+-- freed with one HMGET and one HDEL for the batch; the others (and a key met
+-- twice in the batch) go on one by one.
+local seen = {}
+for j = 1, #ids do
+  local k = keys_[j]
+  if k and res[j] == 1 then seen[k] = (seen[k] or 0) + 1 end
+end
+local quick_k, quick_j = {}, {}
+for j = 1, #ids do
+  local k = keys_[j]
+  if k and res[j] == 1 and seen[k] == 1 then
+    quick_k[#quick_k + 1] = k
+    quick_j[#quick_j + 1] = j
+  end
+end
+local freed, free = {}, {}
+if #quick_k > 0 then
+  local cur = hmget(KEYS[2], quick_k)
+  for i, k in ipairs(quick_k) do
+    local j = quick_j[i]
+    if cur[i] == ids[j] .. ':0' then
+      free[#free + 1] = k
+      freed[j] = true
+    end
+  end
+  if #free > 0 then chunked({'HDEL', KEYS[2]}, free, {}) end
+end
 local done = {}
 for j, id in ipairs(ids) do
   if res[j] == 1 then
@@ -1210,7 +1287,7 @@ for j, id in ipairs(ids) do
     local tag = '0/' .. id
     if has_leases then redis.call('HDEL', KEYS[1], tag) end
     if has_revoked then forget_revoked(KEYS[7], tag, counts[j] - 1) end
-    if advance(KEYS[2], KEYS[3], KEYS[4], keys_[j], id) then queued = true end
+    if not freed[j] and advance(KEYS[2], KEYS[3], KEYS[4], keys_[j], id) then queued = true end
   end
 end
 if not deleted then chunked({'XDEL', KEYS[5]}, done, {}) end

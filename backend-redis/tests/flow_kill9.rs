@@ -325,13 +325,7 @@ fn a_kill_right_after_the_last_childs_ack_leaves_nothing_to_redo() {
             // SIGKILL the moment the parent is there: no shutdown, no flush.
             child.kill().unwrap();
             child.wait().unwrap();
-            let left = kids_q
-                .producer()
-                .await
-                .unwrap()
-                .depth()
-                .await
-                .unwrap();
+            let left = kids_q.producer().await.unwrap().depth().await.unwrap();
             (left, watch.depth().await.unwrap().total())
         });
         assert_eq!(
@@ -354,7 +348,10 @@ fn a_kill_right_after_the_last_childs_ack_leaves_nothing_to_redo() {
                     .await
                     .unwrap()
                     .expect("kept");
-                assert_eq!(job.attempts, 1, "ordered={ordered}: inv-1-{part} ran again: {job:?}");
+                assert_eq!(
+                    job.attempts, 1,
+                    "ordered={ordered}: inv-1-{part} ran again: {job:?}"
+                );
             }
             let c = parents.consumer().await.unwrap();
             let batch = c.receive(10, Duration::from_millis(300)).await.unwrap();

@@ -426,3 +426,53 @@ async fn admin_sees_and_purges_held_entries() {
     next[0].ack().await.unwrap();
     cfg.delete_queue().await.unwrap();
 }
+
+/// The locks hash (a key's head) stays in Redis's hashtable encoding however few
+/// keys are in flight: as a listpack — what Redis makes of a small hash — every
+/// head lookup of a receive and an ack scans the whole hash, which made most of an
+/// ordered queue's time with a few hundred keys in flight. And a key of the odd
+/// byte the pin uses cannot exist: keys are UTF-8, so order is unchanged for all.
+#[tokio::test]
+async fn the_locks_hash_stays_a_hashtable_with_few_keys_in_flight() {
+    let queue = unique("ordered-pin");
+    let cfg = RedisConfig::from_url(&format!("{}/{queue}?ordered=true", base_url())).unwrap();
+    let (producer, consumer) = cfg.connect().await.unwrap();
+    for i in 0..20 {
+        producer
+            .send(Message::new(format!("{i}")).key(format!("k{}", i % 5)))
+            .await
+            .unwrap();
+    }
+    let client = redis::Client::open(base_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let locks = format!("ferrymq:{{{queue}}}:locks");
+    let mut seen: Vec<String> = Vec::new();
+    while seen.len() < 20 {
+        let batch = consumer.receive(10, Duration::from_secs(1)).await.unwrap();
+        assert!(!batch.is_empty(), "stalled after {seen:?}");
+        assert!(batch.len() <= 5, "one head per key: {}", batch.len());
+        let encoding: String = redis::cmd("OBJECT")
+            .arg("ENCODING")
+            .arg(&locks)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(encoding, "hashtable", "with {} keys in flight", batch.len());
+        for d in &batch {
+            seen.push(String::from_utf8_lossy(d.payload()).into_owned());
+            d.ack().await.unwrap();
+        }
+    }
+    // Per key in send order.
+    for k in 0..5 {
+        let of_key: Vec<u32> = seen
+            .iter()
+            .map(|s| s.parse::<u32>().unwrap())
+            .filter(|i| i % 5 == k)
+            .collect();
+        let mut sorted = of_key.clone();
+        sorted.sort();
+        assert_eq!(of_key, sorted, "key k{k}");
+    }
+    cfg.delete_queue().await.unwrap();
+}

@@ -476,3 +476,99 @@ async fn the_locks_hash_stays_a_hashtable_with_few_keys_in_flight() {
     }
     cfg.delete_queue().await.unwrap();
 }
+
+/// A consumer of a version before ordered queues checks no `ordered` setting, but
+/// it does compare the recorded visibility with its own: an ordered queue records
+/// it marked (`<ms>;ordered`), so such a consumer disagrees and is refused instead
+/// of reading past the per-key gate. A queue recorded before the mark is marked by
+/// the next ordered client, which connects as before; plain queues are unmarked.
+#[tokio::test]
+async fn an_older_consumer_that_ignores_ordered_is_refused() {
+    let client = redis::Client::open(base_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let recorded = |queue: &str| format!("ferrymq:{{{queue}}}:meta");
+
+    let queue = unique("ordered-old-client");
+    let url = format!("{}/{queue}?visibility=2s", base_url());
+    let ordered = RedisConfig::from_url(&format!("{url}&ordered=true")).unwrap();
+    let consumer = ordered.consumer().await.unwrap();
+    // What an older consumer of `url` (no `ordered` parameter) records and compares.
+    let older: [(&str, &str); 5] = [
+        ("priority_levels", "1"),
+        ("group", "ferrymq"),
+        ("visibility_ms", "2000"),
+        ("max_deliveries", "0"),
+        ("dlq_max_len", "10000"),
+    ];
+    let mut disagree = Vec::new();
+    for (field, value) in older {
+        let theirs: Option<String> = redis::cmd("HGET")
+            .arg(recorded(&queue))
+            .arg(field)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if theirs.as_deref().is_some_and(|t| t != value) {
+            disagree.push((field, theirs));
+        }
+    }
+    assert!(
+        disagree.iter().any(|(f, _)| *f == "visibility_ms"),
+        "an older consumer would find nothing to disagree with on an ordered queue: {disagree:?}"
+    );
+    // This version's clients still agree.
+    RedisConfig::from_url(&format!("{url}&ordered=true"))
+        .unwrap()
+        .consumer()
+        .await
+        .unwrap();
+    let e = RedisConfig::from_url(&url)
+        .unwrap()
+        .consumer()
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidConfig, "{e}");
+    drop(consumer);
+    ordered.delete_queue().await.unwrap();
+
+    // An ordered queue recorded before the mark: connects, and is marked.
+    let queue = unique("ordered-unmarked");
+    let _: () = redis::cmd("HSET")
+        .arg(recorded(&queue))
+        .arg("ordered")
+        .arg("1")
+        .arg("priority_levels")
+        .arg("1")
+        .arg("visibility_ms")
+        .arg("2000")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let cfg = RedisConfig::from_url(&format!(
+        "{}/{queue}?visibility=2s&ordered=true",
+        base_url()
+    ))
+    .unwrap();
+    cfg.consumer().await.unwrap();
+    let now: String = redis::cmd("HGET")
+        .arg(recorded(&queue))
+        .arg("visibility_ms")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(now, "2000;ordered");
+    cfg.delete_queue().await.unwrap();
+
+    // A plain queue: unmarked.
+    let queue = unique("plain-unmarked");
+    let cfg = RedisConfig::from_url(&format!("{}/{queue}?visibility=2s", base_url())).unwrap();
+    cfg.consumer().await.unwrap();
+    let plain: String = redis::cmd("HGET")
+        .arg(recorded(&queue))
+        .arg("visibility_ms")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(plain, "2000");
+    cfg.delete_queue().await.unwrap();
+}

@@ -90,9 +90,20 @@ async fn main() {
     let keys: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1000);
     let tasks: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(16);
     let (mut plain, mut ordered) = (Vec::new(), Vec::new());
+    // ORDERED_THROUGHPUT_ONLY=plain|ordered: run one side only (server-side
+    // profiling: `INFO commandstats` of one kind of queue).
+    let only = std::env::var("ORDERED_THROUGHPUT_ONLY").unwrap_or_default();
     for i in 0..3 {
-        let p = run(&base, false, n, keys, tasks, i).await;
-        let o = run(&base, true, n, keys, tasks, i).await;
+        let p = if only == "ordered" {
+            f64::NAN
+        } else {
+            run(&base, false, n, keys, tasks, i).await
+        };
+        let o = if only == "plain" {
+            f64::NAN
+        } else {
+            run(&base, true, n, keys, tasks, i).await
+        };
         println!("run {i}: plain {p:>9.0} msg/s   ordered {o:>9.0} msg/s");
         plain.push(p);
         ordered.push(o);

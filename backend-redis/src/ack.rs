@@ -211,6 +211,16 @@ impl RedisAck {
 #[async_trait]
 impl Ack for RedisAck {
     async fn ack(&self) -> Result<()> {
+        if let Some(step) = crate::flow_ack::current() {
+            let lease = crate::flow_ack::Lease {
+                shared: &self.shared,
+                level: self.level,
+                stream_id: &self.stream_id,
+                deliveries: self.deliveries,
+                ordered: None,
+            };
+            return crate::flow_ack::ack_with_step(&step, lease).await;
+        }
         if self
             .batcher
             .ack(self.level, &self.stream_id, self.deliveries)

@@ -24,6 +24,14 @@
 //! first write. Expiry runs on the server's clock (`TIME`), so clients with skewed
 //! clocks agree; record times are the client's.
 //!
+//! Flows: a child's completion on a queue of this store's server, with a
+//! [`RedisProducer`](crate::RedisProducer) of the parent's queue among the layer's
+//! `flows()`, is one script with the child's ack (`ack_child_completed`): result,
+//! the last child's parent enqueued with its dedup id, flow forgotten, child acked —
+//! so a kill -9 either finds it all undone (the child is redelivered) or all done
+//! (nothing to redo). Otherwise (another server, another backend) the jobs layer
+//! goes step by step, the ack last.
+//!
 //! Events are read with `XREAD BLOCK` on a pooled connection of their own, from the
 //! stream's last entry at subscribe time: a subscriber sees every event after it
 //! subscribed that is still in the stream when it reads (one that falls more than
@@ -38,14 +46,16 @@ use std::time::Duration;
 use async_trait::async_trait;
 use ferrymq_core::jobs::flow::{decode_message, encode_message, release_message};
 use ferrymq_core::jobs::{
-    ChildOutcome, FlowChildren, FlowRecord, JobEvent, JobEventKind, JobEvents, JobRecord, JobState,
-    JobStore, JobUpdate, Keep, Release, StoredCounts, DEFAULT_MAX_PER_STATE,
+    ChildAcked, ChildOutcome, FlowChildren, FlowParent, FlowRecord, JobEvent, JobEventKind,
+    JobEvents, JobRecord, JobState, JobStore, JobUpdate, Keep, Release, StoredCounts,
+    DEFAULT_MAX_PER_STATE,
 };
-use ferrymq_core::{Error, ErrorKind, Result};
+use ferrymq_core::{Delivery, Error, ErrorKind, Result};
 use redis::{Script, Value};
 
 use crate::client::Shared;
 use crate::config::RedisConfig;
+use crate::flow_ack::{Outcome, Step};
 use crate::RedisConsumer;
 
 /// Events kept in the stream by default (approximately: `MAXLEN ~`).
@@ -373,6 +383,20 @@ impl RedisJobStore {
         Self::with_limits(self.inner.shared.clone(), self.inner.max_per_state, max)
     }
 
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.inner.shared
+    }
+
+    /// The hash of pending flow `parent`.
+    pub(crate) fn flow_key(&self, parent: &str) -> String {
+        format!("{}{parent}", self.inner.flow_prefix)
+    }
+
+    /// The zset of pending flows.
+    pub(crate) fn flows_key(&self) -> &str {
+        &self.inner.flows
+    }
+
     fn job_key(&self, id: &str) -> String {
         format!("{}{id}", self.inner.prefix)
     }
@@ -411,6 +435,39 @@ impl RedisJobStore {
             .arg(state.map_or("", |s| s.as_str()))
             .arg(max.max(1));
         self.run("job read", &inv).await
+    }
+}
+
+impl RedisJobStore {
+    /// The flow step of a child acked already: best effort, logged.
+    async fn finish_after_ack(
+        &self,
+        parent: &str,
+        child: &str,
+        result: Option<serde_json::Value>,
+        parents: &[FlowParent],
+    ) {
+        let done = async {
+            if let Release::Send { queue, message } = self
+                .child_done(parent, child, ChildOutcome::Completed(result))
+                .await?
+            {
+                let producer = parents.iter().find(|p| p.queue() == queue).ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::InvalidConfig,
+                        format!(
+                            "flow {parent:?}: no flows() producer for its parent queue {queue:?}"
+                        ),
+                    )
+                })?;
+                producer.producer().send(message).await?;
+                self.parent_sent(parent).await?;
+            }
+            Ok::<(), Error>(())
+        };
+        if let Err(e) = done.await {
+            tracing::error!(queue = self.queue(), flow = parent, job = child, error = %e, "completing a flow after its child's ack failed");
+        }
     }
 }
 
@@ -669,6 +726,39 @@ impl JobStore for RedisJobStore {
         let mut inv = self.flow_invocation(&scripts().parent_sent, parent);
         inv.arg(parent);
         self.run::<i64>("flow parent sent", &inv).await.map(|_| ())
+    }
+
+    /// With the child's ack, in one script, when the child came from a Redis queue
+    /// on this store's server and a parent producer is a [`RedisProducer`] there
+    /// (see `flow_ack.rs`); `Ok(None)` otherwise, nothing done.
+    async fn ack_child_completed(
+        &self,
+        delivery: &Delivery,
+        parent: &str,
+        child: &str,
+        result: Option<serde_json::Value>,
+        parents: &[FlowParent],
+    ) -> Result<Option<ChildAcked>> {
+        if delivery.capabilities().map(|c| c.backend) != Some("redis") {
+            return Ok(None);
+        }
+        let Some(step) = Step::new(self.clone(), parent, child, result.clone(), parents) else {
+            return Ok(None);
+        };
+        let step = Arc::new(step);
+        let acked = step.offer(delivery.ack()).await;
+        match (acked, step.take_outcome()) {
+            (Ok(()), Some(Outcome::Done(done))) => Ok(Some(done)),
+            (Err(_), Some(Outcome::Declined)) => Ok(None),
+            (Err(e), _) => Err(e),
+            (Ok(()), _) => {
+                // Acked by an ack that did not take the step (a delivery whose
+                // handle is not this crate's): the step comes after the ack.
+                tracing::warn!(queue = self.queue(), flow = parent, job = child, "a flow child was acked without its flow step; completing the flow after the ack");
+                self.finish_after_ack(parent, child, result, parents).await;
+                Ok(Some(ChildAcked::Wait))
+            }
+        }
     }
 
     async fn subscribe(&self) -> Result<JobEvents> {

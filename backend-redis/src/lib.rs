@@ -42,8 +42,8 @@
 //! | `ferrymq:{Q}:handled:K` | string | [`RedisDedupStore`] (Dedup middleware): `claimed:<store>` (claim TTL) or `done` (retention) |
 //! | `ferrymq:{Q}:seq` | string | counter for the ids of delayed sends |
 //! | `ferrymq:{Q}:schedules`, `ferrymq:{Q}:schedule:ID` | set, hash | [`RedisScheduleStore`]: the queue's schedules and their progress (see its docs) |
-//! | `ferrymq:{Q}:meta` | hash | the queue's settings, recorded by its first client and checked by every other (`ordered`, `priority_levels`, `group`, `visibility_ms`, `max_deliveries`, `dlq_max_len`, `dlq_retention_ms`, `rate_limit`) |
-//! | `ferrymq:{Q}:locks` | hash | ordered queues: message key → `<stream id>:<n>`, the key's head (its oldest unsettled message) and how many entries are held behind it |
+//! | `ferrymq:{Q}:meta` | hash | the queue's settings, recorded by its first client and checked by every other (`ordered`, `priority_levels`, `group`, `visibility_ms`, `max_deliveries`, `dlq_max_len`, `dlq_retention_ms`, `rate_limit`); an ordered queue's `visibility_ms` is marked `<ms>;ordered`, so consumers of versions without ordered queues are refused |
+//! | `ferrymq:{Q}:locks` | hash | ordered queues: message key → `<stream id>:<n>`, the key's head (its oldest unsettled message) and how many entries are held behind it; plus the field `\xff` (no key: not UTF-8) with a 256-byte value, which keeps the hash in hashtable encoding (a small hash would be a listpack, scanned on every lookup) |
 //! | `ferrymq:{Q}:held` | zset | ordered queues: entries read while their key's head was unsettled, `<len>:<key><padded stream id>` (lexicographic: per key in stream order); pending, owned by the consumer `~held` |
 //! | `ferrymq:{Q}:unblocked` | list | ordered queues: heads due to be handed out (`stream-id\|key`): a key's next after an ack, a nacked head |
 //! | `ferrymq:{Q}:parked` | zset | ordered queues: heads nacked with a delay → due time (ms); their key stays blocked |
@@ -215,6 +215,7 @@ mod config;
 mod consumer;
 mod dedup;
 mod driver;
+mod flow_ack;
 mod jobs;
 mod keys;
 mod ordered;

@@ -182,6 +182,16 @@ impl OrderedAck {
 #[async_trait]
 impl Ack for OrderedAck {
     async fn ack(&self) -> Result<()> {
+        if let Some(step) = crate::flow_ack::current() {
+            let lease = crate::flow_ack::Lease {
+                shared: &self.lease.shared,
+                level: self.lease.level,
+                stream_id: &self.lease.stream_id,
+                deliveries: self.lease.deliveries,
+                ordered: Some(self.key.as_deref()),
+            };
+            return crate::flow_ack::ack_with_step(&step, lease).await;
+        }
         if self
             .batcher
             .ack(

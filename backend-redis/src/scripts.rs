@@ -692,6 +692,14 @@ return n
 const ORDERED_HELPERS: &str = r#"
 local HELD = '~held'
 
+-- A field of the locks hash that no message key can be (a lone 0xFF byte is not
+-- UTF-8), with a value longer than `hash-max-listpack-value` (64 by default): it
+-- keeps the hash in Redis's hashtable encoding whatever its size. A small hash is
+-- otherwise a listpack, where every lookup is a scan of the whole hash — with a
+-- few hundred keys in flight, most of an ordered receive's and ack's time.
+local LOCKS_PIN = '\255'
+local LOCKS_PIN_VALUE = string.rep('-', 256)
+
 -- The `k` field (message key) of an entry's fields, or nil.
 local function key_of(fields)
   for j = 1, #fields, 2 do
@@ -764,9 +772,26 @@ end
 -- A locks value: `<head stream id>:<entries held behind it>` (the count spares
 -- the held zset a lookup when a key has nothing waiting — the common case).
 local function lock_parts(v)
-  local id, n = string.match(v, '^(.-):(%d+)$')
-  if not id then return v, 1 end
-  return id, tonumber(n)
+  -- Stream ids have no ':', so the first one is the separator (a plain find: a
+  -- pattern costs more, and this runs per ack).
+  local c = string.find(v, ':', 1, true)
+  if not c then return v, 1 end
+  local n = tonumber(string.sub(v, c + 1))
+  if not n then return v, 1 end
+  return string.sub(v, 1, c - 1), n
+end
+
+-- HMGET of `fields` (in chunks of 500): the values in order, false for none.
+local function hmget(key, fields)
+  local out = {}
+  local c = 1
+  while c <= #fields do
+    local last = math.min(c + 499, #fields)
+    local vs = redis.call('HMGET', key, unpack(fields, c, last))
+    for j = 1, #vs do out[#out + 1] = vs[j] end
+    c = last + 1
+  end
+  return out
 end
 
 -- `n` more entries of `key` are held behind its head.
@@ -1083,23 +1108,47 @@ for lvl = nlevels - 1, 0, -1 do
     local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want, 'STREAMS', key, '>')
     if not r or not r[1] then break end
     local entries = r[1][2]
-    for _, e in ipairs(entries) do
-      read = read + 1
-      local id, fields = e[1], e[2]
-      if ordered then
-        -- A new entry is never its key's head yet: it becomes the head when the
-        -- key has none, else it is held.
-        local k = key_of(fields)
-        if not k or redis.call('HSETNX', K_LOCKS, k, id .. ':0') == 1 then
-          deliver(lvl, id, 1, fields)
+    if ordered then
+      -- A new entry is never its key's head yet: it becomes the head when the key
+      -- has none (the first of the key in this read), else it is held. The keys'
+      -- heads are looked up with one HMGET and set with one HSET per read, not a
+      -- call per entry.
+      local ks, with_key = {}, {}
+      for j, e in ipairs(entries) do
+        local k = key_of(e[2])
+        ks[j] = k
+        if k then with_key[#with_key + 1] = k end
+      end
+      local busy = {}
+      if #with_key > 0 then
+        local cur = hmget(K_LOCKS, with_key)
+        for j, k in ipairs(with_key) do
+          if cur[j] then busy[k] = true end
+        end
+      end
+      local heads = {}
+      for j, e in ipairs(entries) do
+        read = read + 1
+        local id, k = e[1], ks[j]
+        if not k then
+          deliver(lvl, id, 1, e[2])
+        elseif not busy[k] then
+          busy[k] = true
+          heads[#heads + 1] = k
+          heads[#heads + 1] = id .. ':0'
+          deliver(lvl, id, 1, e[2])
         else
           holds[#holds + 1] = id
           held_members[#held_members + 1] = '0'
           held_members[#held_members + 1] = held_member(k, id)
           held_keys[k] = (held_keys[k] or 0) + 1
         end
-      else
-        deliver(lvl, id, 1, fields)
+      end
+      if #heads > 0 then chunked({'HSET', K_LOCKS, LOCKS_PIN, LOCKS_PIN_VALUE}, heads, {}) end
+    else
+      for _, e in ipairs(entries) do
+        read = read + 1
+        deliver(lvl, e[1], 1, e[2])
       end
     end
     if #entries < want then break end
@@ -1203,6 +1252,34 @@ else
     deleted = true
   end
 end
+-- Keys whose head was acked with nothing held behind it (the common case) are
+-- freed with one HMGET and one HDEL for the batch; the others (and a key met
+-- twice in the batch) go on one by one.
+local seen = {}
+for j = 1, #ids do
+  local k = keys_[j]
+  if k and res[j] == 1 then seen[k] = (seen[k] or 0) + 1 end
+end
+local quick_k, quick_j = {}, {}
+for j = 1, #ids do
+  local k = keys_[j]
+  if k and res[j] == 1 and seen[k] == 1 then
+    quick_k[#quick_k + 1] = k
+    quick_j[#quick_j + 1] = j
+  end
+end
+local freed, free = {}, {}
+if #quick_k > 0 then
+  local cur = hmget(KEYS[2], quick_k)
+  for i, k in ipairs(quick_k) do
+    local j = quick_j[i]
+    if cur[i] == ids[j] .. ':0' then
+      free[#free + 1] = k
+      freed[j] = true
+    end
+  end
+  if #free > 0 then chunked({'HDEL', KEYS[2]}, free, {}) end
+end
 local done = {}
 for j, id in ipairs(ids) do
   if res[j] == 1 then
@@ -1210,13 +1287,160 @@ for j, id in ipairs(ids) do
     local tag = '0/' .. id
     if has_leases then redis.call('HDEL', KEYS[1], tag) end
     if has_revoked then forget_revoked(KEYS[7], tag, counts[j] - 1) end
-    if advance(KEYS[2], KEYS[3], KEYS[4], keys_[j], id) then queued = true end
+    if not freed[j] and advance(KEYS[2], KEYS[3], KEYS[4], keys_[j], id) then queued = true end
   end
 end
 if not deleted then chunked({'XDEL', KEYS[5]}, done, {}) end
 -- A head left: its key goes on (queued) or is free for what is unread.
 if queued or #done > 0 then wake(KEYS[6]) end
 return res
+"#;
+
+/// A flow child's ack with its flow step, in one script (see `flow_ack.rs`): the
+/// lease is checked, the child's result recorded under its flow, and — when it was
+/// the last missing result — the parent enqueued on its queue (claiming its dedup
+/// id, as ENQUEUE does) and the flow forgotten; then the child is acked (`XACK` +
+/// `XDEL`, and on an ordered queue its key handed on). Every check and all the
+/// decoding come before the first write, so a refusal changes nothing.
+///
+/// KEYS: 1 flow hash, 2 pending flows zset (the job store's); the child queue's
+///       3 leases, 4 revoked, 5 ready stream of the child's level, 6 locks, 7 held,
+///       8 unblocked, 9 wake; then the ready streams of each candidate parent queue
+///       (level 0 first), queue after queue
+/// ARGV: 1 group, 2 level, 3 stream id, 4 deliveries, 5 ordered 0/1, 6 `-` (no key)
+///       or `+key`, 7 parent (flow id), 8 child, 9 result (JSON), 10 the children
+///       header's name, 11 candidate parent queues P, then per candidate: queue
+///       name, levels, dedup key prefix, dedup window ms
+/// Returns {'lease'} (nothing done: the lease is gone), {'decline', queue} (nothing
+/// done: the flow's parent goes to a queue not among the candidates), {'none'}
+/// (acked; no pending flow has this child), {'wait'} (acked, result recorded), or
+/// {'sent', queue, duplicate 0/1} (acked, parent enqueued, flow forgotten).
+const FLOW_ACK: &str = r#"
+local group, lvl, id = ARGV[1], ARGV[2], ARGV[3]
+local count = tonumber(ARGV[4])
+local ordered = ARGV[5] == '1'
+local mkey = nil
+if string.sub(ARGV[6], 1, 1) == '+' then mkey = string.sub(ARGV[6], 2) end
+local parent, child, value, header = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local F, FLOWS = KEYS[1], KEYS[2]
+local types = {F, 'hash', FLOWS, 'zset', KEYS[3], 'hash', KEYS[4], 'set', KEYS[5], 'stream',
+  KEYS[6], 'hash', KEYS[7], 'zset', KEYS[8], 'list', KEYS[9], 'stream'}
+for j = 10, #KEYS do
+  types[#types + 1] = KEYS[j]
+  types[#types + 1] = 'stream'
+end
+check_types(types)
+local p = in_lease(KEYS[5], group, id, count)
+if not p or p[2] == HELD then return {'lease'} end
+
+-- The flow step, computed: no write before every check passed.
+local step = 'none'
+local queue, stream, dedup_key, window, fields = nil, nil, nil, nil, nil
+if redis.call('HEXISTS', F, 'c:' .. child) == 1 then
+  step = 'wait'
+  local all = redis.call('HGETALL', F)
+  local children, rmap, xmap = {}, {}, {}
+  local pol, message = nil, nil
+  for i = 1, #all, 2 do
+    local k, v = all[i], all[i + 1]
+    local pre, rest = string.sub(k, 1, 2), string.sub(k, 3)
+    if pre == 'c:' then children[#children + 1] = rest
+    elseif pre == 'r:' then rmap[rest] = v
+    elseif pre == 'x:' then xmap[rest] = v
+    elseif k == 'q' then queue = v
+    elseif k == 'm' then message = v
+    elseif k == 'pol' then pol = v end
+  end
+  rmap[child] = value
+  xmap[child] = nil
+  local done = true
+  for _, c in ipairs(children) do
+    if not rmap[c] and not (pol ~= 'fail_parent' and xmap[c]) then done = false end
+  end
+  if done then
+    step = 'sent'
+    local at, kat = 12, 10
+    for _ = 1, tonumber(ARGV[11]) do
+      local name, nlevels = ARGV[at], tonumber(ARGV[at + 1])
+      if name == queue then
+        local ok, m = pcall(cjson.decode, message or '')
+        if not ok or type(m) ~= 'table' or type(m.p) ~= 'string' then
+          return redis.error_reply('ferrymq: flow ' .. parent .. ': its stored parent message does not decode')
+        end
+        local payload = string.gsub(m.p, '%x%x', function(c) return string.char(tonumber(c, 16)) end)
+        fields = {'p', payload}
+        local h = {}
+        if type(m.h) == 'table' then
+          for _, pair in ipairs(m.h) do
+            local n, v = tostring(pair[1]), tostring(pair[2])
+            if n ~= header then h[#h + 1] = #n .. ':' .. n .. #v .. ':' .. v end
+          end
+        end
+        -- The children's outcomes, as FlowChildren serializes them.
+        local rs, fs = {}, {}
+        for _, c in ipairs(children) do
+          if rmap[c] then rs[#rs + 1] = cjson.encode(c) .. ':' .. rmap[c]
+          elseif xmap[c] then fs[#fs + 1] = cjson.encode(c) .. ':' .. cjson.encode(xmap[c]) end
+        end
+        local text = '{"results":{' .. table.concat(rs, ',') .. '}'
+        if #fs > 0 then text = text .. ',"failed":{' .. table.concat(fs, ',') .. '}' end
+        text = text .. '}'
+        h[#h + 1] = #header .. ':' .. header .. #text .. ':' .. text
+        fields[#fields + 1] = 'h'
+        fields[#fields + 1] = table.concat(h)
+        if type(m.k) == 'string' then
+          fields[#fields + 1] = 'k'
+          fields[#fields + 1] = m.k
+        end
+        local d = m.d
+        if type(d) ~= 'string' then d = 'flow:' .. parent end
+        fields[#fields + 1] = 'd'
+        fields[#fields + 1] = d
+        local plvl = 0
+        if type(m.r) == 'number' then
+          fields[#fields + 1] = 'r'
+          fields[#fields + 1] = string.format('%d', m.r)
+          plvl = math.max(0, math.min(nlevels - 1, m.r))
+        end
+        stream = KEYS[kat + plvl]
+        dedup_key = ARGV[at + 2] .. d
+        window = ARGV[at + 3]
+        break
+      end
+      at = at + 4
+      kat = kat + nlevels
+    end
+    if not fields then return {'decline', queue or ''} end
+  end
+end
+
+-- Writes: the flow step, then the ack.
+local out = {step}
+if step == 'sent' then
+  local dup = 0
+  if redis.call('EXISTS', dedup_key) == 1 then
+    dup = 1
+  else
+    local pid = redis.call('XADD', stream, '*', unpack(fields))
+    redis.call('SET', dedup_key, pid, 'PX', window)
+  end
+  redis.call('DEL', F)
+  redis.call('ZREM', FLOWS, parent)
+  out = {step, queue, dup}
+elseif step == 'wait' then
+  redis.call('HSET', F, 'r:' .. child, value)
+  redis.call('HDEL', F, 'x:' .. child)
+end
+local tag = lvl .. '/' .. id
+redis.call('XACK', KEYS[5], group, id)
+redis.call('XDEL', KEYS[5], id)
+redis.call('HDEL', KEYS[3], tag)
+forget_revoked(KEYS[4], tag, count - 1)
+if ordered then
+  advance(KEYS[6], KEYS[7], KEYS[8], mkey, id)
+  wake(KEYS[9])
+end
+return out
 "#;
 
 /// Nack or release a delivery of an ordered queue. The message stays its key's
@@ -1493,10 +1717,11 @@ pub(crate) struct Scripts {
     pub(crate) ordered_depth: Lua,
     pub(crate) ordered_purge: Lua,
     pub(crate) ordered_peek: Lua,
+    pub(crate) flow_ack: Lua,
 }
 
 impl Scripts {
-    pub(crate) fn all(&self) -> [&Lua; 17] {
+    pub(crate) fn all(&self) -> [&Lua; 18] {
         [
             &self.enqueue,
             &self.maintain,
@@ -1515,6 +1740,7 @@ impl Scripts {
             &self.ordered_depth,
             &self.ordered_purge,
             &self.ordered_peek,
+            &self.flow_ack,
         ]
     }
 }
@@ -1539,5 +1765,6 @@ pub(crate) fn scripts() -> &'static Scripts {
         ordered_depth: Lua::new("ordered depth", ORDERED_DEPTH),
         ordered_purge: Lua::new("ordered purge", ORDERED_PURGE),
         ordered_peek: Lua::new("ordered peek", ORDERED_PEEK),
+        flow_ack: Lua::new("flow ack", FLOW_ACK),
     })
 }

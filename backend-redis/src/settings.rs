@@ -24,6 +24,16 @@
 //!
 //! An admin connection records nothing on connect: it adopts what the queue says,
 //! so `describe` shows the queue as it is whatever URL it was opened with.
+//!
+//! **Older clients and `ordered`.** A consumer of a version before ordered queues
+//! checks no `ordered` field: it would read an ordered queue with a plain
+//! `XREADGROUP`, past the per-key gate. So an ordered queue records its visibility
+//! as `<ms>;ordered` ([`ORDERED_MARK`]): such a consumer compares it with its own
+//! `<ms>`, disagrees, and is refused (`visibility=…;ordered` in its error says
+//! why), while this version compares the visibility without the mark. Older
+//! producers check no visibility and stay welcome: what they write is what an
+//! ordered queue reads. An ordered queue recorded before the mark (bare `<ms>`) is
+//! marked by the next client of this version that agrees with it.
 
 use ferrymq_core::{Error, Result};
 use redis::Value;
@@ -49,21 +59,39 @@ pub(crate) enum Role {
 /// be refused, and must not leave a setting of its own behind (a setting newer
 /// than the queue's record, such as `ordered`, would then refuse every client
 /// that agrees with the queue).
+/// Values are compared without the `;ordered` mark; a recorded value that lacks
+/// the mark ours has (an ordered queue recorded before the mark) is replaced by
+/// ours.
 /// KEYS: meta; ARGV: write 0/1, name, value, ... Returns HGETALL of meta.
 pub(crate) const SETTINGS: &str = r#"
 check_types({KEYS[1], 'hash'})
+local function unmarked(v) return (string.gsub(v, ';ordered$', '')) end
 if ARGV[1] == '1' then
   local agree = true
   for j = 2, #ARGV, 2 do
     local v = redis.call('HGET', KEYS[1], ARGV[j])
-    if v and v ~= ARGV[j + 1] then agree = false end
+    if v and unmarked(v) ~= unmarked(ARGV[j + 1]) then agree = false end
   end
   if agree then
-    for j = 2, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[j], ARGV[j + 1]) end
+    for j = 2, #ARGV, 2 do
+      local v = redis.call('HGET', KEYS[1], ARGV[j])
+      if not v or (v ~= ARGV[j + 1] and unmarked(v) == v) then
+        redis.call('HSET', KEYS[1], ARGV[j], ARGV[j + 1])
+      end
+    end
   end
 end
 return redis.call('HGETALL', KEYS[1])
 "#;
+
+/// The mark an ordered queue's recorded visibility carries, so that consumers of
+/// versions without ordered queues are refused (see the module docs).
+pub(crate) const ORDERED_MARK: &str = ";ordered";
+
+/// A recorded value without the [`ORDERED_MARK`].
+fn unmarked(value: &str) -> &str {
+    value.strip_suffix(ORDERED_MARK).unwrap_or(value)
+}
 
 /// The settings `role` records and checks, as (field, value, URL parameter).
 pub(crate) fn settings_of(
@@ -88,9 +116,10 @@ pub(crate) fn settings_of(
     ));
     if matches!(role, Role::Consumer | Role::Admin) {
         out.push(("group", config.group.clone(), "group"));
+        let mark = if config.ordered { ORDERED_MARK } else { "" };
         out.push((
             "visibility_ms",
-            ms(config.visibility_timeout).to_string(),
+            format!("{}{mark}", ms(config.visibility_timeout)),
             "visibility",
         ));
         out.push((
@@ -136,7 +165,7 @@ fn shown(field: &str, value: &str) -> String {
                 crate::config::RateLimit::new(n, std::time::Duration::from_millis(p)).to_string()
             })
             .unwrap_or_else(|| value.to_string()),
-        "visibility_ms" | "dlq_retention_ms" => value
+        "visibility_ms" | "dlq_retention_ms" => unmarked(value)
             .parse::<u64>()
             .map(|ms| humantime::format_duration(std::time::Duration::from_millis(ms)).to_string())
             .unwrap_or_else(|_| value.to_string()),
@@ -156,7 +185,7 @@ pub(crate) fn check(
         let Some((_, theirs)) = recorded.iter().find(|(k, _)| k == field) else {
             continue;
         };
-        if *theirs != ours {
+        if unmarked(theirs) != unmarked(&ours) {
             let why = if field == "group" {
                 " — a queue has one consumer group: acked entries are deleted, so a second \
                  group would ack them for every group"
@@ -190,7 +219,7 @@ pub(crate) fn adopt(mut config: RedisConfig, recorded: &[(String, String)]) -> R
             }
             "group" => config.group = value.clone(),
             "visibility_ms" => {
-                if let Ok(v) = value.parse() {
+                if let Ok(v) = unmarked(value).parse() {
                     config.visibility_timeout = std::time::Duration::from_millis(v);
                 }
             }
@@ -255,6 +284,14 @@ mod tests {
         assert!(e.to_string().contains("visibility=5s"), "{e}");
         assert!(check(&cfg, Role::Other, &rec, "m").is_ok());
         let adopted = adopt(RedisConfig::new("q"), &rec);
+        assert_eq!(
+            adopt(
+                RedisConfig::new("q"),
+                &[("visibility_ms".to_string(), "5000;ordered".to_string())]
+            )
+            .visibility_timeout,
+            std::time::Duration::from_secs(5)
+        );
         assert_eq!(adopted.priority_levels, 8);
         assert_eq!(
             adopted.visibility_timeout,

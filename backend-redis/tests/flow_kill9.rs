@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use ferrymq_core::jobs::{children, json_job_handler, Flow, JobMessage, TrackJobsLayer};
-use ferrymq_core::{BoxError, Consumer, Delivery, Message, Worker};
+use ferrymq_core::{BoxError, Consumer, Delivery, Message, Producer, Worker};
 use ferrymq_redis::RedisConfig;
 use rand::Rng;
 use tower::Layer;
@@ -203,4 +203,170 @@ fn kill_9_while_completing_flows_loses_and_duplicates_no_parent() {
         let left = invoices.consumer().await.unwrap().depth().await.unwrap();
         assert_eq!(left.total(), 0, "children left: {left:?}");
     });
+}
+
+const ACK_CHILD_ENV: &str = "FLOW_ACK_CHILD";
+
+/// Child queue (plain or ordered) and parent queue of the atomic-step test. The
+/// acks linger 400 ms: a flow step that is not part of the ack leaves a wide
+/// window between the parent's send and the child's ack.
+fn ack_configs(children: &str, parents: &str, ordered: bool) -> (RedisConfig, RedisConfig) {
+    let base = common::base_url();
+    let extra = if ordered { "&ordered=true" } else { "" };
+    (
+        RedisConfig::from_url(&format!(
+            "{base}/{children}?visibility=1s&ack_linger=400ms{extra}"
+        ))
+        .unwrap(),
+        RedisConfig::from_url(&format!("{base}/{parents}?visibility=1s")).unwrap(),
+    )
+}
+
+/// Children's worker of the atomic-step test, until `stop` completes.
+async fn ack_work(
+    children: &RedisConfig,
+    parents: &RedisConfig,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let consumer = children.consumer().await.unwrap();
+    let producer = parents.producer().await.unwrap();
+    let service = TrackJobsLayer::new(consumer.job_store())
+        .keep_completed(ferrymq_core::jobs::Keep::Count(100))
+        .flows(producer)
+        .layer(json_job_handler(|p: Part, _d: Delivery| async move {
+            Ok::<_, BoxError>(serde_json::json!({ "order": p.order, "part": p.part }))
+        }));
+    Worker::new(consumer)
+        .concurrency(1)
+        .prefetch(1)
+        .run_until(service, stop)
+        .await
+        .unwrap();
+}
+
+/// The worker process of the atomic-step test, when re-executed as one.
+#[test]
+fn flow_ack_worker_child() {
+    let Ok(spec) = std::env::var(ACK_CHILD_ENV) else {
+        return;
+    };
+    let mut parts = spec.split(',');
+    let (children, parents, ordered) = (
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+        parts.next() == Some("1"),
+    );
+    let (children, parents) = ack_configs(children, parents, ordered);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(ack_work(&children, &parents, std::future::pending()));
+}
+
+/// The last child's ack and its flow step are one atomic step on Redis (plain and
+/// ordered child queues): the worker process is SIGKILLed the moment the parent
+/// appears on its queue, and by then both children are acked — nothing is left
+/// to redo: no child runs again, the parent is there once with both results.
+#[test]
+fn a_kill_right_after_the_last_childs_ack_leaves_nothing_to_redo() {
+    if std::env::var_os(CHILD_ENV).is_some() || std::env::var_os(ACK_CHILD_ENV).is_some() {
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for ordered in [false, true] {
+        let children_q = common::unique(if ordered { "flow-ack-ord" } else { "flow-ack" });
+        let parents_q = common::unique("flow-ack-emails");
+        let (kids_q, parents) = ack_configs(&children_q, &parents_q, ordered);
+        let store = runtime.block_on(async {
+            let producer = kids_q.producer().await.unwrap();
+            let store = kids_q.consumer().await.unwrap().job_store();
+            let part = |part: u64| {
+                Message::json(&Part { order: 1, part })
+                    .unwrap()
+                    .job_id(format!("inv-1-{part}"))
+                    .key("order-1")
+            };
+            Flow::new("email-1", parents_q.as_str(), Message::new("1"))
+                .child(&producer, part(1))
+                .child(&producer, part(2))
+                .add(&store)
+                .await
+                .unwrap();
+            store
+        });
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "flow_ack_worker_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(
+                ACK_CHILD_ENV,
+                format!("{children_q},{parents_q},{}", u8::from(ordered)),
+            )
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let (left, parents_now) = runtime.block_on(async {
+            let watch = parents.producer().await.unwrap();
+            let t0 = Instant::now();
+            while watch.depth().await.unwrap().total() == 0 {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(20),
+                    "the worker never released the parent"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            // SIGKILL the moment the parent is there: no shutdown, no flush.
+            child.kill().unwrap();
+            child.wait().unwrap();
+            let left = kids_q.producer().await.unwrap().depth().await.unwrap();
+            (left, watch.depth().await.unwrap().total())
+        });
+        assert_eq!(
+            left.total(),
+            0,
+            "ordered={ordered}: the parent was on its queue while a child was not acked yet: {left:?}"
+        );
+        assert_eq!(parents_now, 1, "ordered={ordered}");
+
+        runtime.block_on(async {
+            // A worker past the visibility timeout: nothing comes back to it.
+            ack_work(
+                &kids_q,
+                &parents,
+                tokio::time::sleep(Duration::from_millis(1500)),
+            )
+            .await;
+            for part in [1, 2] {
+                let job = ferrymq_core::jobs::JobStore::get(&store, &format!("inv-1-{part}"))
+                    .await
+                    .unwrap()
+                    .expect("kept");
+                assert_eq!(
+                    job.attempts, 1,
+                    "ordered={ordered}: inv-1-{part} ran again: {job:?}"
+                );
+            }
+            let c = parents.consumer().await.unwrap();
+            let batch = c.receive(10, Duration::from_millis(300)).await.unwrap();
+            assert_eq!(batch.len(), 1, "ordered={ordered}: the parent once");
+            let kids = children(&batch[0]).unwrap();
+            for part in [1, 2] {
+                assert_eq!(
+                    kids.results[&format!("inv-1-{part}")],
+                    serde_json::json!({ "order": 1, "part": part }),
+                    "ordered={ordered}"
+                );
+            }
+            batch[0].ack().await.unwrap();
+            kids_q.delete_queue().await.unwrap();
+            parents.delete_queue().await.unwrap();
+        });
+    }
 }

@@ -14,7 +14,7 @@ use ferrymq_core::jobs::{
 };
 use ferrymq_core::middleware::{Backoff, RetryToDlqLayer};
 use ferrymq_core::{BoxError, Delivery, ErrorKind, Message, Producer, Worker};
-use ferrymq_redis::RedisJobStore;
+use ferrymq_redis::{RedisConfig, RedisJobStore};
 use futures::StreamExt;
 use serde_json::json;
 use tower::{Layer, ServiceBuilder};
@@ -467,6 +467,48 @@ mod flows {
                 .contains("card declined"),
             "{failed:?}"
         );
+    }
+
+    /// A parent queue the child's script cannot reach (another database: another
+    /// server as far as a script goes): the ack declines to carry the flow step —
+    /// nothing sent, the delivery still pending — and the layer goes step by step.
+    #[tokio::test]
+    async fn a_parent_queue_elsewhere_goes_step_by_step() {
+        let (inv_p, inv_c, _) = connect("flow-elsewhere-invoices", "visibility=2s").await;
+        let emails = RedisConfig::from_url(&format!(
+            "{}/1/{}?visibility=2s",
+            common::base_url(),
+            common::unique("flow-elsewhere-emails")
+        ))
+        .unwrap();
+        let (email_p, email_c) = emails.connect().await.unwrap();
+        let store = inv_c.job_store();
+        Flow::new("email-3", email_p.queue(), Message::new("mail 3"))
+            .child(
+                &inv_p,
+                Message::json(&Invoice { order: 3 })
+                    .unwrap()
+                    .job_id("inv-3"),
+            )
+            .add(&store)
+            .await
+            .unwrap();
+        let service = TrackJobsLayer::new(store.clone())
+            .keep_completed(Keep::Count(10))
+            .flows(email_p)
+            .layer(invoicer());
+        Worker::new(inv_c.clone())
+            .run_until(service, tokio::time::sleep(Duration::from_millis(1500)))
+            .await
+            .unwrap();
+        let parents = email_c.receive(10, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(parents.len(), 1);
+        let kids = children(&parents[0]).unwrap();
+        assert_eq!(kids.results["inv-3"], json!({ "invoice": "INV-3" }));
+        assert_eq!(inv_c.depth().await.unwrap().total(), 0, "the child acked");
+        let job = store.get("inv-3").await.unwrap().unwrap();
+        assert_eq!((job.state, job.attempts), (JobState::Completed, 1));
+        emails.delete_queue().await.unwrap();
     }
 
     #[tokio::test]

@@ -426,3 +426,149 @@ async fn admin_sees_and_purges_held_entries() {
     next[0].ack().await.unwrap();
     cfg.delete_queue().await.unwrap();
 }
+
+/// The locks hash (a key's head) stays in Redis's hashtable encoding however few
+/// keys are in flight: as a listpack — what Redis makes of a small hash — every
+/// head lookup of a receive and an ack scans the whole hash, which made most of an
+/// ordered queue's time with a few hundred keys in flight. And a key of the odd
+/// byte the pin uses cannot exist: keys are UTF-8, so order is unchanged for all.
+#[tokio::test]
+async fn the_locks_hash_stays_a_hashtable_with_few_keys_in_flight() {
+    let queue = unique("ordered-pin");
+    let cfg = RedisConfig::from_url(&format!("{}/{queue}?ordered=true", base_url())).unwrap();
+    let (producer, consumer) = cfg.connect().await.unwrap();
+    for i in 0..20 {
+        producer
+            .send(Message::new(format!("{i}")).key(format!("k{}", i % 5)))
+            .await
+            .unwrap();
+    }
+    let client = redis::Client::open(base_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let locks = format!("ferrymq:{{{queue}}}:locks");
+    let mut seen: Vec<String> = Vec::new();
+    while seen.len() < 20 {
+        let batch = consumer.receive(10, Duration::from_secs(1)).await.unwrap();
+        assert!(!batch.is_empty(), "stalled after {seen:?}");
+        assert!(batch.len() <= 5, "one head per key: {}", batch.len());
+        let encoding: String = redis::cmd("OBJECT")
+            .arg("ENCODING")
+            .arg(&locks)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(encoding, "hashtable", "with {} keys in flight", batch.len());
+        for d in &batch {
+            seen.push(String::from_utf8_lossy(d.payload()).into_owned());
+            d.ack().await.unwrap();
+        }
+    }
+    // Per key in send order.
+    for k in 0..5 {
+        let of_key: Vec<u32> = seen
+            .iter()
+            .map(|s| s.parse::<u32>().unwrap())
+            .filter(|i| i % 5 == k)
+            .collect();
+        let mut sorted = of_key.clone();
+        sorted.sort();
+        assert_eq!(of_key, sorted, "key k{k}");
+    }
+    cfg.delete_queue().await.unwrap();
+}
+
+/// A consumer of a version before ordered queues checks no `ordered` setting, but
+/// it does compare the recorded visibility with its own: an ordered queue records
+/// it marked (`<ms>;ordered`), so such a consumer disagrees and is refused instead
+/// of reading past the per-key gate. A queue recorded before the mark is marked by
+/// the next ordered client, which connects as before; plain queues are unmarked.
+#[tokio::test]
+async fn an_older_consumer_that_ignores_ordered_is_refused() {
+    let client = redis::Client::open(base_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let recorded = |queue: &str| format!("ferrymq:{{{queue}}}:meta");
+
+    let queue = unique("ordered-old-client");
+    let url = format!("{}/{queue}?visibility=2s", base_url());
+    let ordered = RedisConfig::from_url(&format!("{url}&ordered=true")).unwrap();
+    let consumer = ordered.consumer().await.unwrap();
+    // What an older consumer of `url` (no `ordered` parameter) records and compares.
+    let older: [(&str, &str); 5] = [
+        ("priority_levels", "1"),
+        ("group", "ferrymq"),
+        ("visibility_ms", "2000"),
+        ("max_deliveries", "0"),
+        ("dlq_max_len", "10000"),
+    ];
+    let mut disagree = Vec::new();
+    for (field, value) in older {
+        let theirs: Option<String> = redis::cmd("HGET")
+            .arg(recorded(&queue))
+            .arg(field)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if theirs.as_deref().is_some_and(|t| t != value) {
+            disagree.push((field, theirs));
+        }
+    }
+    assert!(
+        disagree.iter().any(|(f, _)| *f == "visibility_ms"),
+        "an older consumer would find nothing to disagree with on an ordered queue: {disagree:?}"
+    );
+    // This version's clients still agree.
+    RedisConfig::from_url(&format!("{url}&ordered=true"))
+        .unwrap()
+        .consumer()
+        .await
+        .unwrap();
+    let e = RedisConfig::from_url(&url)
+        .unwrap()
+        .consumer()
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidConfig, "{e}");
+    drop(consumer);
+    ordered.delete_queue().await.unwrap();
+
+    // An ordered queue recorded before the mark: connects, and is marked.
+    let queue = unique("ordered-unmarked");
+    let _: () = redis::cmd("HSET")
+        .arg(recorded(&queue))
+        .arg("ordered")
+        .arg("1")
+        .arg("priority_levels")
+        .arg("1")
+        .arg("visibility_ms")
+        .arg("2000")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let cfg = RedisConfig::from_url(&format!(
+        "{}/{queue}?visibility=2s&ordered=true",
+        base_url()
+    ))
+    .unwrap();
+    cfg.consumer().await.unwrap();
+    let now: String = redis::cmd("HGET")
+        .arg(recorded(&queue))
+        .arg("visibility_ms")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(now, "2000;ordered");
+    cfg.delete_queue().await.unwrap();
+
+    // A plain queue: unmarked.
+    let queue = unique("plain-unmarked");
+    let cfg = RedisConfig::from_url(&format!("{}/{queue}?visibility=2s", base_url())).unwrap();
+    cfg.consumer().await.unwrap();
+    let plain: String = redis::cmd("HGET")
+        .arg(recorded(&queue))
+        .arg("visibility_ms")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(plain, "2000");
+    cfg.delete_queue().await.unwrap();
+}

@@ -5,41 +5,39 @@
 //! children's ids — in a [`JobStore`], then sends each child with a
 //! [`FLOW_PARENT`](reserved::FLOW_PARENT) header. The children's workers run
 //! [`TrackJobs`](super::TrackJobs) with [`flows`](super::TrackJobsLayer::flows):
-//! when a child completes, before its ack, the layer records its result under the
-//! flow ([`JobStore::child_done`], one atomic step); the step that records the last
-//! missing result releases the parent, which the layer sends to its queue with every
-//! child's result in its [`FLOW_CHILDREN`](reserved::FLOW_CHILDREN) header, marks it
-//! sent, and only then acks the child. The parent's handler reads the results with
-//! [`children`].
+//! when a child completes, the layer records its result under the flow; the step
+//! that records the last missing result releases the parent, which goes to its
+//! queue with every child's result in its [`FLOW_CHILDREN`](reserved::FLOW_CHILDREN)
+//! header. The parent's handler reads the results with [`children`].
 //!
 //! # What is guaranteed, and how
 //!
 //! - **The parent never runs before every child completed** (or failed, under
 //!   [`OnChildFailure::Ignore`] / [`Continue`](OnChildFailure::Continue)): it is not
 //!   on any queue before that.
-//! - **No step is lost under a kill -9**: a child is acked only after its result is
-//!   recorded and, if it was the last, the parent was sent. A worker killed anywhere
-//!   before that leaves the child un-acked; it is delivered again, its rerun finds
-//!   its result recorded and releases the parent if that was still missing.
-//! - **No step is duplicated where the parent's queue deduplicates** (memory, Redis,
-//!   SQS FIFO: 5 minutes): the parent is sent with its flow id as dedup id (unless it
-//!   has one of its own), so the rare second send — a worker killed between the
-//!   parent's send and the mark — is dropped by the broker. On a queue without
-//!   broker dedup (Kafka, SQS standard), guard the parent's handler with the
-//!   [`Dedup`](crate::middleware::Dedup) middleware. A child's own handler is
-//!   at-least-once, as every handler: its rerun's result replaces the first.
-//! - **Atomic per step, on every store**: the memory store under one lock, Redis in
-//!   one Lua script (result recorded, count checked, parent handed out and marked
-//!   as being released together). The child's ack itself is the backend's own
-//!   separate step, after the parent's send — which is what makes a kill between
-//!   them harmless, as above.
+//! - **No step is lost under a kill -9, and none is duplicated where the parent's
+//!   queue deduplicates** — how depends on where the child, the store and the
+//!   parent's queue live:
+//!
+//! | child's queue, flow store, parent's queue | a completed child's step | after a kill -9 |
+//! |---|---|---|
+//! | all on one Redis (`RedisJobStore`, `RedisProducer` in [`flows`](super::TrackJobsLayer::flows); on Redis Cluster: keys in one slot) | **one atomic step with the child's ack** ([`JobStore::ack_child_completed`]): lease checked, result recorded, the last child's parent enqueued with its dedup id, flow forgotten, child acked (`XACK`/`XDEL`; an ordered queue's key handed on) — one Lua script | before the script: nothing happened, the child is redelivered; after it: nothing is left to do, the child is **not** run again |
+//! | anything else (memory, SQS, Kafka, or Redis across servers) | step by step: result recorded and parent released (one atomic store step), parent sent, flow marked sent, **then** the child acked | the child is un-acked until the end: it is delivered again, its rerun finds its result recorded and sends the parent if that was still missing. The rare second send (a kill between the send and the mark) is dropped by the parent queue's dedup — memory, Redis, SQS FIFO (5 min) — as the parent carries its flow id as dedup id (unless it has one of its own); on a queue without broker dedup (Kafka, SQS standard) guard the parent's handler with the [`Dedup`](crate::middleware::Dedup) middleware |
+//!
+//! - **Every store step is atomic**: the memory store under one lock, Redis in one
+//!   Lua script. A child's own handler is at-least-once, as every handler (a kill
+//!   mid-handler reruns it): its rerun's result replaces the first.
+//! - A dead-lettered child (retries spent) tells its flow after the dead-lettering,
+//!   best effort: the move to the dead-letter queue is the backend's own step.
 //!
 //! Results travel in a header of the parent message, so they must fit the parent
 //! queue's message size limit (small values; store large ones elsewhere and return
 //! a reference).
 
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -117,6 +115,68 @@ pub enum Release {
     Failed {
         /// The child's failure.
         reason: String,
+    },
+}
+
+/// A producer of flow parents, as [`TrackJobsLayer::flows`](super::TrackJobsLayer::flows)
+/// was given it: through [`Producer`], and as its own type, so that a store whose
+/// backend can send the parent inside its own atomic step
+/// ([`JobStore::ack_child_completed`]) recognises a producer of that backend.
+#[derive(Clone)]
+pub struct FlowParent {
+    producer: Arc<dyn Producer>,
+    concrete: Arc<dyn Any + Send + Sync>,
+}
+
+impl fmt::Debug for FlowParent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FlowParent")
+            .field("queue", &self.producer.queue())
+            .finish()
+    }
+}
+
+impl FlowParent {
+    /// Wrap `producer`.
+    pub fn new<P: Producer + 'static>(producer: P) -> Self {
+        let producer = Arc::new(producer);
+        FlowParent {
+            producer: producer.clone(),
+            concrete: producer,
+        }
+    }
+
+    /// The producer.
+    pub fn producer(&self) -> &dyn Producer {
+        &*self.producer
+    }
+
+    /// Its queue.
+    pub fn queue(&self) -> &str {
+        self.producer.queue()
+    }
+
+    /// The producer as type `T`, when it is one (a backend's own producer type).
+    pub fn downcast_ref<T: 'static>(&self) -> Option<&T> {
+        self.concrete.downcast_ref::<T>()
+    }
+}
+
+/// What [`JobStore::ack_child_completed`] did, besides acking the child.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ChildAcked {
+    /// The child's result is recorded; the flow waits for others (or the child
+    /// belongs to no pending flow: a finished or unknown one).
+    Wait,
+    /// It was the last: the parent was put on `queue` (`duplicate`: the parent
+    /// queue's dedup already held it — a send of an earlier, interrupted step) and
+    /// the flow forgotten.
+    Sent {
+        /// The parent's queue.
+        queue: String,
+        /// Dropped as a duplicate by the parent queue's dedup.
+        duplicate: bool,
     },
 }
 

@@ -89,7 +89,10 @@ mod types;
 mod tests;
 
 pub use context::{current, progress, set_result, JobContext};
-pub use flow::{children, ChildOutcome, Flow, FlowChildren, FlowRecord, OnChildFailure, Release};
+pub use flow::{
+    children, ChildAcked, ChildOutcome, Flow, FlowChildren, FlowParent, FlowRecord, OnChildFailure,
+    Release,
+};
 pub use memory::MemoryJobStore;
 pub use track::{json_job_handler, JobJson, JobJsonFn, TrackJobs, TrackJobsLayer};
 pub use types::{
@@ -103,6 +106,7 @@ use std::pin::Pin;
 use async_trait::async_trait;
 use futures::Stream;
 
+use crate::delivery::Delivery;
 use crate::error::Result;
 use crate::message::Message;
 use crate::producer::{Producer, SendReceipt};
@@ -168,6 +172,29 @@ pub trait JobStore: Send + Sync + fmt::Debug {
     async fn parent_sent(&self, parent: &str) -> Result<()> {
         Err(no_flows(self.queue(), parent))
     }
+
+    /// Child `child` of flow `parent` completed with `result`: record it, send the
+    /// parent through one of `parents` if this was the last missing result, and
+    /// ack `delivery` — **all in one atomic step**, where this store and the
+    /// delivery's backend can (Redis: the child's queue, this store and the parent's
+    /// queue on one server — see the [flow module](flow)).
+    ///
+    /// `Ok(None)`: not here (another backend, another server, a producer of another
+    /// kind); nothing was done, and the caller goes step by step
+    /// ([`child_done`](Self::child_done), the send, [`parent_sent`](Self::parent_sent),
+    /// then the ack). `Err`: the ack failed (the lease is gone, the server did not
+    /// answer) and so did the step — both or neither. The default is `Ok(None)`.
+    async fn ack_child_completed(
+        &self,
+        delivery: &Delivery,
+        parent: &str,
+        child: &str,
+        result: Option<serde_json::Value>,
+        parents: &[FlowParent],
+    ) -> Result<Option<ChildAcked>> {
+        let _ = (delivery, parent, child, result, parents);
+        Ok(None)
+    }
 }
 
 fn no_flows(queue: &str, parent: &str) -> crate::Error {
@@ -217,6 +244,18 @@ macro_rules! forward_job_store {
             }
             async fn parent_sent(&self, parent: &str) -> Result<()> {
                 (**self).parent_sent(parent).await
+            }
+            async fn ack_child_completed(
+                &self,
+                delivery: &Delivery,
+                parent: &str,
+                child: &str,
+                result: Option<serde_json::Value>,
+                parents: &[FlowParent],
+            ) -> Result<Option<ChildAcked>> {
+                (**self)
+                    .ack_child_completed(delivery, parent, child, result, parents)
+                    .await
             }
         }
     };

@@ -12,7 +12,7 @@ use serde::Serialize;
 use tower::{Layer, Service};
 
 use super::context::{self, JobContext};
-use super::flow::{ChildOutcome, Release};
+use super::flow::{ChildAcked, ChildOutcome, FlowParent, Release};
 use super::types::{job_id_of, JobState, JobUpdate, Keep};
 use super::JobStore;
 use crate::delivery::Delivery;
@@ -61,7 +61,7 @@ struct Config {
 #[derive(Clone)]
 struct Flows {
     store: Arc<dyn JobStore>,
-    parents: Vec<Arc<dyn Producer>>,
+    parents: Vec<FlowParent>,
 }
 
 impl<S: Clone> Clone for TrackJobs<S> {
@@ -134,7 +134,7 @@ impl TrackJobsLayer {
             store: self.store.clone(),
             parents: Vec::new(),
         });
-        flows.parents.push(Arc::new(parent));
+        flows.parents.push(FlowParent::new(parent));
         self
     }
 
@@ -234,10 +234,37 @@ impl Config {
                         ),
                     )
                 })?;
-                let receipt = producer.send(message).await?;
+                let receipt = producer.producer().send(message).await?;
                 tracing::info!(queue = %queue, flow = parent, duplicate = receipt.duplicate, "flow complete: parent sent");
                 flows.store.parent_sent(parent).await
             }
+        }
+    }
+
+    /// A flow child completed: where the flow store and the child's backend can,
+    /// record its result, send the parent if it was the last, and ack the child in
+    /// one atomic step (`Some`: done, or `Err`: failed, both or neither). `None`:
+    /// not a flow's child here, or no such step here — the caller goes step by step.
+    async fn ack_child(
+        &self,
+        delivery: &Delivery,
+        child: &str,
+        result: &Option<serde_json::Value>,
+    ) -> Option<Result<(), Error>> {
+        let parent = delivery.headers().get(reserved::FLOW_PARENT)?;
+        let flows = self.flows.as_ref()?;
+        match flows
+            .store
+            .ack_child_completed(delivery, parent, child, result.clone(), &flows.parents)
+            .await
+        {
+            Ok(None) => None,
+            Ok(Some(ChildAcked::Sent { queue, duplicate })) => {
+                tracing::info!(queue = %queue, flow = parent, duplicate, "flow complete: parent sent with the last child's ack");
+                Some(Ok(()))
+            }
+            Ok(Some(_)) => Some(Ok(())),
+            Err(e) => Some(Err(e)),
         }
     }
 
@@ -326,9 +353,30 @@ where
                         config.record(&delivery, done).await;
                         return Ok(());
                     }
-                    // A flow's child: its result recorded, and the parent sent if
-                    // this was the last, before the ack — a crash in between leaves
-                    // the child to be delivered again, never a parent lost.
+                    // A flow's child: its result, the parent's send if this was the
+                    // last, and the ack in one atomic step where the backend can.
+                    match config.ack_child(&delivery, &id, &result).await {
+                        Some(Ok(())) => {
+                            config
+                                .record(&delivery, update(JobState::Completed).result(result))
+                                .await;
+                            return Ok(());
+                        }
+                        Some(Err(e)) => {
+                            config
+                                .record(
+                                    &delivery,
+                                    update(JobState::Failed)
+                                        .failure(format!("handled, but the ack failed: {e}")),
+                                )
+                                .await;
+                            return Err(Box::new(e) as BoxError);
+                        }
+                        None => {}
+                    }
+                    // Else step by step: its result recorded, and the parent sent
+                    // if this was the last, before the ack — a crash in between
+                    // leaves the child to be delivered again, never a parent lost.
                     if let Err(e) = config
                         .child_done(&delivery, &id, ChildOutcome::Completed(result.clone()))
                         .await

@@ -158,10 +158,9 @@ fn crc16(data: &[u8]) -> u16 {
 }
 
 /// Whether the connection is to a Redis Cluster, where a script's keys must share
-/// one slot. This branch's connections are to one server; the cluster connection
-/// answers here.
-fn clustered(_shared: &Shared) -> bool {
-    false
+/// one slot.
+fn clustered(shared: &Shared) -> bool {
+    shared.is_cluster()
 }
 
 /// The ack of `lease` with `step`: the FLOW_ACK script. `Err(LeaseExpired)` when

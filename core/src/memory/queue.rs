@@ -287,7 +287,8 @@ impl State {
             self.leases.retain(|r| lease_valid(entries, r));
         }
         if self.leases_moved.len() > bound {
-            self.leases_moved.retain(|Reverse(r)| lease_valid(entries, r));
+            self.leases_moved
+                .retain(|Reverse(r)| lease_valid(entries, r));
         }
     }
 
@@ -531,6 +532,12 @@ impl State {
         self.push_lease((deadline, slot, receipt));
         self.compact_leases();
         Ok(())
+    }
+
+    /// Records in the lease indexes, live or stale (for tests of their bound).
+    #[cfg(test)]
+    pub(crate) fn lease_records(&self) -> usize {
+        self.leases.len() + self.leases_moved.len()
     }
 
     pub(crate) fn depth(&self) -> Depth {

@@ -669,6 +669,30 @@ mod tests {
         assert!(no_lease.is_live());
     }
 
+    /// A delivery is shared behind an `Arc`: clones see the same message and handle,
+    /// and neither `into_parts` nor `with_capabilities` on one changes another.
+    #[tokio::test]
+    async fn clones_share_the_delivery_and_stay_independent_values() {
+        let backend = Arc::new(Counting::default());
+        let meta = DeliveryMeta::new("7", 1, SystemTime::UNIX_EPOCH, "q".into());
+        let d = Delivery::new(Message::new("x"), meta, AckHandle::new(backend.clone()));
+        let kept = d.clone();
+        let with_caps = d
+            .clone()
+            .with_capabilities(Arc::new(Capabilities::minimal("test")));
+        assert!(
+            kept.capabilities().is_none(),
+            "the clone kept its own value"
+        );
+        assert_eq!(with_caps.capabilities().map(|c| c.backend), Some("test"));
+        let (message, meta, handle) = d.into_parts();
+        assert_eq!(message.payload(), kept.payload());
+        assert_eq!(meta.id, kept.id());
+        handle.ack().await.unwrap();
+        assert!(kept.acker().is_acked() && with_caps.acker().is_acked());
+        assert_eq!(backend.acks.load(Ordering::SeqCst), 1);
+    }
+
     #[tokio::test]
     async fn release_defaults_to_nack_and_settles_once() {
         /// A backend with no release of its own.

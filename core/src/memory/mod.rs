@@ -119,9 +119,8 @@ fn seq_id(seq: u64) -> String {
             break;
         }
     }
-    let mut id = String::with_capacity(digits.len() - at);
-    id.extend(digits[at..].iter().map(|&d| char::from(d)));
-    id
+    // ASCII digits: always UTF-8.
+    String::from(std::str::from_utf8(&digits[at..]).unwrap_or_default())
 }
 
 #[async_trait]

@@ -637,3 +637,10 @@ async fn redelivered_messages_keep_their_place_by_send_order_and_priority() {
         .collect();
     assert_eq!(order, ["urgent", "a", "b", "c", "d"]);
 }
+
+#[test]
+fn sequence_ids_are_decimal() {
+    for n in [0u64, 7, 10, 99, 12_345, u64::MAX] {
+        assert_eq!(seq_id(n), n.to_string());
+    }
+}

@@ -23,7 +23,7 @@ mod registry;
 
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use tokio::time::Instant;
@@ -100,9 +100,27 @@ impl MemoryProducer {
 
 fn receipt(enqueued: Enqueued) -> SendReceipt {
     match enqueued {
-        Enqueued::New(seq) => SendReceipt::new(seq.to_string()),
-        Enqueued::Duplicate(seq) => SendReceipt::duplicate(seq.to_string()),
+        Enqueued::New(seq) => SendReceipt::new(seq_id(seq)),
+        Enqueued::Duplicate(seq) => SendReceipt::duplicate(seq_id(seq)),
     }
+}
+
+/// The decimal id of a sequence number, in one exact allocation (`to_string` goes
+/// through the formatting machinery, several times the cost, twice per message).
+fn seq_id(seq: u64) -> String {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = seq;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // ASCII digits: always UTF-8.
+    String::from(std::str::from_utf8(&digits[at..]).unwrap_or_default())
 }
 
 #[async_trait]
@@ -114,7 +132,7 @@ impl Producer for MemoryProducer {
             let mut state = self.queue.lock();
             let now = Instant::now();
             state.tick(now);
-            state.enqueue(message, &self.queue.config, now)?
+            state.enqueue(message, &self.queue.config, now, SystemTime::now())?
         };
         self.queue.ready_signal.notify_waiters();
         Ok(receipt(enqueued))
@@ -123,6 +141,8 @@ impl Producer for MemoryProducer {
     async fn send_batch(&self, messages: Vec<Message>) -> Result<Vec<Result<SendReceipt>>> {
         self.check_open()?;
         let results = {
+            // One clock read per batch: its messages are enqueued at the same instant.
+            let wall = SystemTime::now();
             let mut state = self.queue.lock();
             let now = Instant::now();
             state.tick(now);
@@ -130,7 +150,7 @@ impl Producer for MemoryProducer {
                 .into_iter()
                 .map(|m| {
                     self.capabilities.check_delay(m.get_delay())?;
-                    state.enqueue(m, &self.queue.config, now).map(receipt)
+                    state.enqueue(m, &self.queue.config, now, wall).map(receipt)
                 })
                 .collect()
         };
@@ -192,7 +212,7 @@ impl MemoryConsumer {
             .into_iter()
             .map(|l| {
                 let meta = DeliveryMeta::new(
-                    l.seq.to_string(),
+                    seq_id(l.seq),
                     l.attempt,
                     l.enqueued_at,
                     self.queue.name.clone(),
@@ -202,6 +222,7 @@ impl MemoryConsumer {
                         queue: self.queue.clone(),
                         capabilities: self.capabilities.clone(),
                         seq: l.seq,
+                        slot: l.slot,
                         receipt: l.receipt,
                     },
                     l.deadline,
@@ -270,6 +291,9 @@ struct MemoryAck {
     queue: Arc<Queue>,
     capabilities: Arc<Capabilities>,
     seq: u64,
+    /// Where the message sits in the queue's slab (the lease's receipt tells whether
+    /// it is still this one).
+    slot: usize,
     receipt: u64,
 }
 
@@ -288,7 +312,7 @@ impl Ack for MemoryAck {
         let woke = {
             let mut state = self.queue.lock();
             state.tick(Instant::now());
-            state.ack(self.seq, self.receipt)?
+            state.ack(self.slot, self.receipt)?
         };
         // Acking the head of a key can make the next message of that key ready.
         if woke {
@@ -303,7 +327,7 @@ impl Ack for MemoryAck {
             let mut state = self.queue.lock();
             let now = Instant::now();
             state.tick(now);
-            state.nack(self.seq, self.receipt, now, redeliver_after)?;
+            state.nack(self.slot, self.receipt, now, redeliver_after)?;
         }
         self.queue.ready_signal.notify_waiters();
         Ok(())
@@ -318,7 +342,7 @@ impl Ack for MemoryAck {
         let mut state = self.queue.lock();
         let now = Instant::now();
         state.tick(now);
-        state.extend(self.seq, self.receipt, now, by)
+        state.extend(self.slot, self.receipt, now, by)
     }
 
     async fn release(&self, redeliver_after: Option<Duration>) -> Result<()> {
@@ -327,7 +351,7 @@ impl Ack for MemoryAck {
             let mut state = self.queue.lock();
             let now = Instant::now();
             state.tick(now);
-            state.release(self.seq, self.receipt, now, redeliver_after)?;
+            state.release(self.slot, self.receipt, now, redeliver_after)?;
         }
         self.queue.ready_signal.notify_waiters();
         Ok(())

@@ -559,3 +559,88 @@ async fn any_duration_leaves_the_queue_consistent() {
     );
     assert!(accepted.len() > 500, "the run exercised the queue");
 }
+
+/// The lease index drops the records of settled leases lazily; a lease at its front
+/// that is never settled must not make it grow with every later delivery.
+#[tokio::test(start_paused = true)]
+async fn a_stuck_lease_does_not_grow_the_lease_index() {
+    let (p, c) = config().connect().unwrap();
+    p.send(Message::new("stuck")).await.unwrap();
+    let stuck = one(&c).await.unwrap();
+    for i in 0..20_000u32 {
+        p.send(Message::new(i.to_string())).await.unwrap();
+        let d = one(&c).await.unwrap();
+        d.ack().await.unwrap();
+    }
+    let records = {
+        let state = c.queue.lock();
+        state.lease_records()
+    };
+    assert!(
+        records <= 2 + 1024,
+        "{records} lease records kept for 1 live lease"
+    );
+    assert_eq!(c.depth().await.unwrap().in_flight, 1);
+    stuck.ack().await.unwrap();
+    assert_eq!(c.depth().await.unwrap().in_flight, 0);
+}
+
+/// A lease shortened by an extend (earlier than leases handed out after it) expires
+/// at its new deadline, and the later ones at theirs.
+#[tokio::test(start_paused = true)]
+async fn a_shortened_lease_expires_before_later_ones() {
+    let (p, c) = config().connect().unwrap();
+    p.send(Message::new("a")).await.unwrap();
+    p.send(Message::new("b")).await.unwrap();
+    let a = one(&c).await.unwrap();
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let b = one(&c).await.unwrap();
+    a.extend(Duration::from_millis(500)).await.unwrap();
+    tokio::time::advance(Duration::from_millis(500)).await;
+    let again = one(&c).await.expect("a's shortened lease ran out");
+    assert_eq!(payload(&again), "a");
+    assert_eq!(again.attempt(), 2);
+    assert!(one(&c).await.is_none(), "b is still leased");
+    assert_eq!(
+        a.ack().await.unwrap_err().kind(),
+        ErrorKind::LeaseExpired,
+        "the old lease lost the message to the redelivery"
+    );
+    // b's lease ends 10 s after it was taken.
+    tokio::time::advance(Duration::from_millis(9499)).await;
+    assert!(one(&c).await.is_none());
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert_eq!(payload(&one(&c).await.expect("b came back")), "b");
+    drop(b);
+}
+
+/// Messages that become ready out of send order (a nack, an expired lease) are
+/// delivered by priority, then send order, ahead of later sends.
+#[tokio::test(start_paused = true)]
+async fn redelivered_messages_keep_their_place_by_send_order_and_priority() {
+    let (p, c) = config().connect().unwrap();
+    for name in ["a", "b", "c"] {
+        p.send(Message::new(name)).await.unwrap();
+    }
+    let first = c.receive(2, NOW).await.unwrap();
+    assert_eq!(first.iter().map(payload).collect::<Vec<_>>(), ["a", "b"]);
+    p.send(Message::new("d")).await.unwrap();
+    p.send(Message::new("urgent").priority(5)).await.unwrap();
+    first[1].nack(None).await.unwrap();
+    first[0].nack(None).await.unwrap();
+    let order: Vec<String> = c
+        .receive(10, NOW)
+        .await
+        .unwrap()
+        .iter()
+        .map(payload)
+        .collect();
+    assert_eq!(order, ["urgent", "a", "b", "c", "d"]);
+}
+
+#[test]
+fn sequence_ids_are_decimal() {
+    for n in [0u64, 7, 10, 99, 12_345, u64::MAX] {
+        assert_eq!(seq_id(n), n.to_string());
+    }
+}

@@ -53,6 +53,35 @@ struct Tp {
     partition: i32,
 }
 
+/// The hasher of the maps keyed by [`Tp`]: looked up for every record handed out
+/// and every ack, where SipHash (built for untrusted keys; these are ours) cost
+/// several percent of the consumer's time.
+type TpHash = std::hash::BuildHasherDefault<TpHasher>;
+
+#[derive(Default)]
+struct TpHasher(u64);
+
+impl std::hash::Hasher for TpHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 =
+                (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+    fn write_i32(&mut self, n: i32) {
+        self.write_u64(u64::from(n as u32));
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
 struct Requeued {
     due: Instant,
     record: Arc<Received>,
@@ -132,7 +161,7 @@ impl Part {
 
 #[derive(Default)]
 struct State {
-    parts: HashMap<Tp, Part>,
+    parts: HashMap<Tp, Part, TpHash>,
     order: Vec<Tp>,
     rr: usize,
     handed_out: usize,
@@ -150,7 +179,7 @@ struct State {
     skipped: u64,
     /// Commit points not committed yet, per member: written by `maintain`, taken
     /// by the periodic commit, dropped for revoked partitions.
-    pending_commit: [HashMap<Tp, (i64, String)>; 2],
+    pending_commit: [HashMap<Tp, (i64, String), TpHash>; 2],
 }
 
 pub(crate) struct Shared {
@@ -166,6 +195,9 @@ pub(crate) struct Shared {
     /// New records, revokes and close wake receivers.
     notify: Notify,
     sender: Arc<Sender>,
+    /// Set with `State::closing`: lets a settle skip the lock (and the close
+    /// check) while the consumer is not closing.
+    closing: AtomicBool,
     joined_tx: watch::Sender<bool>,
     finished_tx: watch::Sender<bool>,
 }
@@ -532,6 +564,9 @@ impl Shared {
 
     /// Whether the consumer is closing and nothing is handed out any more.
     fn close_ready(&self) -> bool {
+        if !self.closing.load(AtomicOrdering::Acquire) {
+            return false;
+        }
         let st = self.lock();
         st.closing.is_some() && st.handed_out == 0
     }
@@ -596,11 +631,15 @@ impl Shared {
         let mut pause = TopicPartitionList::new();
         let mut resume = TopicPartitionList::new();
         let mut store = Vec::new();
+        // Commit points are worked out only when a commit is due: a point costs a
+        // walk over the partition's outstanding records (for the metadata), too
+        // much to pay every poll. Until then `dirty` stays set.
+        let due = commits.due(self.cfg.commit_interval);
         {
             let mut st = self.lock();
             let wall = SystemTime::now();
             let cap = self.cfg.buffer;
-            let dirty = std::mem::take(&mut st.dirty[kind]);
+            let dirty = due && std::mem::take(&mut st.dirty[kind]);
             for (tp, part) in st.parts.iter_mut() {
                 if usize::from(tp.topic > 0) != kind {
                     continue;
@@ -655,7 +694,7 @@ impl Shared {
                 tracing::debug!(error = %e, "storing offsets failed");
             }
         }
-        if commits.due(self.cfg.commit_interval) {
+        if due {
             let points: Vec<(Tp, (i64, String))> = {
                 let mut st = self.lock();
                 let taken = std::mem::take(&mut st.pending_commit[kind]);
@@ -1042,6 +1081,7 @@ impl KafkaConsumer {
             state: Mutex::new(State::default()),
             settled: Condvar::new(),
             notify: Notify::new(),
+            closing: AtomicBool::new(false),
             joined_tx,
             finished_tx,
             cfg: cfg.clone(),
@@ -1122,6 +1162,7 @@ impl KafkaConsumer {
             let mut st = self.shared.lock();
             if st.closing.is_none() {
                 st.closing = Some(deadline_in(timeout));
+                self.shared.closing.store(true, AtomicOrdering::Release);
             }
             st.handed_out == 0
         };

@@ -1,6 +1,7 @@
 //! The sending side: an idempotent librdkafka producer, `send` resolving on the
 //! delivery report.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -65,18 +66,41 @@ impl Sender {
         payload: &[u8],
         headers: OwnedHeaders,
     ) -> Result<DeliveryFuture> {
-        let deadline = tokio::time::Instant::now() + ENQUEUE_WAIT;
-        let mut record: FutureRecord<'_, str, [u8]> =
-            FutureRecord::to(topic).payload(payload).headers(headers);
+        self.enqueue_with(topic, key, payload, Some(headers)).await
+    }
+
+    /// [`enqueue`](Self::enqueue), with no header list at all when `headers` is
+    /// `None`: librdkafka then allocates (and later frees) nothing for headers,
+    /// which the common header-less send saves per record.
+    pub async fn enqueue_with(
+        &self,
+        topic: &str,
+        key: Option<&str>,
+        payload: &[u8],
+        headers: Option<OwnedHeaders>,
+    ) -> Result<DeliveryFuture> {
+        let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic).payload(payload);
+        if let Some(h) = headers {
+            record = record.headers(h);
+        }
         if let Some(k) = key {
             record = record.key(k);
         }
+        // The deadline is only read once librdkafka's queue is full: the clock is
+        // not read per record.
+        let mut deadline = None;
         loop {
             match self.producer.send_result(record) {
                 Ok(f) => return Ok(f),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
-                    if tokio::time::Instant::now() < deadline =>
-                {
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    let now = tokio::time::Instant::now();
+                    let until = *deadline.get_or_insert(now + ENQUEUE_WAIT);
+                    if now >= until {
+                        return Err(enqueue_error(
+                            topic,
+                            KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
+                        ));
+                    }
                     record = back;
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
@@ -109,11 +133,18 @@ impl Sender {
     }
 
     /// Topic and headers of `message`: the queue's topic, or for a delayed message
-    /// the tier that holds the delay with a not-before time.
-    pub fn route(&self, message: &Message) -> Result<(String, usize, OwnedHeaders)> {
-        let headers = record::user_headers(message.headers());
+    /// the tier that holds the delay with a not-before time. No header list when
+    /// the message has none and is not delayed.
+    pub fn route(&self, message: &Message) -> Result<(Cow<'_, str>, usize, Option<OwnedHeaders>)> {
         match message.get_delay().filter(|d| !d.is_zero()) {
-            None => Ok((self.cfg.topic.clone(), 0, headers)),
+            None => {
+                let headers = if message.headers().is_empty() {
+                    None
+                } else {
+                    Some(record::user_headers(message.headers()))
+                };
+                Ok((Cow::Borrowed(self.cfg.topic.as_str()), 0, headers))
+            }
             Some(d) => {
                 let Some(tier) = self.cfg.tier_for(d) else {
                     return Err(capabilities(&self.cfg)
@@ -129,9 +160,10 @@ impl Sender {
                     .map_or(0, |i| i + 1);
                 let now = SystemTime::now();
                 let due = now.checked_add(d).unwrap_or(now);
+                let headers = record::user_headers(message.headers());
                 let headers = with_header(headers, H_NOT_BEFORE, &unix_ms_ceil(due).to_string());
                 let headers = with_header(headers, H_ENQUEUED_AT, &unix_ms(now).to_string());
-                Ok((self.cfg.tier_topic(tier), index, headers))
+                Ok((Cow::Owned(self.cfg.tier_topic(tier)), index, Some(headers)))
             }
         }
     }
@@ -262,7 +294,7 @@ impl KafkaProducer {
         }
     }
 
-    fn prepare(&self, message: &Message) -> Result<(String, usize, OwnedHeaders)> {
+    fn prepare(&self, message: &Message) -> Result<(Cow<'_, str>, usize, Option<OwnedHeaders>)> {
         record::check_size(
             message,
             self.sender.cfg.max_message_size,
@@ -272,16 +304,21 @@ impl KafkaProducer {
         self.sender.route(message)
     }
 
-    async fn enqueue(&self, message: &Message) -> Result<(String, usize, DeliveryFuture)> {
+    async fn enqueue(&self, message: &Message) -> Result<(Cow<'_, str>, usize, DeliveryFuture)> {
         let (topic, index, headers) = self.prepare(message)?;
         let f = self
             .sender
-            .enqueue(&topic, message.get_key(), message.payload(), headers)
+            .enqueue_with(&topic, message.get_key(), message.payload(), headers)
             .await?;
         Ok((topic, index, f))
     }
 
-    async fn finish(&self, topic: String, index: usize, f: DeliveryFuture) -> Result<SendReceipt> {
+    async fn finish(
+        &self,
+        topic: Cow<'_, str>,
+        index: usize,
+        f: DeliveryFuture,
+    ) -> Result<SendReceipt> {
         let (p, o) = self.sender.delivered(&topic, f).await?;
         Ok(SendReceipt::new(record::record_id(index, &topic, p, o)))
     }

@@ -298,12 +298,20 @@ impl Subject for FerryKafka {
         }
     }
 
+    /// The producer alone (no consumer fetching meanwhile: the raw subject has
+    /// none either), warmed up like the raw one.
     async fn produce(&self, env: &Env, n: u64, size: usize) -> Result<Sample> {
-        let (cfg, (producer, consumer)) = self.pair(env).await?;
+        let cfg = ferry_config(env, &env.queue_name(self.name))?;
+        let kp = cfg.producer().await?;
+        kp.inner()
+            .client()
+            .fetch_metadata(Some(&cfg.topic), Duration::from_secs(10))?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let producer: Box<dyn Producer> = Box::new(kp);
         let start = Instant::now();
         produce_pipelined(producer.as_ref(), n, size).await?;
         let elapsed = start.elapsed();
-        consumer.close().await?;
+        producer.close().await?;
         env.kafka()?.delete(&ferry_topics(&cfg)).await;
         Ok(Sample::throughput(n, elapsed))
     }

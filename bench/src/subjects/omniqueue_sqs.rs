@@ -124,8 +124,9 @@ async fn consumer(admin: &Client, url: &str) -> Result<SqsConsumer> {
 async fn produce_all(p: &SqsProducer, n: u64, size: usize) -> Result<()> {
     let chunks = (0..n).step_by(SQS_BATCH).map(|from| {
         let to = (from + SQS_BATCH as u64).min(n);
+        // omniqueue takes `AsRef<String>` items, which `String` itself is not.
         (from..to)
-            .map(|i| text_payload(size, i))
+            .map(|i| Box::new(text_payload(size, i)))
             .collect::<Vec<_>>()
     });
     stream::iter(chunks)

@@ -19,6 +19,8 @@ pub mod channel;
 pub mod ferry;
 pub mod kafka;
 pub mod omniqueue;
+#[cfg(feature = "peer-omniqueue-sqs")]
+pub mod omniqueue_sqs;
 pub mod raw_redis;
 pub mod sqs;
 pub mod sqs_raw;
@@ -74,6 +76,8 @@ pub fn all() -> Vec<Box<dyn Subject>> {
     v.push(Box::new(apalis::Apalis));
     v.extend(kafka::subjects());
     v.extend(sqs::subjects());
+    #[cfg(feature = "peer-omniqueue-sqs")]
+    v.push(Box::new(omniqueue_sqs::OmniqueueSqs));
     v
 }
 

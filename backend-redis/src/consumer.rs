@@ -57,6 +57,9 @@ struct Inner {
     last_reclaim: AtomicU64,
     /// Milliseconds since `started` of the last consumer prune (+1; 0 = never).
     last_prune: AtomicU64,
+    /// Milliseconds since `started` before which the maintenance script need not
+    /// run (nothing can be due yet); 0 = run it on the next receive.
+    next_maintain: AtomicU64,
     tick: Duration,
     /// Deliveries read beyond a receive's `max` (several priority levels answered
     /// one read), handed out first by the next receive.
@@ -68,6 +71,19 @@ impl Inner {
         // Nothing panics while holding the lock; a poisoned buffer is still valid.
         self.buffer.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// On a busy consumer the maintenance script runs at least this often (capped at
+/// the tick): how late a delayed message enqueued by another process may be
+/// promoted while reads keep returning entries.
+const MAINTAIN_EVERY: Duration = Duration::from_millis(50);
+
+/// What one [`poll`](RedisConsumer::poll) found.
+struct Poll {
+    candidates: Vec<Candidate>,
+    next_due: Option<Duration>,
+    floor: Option<usize>,
+    maintained: bool,
 }
 
 /// A leased delivery waiting to be handed out.
@@ -138,6 +154,7 @@ impl RedisConsumer {
                 started: Instant::now(),
                 last_reclaim: AtomicU64::new(0),
                 last_prune: AtomicU64::new(0),
+                next_maintain: AtomicU64::new(0),
                 tick,
                 buffer: Mutex::new(Vec::new()),
             }),
@@ -194,8 +211,42 @@ impl RedisConsumer {
             .is_ok()
     }
 
-    /// The maintenance script call (promotion, and reclaim when due).
-    fn maintain_cmd(&self, max: usize) -> Cmd {
+    /// Whether the maintenance script must run on this receive, and whether it
+    /// reclaims (claims the reclaim pass when so).
+    ///
+    /// The script promotes due delayed messages and, every tick, reclaims expired
+    /// leases. Running it on every receive made it most of the server's work on a
+    /// busy queue (issue 11: ~1 EVALSHA per read), while nothing can be due between
+    /// ticks except a delayed message. So it runs: when a reclaim pass is due; when
+    /// the earliest delayed message it last saw is due; when the previous read came
+    /// back empty (`force`); and otherwise at least every [`MAINTAIN_EVERY`] (capped
+    /// at the tick) — the bound on how late a delayed message enqueued meanwhile by
+    /// another process is promoted on a busy consumer. An idle consumer blocks at most
+    /// one tick and then maintains, as before.
+    fn maintain_due(&self, force: bool) -> Option<bool> {
+        if self.reclaim_due() {
+            return Some(true);
+        }
+        let now = ms(self.inner.started.elapsed());
+        let next = self.inner.next_maintain.load(AtomicOrdering::Relaxed);
+        if force || now >= next {
+            Some(false)
+        } else {
+            None
+        }
+    }
+
+    /// Record when the maintenance needs to run next: after `next_due` (the
+    /// earliest delayed message), at most [`MAINTAIN_EVERY`] / one tick from now.
+    fn maintained(&self, next_due: Option<Duration>) {
+        let every = MAINTAIN_EVERY.min(self.inner.tick);
+        let wait = next_due.map_or(every, |d| d.min(every));
+        let at = ms(self.inner.started.elapsed()).saturating_add(ms(wait));
+        self.inner.next_maintain.store(at, AtomicOrdering::Relaxed);
+    }
+
+    /// The maintenance script call (promotion, and reclaim when `reclaim`).
+    fn maintain_cmd(&self, max: usize, reclaim: bool) -> Cmd {
         let shared = &self.inner.shared;
         let keys = &shared.keys;
         let config = &shared.config;
@@ -208,7 +259,6 @@ impl RedisConsumer {
         for k in &keys.ready {
             cmd.arg(k);
         }
-        let reclaim = self.reclaim_due();
         let prune = if reclaim && self.prune_due() {
             ms(self.prune_idle())
         } else {
@@ -250,17 +300,27 @@ impl RedisConsumer {
         cmd
     }
 
-    /// One round trip: the maintenance script, then `XREADGROUP` of new entries on
-    /// the levels above what is already buffered. Returns the candidates, how long
-    /// until the next delayed message is due, and the buffered floor level the read
-    /// skipped (see [`select`](Self::select)).
-    async fn poll(&self, max: usize) -> Result<(Vec<Candidate>, Option<Duration>, Option<usize>)> {
+    /// One round trip: the maintenance script when due (see
+    /// [`maintain_due`](Self::maintain_due); always when `force`), then `XREADGROUP`
+    /// of new entries on the levels above what is already buffered. Returns the
+    /// candidates, how long until the next delayed message is due, the buffered
+    /// floor level the read skipped (see [`select`](Self::select)), and whether the
+    /// maintenance ran.
+    async fn poll(&self, max: usize, force: bool) -> Result<Poll> {
         let shared = &self.inner.shared;
         let levels = shared.keys.ready.len();
         let floor = self.buffered_floor();
         let read_from = floor.map_or(0, |f| f + 1);
+        // With every level buffered there is no read: the script is the whole call.
+        let maintain = if read_from < levels {
+            self.maintain_due(force)
+        } else {
+            Some(self.reclaim_due())
+        };
         let mut pipe = redis::pipe();
-        pipe.add_command(self.maintain_cmd(max));
+        if let Some(reclaim) = maintain {
+            pipe.add_command(self.maintain_cmd(max, reclaim));
+        }
         if read_from < levels {
             pipe.add_command(self.read_cmd(max, read_from..levels, None));
         }
@@ -274,7 +334,11 @@ impl RedisConsumer {
             )
             .await?;
         let mut replies = replies.into_iter();
-        let maintained = replies.next();
+        let maintained = if maintain.is_some() {
+            replies.next()
+        } else {
+            None
+        };
         let read = replies.next();
         let mut out = Vec::new();
         let mut failure = None;
@@ -328,6 +392,9 @@ impl RedisConsumer {
             }
             _ => {}
         }
+        if maintain.is_some() {
+            self.maintained(next_due);
+        }
         if let Some(err) = failure {
             if is_nogroup(&err) {
                 // The group vanished (FLUSHDB, keys deleted): create it again.
@@ -338,7 +405,12 @@ impl RedisConsumer {
                 tracing::warn!(error = %err, "ferrymq-redis: part of a receive failed");
             }
         }
-        Ok((out, next_due, floor))
+        Ok(Poll {
+            candidates: out,
+            next_due,
+            floor,
+            maintained: maintain.is_some(),
+        })
     }
 
     /// Blocking read of new entries on a dedicated connection.
@@ -899,14 +971,27 @@ impl Consumer for RedisConsumer {
         // `wait` comes from the caller: `Duration::MAX` must not panic.
         let deadline = ferrymq_core::time::deadline_in(wait);
         let mut immediate_repolls = 0;
+        let mut force_maintain = false;
         loop {
             if self.inner.closed.load(AtomicOrdering::Acquire) {
                 return Err(Error::closed("consumer"));
             }
-            let (candidates, next_due, floor) = self.poll(max).await?;
+            let Poll {
+                candidates,
+                next_due,
+                floor,
+                maintained,
+            } = self.poll(max, force_maintain).await?;
+            force_maintain = false;
             let deliveries = self.select(candidates, max, floor);
             if !deliveries.is_empty() {
                 return Ok(deliveries);
+            }
+            if !maintained {
+                // Nothing new to read, and the maintenance was skipped: run it now
+                // (something may be due) before blocking.
+                force_maintain = true;
+                continue;
             }
             let now = Instant::now();
             if now >= deadline {

@@ -76,6 +76,13 @@
 //!   messages — exactly once, the `ZREM` is in the same atomic step — and, at most
 //!   every `tick` = visibility/8 clamped to 10–250 ms, reclaim expired leases),
 //!   pipelined with a plain `XREADGROUP` over the level streams, highest first.
+//!   The script goes along only when something can be due: a reclaim tick, the
+//!   earliest delayed message it saw last time, a read that came back empty (then
+//!   it runs at once, before blocking), and otherwise at least every 50 ms (capped
+//!   at the tick) — so a delayed message another process sends is promoted at most
+//!   that late on a busy consumer, and a busy queue's receives are mostly a bare
+//!   `XREADGROUP` (issue 11: the script on every receive was most of the server's
+//!   work).
 //!   Entries are not read inside Lua: copying them through Lua tables costs more
 //!   than the read. When several levels answer and more than `max` come back, the
 //!   best `max` go out and the rest wait in a per-consumer buffer that the next

@@ -782,3 +782,112 @@ async fn depth_counts_an_expired_lease_as_waiting() {
     assert_eq!((d.waiting, d.in_flight), (1, 1));
     drop(ds);
 }
+
+/// `INFO commandstats` calls of `cmd` on a server of the test's own.
+async fn calls(conn: &mut redis::aio::MultiplexedConnection, cmd: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let prefix = format!("cmdstat_{cmd}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Issue 11: the maintenance script (promotion, reclaim) ran on every receive and
+/// type-checked every key, most of the Redis server's work on a busy queue. It now
+/// runs when something can be due (a reclaim tick, the earliest delayed message, an
+/// empty read, at most every 50 ms otherwise). Counted on a server of our own: each
+/// maintenance call does one `ZRANGEBYSCORE`; a busy consumer's reads are `XREADGROUP`.
+#[tokio::test]
+async fn a_busy_consumer_maintains_only_when_something_can_be_due() {
+    let server = common::OwnServer::start(&[]);
+    let cfg = ferrymq_redis::RedisConfig::from_url(&server.url("busy")).unwrap();
+    let (p, c) = cfg.connect().await.unwrap();
+    let n = 400;
+    let msgs: Vec<Message> = (0..n).map(|i| Message::new(format!("m{i}"))).collect();
+    for r in p.send_batch(msgs).await.unwrap() {
+        r.unwrap();
+    }
+    let client = redis::Client::open(server.url("")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut got = 0;
+    while got < n {
+        let ds = c.receive(1, WAIT).await.unwrap();
+        got += ds.len();
+        for d in ds {
+            d.ack().await.unwrap();
+        }
+    }
+    let reads = calls(&mut conn, "xreadgroup").await;
+    let maintained = calls(&mut conn, "zrangebyscore").await;
+    let types = calls(&mut conn, "type").await;
+    assert!(reads >= n as u64, "one read per receive: {reads}");
+    assert!(
+        maintained * 2 <= reads,
+        "the maintenance ran on {maintained} of {reads} receives"
+    );
+    assert!(
+        types * 2 <= reads,
+        "{types} TYPE checks for {reads} receives and their acks"
+    );
+}
+
+/// While reads keep returning entries (the maintenance is skipped between due
+/// times), a delayed message another process sends is still promoted within its
+/// slack: it goes to the top priority level, so it is delivered on the first
+/// receive after its promotion, long before the backlog below it is drained.
+#[tokio::test]
+async fn a_delayed_message_is_promoted_while_the_consumer_is_busy() {
+    let (p, c, cfg) = connect("busydelay", "").await;
+    let n = 3000;
+    let msgs: Vec<Message> = (0..n).map(|i| Message::new(format!("m{i}"))).collect();
+    for r in p.send_batch(msgs).await.unwrap() {
+        r.unwrap();
+    }
+    // One receive first: the consumer has maintained and knows of no delayed message.
+    let first = c.receive(1, WAIT).await.unwrap();
+    assert_eq!(first.len(), 1);
+    first[0].ack().await.unwrap();
+    let (other, _) = cfg.connect().await.unwrap();
+    let sent = Instant::now();
+    other
+        .send(
+            Message::new("late")
+                .delay(Duration::from_millis(200))
+                .priority(3),
+        )
+        .await
+        .unwrap();
+    let mut left = n - 1;
+    let waited = loop {
+        let ds = c.receive(1, WAIT).await.unwrap();
+        assert!(
+            !ds.is_empty(),
+            "backlog drained before the delayed message came"
+        );
+        let d = &ds[0];
+        d.ack().await.unwrap();
+        if d.payload().as_ref() == b"late" {
+            break sent.elapsed();
+        }
+        left -= 1;
+        // Handling takes a little time, as in a real consumer.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    assert!(waited >= Duration::from_millis(190), "early: {waited:?}");
+    assert!(
+        waited < Duration::from_millis(1500),
+        "promoted {waited:?} after send, {left} of the backlog still waiting"
+    );
+    assert!(left > 0, "delivered only after the backlog");
+}

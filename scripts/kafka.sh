@@ -35,6 +35,9 @@
 #       -cp "$FERRYMQ_CACHE/kafka-4.1.2/lib/*" org.apache.kafka.tools.TopicCommand \
 #       --bootstrap-server 127.0.0.1:9092 --list
 set -euo pipefail
+me=kafka.sh
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$0")/lib.sh"
 
 usage() {
     echo "usage: $0 start [PORT] [--keep-data] | stop [PORT] | status [PORT] | restart [PORT] | kill [PORT]" >&2
@@ -65,7 +68,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 pom="$here/services/kafka-pom.xml"
 kafka_version="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$pom")"
 [ -n "$kafka_version" ] || {
-    echo "kafka.sh: no <kafka.version> in $pom" >&2
+    echo "$me: no <kafka.version> in $pom" >&2
     exit 1
 }
 cache="${FERRYMQ_CACHE:-$HOME/.cache/ferrymq}"
@@ -82,26 +85,10 @@ pidfile="$state/kafka.pid"
 logfile="$state/server.log"    # the broker's log4j2 log
 consolefile="$state/console.log" # the JVM's stdout and stderr
 
-apt_install() {
-    echo "kafka.sh: installing $* (apt-get)" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    local out
-    if ! out="$(apt-get update -qq 2>&1)"; then
-        echo "$out" >&2
-        echo "kafka.sh: apt-get update failed" >&2
-        exit 1
-    fi
-    if ! out="$(apt-get install -y -qq "$@" 2>&1)"; then
-        echo "$out" >&2
-        echo "kafka.sh: apt-get install $* failed" >&2
-        exit 1
-    fi
-}
-
 ensure_java() {
     if ! command -v "$java" >/dev/null 2>&1; then
         [ "$java" = java ] || {
-            echo "kafka.sh: JAVA=$java not found" >&2
+            echo "$me: JAVA=$java not found" >&2
             exit 1
         }
         apt_install openjdk-17-jre-headless
@@ -109,7 +96,7 @@ ensure_java() {
     local major
     major="$("$java" -version 2>&1 | sed -n 's/.* version "\([0-9]*\).*/\1/p' | head -n 1 || true)"
     if [ -z "$major" ] || [ "$major" -lt 17 ]; then
-        echo "kafka.sh: Kafka $kafka_version needs Java 17 or newer; '$java' is ${major:-unknown} (set JAVA)" >&2
+        echo "$me: Kafka $kafka_version needs Java 17 or newer; '$java' is ${major:-unknown} (set JAVA)" >&2
         exit 1
     fi
 }
@@ -122,7 +109,7 @@ ensure_installed() {
         return
     fi
     command -v mvn >/dev/null 2>&1 || apt_install maven
-    echo "kafka.sh: resolving Kafka $kafka_version jars into $lib (Maven)" >&2
+    echo "$me: resolving Kafka $kafka_version jars into $lib (Maven)" >&2
     rm -rf "$lib" "$marker" "$install_dir/lib.partial"
     mkdir -p "$install_dir"
     cp "$pom" "$install_dir/pom.xml"
@@ -131,7 +118,7 @@ ensure_installed() {
         dependency:copy-dependencies -DincludeScope=runtime \
         -DoutputDirectory="$install_dir/lib.partial" 2>&1)"; then
         echo "$out" >&2
-        echo "kafka.sh: Maven could not resolve Kafka $kafka_version" >&2
+        echo "$me: Maven could not resolve Kafka $kafka_version" >&2
         exit 1
     fi
     mv "$install_dir/lib.partial" "$lib"
@@ -152,24 +139,15 @@ ready() {
     [ "${#reply}" = 20 ] && [ "${reply:8}" = "000000010000" ]
 }
 
-# Something accepts connections on a port (used to refuse a port taken by another server).
-port_taken() {
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-}
-
 running_pid() {
-    local pid=""
-    [ -f "$pidfile" ] && pid="$(cat "$pidfile" 2>/dev/null || true)"
-    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-        echo "$pid"
-    fi
+    live_pid "$pidfile"
 }
 
 fail_with_log() {
-    echo "kafka.sh: $1; last lines of $logfile (config dumps left out):" >&2
+    echo "$me: $1; last lines of $logfile (config dumps left out):" >&2
     grep -v $'^\t' "$logfile" 2>/dev/null | tail -n 60 >&2 || true
     if [ -s "$consolefile" ]; then
-        echo "kafka.sh: last lines of $consolefile:" >&2
+        echo "$me: last lines of $consolefile:" >&2
         tail -n 30 "$consolefile" >&2 || true
     fi
     stop >/dev/null 2>&1 || true
@@ -249,7 +227,7 @@ EOF
 start() {
     ensure_installed
     if ready; then
-        echo "kafka.sh: Kafka already answering on 127.0.0.1:$port, reusing it"
+        echo "$me: Kafka already answering on 127.0.0.1:$port, reusing it"
         return 0
     fi
     if [ -n "$(running_pid)" ]; then
@@ -259,7 +237,7 @@ start() {
     local p
     for p in "$port" "$cport"; do
         if port_taken "$p"; then
-            echo "kafka.sh: 127.0.0.1:$p is taken by a server that is not our Kafka" >&2
+            echo "$me: 127.0.0.1:$p is taken by a server that is not our Kafka" >&2
             exit 1
         fi
     done
@@ -301,7 +279,7 @@ start() {
         if ready; then
             local how="fresh data"
             [ "$reuse" = 1 ] && how="kept data"
-            echo "kafka.sh: Kafka $kafka_version ready on 127.0.0.1:$port (controller 127.0.0.1:$cport, state $state, $how)"
+            echo "$me: Kafka $kafka_version ready on 127.0.0.1:$port (controller 127.0.0.1:$cport, state $state, $how)"
             return 0
         fi
         kill -0 "$pid" 2>/dev/null || fail_with_log "Kafka on port $port exited during start"
@@ -314,24 +292,12 @@ stop() {
     local pid
     pid="$(running_pid)"
     if [ -n "$pid" ]; then
-        # The pid is the leader of its own process group (setsid): end the group.
-        kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 1 300); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$pid" 2>/dev/null; then
-            kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-            for _ in $(seq 1 50); do
-                kill -0 "$pid" 2>/dev/null || break
-                sleep 0.1
-            done
-        fi
-        echo "kafka.sh: stopped Kafka on port $port (pid $pid)"
+        stop_group "$pid" 300
+        echo "$me: stopped Kafka on port $port (pid $pid)"
     elif ready; then
-        echo "kafka.sh: Kafka answers on port $port but was not started from $state; leaving it running" >&2
+        echo "$me: Kafka answers on port $port but was not started from $state; leaving it running" >&2
     else
-        echo "kafka.sh: no Kafka running on port $port"
+        echo "$me: no Kafka running on port $port"
     fi
     rm -f "$pidfile"
 }
@@ -341,16 +307,13 @@ kill9() {
     local pid
     pid="$(running_pid)"
     if [ -z "$pid" ]; then
-        echo "kafka.sh: no Kafka started from $state runs on port $port" >&2
+        echo "$me: no Kafka started from $state runs on port $port" >&2
         exit 1
     fi
     kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-    for _ in $(seq 1 100); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.05
-    done
+    wait_gone "$pid" 50 || true
     rm -f "$pidfile"
-    echo "kafka.sh: killed Kafka on port $port (pid $pid, SIGKILL; data kept in $state/data)"
+    echo "$me: killed Kafka on port $port (pid $pid, SIGKILL; data kept in $state/data)"
 }
 
 case "$cmd" in

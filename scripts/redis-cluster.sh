@@ -17,6 +17,9 @@
 # Clients: any node is a seed, e.g. redis://127.0.0.1:PORT/QUEUE?cluster=true for
 # ferrymq-redis; `redis-cli -c -p PORT` follows redirects by hand.
 set -euo pipefail
+me=redis-cluster.sh
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$0")/lib.sh"
 
 usage() {
     echo "usage: $0 start [PORT] | stop [PORT] | status [PORT]" >&2
@@ -37,35 +40,12 @@ while [ $# -gt 0 ]; do
     esac
 done
 if [ "$port" -lt 1 ] || [ "$port" -gt 55533 ]; then
-    echo "redis-cluster.sh: PORT must be 1-55533 (its bus ports are PORT+10000 .. PORT+10002)" >&2
+    echo "$me: PORT must be 1-55533 (its bus ports are PORT+10000 .. PORT+10002)" >&2
     exit 2
 fi
 
 ports=("$port" "$((port + 1))" "$((port + 2))")
 state="${FERRYMQ_REDIS_CLUSTER_STATE:-/tmp/ferrymq-redis-cluster-$port}"
-
-ensure_installed() {
-    if command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; then
-        return
-    fi
-    echo "redis-cluster.sh: installing redis-server (apt-get)" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    local out
-    if ! out="$(apt-get update -qq 2>&1)"; then
-        echo "$out" >&2
-        echo "redis-cluster.sh: apt-get update failed" >&2
-        exit 1
-    fi
-    if ! out="$(apt-get install -y -qq redis-server 2>&1)"; then
-        echo "$out" >&2
-        echo "redis-cluster.sh: apt-get install redis-server failed" >&2
-        exit 1
-    fi
-}
-
-ping_ok() {
-    [ "$(redis-cli -h 127.0.0.1 -p "$1" ping 2>/dev/null || true)" = "PONG" ]
-}
 
 cluster_ok() {
     redis-cli -h 127.0.0.1 -p "$port" cluster info 2>/dev/null | tr -d '\r' | grep -qx 'cluster_state:ok'
@@ -87,50 +67,33 @@ start_node() {
         --cluster-enabled yes --cluster-config-file "$dir/nodes.conf" \
         --cluster-node-timeout 5000 --daemonize yes \
         --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" --dir "$dir"; then
-        echo "redis-cluster.sh: redis-server on port $p failed to start" >&2
+        echo "$me: redis-server on port $p failed to start" >&2
         show_logs
         exit 1
     fi
 }
 
 stop_node() {
-    local p="$1" pid=""
-    local pidfile="$state/$p/redis.pid"
-    [ -f "$pidfile" ] && pid="$(cat "$pidfile" 2>/dev/null || true)"
-    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-        kill "$pid"
-        for _ in $(seq 1 100); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$pid" 2>/dev/null; then
-            kill -9 "$pid" 2>/dev/null || true
-        fi
-        echo "redis-cluster.sh: stopped node $p (pid $pid)"
-    elif command -v redis-cli >/dev/null 2>&1 && ping_ok "$p"; then
-        redis-cli -h 127.0.0.1 -p "$p" shutdown nosave >/dev/null 2>&1 || true
-        echo "redis-cluster.sh: stopped node $p (SHUTDOWN)"
-    fi
-    rm -f "$pidfile"
+    stop_redis "$1" "$state/$1/redis.pid" "node $1" || true
 }
 
 stop() {
     for p in "${ports[@]}"; do
         stop_node "$p"
     done
-    echo "redis-cluster.sh: cluster on 127.0.0.1:$port-$((port + 2)) stopped"
+    echo "$me: cluster on 127.0.0.1:$port-$((port + 2)) stopped"
 }
 
 start() {
-    ensure_installed
+    ensure_redis_installed
     if cluster_ok; then
-        echo "redis-cluster.sh: cluster already ok on 127.0.0.1:$port-$((port + 2)), reusing it"
+        echo "$me: cluster already ok on 127.0.0.1:$port-$((port + 2)), reusing it"
         return 0
     fi
     # Anything answering on our ports is a cluster that did not form: start over.
     for p in "${ports[@]}"; do
-        if ping_ok "$p"; then
-            echo "redis-cluster.sh: node $p answers but the cluster is not ok; restarting it" >&2
+        if redis_ping "$p"; then
+            echo "$me: node $p answers but the cluster is not ok; restarting it" >&2
             stop_node "$p"
         fi
     done
@@ -140,14 +103,14 @@ start() {
     for p in "${ports[@]}"; do
         local up=""
         for _ in $(seq 1 100); do
-            if ping_ok "$p"; then
+            if redis_ping "$p"; then
                 up=1
                 break
             fi
             sleep 0.1
         done
         if [ -z "$up" ]; then
-            echo "redis-cluster.sh: node $p did not answer PING within 10 s" >&2
+            echo "$me: node $p did not answer PING within 10 s" >&2
             show_logs
             exit 1
         fi
@@ -155,18 +118,18 @@ start() {
     local out
     if ! out="$(redis-cli --cluster create "${ports[@]/#/127.0.0.1:}" --cluster-replicas 0 --cluster-yes 2>&1)"; then
         echo "$out" >&2
-        echo "redis-cluster.sh: redis-cli --cluster create failed" >&2
+        echo "$me: redis-cli --cluster create failed" >&2
         show_logs
         exit 1
     fi
     for _ in $(seq 1 200); do
         if cluster_ok && [ "$(redis-cli -h 127.0.0.1 -p "$port" cluster info | tr -d '\r' | sed -n 's/^cluster_slots_ok://p')" = 16384 ]; then
-            echo "redis-cluster.sh: cluster ready on 127.0.0.1:$port-$((port + 2)) (3 masters, bus $((port + 10000))-$((port + 10002)), state $state)"
+            echo "$me: cluster ready on 127.0.0.1:$port-$((port + 2)) (3 masters, bus $((port + 10000))-$((port + 10002)), state $state)"
             return 0
         fi
         sleep 0.1
     done
-    echo "redis-cluster.sh: cluster on port $port is not ok within 20 s:" >&2
+    echo "$me: cluster on port $port is not ok within 20 s:" >&2
     redis-cli -h 127.0.0.1 -p "$port" cluster info >&2 || true
     show_logs
     exit 1

@@ -18,6 +18,9 @@
 # Endpoint: http://127.0.0.1:PORT, path-style queue URLs, any credentials (e.g. test/test),
 # region us-east-1.
 set -euo pipefail
+me=sqs.sh
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$0")/lib.sh"
 
 usage() {
     echo "usage: $0 start [PORT] | stop [PORT] | status [PORT]" >&2
@@ -59,18 +62,8 @@ install_id() {
     } | sha256sum | cut -d' ' -f1
 }
 
-ensure_curl() {
-    command -v curl >/dev/null 2>&1 && return
-    echo "sqs.sh: installing curl (apt-get)" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    if ! apt-get update -qq >/dev/null 2>&1 || ! apt-get install -y -qq curl >/dev/null 2>&1; then
-        echo "sqs.sh: apt-get install curl failed" >&2
-        exit 1
-    fi
-}
-
 ensure_installed() {
-    ensure_curl
+    command -v curl >/dev/null 2>&1 || apt_install curl
     local id
     id="$(install_id)"
     if [ -f "$marker" ] && [ "$(cat "$marker")" = "$id" ] && [ -x "$venv/bin/python" ]; then
@@ -78,22 +71,22 @@ ensure_installed() {
     fi
     local python="${FERRYMQ_PYTHON:-python3}"
     if ! "$python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
-        echo "sqs.sh: need Python >= 3.11 as '$python' (set FERRYMQ_PYTHON)" >&2
+        echo "$me: need Python >= 3.11 as '$python' (set FERRYMQ_PYTHON)" >&2
         exit 1
     fi
-    echo "sqs.sh: installing localstack-core $ls_version into $venv (pip, ~40 s)" >&2
+    echo "$me: installing localstack-core $ls_version into $venv (pip, ~40 s)" >&2
     rm -rf "$venv" "$marker"
     mkdir -p "$install_dir"
     local out
     if ! out="$("$python" -m venv "$venv" 2>&1)"; then
         echo "$out" >&2
-        echo "sqs.sh: python -m venv failed" >&2
+        echo "$me: python -m venv failed" >&2
         exit 1
     fi
     if ! out="$("$venv/bin/python" -m pip install -q --disable-pip-version-check \
         -c "$constraints" "${requirements[@]}" 2>&1)"; then
         echo "$out" >&2
-        echo "sqs.sh: pip install of localstack-core $ls_version failed" >&2
+        echo "$me: pip install of localstack-core $ls_version failed" >&2
         exit 1
     fi
     echo "$id" >"$marker"
@@ -109,21 +102,12 @@ ready() {
     [ "$code" = "200" ]
 }
 
-# Something accepts connections on the port (used to refuse a port taken by another server).
-port_taken() {
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null
-}
-
 running_pid() {
-    local pid=""
-    [ -f "$pidfile" ] && pid="$(cat "$pidfile" 2>/dev/null || true)"
-    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-        echo "$pid"
-    fi
+    live_pid "$pidfile"
 }
 
 fail_with_log() {
-    echo "sqs.sh: $1; log ($logfile):" >&2
+    echo "$me: $1; log ($logfile):" >&2
     cat "$logfile" >&2 || true
     stop >/dev/null 2>&1 || true
     exit 1
@@ -132,15 +116,15 @@ fail_with_log() {
 start() {
     ensure_installed
     if ready; then
-        echo "sqs.sh: SQS already answering on 127.0.0.1:$port, reusing it"
+        echo "$me: SQS already answering on 127.0.0.1:$port, reusing it"
         return 0
     fi
     if [ -n "$(running_pid)" ]; then
         # Ours, but not answering (still starting, or hung): start over.
         stop >/dev/null
     fi
-    if port_taken; then
-        echo "sqs.sh: 127.0.0.1:$port is taken by a server that is not SQS" >&2
+    if port_taken "$port"; then
+        echo "$me: 127.0.0.1:$port is taken by a server that is not SQS" >&2
         exit 1
     fi
     # A fresh LocalStack tmp/state each start; its cache (service catalog, TLS cert) is
@@ -170,7 +154,7 @@ start() {
     pid="$(cat "$pidfile")"
     for _ in $(seq 1 300); do
         if ready; then
-            echo "sqs.sh: SQS (LocalStack $ls_version) ready on http://127.0.0.1:$port (state $state)"
+            echo "$me: SQS (LocalStack $ls_version) ready on http://127.0.0.1:$port (state $state)"
             return 0
         fi
         kill -0 "$pid" 2>/dev/null || fail_with_log "LocalStack on port $port exited during start"
@@ -183,24 +167,12 @@ stop() {
     local pid
     pid="$(running_pid)"
     if [ -n "$pid" ]; then
-        # The pid is the leader of its own process group (setsid): end the group.
-        kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 1 100); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$pid" 2>/dev/null; then
-            kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-            for _ in $(seq 1 50); do
-                kill -0 "$pid" 2>/dev/null || break
-                sleep 0.1
-            done
-        fi
-        echo "sqs.sh: stopped LocalStack on port $port (pid $pid)"
+        stop_group "$pid" 100
+        echo "$me: stopped LocalStack on port $port (pid $pid)"
     elif command -v curl >/dev/null 2>&1 && ready; then
-        echo "sqs.sh: SQS answers on port $port but was not started from $state; leaving it running" >&2
+        echo "$me: SQS answers on port $port but was not started from $state; leaving it running" >&2
     else
-        echo "sqs.sh: no LocalStack running on port $port"
+        echo "$me: no LocalStack running on port $port"
     fi
     rm -f "$pidfile"
 }

@@ -36,7 +36,7 @@
 #       --bootstrap-server 127.0.0.1:9092 --list
 set -euo pipefail
 me=kafka.sh
-# shellcheck source=scripts/lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
 
 usage() {

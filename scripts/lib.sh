@@ -87,3 +87,22 @@ stop_redis() {
     fi
     rm -f "$pidfile"
 }
+
+# `SCRIPT start|stop|status [PORT]`, for scripts with no options of their own: sets `cmd`
+# and `port` (DEFAULT when none is given), or prints the usage and exits 2.
+parse_command_and_port() {
+    local default="$1"
+    shift
+    cmd="${1:-}"
+    port="$default"
+    [ -n "$cmd" ] || usage
+    shift
+    case $# in
+        0) ;;
+        1) case "$1" in
+            [0-9]*) port="$1" ;;
+            *) usage ;;
+        esac ;;
+        *) usage ;;
+    esac
+}

@@ -18,7 +18,7 @@
 # ferrymq-redis; `redis-cli -c -p PORT` follows redirects by hand.
 set -euo pipefail
 me=redis-cluster.sh
-# shellcheck source=scripts/lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
 
 usage() {
@@ -26,19 +26,7 @@ usage() {
     exit 2
 }
 
-cmd="${1:-}"
-[ -n "$cmd" ] || usage
-shift
-port=7000
-while [ $# -gt 0 ]; do
-    case "$1" in
-        [0-9]*)
-            port="$1"
-            shift
-            ;;
-        *) usage ;;
-    esac
-done
+parse_command_and_port 7000 "$@"
 if [ "$port" -lt 1 ] || [ "$port" -gt 55533 ]; then
     echo "$me: PORT must be 1-55533 (its bus ports are PORT+10000 .. PORT+10002)" >&2
     exit 2

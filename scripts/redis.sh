@@ -11,7 +11,7 @@
 # within ~10 s fails the script with its log.
 set -euo pipefail
 me=redis.sh
-# shellcheck source=scripts/lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
 
 usage() {

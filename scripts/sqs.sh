@@ -19,7 +19,7 @@
 # region us-east-1.
 set -euo pipefail
 me=sqs.sh
-# shellcheck source=scripts/lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
 
 usage() {
@@ -27,19 +27,7 @@ usage() {
     exit 2
 }
 
-cmd="${1:-}"
-[ -n "$cmd" ] || usage
-shift
-port=4566
-while [ $# -gt 0 ]; do
-    case "$1" in
-        [0-9]*)
-            port="$1"
-            shift
-            ;;
-        *) usage ;;
-    esac
-done
+parse_command_and_port 4566 "$@"
 
 here="$(cd "$(dirname "$0")" && pwd)"
 ls_version=4.13.1

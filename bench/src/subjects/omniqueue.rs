@@ -98,31 +98,43 @@ async fn consume(
 ) -> Result<()> {
     while !progress.should_stop() {
         let batch = c.receive_all(BATCH, POLL).await.map_err(err)?;
-        if batch.is_empty() {
-            continue;
-        }
-        let mut lat = Vec::new();
-        for d in &batch {
-            let body = d
-                .borrow_payload()
-                .ok_or_else(|| anyhow!("delivery without payload"))?;
-            if record_latency {
-                lat.push(latency_us(stamp_of(body).unwrap_or(0)));
-            }
-            handle(body);
-        }
-        let n = batch.len() as u64;
-        futures::future::try_join_all(
-            batch
-                .into_iter()
-                .map(|d| async move { d.ack().await.map_err(|(e, _)| err(e)) }),
-        )
-        .await?;
-        if record_latency {
-            progress.record_latencies(lat);
-        }
-        progress.add(n);
+        handle_and_ack(batch, &progress, record_latency, stamp_of).await?;
     }
+    Ok(())
+}
+
+/// What both omniqueue subjects do with a received batch: read every payload (and its
+/// stamp, by `stamp`), then ack all of it concurrently, as omniqueue's docs show.
+pub(super) async fn handle_and_ack(
+    batch: Vec<omniqueue::Delivery>,
+    progress: &Progress,
+    record_latency: bool,
+    stamp: fn(&[u8]) -> Option<u64>,
+) -> Result<()> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let mut lat = Vec::new();
+    for d in &batch {
+        let body = d
+            .borrow_payload()
+            .ok_or_else(|| anyhow!("delivery without payload"))?;
+        if record_latency {
+            lat.push(latency_us(stamp(body).unwrap_or(0)));
+        }
+        handle(body);
+    }
+    let n = batch.len() as u64;
+    futures::future::try_join_all(
+        batch
+            .into_iter()
+            .map(|d| async move { d.ack().await.map_err(|(e, _)| err(e)) }),
+    )
+    .await?;
+    if record_latency {
+        progress.record_latencies(lat);
+    }
+    progress.add(n);
     Ok(())
 }
 

@@ -41,7 +41,7 @@ use omniqueue::QueueProducer;
 use tokio::task::JoinSet;
 
 use super::Subject;
-use crate::drive::{handle, latency_us, pace, run_until_done, timed_run, wall_nanos, Progress};
+use crate::drive::{pace, run_until_done, timed_run, wall_nanos, Progress};
 use crate::env::Env;
 use crate::model::{Backend, Role, Sample, Workload};
 
@@ -140,30 +140,7 @@ async fn produce_all(p: &SqsProducer, n: u64, size: usize) -> Result<()> {
 async fn consume(c: Arc<SqsConsumer>, progress: Arc<Progress>, record_latency: bool) -> Result<()> {
     while !progress.should_stop() {
         let batch = c.receive_all(SQS_BATCH, LONG_POLL).await.map_err(err)?;
-        if batch.is_empty() {
-            continue;
-        }
-        let mut lat = Vec::new();
-        for d in &batch {
-            let body = d
-                .borrow_payload()
-                .ok_or_else(|| anyhow!("delivery without payload"))?;
-            if record_latency {
-                lat.push(latency_us(text_stamp(body).unwrap_or(0)));
-            }
-            handle(body);
-        }
-        let n = batch.len() as u64;
-        futures::future::try_join_all(
-            batch
-                .into_iter()
-                .map(|d| async move { d.ack().await.map_err(|(e, _)| err(e)) }),
-        )
-        .await?;
-        if record_latency {
-            progress.record_latencies(lat);
-        }
-        progress.add(n);
+        super::omniqueue::handle_and_ack(batch, &progress, record_latency, text_stamp).await?;
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use crate::capabilities::Capabilities;
 use crate::error::{Error, ErrorKind, Result};
+use crate::id::MessageId;
 use crate::message::{Headers, Message};
 
 /// Settles one delivery on its backend. Backends implement this; users call the
@@ -297,7 +298,8 @@ impl AckHandle {
 #[non_exhaustive]
 pub struct DeliveryMeta {
     /// The backend's id of the message (SQS MessageId, Redis stream entry id, ...).
-    pub id: String,
+    /// A [`MessageId`]: compares, hashes, prints and serializes as the string.
+    pub id: MessageId,
     /// 1 on first delivery, +1 on each redelivery.
     pub attempt: u32,
     /// When the message was first enqueued.
@@ -311,7 +313,7 @@ pub struct DeliveryMeta {
 impl DeliveryMeta {
     /// Metadata with the required fields; `position` empty.
     pub fn new(
-        id: impl Into<String>,
+        id: impl Into<MessageId>,
         attempt: u32,
         enqueued_at: SystemTime,
         queue: Arc<str>,

@@ -39,6 +39,7 @@ use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::producer::{Producer, SendReceipt};
 use crate::Consumer;
+use crate::MessageId;
 use queue::{Enqueued, Queue};
 
 /// Longest delay, nack delay and lease the in-memory queue schedules: a year. Longer
@@ -212,7 +213,7 @@ impl MemoryConsumer {
             .into_iter()
             .map(|l| {
                 let meta = DeliveryMeta::new(
-                    seq_id(l.seq),
+                    MessageId::from(l.seq),
                     l.attempt,
                     l.enqueued_at,
                     self.queue.name.clone(),

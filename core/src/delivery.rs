@@ -41,6 +41,32 @@ pub trait Ack: Send + Sync + fmt::Debug {
     fn is_live(&self) -> bool {
         true
     }
+    /// Do `op` synchronously if the backend needs no I/O for it (the in-memory queue
+    /// settles under a lock): `Some(outcome)`, and the async method is not called.
+    /// `None` (the default) means "call the async method".
+    ///
+    /// Why: `async_trait` boxes every future it returns, so each settle through the
+    /// trait costs an allocation, a free and a virtual poll (~200 instructions) even
+    /// where nothing is awaited; at a million deliveries a second that is a fifth of
+    /// the budget. [`AckHandle`] tries this first.
+    fn settle_now(&self, op: Settle) -> Option<Result<()>> {
+        let _ = op;
+        None
+    }
+}
+
+/// A settle operation, for [`Ack::settle_now`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Settle {
+    /// [`Ack::ack`].
+    Ack,
+    /// [`Ack::nack`] with this redelivery delay.
+    Nack(Option<Duration>),
+    /// [`Ack::release`] with this redelivery delay.
+    Release(Option<Duration>),
+    /// [`Ack::extend`] by this much.
+    Extend(Duration),
 }
 
 const PENDING: u8 = 0;
@@ -237,7 +263,10 @@ impl AckHandle {
     /// Remove the message for good. A second settle returns `AlreadyAcked`.
     pub async fn ack(&self) -> Result<()> {
         let guard = self.begin()?;
-        let outcome = self.shared.backend.ack().await;
+        let outcome = match self.shared.backend.settle_now(Settle::Ack) {
+            Some(outcome) => outcome,
+            None => self.shared.backend.ack().await,
+        };
         self.finish(guard, &outcome, ACKED);
         outcome
     }
@@ -246,7 +275,14 @@ impl AckHandle {
     /// failed attempt.
     pub async fn nack(&self, redeliver_after: Option<Duration>) -> Result<()> {
         let guard = self.begin()?;
-        let outcome = self.shared.backend.nack(redeliver_after).await;
+        let outcome = match self
+            .shared
+            .backend
+            .settle_now(Settle::Nack(redeliver_after))
+        {
+            Some(outcome) => outcome,
+            None => self.shared.backend.nack(redeliver_after).await,
+        };
         self.finish(guard, &outcome, NACKED);
         outcome
     }
@@ -256,7 +292,14 @@ impl AckHandle {
     /// [`Ack::release`]).
     pub async fn release(&self, redeliver_after: Option<Duration>) -> Result<()> {
         let guard = self.begin()?;
-        let outcome = self.shared.backend.release(redeliver_after).await;
+        let outcome = match self
+            .shared
+            .backend
+            .settle_now(Settle::Release(redeliver_after))
+        {
+            Some(outcome) => outcome,
+            None => self.shared.backend.release(redeliver_after).await,
+        };
         self.finish(guard, &outcome, RELEASED);
         outcome
     }
@@ -276,7 +319,10 @@ impl AckHandle {
         let asked_at = Instant::now();
         // A `LeaseExpired` here does not make the handle lost: on some backends (memory,
         // SQS) the old lease can still settle until someone else received the message.
-        self.shared.backend.extend(by).await?;
+        match self.shared.backend.settle_now(Settle::Extend(by)) {
+            Some(outcome) => outcome?,
+            None => self.shared.backend.extend(by).await?,
+        }
         if let Some(lease) = self.shared.lease {
             let shift = match asked_at.checked_add(by) {
                 Some(deadline) if deadline >= lease => {
@@ -693,6 +739,65 @@ mod tests {
         handle.ack().await.unwrap();
         assert!(kept.acker().is_acked() && with_caps.acker().is_acked());
         assert_eq!(backend.acks.load(Ordering::SeqCst), 1);
+    }
+
+    /// A backend that settles synchronously is not asked through its async methods,
+    /// and its outcome drives the handle's state like an async one (a lost lease
+    /// leaves the handle lost, a failure leaves it pending).
+    #[tokio::test]
+    async fn a_synchronous_settle_skips_the_async_path() {
+        #[derive(Debug, Default)]
+        struct SyncOnly {
+            seen: std::sync::Mutex<Vec<Settle>>,
+            answer: std::sync::Mutex<Option<ErrorKind>>,
+        }
+        #[async_trait]
+        impl Ack for Arc<SyncOnly> {
+            async fn ack(&self) -> Result<()> {
+                Err(Error::new(ErrorKind::Backend, "async ack called"))
+            }
+            async fn nack(&self, _: Option<Duration>) -> Result<()> {
+                Err(Error::new(ErrorKind::Backend, "async nack called"))
+            }
+            async fn extend(&self, _: Duration) -> Result<()> {
+                Err(Error::new(ErrorKind::Backend, "async extend called"))
+            }
+            fn settle_now(&self, op: Settle) -> Option<Result<()>> {
+                self.seen.lock().unwrap().push(op);
+                Some(match *self.answer.lock().unwrap() {
+                    Some(kind) => Err(Error::new(kind, "told to fail")),
+                    None => Ok(()),
+                })
+            }
+        }
+        let backend = Arc::new(SyncOnly::default());
+        let h = AckHandle::with_lease(backend.clone(), Instant::now() + Duration::from_secs(9));
+        h.extend(Duration::from_secs(1)).await.unwrap();
+        *backend.answer.lock().unwrap() = Some(ErrorKind::Connection);
+        assert_eq!(
+            h.nack(None).await.unwrap_err().kind(),
+            ErrorKind::Connection
+        );
+        assert!(!h.is_settled(), "a failed settle leaves it pending");
+        *backend.answer.lock().unwrap() = None;
+        h.release(Some(Duration::from_secs(2))).await.unwrap();
+        assert!(h.is_settled() && !h.is_acked());
+        assert_eq!(h.ack().await.unwrap_err().kind(), ErrorKind::AlreadyAcked);
+        assert_eq!(
+            *backend.seen.lock().unwrap(),
+            [
+                Settle::Extend(Duration::from_secs(1)),
+                Settle::Nack(None),
+                Settle::Release(Some(Duration::from_secs(2)))
+            ]
+        );
+        let lost = AckHandle::new(backend.clone());
+        *backend.answer.lock().unwrap() = Some(ErrorKind::LeaseExpired);
+        assert_eq!(
+            lost.ack().await.unwrap_err().kind(),
+            ErrorKind::LeaseExpired
+        );
+        assert!(lost.is_settled() && !lost.is_acked() && !lost.is_live());
     }
 
     #[tokio::test]

@@ -43,7 +43,7 @@ pub mod worker;
 pub use admin::Admin;
 pub use capabilities::{Accuracy, Attempts, Capabilities, Ordering, Priority};
 pub use consumer::{into_stream, Consumer};
-pub use delivery::{Ack, AckHandle, Delivery, DeliveryMeta};
+pub use delivery::{Ack, AckHandle, Delivery, DeliveryMeta, Settle};
 pub use depth::Depth;
 pub use error::{BoxError, Error, ErrorKind, Result};
 pub use id::MessageId;

@@ -33,7 +33,7 @@ pub use config::MemoryConfig;
 pub use registry::delete_queue;
 
 use crate::capabilities::{Accuracy, Attempts, Capabilities, Ordering, Priority};
-use crate::delivery::{Ack, AckHandle, Delivery, DeliveryMeta};
+use crate::delivery::{Ack, AckHandle, Delivery, DeliveryMeta, Settle};
 use crate::depth::Depth;
 use crate::error::{Error, Result};
 use crate::message::Message;
@@ -307,9 +307,8 @@ impl std::fmt::Debug for MemoryAck {
     }
 }
 
-#[async_trait]
-impl Ack for MemoryAck {
-    async fn ack(&self) -> Result<()> {
+impl MemoryAck {
+    fn ack_now(&self) -> Result<()> {
         let woke = {
             let mut state = self.queue.lock();
             state.tick(Instant::now());
@@ -322,7 +321,7 @@ impl Ack for MemoryAck {
         Ok(())
     }
 
-    async fn nack(&self, redeliver_after: Option<Duration>) -> Result<()> {
+    fn nack_now(&self, redeliver_after: Option<Duration>) -> Result<()> {
         self.capabilities.check_nack_delay(redeliver_after)?;
         {
             let mut state = self.queue.lock();
@@ -334,7 +333,7 @@ impl Ack for MemoryAck {
         Ok(())
     }
 
-    async fn extend(&self, by: Duration) -> Result<()> {
+    fn extend_now(&self, by: Duration) -> Result<()> {
         if by > MAX_DELAY {
             return Err(Error::unsupported(format!(
                 "an extension of {by:?} is longer than the in-memory queue's longest lease ({MAX_DELAY:?}); the lease is unchanged"
@@ -346,7 +345,7 @@ impl Ack for MemoryAck {
         state.extend(self.slot, self.receipt, now, by)
     }
 
-    async fn release(&self, redeliver_after: Option<Duration>) -> Result<()> {
+    fn release_now(&self, redeliver_after: Option<Duration>) -> Result<()> {
         self.capabilities.check_nack_delay(redeliver_after)?;
         {
             let mut state = self.queue.lock();
@@ -356,6 +355,39 @@ impl Ack for MemoryAck {
         }
         self.queue.ready_signal.notify_waiters();
         Ok(())
+    }
+}
+
+/// Every settle is a few operations under the queue's lock, so [`Ack::settle_now`]
+/// does them all; the async methods are there for callers of the trait itself.
+#[async_trait]
+impl Ack for MemoryAck {
+    async fn ack(&self) -> Result<()> {
+        self.ack_now()
+    }
+
+    async fn nack(&self, redeliver_after: Option<Duration>) -> Result<()> {
+        self.nack_now(redeliver_after)
+    }
+
+    async fn extend(&self, by: Duration) -> Result<()> {
+        self.extend_now(by)
+    }
+
+    async fn release(&self, redeliver_after: Option<Duration>) -> Result<()> {
+        self.release_now(redeliver_after)
+    }
+
+    fn settle_now(&self, op: Settle) -> Option<Result<()>> {
+        Some(match op {
+            Settle::Ack => self.ack_now(),
+            Settle::Nack(after) => self.nack_now(after),
+            Settle::Release(after) => self.release_now(after),
+            Settle::Extend(by) => self.extend_now(by),
+            // A settle this queue does not know (added later): the async path says.
+            #[allow(unreachable_patterns)]
+            _ => return None,
+        })
     }
 }
 

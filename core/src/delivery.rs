@@ -81,9 +81,15 @@ const LOST: u8 = 5;
 /// No lease deadline: the shift field holds this when the deadline was removed.
 const NO_SHIFT: i64 = i64::MIN;
 
-/// State, lease clock and backend in one allocation: the backend is the unsized last
-/// field.
+/// State, lease clock, the delivery's message and metadata, and backend in one
+/// allocation: the backend is the unsized last field.
 struct AckShared<A: ?Sized> {
+    /// The message and metadata of the [`Delivery`] this handle was made for, put
+    /// here by [`Delivery::new`] while the handle was not shared yet (what backends
+    /// do), so that a delivery is one allocation, not one for the delivery and one
+    /// for its handle. `None` for a handle of its own (or one taken apart by
+    /// [`Delivery::into_parts`]).
+    inner: Option<DeliveryInner>,
     state: AtomicU8,
     /// The deadline the backend gave at receive time, if it has leases.
     lease: Option<Instant>,
@@ -150,6 +156,7 @@ impl AckHandle {
     fn build(backend: impl Ack + 'static, lease: Option<Instant>) -> Self {
         AckHandle {
             shared: Arc::new(AckShared {
+                inner: None,
                 state: AtomicU8::new(PENDING),
                 lease,
                 lease_shift: AtomicI64::new(0),
@@ -386,14 +393,29 @@ impl DeliveryMeta {
 /// without either loses nothing: the backend redelivers it after the visibility
 /// timeout. Cloning is cheap and clones share the ack handle.
 ///
-/// A `Delivery` is two pointers: the message, metadata and capabilities sit behind
-/// one `Arc` and the [`AckHandle`] is one more, so the clones the worker and the
-/// middleware make (one to keep, one to hand down) and the moves between queues cost
-/// two reference counts, not a copy of ~200 bytes with a `String` or two.
+/// A `Delivery` is its [`AckHandle`]: the message, metadata and capabilities sit in
+/// the handle's allocation (put there by [`Delivery::new`]), so receiving costs one
+/// allocation per delivery, and the clones the worker and the middleware make (one
+/// to keep, one to hand down) and the moves between queues cost a reference count,
+/// not a copy of ~200 bytes with a `String` or two. A clone of the handle (a
+/// heartbeat's) keeps the message alive with it.
 #[derive(Clone)]
 pub struct Delivery {
-    inner: Arc<DeliveryInner>,
     acker: AckHandle,
+    /// The message and metadata when they could not go into the handle (it was
+    /// shared already, or a clone was given other capabilities); `None` when they
+    /// are in the handle.
+    split: Option<Arc<DeliveryInner>>,
+}
+
+/// What no delivery holds (never reached: a `Delivery` always finds its own).
+fn empty() -> &'static DeliveryInner {
+    static EMPTY: std::sync::OnceLock<DeliveryInner> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(|| DeliveryInner {
+        message: Message::default(),
+        meta: DeliveryMeta::new(MessageId::empty(), 0, SystemTime::UNIX_EPOCH, Arc::from("")),
+        capabilities: None,
+    })
 }
 
 #[derive(Clone)]
@@ -406,24 +428,42 @@ struct DeliveryInner {
 impl fmt::Debug for Delivery {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Delivery")
-            .field("message", &self.inner.message)
-            .field("meta", &self.inner.meta)
+            .field("message", &self.inner().message)
+            .field("meta", &self.inner().meta)
             .field("acker", &self.acker)
-            .field("capabilities", &self.inner.capabilities)
+            .field("capabilities", &self.inner().capabilities)
             .finish()
     }
 }
 
 impl Delivery {
     /// Assemble a delivery (used by backends).
-    pub fn new(message: Message, meta: DeliveryMeta, acker: AckHandle) -> Self {
-        Delivery {
-            inner: Arc::new(DeliveryInner {
-                message,
-                meta,
-                capabilities: None,
-            }),
-            acker,
+    ///
+    /// A handle fresh from [`AckHandle::new`] or [`AckHandle::with_lease`], not cloned
+    /// yet, takes the message and metadata into its own allocation (see [`Delivery`]).
+    pub fn new(message: Message, meta: DeliveryMeta, mut acker: AckHandle) -> Self {
+        let inner = DeliveryInner {
+            message,
+            meta,
+            capabilities: None,
+        };
+        match Arc::get_mut(&mut acker.shared) {
+            Some(shared) if shared.inner.is_none() => {
+                shared.inner = Some(inner);
+                Delivery { acker, split: None }
+            }
+            _ => Delivery {
+                acker,
+                split: Some(Arc::new(inner)),
+            },
+        }
+    }
+
+    fn inner(&self) -> &DeliveryInner {
+        match &self.split {
+            Some(inner) => inner,
+            // `split` is `None` only when the handle holds them (see `new`).
+            None => self.acker.shared.inner.as_ref().unwrap_or_else(|| empty()),
         }
     }
 
@@ -432,48 +472,63 @@ impl Delivery {
     /// dead-letter threshold). Backends set it on every delivery.
     pub fn with_capabilities(mut self, capabilities: Arc<Capabilities>) -> Self {
         // Unshared right after `new`, so this copies nothing.
-        Arc::make_mut(&mut self.inner).capabilities = Some(capabilities);
+        if self.split.is_none() {
+            if let Some(inner) =
+                Arc::get_mut(&mut self.acker.shared).and_then(|shared| shared.inner.as_mut())
+            {
+                inner.capabilities = Some(capabilities);
+                return self;
+            }
+        }
+        match &mut self.split {
+            Some(inner) => Arc::make_mut(inner).capabilities = Some(capabilities),
+            None => {
+                let mut inner = self.inner().clone();
+                inner.capabilities = Some(capabilities);
+                self.split = Some(Arc::new(inner));
+            }
+        }
         self
     }
 
     /// What the consumer that received it can do, if the backend said.
     pub fn capabilities(&self) -> Option<&Capabilities> {
-        self.inner.capabilities.as_deref()
+        self.inner().capabilities.as_deref()
     }
 
     /// The message as sent (delay cleared).
     pub fn message(&self) -> &Message {
-        &self.inner.message
+        &self.inner().message
     }
 
     /// The payload bytes.
     pub fn payload(&self) -> &Bytes {
-        self.inner.message.payload()
+        self.inner().message.payload()
     }
 
     /// The headers.
     pub fn headers(&self) -> &Headers {
-        self.inner.message.headers()
+        self.inner().message.headers()
     }
 
     /// The ordering key.
     pub fn key(&self) -> Option<&str> {
-        self.inner.message.get_key()
+        self.inner().message.get_key()
     }
 
     /// Metadata: id, attempt, enqueue time, queue, position.
     pub fn meta(&self) -> &DeliveryMeta {
-        &self.inner.meta
+        &self.inner().meta
     }
 
     /// The backend message id.
     pub fn id(&self) -> &str {
-        &self.inner.meta.id
+        &self.inner().meta.id
     }
 
     /// 1 on first delivery.
     pub fn attempt(&self) -> u32 {
-        self.inner.meta.attempt
+        self.inner().meta.attempt
     }
 
     /// The ack handle, to settle or extend from another task.
@@ -484,7 +539,7 @@ impl Delivery {
     /// Decode the payload as JSON into `T`; a payload that does not fit is
     /// [`ErrorKind::Decode`].
     pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
-        self.inner.message.decode_json()
+        self.inner().message.decode_json()
     }
 
     /// Acknowledge: the message is removed for good.
@@ -527,10 +582,21 @@ impl Delivery {
     }
 
     /// Split into the message, metadata and handle (copying the message and metadata
-    /// only if a clone of this delivery is still alive).
+    /// only if a clone of this delivery or of its handle is still alive).
     pub fn into_parts(self) -> (Message, DeliveryMeta, AckHandle) {
-        let inner = Arc::try_unwrap(self.inner).unwrap_or_else(|shared| (*shared).clone());
-        (inner.message, inner.meta, self.acker)
+        let Delivery { mut acker, split } = self;
+        let inner = match split {
+            Some(inner) => Arc::try_unwrap(inner).unwrap_or_else(|shared| (*shared).clone()),
+            None => match Arc::get_mut(&mut acker.shared).and_then(|s| s.inner.take()) {
+                Some(inner) => inner,
+                None => acker
+                    .shared
+                    .inner
+                    .clone()
+                    .unwrap_or_else(|| empty().clone()),
+            },
+        };
+        (inner.message, inner.meta, acker)
     }
 }
 
@@ -798,6 +864,54 @@ mod tests {
             ErrorKind::LeaseExpired
         );
         assert!(lost.is_settled() && !lost.is_acked() && !lost.is_live());
+    }
+
+    /// A fresh handle takes the delivery into its own allocation; one shared before
+    /// `Delivery::new` (or still holding another delivery) keeps them apart, and
+    /// either way the delivery, its clones and the handle's clones settle once.
+    #[tokio::test]
+    async fn a_delivery_lives_in_its_handle_unless_the_handle_was_shared() {
+        let backend = Arc::new(Counting::default());
+        let meta = || DeliveryMeta::new("9", 2, SystemTime::UNIX_EPOCH, "q".into());
+        let joined = Delivery::new(Message::new("a"), meta(), AckHandle::new(backend.clone()))
+            .with_capabilities(Arc::new(Capabilities::minimal("test")));
+        assert!(joined.split.is_none(), "one allocation");
+        assert_eq!(
+            (joined.payload().as_ref(), joined.id(), joined.attempt()),
+            (&b"a"[..], "9", 2)
+        );
+        assert_eq!(joined.capabilities().map(|c| c.backend), Some("test"));
+
+        let early = AckHandle::new(backend.clone());
+        let split = Delivery::new(Message::new("b"), meta(), early.clone());
+        assert!(split.split.is_some());
+        assert_eq!(split.payload().as_ref(), b"b");
+        early.ack().await.unwrap();
+        assert!(split.acker().is_acked(), "the same handle");
+        assert_eq!(
+            split.ack().await.unwrap_err().kind(),
+            ErrorKind::AlreadyAcked
+        );
+
+        // Taken apart and put together again (what the retry tests do): the handle
+        // gives its message back when nothing else holds it, and takes the new one.
+        let (message, mut meta2, handle) = joined.into_parts();
+        assert_eq!(message.payload().as_ref(), b"a");
+        assert!(handle.shared.inner.is_none(), "moved out, not copied");
+        meta2.attempt = 5;
+        let again = Delivery::new(Message::new("c"), meta2, handle);
+        assert!(again.split.is_none());
+        assert_eq!((again.payload().as_ref(), again.attempt()), (&b"c"[..], 5));
+        // A handle still holding a delivery (a clone kept it) does not take another.
+        let kept = again.acker().clone();
+        let (_, meta3, handle) = again.into_parts();
+        assert!(kept.shared.inner.is_some());
+        let other = Delivery::new(Message::new("d"), meta3, handle);
+        assert!(other.split.is_some());
+        assert_eq!(other.payload().as_ref(), b"d");
+        other.ack().await.unwrap();
+        assert!(kept.is_acked());
+        assert_eq!(backend.acks.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

@@ -85,7 +85,7 @@ impl std::fmt::Debug for MemoryProducer {
 impl MemoryProducer {
     pub(crate) fn new(queue: Arc<Queue>) -> Self {
         MemoryProducer {
-            capabilities: Arc::new(capabilities(&queue.config)),
+            capabilities: queue.capabilities.clone(),
             queue,
             closed: Arc::new(AtomicBool::new(false)),
         }
@@ -202,35 +202,29 @@ impl std::fmt::Debug for MemoryConsumer {
 impl MemoryConsumer {
     pub(crate) fn new(queue: Arc<Queue>) -> Self {
         MemoryConsumer {
-            capabilities: Arc::new(capabilities(&queue.config)),
+            capabilities: queue.capabilities.clone(),
             queue,
             closed: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    fn deliveries(&self, leased: Vec<queue::Leased>) -> Vec<Delivery> {
-        leased
-            .into_iter()
-            .map(|l| {
-                let meta = DeliveryMeta::new(
-                    MessageId::from(l.seq),
-                    l.attempt,
-                    l.enqueued_at,
-                    self.queue.name.clone(),
-                );
-                let acker = AckHandle::with_lease(
-                    MemoryAck {
-                        queue: self.queue.clone(),
-                        capabilities: self.capabilities.clone(),
-                        seq: l.seq,
-                        slot: l.slot,
-                        receipt: l.receipt,
-                    },
-                    l.deadline,
-                );
-                Delivery::new(l.message, meta, acker).with_capabilities(self.capabilities.clone())
-            })
-            .collect()
+    fn delivery(&self, l: queue::Leased) -> Delivery {
+        let meta = DeliveryMeta::new(
+            MessageId::from(l.seq),
+            l.attempt,
+            l.enqueued_at,
+            self.queue.name.clone(),
+        );
+        let acker = AckHandle::with_lease(
+            MemoryAck {
+                queue: self.queue.clone(),
+                seq: l.seq,
+                slot: l.slot,
+                receipt: l.receipt,
+            },
+            l.deadline,
+        );
+        Delivery::new(l.message, meta, acker).with_capabilities(self.capabilities.clone())
     }
 }
 
@@ -252,11 +246,13 @@ impl Consumer for MemoryConsumer {
             let (leased, next_event) = {
                 let mut state = self.queue.lock();
                 state.tick(now);
-                let leased = state.take(max, now, self.queue.config.visibility_timeout);
+                let leased = state.take(max, now, self.queue.config.visibility_timeout, |l| {
+                    self.delivery(l)
+                });
                 (leased, state.next_event())
             };
             if !leased.is_empty() {
-                return Ok(self.deliveries(leased));
+                return Ok(leased);
             }
             if now >= deadline {
                 return Ok(Vec::new());
@@ -290,7 +286,6 @@ impl Consumer for MemoryConsumer {
 
 struct MemoryAck {
     queue: Arc<Queue>,
-    capabilities: Arc<Capabilities>,
     seq: u64,
     /// Where the message sits in the queue's slab (the lease's receipt tells whether
     /// it is still this one).
@@ -322,7 +317,7 @@ impl MemoryAck {
     }
 
     fn nack_now(&self, redeliver_after: Option<Duration>) -> Result<()> {
-        self.capabilities.check_nack_delay(redeliver_after)?;
+        self.queue.capabilities.check_nack_delay(redeliver_after)?;
         {
             let mut state = self.queue.lock();
             let now = Instant::now();
@@ -346,7 +341,7 @@ impl MemoryAck {
     }
 
     fn release_now(&self, redeliver_after: Option<Duration>) -> Result<()> {
-        self.capabilities.check_nack_delay(redeliver_after)?;
+        self.queue.capabilities.check_nack_delay(redeliver_after)?;
         {
             let mut state = self.queue.lock();
             let now = Instant::now();

@@ -31,6 +31,7 @@ use slab::Slab;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::capabilities::Capabilities;
 use crate::depth::Depth;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::Message;
@@ -41,6 +42,9 @@ use super::MemoryConfig;
 pub(crate) struct Queue {
     pub(crate) name: Arc<str>,
     pub(crate) config: MemoryConfig,
+    /// What the queue can do (from `config`), shared by its producers, consumers and
+    /// deliveries.
+    pub(crate) capabilities: Arc<Capabilities>,
     pub(crate) state: std::sync::Mutex<State>,
     /// Woken whenever a message may have become deliverable.
     pub(crate) ready_signal: Notify,
@@ -50,6 +54,7 @@ impl Queue {
     pub(crate) fn new(config: MemoryConfig) -> Self {
         Queue {
             name: config.queue.as_str().into(),
+            capabilities: Arc::new(super::capabilities(&config)),
             config,
             state: std::sync::Mutex::new(State::default()),
             ready_signal: Notify::new(),
@@ -347,8 +352,16 @@ impl State {
         Ok(Enqueued::New(seq))
     }
 
-    /// Lease up to `max` ready messages until `now + visibility`.
-    pub(crate) fn take(&mut self, max: usize, now: Instant, visibility: Duration) -> Vec<Leased> {
+    /// Lease up to `max` ready messages until `now + visibility`, each made into a
+    /// `T` by `make` (a delivery: built here, the batch is one `Vec`, not one of
+    /// leases and another of deliveries).
+    pub(crate) fn take<T>(
+        &mut self,
+        max: usize,
+        now: Instant,
+        visibility: Duration,
+        mut make: impl FnMut(Leased) -> T,
+    ) -> Vec<T> {
         let mut out = Vec::with_capacity(max.min(self.ready));
         let deadline = deadline_after(now, visibility);
         while out.len() < max {
@@ -363,7 +376,7 @@ impl State {
             entry.attempt += 1;
             entry.receipt = receipt;
             entry.place = Place::Leased(deadline);
-            out.push(Leased {
+            out.push(make(Leased {
                 seq: entry.seq,
                 slot,
                 receipt,
@@ -371,7 +384,7 @@ impl State {
                 enqueued_at: entry.enqueued_at,
                 message: entry.message.clone(),
                 deadline,
-            });
+            }));
             self.ready -= 1;
             self.leased += 1;
             self.push_lease((deadline, slot, receipt));

@@ -165,6 +165,20 @@ impl AckHandle {
         }
     }
 
+    /// The message of the delivery this handle holds (see [`Delivery::new`]).
+    pub(crate) fn message(&self) -> Option<&Message> {
+        self.shared.inner.as_ref().map(|inner| &inner.message)
+    }
+
+    /// The message of the delivery this handle holds: moved out when nothing else
+    /// holds the handle, a copy otherwise.
+    pub(crate) fn into_message(mut self) -> Option<Message> {
+        match Arc::get_mut(&mut self.shared) {
+            Some(shared) => shared.inner.take().map(|inner| inner.message),
+            None => self.message().cloned(),
+        }
+    }
+
     fn state_name(&self) -> &'static str {
         match self.shared.state.load(Ordering::Acquire) {
             PENDING => "pending",
@@ -457,6 +471,12 @@ impl Delivery {
                 split: Some(Arc::new(inner)),
             },
         }
+    }
+
+    /// The handle, if the message lives in it (not split off): a backend that keeps
+    /// it can read the message back without a copy of its own.
+    pub(crate) fn message_handle(&self) -> Option<&AckHandle> {
+        self.split.is_none().then_some(&self.acker)
     }
 
     fn inner(&self) -> &DeliveryInner {

@@ -22,7 +22,7 @@ mod queue;
 mod registry;
 
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -35,7 +35,7 @@ pub use registry::delete_queue;
 use crate::capabilities::{Accuracy, Attempts, Capabilities, Ordering, Priority};
 use crate::delivery::{Ack, AckHandle, Delivery, DeliveryMeta, Settle};
 use crate::depth::Depth;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::message::Message;
 use crate::producer::{Producer, SendReceipt};
 use crate::Consumer;
@@ -217,7 +217,7 @@ impl MemoryConsumer {
         );
         let acker = AckHandle::with_lease(
             MemoryAck {
-                queue: self.queue.clone(),
+                queue: Arc::downgrade(&self.queue),
                 seq: l.seq,
                 slot: l.slot,
                 receipt: l.receipt,
@@ -285,7 +285,9 @@ impl Consumer for MemoryConsumer {
 }
 
 struct MemoryAck {
-    queue: Arc<Queue>,
+    /// Weak: the queue's entry holds this handle while the message is out (see
+    /// `queue::Body`); a queue deleted and dropped by everyone leaves nothing to settle.
+    queue: Weak<Queue>,
     seq: u64,
     /// Where the message sits in the queue's slab (the lease's receipt tells whether
     /// it is still this one).
@@ -296,35 +298,46 @@ struct MemoryAck {
 impl std::fmt::Debug for MemoryAck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryAck")
-            .field("queue", &self.queue.name)
+            .field("queue", &self.queue.upgrade().map(|q| q.name.clone()))
             .field("seq", &self.seq)
             .finish()
     }
 }
 
 impl MemoryAck {
+    fn queue(&self) -> Result<Arc<Queue>> {
+        self.queue.upgrade().ok_or_else(|| {
+            Error::new(
+                ErrorKind::LeaseExpired,
+                "the in-memory queue was deleted and no producer or consumer holds it any more",
+            )
+        })
+    }
+
     fn ack_now(&self) -> Result<()> {
+        let queue = self.queue()?;
         let woke = {
-            let mut state = self.queue.lock();
+            let mut state = queue.lock();
             state.tick(Instant::now());
             state.ack(self.slot, self.receipt)?
         };
         // Acking the head of a key can make the next message of that key ready.
         if woke {
-            self.queue.ready_signal.notify_waiters();
+            queue.ready_signal.notify_waiters();
         }
         Ok(())
     }
 
     fn nack_now(&self, redeliver_after: Option<Duration>) -> Result<()> {
-        self.queue.capabilities.check_nack_delay(redeliver_after)?;
+        let queue = self.queue()?;
+        queue.capabilities.check_nack_delay(redeliver_after)?;
         {
-            let mut state = self.queue.lock();
+            let mut state = queue.lock();
             let now = Instant::now();
             state.tick(now);
             state.nack(self.slot, self.receipt, now, redeliver_after)?;
         }
-        self.queue.ready_signal.notify_waiters();
+        queue.ready_signal.notify_waiters();
         Ok(())
     }
 
@@ -334,21 +347,23 @@ impl MemoryAck {
                 "an extension of {by:?} is longer than the in-memory queue's longest lease ({MAX_DELAY:?}); the lease is unchanged"
             )));
         }
-        let mut state = self.queue.lock();
+        let queue = self.queue()?;
+        let mut state = queue.lock();
         let now = Instant::now();
         state.tick(now);
         state.extend(self.slot, self.receipt, now, by)
     }
 
     fn release_now(&self, redeliver_after: Option<Duration>) -> Result<()> {
-        self.queue.capabilities.check_nack_delay(redeliver_after)?;
+        let queue = self.queue()?;
+        queue.capabilities.check_nack_delay(redeliver_after)?;
         {
-            let mut state = self.queue.lock();
+            let mut state = queue.lock();
             let now = Instant::now();
             state.tick(now);
             state.release(self.slot, self.receipt, now, redeliver_after)?;
         }
-        self.queue.ready_signal.notify_waiters();
+        queue.ready_signal.notify_waiters();
         Ok(())
     }
 }

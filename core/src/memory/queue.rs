@@ -32,6 +32,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::capabilities::Capabilities;
+use crate::delivery::{AckHandle, Delivery};
 use crate::depth::Depth;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::Message;
@@ -68,6 +69,34 @@ impl Queue {
     }
 }
 
+/// Where an entry's message is: here until its first delivery, then in the handle of
+/// its latest delivery (the `Delivery` lives in its handle's allocation), so a
+/// delivery does not copy the message (nor, for a payload made from a `Vec`, allocate
+/// the shared header its first clone would need). The handle's `MemoryAck` holds the
+/// queue weakly, so the two do not keep each other alive.
+enum Body {
+    Here(Message),
+    Delivered(AckHandle),
+}
+
+impl Body {
+    fn message(&self) -> Message {
+        match self {
+            Body::Here(message) => message.clone(),
+            Body::Delivered(handle) => handle.message().cloned().unwrap_or_default(),
+        }
+    }
+
+    /// The message, for a new delivery: moved out of here, or out of the last
+    /// delivery's handle if nothing else holds it; copied otherwise.
+    fn take(&mut self) -> Message {
+        match std::mem::replace(self, Body::Here(Message::default())) {
+            Body::Here(message) => message,
+            Body::Delivered(handle) => handle.into_message().unwrap_or_default(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Place {
     Ready,
@@ -79,7 +108,7 @@ enum Place {
 struct Entry {
     /// Send order, unique in the queue; also the message id.
     seq: u64,
-    message: Message,
+    message: Body,
     priority: i32,
     key: Option<Arc<str>>,
     enqueued_at: SystemTime,
@@ -338,7 +367,7 @@ impl State {
             seq,
             priority: message.get_priority().unwrap_or(0),
             key: message.get_key().map(Arc::from),
-            message,
+            message: Body::Here(message),
             enqueued_at: wall,
             attempt: 0,
             receipt: 0,
@@ -355,13 +384,13 @@ impl State {
     /// Lease up to `max` ready messages until `now + visibility`, each made into a
     /// `T` by `make` (a delivery: built here, the batch is one `Vec`, not one of
     /// leases and another of deliveries).
-    pub(crate) fn take<T>(
+    pub(crate) fn take(
         &mut self,
         max: usize,
         now: Instant,
         visibility: Duration,
-        mut make: impl FnMut(Leased) -> T,
-    ) -> Vec<T> {
+        mut make: impl FnMut(Leased) -> Delivery,
+    ) -> Vec<Delivery> {
         let mut out = Vec::with_capacity(max.min(self.ready));
         let deadline = deadline_after(now, visibility);
         while out.len() < max {
@@ -376,15 +405,20 @@ impl State {
             entry.attempt += 1;
             entry.receipt = receipt;
             entry.place = Place::Leased(deadline);
-            out.push(make(Leased {
+            let delivery = make(Leased {
                 seq: entry.seq,
                 slot,
                 receipt,
                 attempt: entry.attempt,
                 enqueued_at: entry.enqueued_at,
-                message: entry.message.clone(),
+                message: entry.message.take(),
                 deadline,
-            }));
+            });
+            entry.message = match delivery.message_handle() {
+                Some(handle) => Body::Delivered(handle.clone()),
+                None => Body::Here(delivery.message().clone()),
+            };
+            out.push(delivery);
             self.ready -= 1;
             self.leased += 1;
             self.push_lease((deadline, slot, receipt));
@@ -492,7 +526,7 @@ impl State {
         waiting
             .into_iter()
             .take(max)
-            .map(|e| (e.seq, e.enqueued_at, e.message.clone()))
+            .map(|e| (e.seq, e.enqueued_at, e.message.message()))
             .collect()
     }
 

@@ -316,9 +316,15 @@ mod tests {
     #[test]
     fn compares_hashes_and_serializes_as_a_string() {
         let id = MessageId::from("m-1");
-        assert!(id == "m-1" && "m-1" == id && id == *"m-1");
-        assert!(id == String::from("m-1") && String::from("m-1") == id);
-        assert!(MessageId::from("a") < MessageId::from("b"));
+        let (text, owned): (&str, String) = ("m-1", "m-1".into());
+        assert_eq!(id, text);
+        assert_eq!(text, id);
+        assert_eq!(id, *text);
+        assert_eq!(*text, id);
+        assert_eq!(id, owned);
+        assert_eq!(owned, id);
+        let (a, b) = (MessageId::from("a"), MessageId::from("b"));
+        assert!(a < b);
         let mut map = HashMap::new();
         map.insert(id.clone(), 1);
         assert_eq!(map.get("m-1"), Some(&1));

@@ -154,9 +154,17 @@ impl AckHandle {
     }
 
     fn build(backend: impl Ack + 'static, lease: Option<Instant>) -> Self {
+        Self::build_with(None, backend, lease)
+    }
+
+    fn build_with(
+        inner: Option<DeliveryInner>,
+        backend: impl Ack + 'static,
+        lease: Option<Instant>,
+    ) -> Self {
         AckHandle {
             shared: Arc::new(AckShared {
-                inner: None,
+                inner,
                 state: AtomicU8::new(PENDING),
                 lease,
                 lease_shift: AtomicI64::new(0),
@@ -477,6 +485,28 @@ impl Delivery {
     /// it can read the message back without a copy of its own.
     pub(crate) fn message_handle(&self) -> Option<&AckHandle> {
         self.split.is_none().then_some(&self.acker)
+    }
+
+    /// [`Delivery::new`] with a fresh [`AckHandle::with_lease`] and
+    /// [`with_capabilities`](Delivery::with_capabilities) in one step, building the
+    /// allocation in place (the in-memory queue's receive: no moves of the message
+    /// into a handle made just before).
+    pub(crate) fn leased(
+        message: Message,
+        meta: DeliveryMeta,
+        capabilities: Arc<Capabilities>,
+        backend: impl Ack + 'static,
+        deadline: Instant,
+    ) -> Self {
+        let inner = DeliveryInner {
+            message,
+            meta,
+            capabilities: Some(capabilities),
+        };
+        Delivery {
+            acker: AckHandle::build_with(Some(inner), backend, Some(deadline)),
+            split: None,
+        }
     }
 
     fn inner(&self) -> &DeliveryInner {

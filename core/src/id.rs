@@ -115,27 +115,24 @@ impl From<&MessageId> for MessageId {
 /// The decimal form of a sequence number (always inline).
 impl From<u64> for MessageId {
     fn from(n: u64) -> Self {
-        // Digits from the right end of a scratch buffer, then moved to the front; no
-        // formatting machinery (this runs once per delivery on the memory backend).
-        let mut digits = [0u8; INLINE];
-        let mut at = INLINE;
-        let mut rest = n;
-        loop {
-            at -= 1;
-            if let Some(d) = digits.get_mut(at) {
-                *d = b'0' + (rest % 10) as u8;
-            }
+        // Count the digits, then write them from the last; no formatting machinery
+        // (this runs once per delivery on the memory backend).
+        let mut len = 1;
+        let mut rest = n / 10;
+        while rest > 0 {
+            len += 1;
             rest /= 10;
-            if rest == 0 || at == 0 {
-                break;
-            }
         }
-        let len = INLINE - at;
-        digits.copy_within(at.., 0);
+        let mut bytes = [0u8; INLINE];
+        let mut rest = n;
+        for d in bytes.iter_mut().take(len).rev() {
+            *d = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
         MessageId(Repr::Inline {
             // At most 20 digits.
             len: len as u8,
-            bytes: digits,
+            bytes,
         })
     }
 }

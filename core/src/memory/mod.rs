@@ -33,7 +33,7 @@ pub use config::MemoryConfig;
 pub use registry::delete_queue;
 
 use crate::capabilities::{Accuracy, Attempts, Capabilities, Ordering, Priority};
-use crate::delivery::{Ack, AckHandle, Delivery, DeliveryMeta, Settle};
+use crate::delivery::{Ack, Delivery, DeliveryMeta, Settle};
 use crate::depth::Depth;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::Message;
@@ -215,16 +215,13 @@ impl MemoryConsumer {
             l.enqueued_at,
             self.queue.name.clone(),
         );
-        let acker = AckHandle::with_lease(
-            MemoryAck {
-                queue: Arc::downgrade(&self.queue),
-                seq: l.seq,
-                slot: l.slot,
-                receipt: l.receipt,
-            },
-            l.deadline,
-        );
-        Delivery::new(l.message, meta, acker).with_capabilities(self.capabilities.clone())
+        let ack = MemoryAck {
+            queue: Arc::downgrade(&self.queue),
+            seq: l.seq,
+            slot: l.slot,
+            receipt: l.receipt,
+        };
+        Delivery::leased(l.message, meta, self.capabilities.clone(), ack, l.deadline)
     }
 }
 

@@ -286,7 +286,7 @@ impl Shared {
             receipt: entry.receipt,
             lease: entry.lease,
             group: entry.group,
-            message_id: entry.meta.id.clone(),
+            message_id: entry.meta.id.to_string(),
         };
         Delivery::new(
             entry.message,

@@ -22,7 +22,7 @@ mod queue;
 mod registry;
 
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -33,12 +33,13 @@ pub use config::MemoryConfig;
 pub use registry::delete_queue;
 
 use crate::capabilities::{Accuracy, Attempts, Capabilities, Ordering, Priority};
-use crate::delivery::{Ack, AckHandle, Delivery, DeliveryMeta};
+use crate::delivery::{Ack, Delivery, DeliveryMeta, Settle};
 use crate::depth::Depth;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::message::Message;
 use crate::producer::{Producer, SendReceipt};
 use crate::Consumer;
+use crate::MessageId;
 use queue::{Enqueued, Queue};
 
 /// Longest delay, nack delay and lease the in-memory queue schedules: a year. Longer
@@ -84,7 +85,7 @@ impl std::fmt::Debug for MemoryProducer {
 impl MemoryProducer {
     pub(crate) fn new(queue: Arc<Queue>) -> Self {
         MemoryProducer {
-            capabilities: Arc::new(capabilities(&queue.config)),
+            capabilities: queue.capabilities.clone(),
             queue,
             closed: Arc::new(AtomicBool::new(false)),
         }
@@ -201,35 +202,26 @@ impl std::fmt::Debug for MemoryConsumer {
 impl MemoryConsumer {
     pub(crate) fn new(queue: Arc<Queue>) -> Self {
         MemoryConsumer {
-            capabilities: Arc::new(capabilities(&queue.config)),
+            capabilities: queue.capabilities.clone(),
             queue,
             closed: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    fn deliveries(&self, leased: Vec<queue::Leased>) -> Vec<Delivery> {
-        leased
-            .into_iter()
-            .map(|l| {
-                let meta = DeliveryMeta::new(
-                    seq_id(l.seq),
-                    l.attempt,
-                    l.enqueued_at,
-                    self.queue.name.clone(),
-                );
-                let acker = AckHandle::with_lease(
-                    MemoryAck {
-                        queue: self.queue.clone(),
-                        capabilities: self.capabilities.clone(),
-                        seq: l.seq,
-                        slot: l.slot,
-                        receipt: l.receipt,
-                    },
-                    l.deadline,
-                );
-                Delivery::new(l.message, meta, acker).with_capabilities(self.capabilities.clone())
-            })
-            .collect()
+    fn delivery(&self, l: queue::Leased) -> Delivery {
+        let meta = DeliveryMeta::new(
+            MessageId::from(l.seq),
+            l.attempt,
+            l.enqueued_at,
+            self.queue.name.clone(),
+        );
+        let ack = MemoryAck {
+            queue: Arc::downgrade(&self.queue),
+            seq: l.seq,
+            slot: l.slot,
+            receipt: l.receipt,
+        };
+        Delivery::leased(l.message, meta, self.capabilities.clone(), ack, l.deadline)
     }
 }
 
@@ -251,11 +243,13 @@ impl Consumer for MemoryConsumer {
             let (leased, next_event) = {
                 let mut state = self.queue.lock();
                 state.tick(now);
-                let leased = state.take(max, now, self.queue.config.visibility_timeout);
+                let leased = state.take(max, now, self.queue.config.visibility_timeout, |l| {
+                    self.delivery(l)
+                });
                 (leased, state.next_event())
             };
             if !leased.is_empty() {
-                return Ok(self.deliveries(leased));
+                return Ok(leased);
             }
             if now >= deadline {
                 return Ok(Vec::new());
@@ -288,8 +282,9 @@ impl Consumer for MemoryConsumer {
 }
 
 struct MemoryAck {
-    queue: Arc<Queue>,
-    capabilities: Arc<Capabilities>,
+    /// Weak: the queue's entry holds this handle while the message is out (see
+    /// `queue::Body`); a queue deleted and dropped by everyone leaves nothing to settle.
+    queue: Weak<Queue>,
     seq: u64,
     /// Where the message sits in the queue's slab (the lease's receipt tells whether
     /// it is still this one).
@@ -300,61 +295,106 @@ struct MemoryAck {
 impl std::fmt::Debug for MemoryAck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryAck")
-            .field("queue", &self.queue.name)
+            .field("queue", &self.queue.upgrade().map(|q| q.name.clone()))
             .field("seq", &self.seq)
             .finish()
     }
 }
 
-#[async_trait]
-impl Ack for MemoryAck {
-    async fn ack(&self) -> Result<()> {
+impl MemoryAck {
+    fn queue(&self) -> Result<Arc<Queue>> {
+        self.queue.upgrade().ok_or_else(|| {
+            Error::new(
+                ErrorKind::LeaseExpired,
+                "the in-memory queue was deleted and no producer or consumer holds it any more",
+            )
+        })
+    }
+
+    fn ack_now(&self) -> Result<()> {
+        let queue = self.queue()?;
         let woke = {
-            let mut state = self.queue.lock();
+            let mut state = queue.lock();
             state.tick(Instant::now());
             state.ack(self.slot, self.receipt)?
         };
         // Acking the head of a key can make the next message of that key ready.
         if woke {
-            self.queue.ready_signal.notify_waiters();
+            queue.ready_signal.notify_waiters();
         }
         Ok(())
     }
 
-    async fn nack(&self, redeliver_after: Option<Duration>) -> Result<()> {
-        self.capabilities.check_nack_delay(redeliver_after)?;
+    fn nack_now(&self, redeliver_after: Option<Duration>) -> Result<()> {
+        let queue = self.queue()?;
+        queue.capabilities.check_nack_delay(redeliver_after)?;
         {
-            let mut state = self.queue.lock();
+            let mut state = queue.lock();
             let now = Instant::now();
             state.tick(now);
             state.nack(self.slot, self.receipt, now, redeliver_after)?;
         }
-        self.queue.ready_signal.notify_waiters();
+        queue.ready_signal.notify_waiters();
         Ok(())
     }
 
-    async fn extend(&self, by: Duration) -> Result<()> {
+    fn extend_now(&self, by: Duration) -> Result<()> {
         if by > MAX_DELAY {
             return Err(Error::unsupported(format!(
                 "an extension of {by:?} is longer than the in-memory queue's longest lease ({MAX_DELAY:?}); the lease is unchanged"
             )));
         }
-        let mut state = self.queue.lock();
+        let queue = self.queue()?;
+        let mut state = queue.lock();
         let now = Instant::now();
         state.tick(now);
         state.extend(self.slot, self.receipt, now, by)
     }
 
-    async fn release(&self, redeliver_after: Option<Duration>) -> Result<()> {
-        self.capabilities.check_nack_delay(redeliver_after)?;
+    fn release_now(&self, redeliver_after: Option<Duration>) -> Result<()> {
+        let queue = self.queue()?;
+        queue.capabilities.check_nack_delay(redeliver_after)?;
         {
-            let mut state = self.queue.lock();
+            let mut state = queue.lock();
             let now = Instant::now();
             state.tick(now);
             state.release(self.slot, self.receipt, now, redeliver_after)?;
         }
-        self.queue.ready_signal.notify_waiters();
+        queue.ready_signal.notify_waiters();
         Ok(())
+    }
+}
+
+/// Every settle is a few operations under the queue's lock, so [`Ack::settle_now`]
+/// does them all; the async methods are there for callers of the trait itself.
+#[async_trait]
+impl Ack for MemoryAck {
+    async fn ack(&self) -> Result<()> {
+        self.ack_now()
+    }
+
+    async fn nack(&self, redeliver_after: Option<Duration>) -> Result<()> {
+        self.nack_now(redeliver_after)
+    }
+
+    async fn extend(&self, by: Duration) -> Result<()> {
+        self.extend_now(by)
+    }
+
+    async fn release(&self, redeliver_after: Option<Duration>) -> Result<()> {
+        self.release_now(redeliver_after)
+    }
+
+    fn settle_now(&self, op: Settle) -> Option<Result<()>> {
+        Some(match op {
+            Settle::Ack => self.ack_now(),
+            Settle::Nack(after) => self.nack_now(after),
+            Settle::Release(after) => self.release_now(after),
+            Settle::Extend(by) => self.extend_now(by),
+            // A settle this queue does not know (added later): the async path says.
+            #[allow(unreachable_patterns)]
+            _ => return None,
+        })
     }
 }
 

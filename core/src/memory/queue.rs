@@ -31,6 +31,8 @@ use slab::Slab;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::capabilities::Capabilities;
+use crate::delivery::{AckHandle, Delivery};
 use crate::depth::Depth;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::Message;
@@ -41,6 +43,9 @@ use super::MemoryConfig;
 pub(crate) struct Queue {
     pub(crate) name: Arc<str>,
     pub(crate) config: MemoryConfig,
+    /// What the queue can do (from `config`), shared by its producers, consumers and
+    /// deliveries.
+    pub(crate) capabilities: Arc<Capabilities>,
     pub(crate) state: std::sync::Mutex<State>,
     /// Woken whenever a message may have become deliverable.
     pub(crate) ready_signal: Notify,
@@ -50,6 +55,7 @@ impl Queue {
     pub(crate) fn new(config: MemoryConfig) -> Self {
         Queue {
             name: config.queue.as_str().into(),
+            capabilities: Arc::new(super::capabilities(&config)),
             config,
             state: std::sync::Mutex::new(State::default()),
             ready_signal: Notify::new(),
@@ -60,6 +66,34 @@ impl Queue {
     /// which holds no invariant across user code, so the state is still consistent.
     pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Where an entry's message is: here until its first delivery, then in the handle of
+/// its latest delivery (the `Delivery` lives in its handle's allocation), so a
+/// delivery does not copy the message (nor, for a payload made from a `Vec`, allocate
+/// the shared header its first clone would need). The handle's `MemoryAck` holds the
+/// queue weakly, so the two do not keep each other alive.
+enum Body {
+    Here(Message),
+    Delivered(AckHandle),
+}
+
+impl Body {
+    fn message(&self) -> Message {
+        match self {
+            Body::Here(message) => message.clone(),
+            Body::Delivered(handle) => handle.message().cloned().unwrap_or_default(),
+        }
+    }
+
+    /// The message, for a new delivery: moved out of here, or out of the last
+    /// delivery's handle if nothing else holds it; copied otherwise.
+    fn take(&mut self) -> Message {
+        match std::mem::replace(self, Body::Here(Message::default())) {
+            Body::Here(message) => message,
+            Body::Delivered(handle) => handle.into_message().unwrap_or_default(),
+        }
     }
 }
 
@@ -74,7 +108,7 @@ enum Place {
 struct Entry {
     /// Send order, unique in the queue; also the message id.
     seq: u64,
-    message: Message,
+    message: Body,
     priority: i32,
     key: Option<Arc<str>>,
     enqueued_at: SystemTime,
@@ -333,7 +367,7 @@ impl State {
             seq,
             priority: message.get_priority().unwrap_or(0),
             key: message.get_key().map(Arc::from),
-            message,
+            message: Body::Here(message),
             enqueued_at: wall,
             attempt: 0,
             receipt: 0,
@@ -347,8 +381,16 @@ impl State {
         Ok(Enqueued::New(seq))
     }
 
-    /// Lease up to `max` ready messages until `now + visibility`.
-    pub(crate) fn take(&mut self, max: usize, now: Instant, visibility: Duration) -> Vec<Leased> {
+    /// Lease up to `max` ready messages until `now + visibility`, each made into a
+    /// `T` by `make` (a delivery: built here, the batch is one `Vec`, not one of
+    /// leases and another of deliveries).
+    pub(crate) fn take(
+        &mut self,
+        max: usize,
+        now: Instant,
+        visibility: Duration,
+        mut make: impl FnMut(Leased) -> Delivery,
+    ) -> Vec<Delivery> {
         let mut out = Vec::with_capacity(max.min(self.ready));
         let deadline = deadline_after(now, visibility);
         while out.len() < max {
@@ -363,15 +405,20 @@ impl State {
             entry.attempt += 1;
             entry.receipt = receipt;
             entry.place = Place::Leased(deadline);
-            out.push(Leased {
+            let delivery = make(Leased {
                 seq: entry.seq,
                 slot,
                 receipt,
                 attempt: entry.attempt,
                 enqueued_at: entry.enqueued_at,
-                message: entry.message.clone(),
+                message: entry.message.take(),
                 deadline,
             });
+            entry.message = match delivery.message_handle() {
+                Some(handle) => Body::Delivered(handle.clone()),
+                None => Body::Here(delivery.message().clone()),
+            };
+            out.push(delivery);
             self.ready -= 1;
             self.leased += 1;
             self.push_lease((deadline, slot, receipt));
@@ -479,7 +526,7 @@ impl State {
         waiting
             .into_iter()
             .take(max)
-            .map(|e| (e.seq, e.enqueued_at, e.message.clone()))
+            .map(|e| (e.seq, e.enqueued_at, e.message.message()))
             .collect()
     }
 

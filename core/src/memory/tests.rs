@@ -644,3 +644,57 @@ fn sequence_ids_are_decimal() {
         assert_eq!(seq_id(n), n.to_string());
     }
 }
+
+/// A delivery does not copy its message: the queue reads it back from the delivery's
+/// handle, for a redelivery after a nack or an expired lease (also while the first
+/// delivery is still held), and for `peek`.
+#[tokio::test(start_paused = true)]
+async fn redeliveries_and_peek_see_the_message_a_delivery_holds() {
+    let config = config();
+    let (p, c) = config.clone().connect().unwrap();
+    let message = Message::new("body")
+        .header("h", "v")
+        .key("k")
+        .dedup_id("d-1");
+    p.send(message.clone()).await.unwrap();
+    let first = one(&c).await.unwrap();
+    assert_eq!(first.message(), &message);
+    first.nack(None).await.unwrap();
+    let peeked = crate::Admin::peek(&config.admin(), 10).await.unwrap();
+    assert_eq!(peeked[0].message.payload().as_ref(), b"body");
+    let second = one(&c).await.unwrap();
+    assert_eq!((payload(&second), second.attempt()), ("body".into(), 2));
+    assert_eq!(second.headers().get("h"), Some("v"));
+    // Expired while `second` is still held: the third reads it from `second`.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let third = one(&c).await.expect("redelivered after the timeout");
+    assert_eq!((payload(&third), third.attempt()), ("body".into(), 3));
+    assert_eq!(payload(&second), "body", "the old delivery keeps its own");
+    assert_eq!(
+        second.ack().await.unwrap_err().kind(),
+        ErrorKind::LeaseExpired
+    );
+    drop(second);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let fourth = one(&c).await.expect("redelivered again");
+    assert_eq!(payload(&fourth), "body");
+    drop(third);
+    fourth.ack().await.unwrap();
+    assert!(one(&c).await.is_none());
+}
+
+/// The queue's entries hold the handles of their deliveries and the handles hold the
+/// queue weakly: a deleted queue that no producer or consumer holds any more is
+/// freed with its messages, and a delivery still out finds nothing to settle. (With
+/// the handle holding the queue strongly the two would keep each other alive.)
+#[tokio::test(start_paused = true)]
+async fn a_deleted_and_dropped_queue_is_freed_with_deliveries_out() {
+    let config = config();
+    let (p, c) = config.clone().connect().unwrap();
+    p.send(Message::new("a")).await.unwrap();
+    let d = one(&c).await.unwrap();
+    assert!(delete_queue(&config.queue));
+    drop((p, c));
+    assert_eq!(d.ack().await.unwrap_err().kind(), ErrorKind::LeaseExpired);
+    assert!(d.acker().is_settled() && !d.acker().is_acked());
+}

@@ -220,7 +220,7 @@ async fn main() -> ferrymq::Result<ExitCode> {
         }
         println!(
             "  order {id:>2}  attempt {}  {:<13} {:>5} ms  {error}",
-            event.meta.attempt,
+            event.attempt(),
             event.outcome.to_string(),
             event.elapsed.as_millis()
         );

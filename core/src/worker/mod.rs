@@ -82,6 +82,7 @@ pub mod autoscale;
 mod builder;
 mod events;
 mod health;
+mod pending;
 mod run;
 mod summary;
 

@@ -1,6 +1,5 @@
 //! The worker loop.
 
-use std::collections::{HashSet, VecDeque};
 use std::future::{poll_fn, Future};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
@@ -17,6 +16,7 @@ use tracing::Instrument;
 
 use super::autoscale::{self, Autoscaler, Load};
 use super::builder::{Config, Worker};
+use super::pending::Pending;
 use super::{WorkerEvent, WorkerSummary};
 use crate::consumer::Consumer;
 use crate::delivery::Delivery;
@@ -80,8 +80,8 @@ struct State<C> {
     queue: Arc<str>,
     events: tokio::sync::broadcast::Sender<WorkerEvent>,
     summary: WorkerSummary,
-    /// Received, not started.
-    pending: VecDeque<Delivery>,
+    /// Received, not started (and, with per-key order, which of them may start).
+    pending: Pending,
     /// Started: the delivery, and the abort handle of its task when handlers run in
     /// tasks of their own. The key is the handler's id in `running`.
     in_flight: Slab<(Delivery, Option<AbortHandle>)>,
@@ -96,7 +96,6 @@ struct State<C> {
     /// future so that one which never answers can still be accounted for at the
     /// shutdown deadline.
     settle_items: Slab<(Delivery, Finished)>,
-    busy_keys: HashSet<String>,
     metrics: Metrics,
     pacing: Pacing,
 }
@@ -299,18 +298,18 @@ where
         t
     });
     let _depth_gauge = spawn_depth_gauge(&consumer, &config, &queue);
+    let pending = Pending::new(config.ordered_by_key);
     let mut st = State {
         consumer,
         config,
         queue,
         events,
         summary: WorkerSummary::default(),
-        pending: VecDeque::new(),
+        pending,
         in_flight: Slab::new(),
         running: FuturesUnordered::new(),
         settling: FuturesUnordered::new(),
         settle_items: Slab::new(),
-        busy_keys: HashSet::new(),
         metrics,
         pacing,
     };
@@ -340,7 +339,7 @@ where
             let wait = st.config.poll_wait;
             receiving = Some(Box::pin(async move { consumer.receive(max, wait).await }));
         }
-        let can_start = st.running.len() < st.config.concurrency && st.startable().is_some();
+        let can_start = st.running.len() < st.config.concurrency && st.pending.has_startable();
 
         tokio::select! {
             biased;
@@ -361,17 +360,15 @@ where
                         fatal = Some(Error::new(ErrorKind::Backend, "the handler service failed its readiness check").with_source(e));
                         break;
                     }
-                    if let Some(index) = st.startable() {
-                        if let Some(delivery) = st.pending.remove(index) {
-                            let now = Instant::now();
-                            if st.pacing.may_start(&delivery, now) {
-                                st.start(&mut service, delivery, now);
-                            } else {
-                                st.release_unstarted(delivery);
-                            }
+                    if let Some(delivery) = st.pending.pop() {
+                        let now = Instant::now();
+                        if st.pacing.may_start(&delivery, now) {
+                            st.start(&mut service, delivery, now);
+                        } else {
+                            st.release_unstarted(delivery);
                         }
                     }
-                    if st.running.len() >= st.config.concurrency || st.startable().is_none() {
+                    if st.running.len() >= st.config.concurrency || !st.pending.has_startable() {
                         break;
                     }
                     match poll_fn(|cx| service.poll_ready(cx)).now_or_never() {
@@ -412,7 +409,9 @@ where
                         let n = deliveries.len() as u64;
                         st.summary.received += n;
                         st.metrics.received.increment(n);
-                        st.pending.extend(deliveries);
+                        for delivery in deliveries {
+                            st.pending.push(delivery);
+                        }
                     }
                     Err(e) if e.kind() == ErrorKind::Closed => {
                         tracing::info!(queue = %st.queue, "consumer closed; worker stopping");
@@ -464,7 +463,7 @@ where
     // 2: release what was received but not started, all at once (settled alongside
     // the running handlers), so other consumers get it now rather than after its
     // visibility timeout.
-    for delivery in std::mem::take(&mut st.pending) {
+    for delivery in st.pending.drain() {
         st.push_settle(delivery, Finished::unstarted());
     }
     // 3: let running handlers finish, and every ack, nack and release complete, up
@@ -533,27 +532,12 @@ where
 }
 
 impl<C: Consumer + 'static> State<C> {
-    /// Index of the first pending delivery that may start now.
-    fn startable(&self) -> Option<usize> {
-        if !self.config.ordered_by_key || self.busy_keys.is_empty() {
-            return (!self.pending.is_empty()).then_some(0);
-        }
-        self.pending
-            .iter()
-            .position(|d| d.key().map_or(true, |k| !self.busy_keys.contains(k)))
-    }
-
     fn start<S>(&mut self, service: &mut S, delivery: Delivery, now: Instant)
     where
         S: Service<Delivery, Response = ()>,
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
     {
-        if self.config.ordered_by_key {
-            if let Some(key) = delivery.key() {
-                self.busy_keys.insert(key.to_string());
-            }
-        }
         // `info_span!` formats nothing (not even the id) when no subscriber wants it.
         let span = tracing::info_span!(
             "ferrymq.delivery",
@@ -721,7 +705,7 @@ impl<C: Consumer + 'static> State<C> {
 
     /// Account for a delivery whose handler finished and whose settle completed.
     fn settled(&mut self, (delivery, mut finished, result): Settled) {
-        self.release_key(&delivery);
+        self.pending.key_done(&delivery);
         if !matches!(finished.settle, Settle::Release) {
             self.pacing.observe(finished.elapsed);
         }
@@ -752,43 +736,27 @@ impl<C: Consumer + 'static> State<C> {
         self.metrics
             .handler_seconds(finished.outcome)
             .record(finished.elapsed.as_secs_f64());
-        self.report(
-            &delivery,
-            finished.outcome,
-            finished.error,
-            finished.elapsed,
-        );
-    }
-
-    fn release_key(&mut self, delivery: &Delivery) {
-        if self.config.ordered_by_key {
-            if let Some(key) = delivery.key() {
-                self.busy_keys.remove(key);
-            }
-        }
+        self.report(delivery, finished.outcome, finished.error, finished.elapsed);
     }
 
     /// Count, measure and broadcast one outcome.
+    /// The event takes the delivery itself (the worker is done with it): no copy of
+    /// its metadata or message is made, and none is dropped afterwards.
     fn report(
         &mut self,
-        delivery: &Delivery,
+        delivery: Delivery,
         outcome: Outcome,
         error: Option<Arc<str>>,
         elapsed: Duration,
     ) {
         self.summary.count(outcome);
         self.metrics.outcome(outcome).increment(1);
-        // Cloning the message for an event nobody listens to is pure waste.
         if self.events.receiver_count() == 0 {
             return;
         }
-        let _ = self.events.send(WorkerEvent {
-            outcome,
-            meta: delivery.meta().clone(),
-            message: delivery.message().clone(),
-            error,
-            elapsed,
-        });
+        let _ = self
+            .events
+            .send(WorkerEvent::new(outcome, delivery, error, elapsed));
     }
 }
 

@@ -207,7 +207,7 @@ async fn main() -> ferrymq::Result<ExitCode> {
             Ok(Ok(e)) => e,
         };
         let id = event
-            .message
+            .message()
             .decode_json::<Order>()
             .map_or(0, |o: Order| o.id);
         let error = event.error.as_deref().unwrap_or("");

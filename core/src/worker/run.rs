@@ -4,6 +4,7 @@ use std::future::{poll_fn, Future};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::future::{FutureExt, OptionFuture};
@@ -34,7 +35,19 @@ struct Finished {
     /// settle it itself: awaiting an ack would hold a handler slot for a round trip
     /// (and keep the backend's ack batching to `concurrency` acks at most).
     settle: Settle,
+    /// The settle, when the handler's future already tried it.
+    settling: Attempted,
     span: tracing::Span,
+}
+
+/// How far a settle got inside the handler's future.
+enum Attempted {
+    /// Not tried: the worker starts it.
+    No,
+    /// Answered on its first poll (an in-process backend), with the result.
+    Done(Result<()>),
+    /// Sent, not answered: the worker polls it alongside the next handlers.
+    Waiting(BoxFuture<Result<()>>),
 }
 
 impl Finished {
@@ -46,6 +59,7 @@ impl Finished {
             elapsed: Duration::ZERO,
             panicked: false,
             settle: Settle::Release,
+            settling: Attempted::No,
             span: tracing::Span::none(),
         }
     }
@@ -67,6 +81,45 @@ type Settled = (Delivery, Finished, Result<()>);
 
 /// A settle on its way answers with its key in `State::settle_items` and its result.
 type Settling = (usize, Result<()>);
+
+/// A settle in `State::settling`: its key in `State::settle_items` and its future
+/// (no second box around the first).
+struct KeyedSettle {
+    id: usize,
+    future: BoxFuture<Result<()>>,
+}
+
+impl Future for KeyedSettle {
+    type Output = Settling;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Settling> {
+        let id = self.id;
+        self.future.as_mut().poll(cx).map(|result| (id, result))
+    }
+}
+
+/// The settle `settle` asks for, as a future of its own (`'static`: it holds a clone
+/// of the handle, one `Arc`), with the errors that lose nothing mapped to `Ok`.
+fn settle_future(handle: crate::delivery::AckHandle, settle: Settle) -> BoxFuture<Result<()>> {
+    Box::pin(async move {
+        let result = match settle {
+            Settle::Ack => handle.ack().await,
+            Settle::Nack(delay) => handle.nack(delay).await,
+            Settle::Release => handle.release(None).await,
+            Settle::Done => Ok(()),
+        };
+        match (settle, result) {
+            // Given back already (its lease ran out, or the handler settled it
+            // before it was cancelled): nothing was lost.
+            (Settle::Nack(_) | Settle::Release, Err(e))
+                if matches!(e.kind(), ErrorKind::LeaseExpired | ErrorKind::AlreadyAcked) =>
+            {
+                Ok(())
+            }
+            (_, other) => other,
+        }
+    })
+}
 
 /// A handler answers with its key in `State::in_flight` and its report (an error
 /// only for a handler in a task of its own that was cancelled or panicked outside
@@ -91,7 +144,7 @@ struct State<C> {
     /// Handled (or given back unstarted), being acked, nacked or released. Their
     /// leases count against the capacity like running and pending ones, so this set
     /// is bounded by `concurrency + prefetch`.
-    settling: FuturesUnordered<BoxFuture<Settling>>,
+    settling: FuturesUnordered<KeyedSettle>,
     /// The delivery and report of each settle in `settling`, by id: kept out of the
     /// future so that one which never answers can still be accounted for at the
     /// shutdown deadline.
@@ -562,6 +615,7 @@ impl<C: Consumer + 'static> State<C> {
                     elapsed: Duration::ZERO,
                     panicked: true,
                     settle: Settle::Nack(self.config.nack_delay),
+                    settling: Attempted::No,
                     span,
                 };
                 self.push_settle(delivery, finished);
@@ -622,6 +676,7 @@ impl<C: Consumer + 'static> State<C> {
                     elapsed: Duration::ZERO,
                     panicked: false,
                     settle: Settle::Release,
+                    settling: Attempted::No,
                     span: tracing::Span::none(),
                 }),
             ));
@@ -650,42 +705,41 @@ impl<C: Consumer + 'static> State<C> {
                     elapsed: Duration::ZERO,
                     panicked: e.is_panic(),
                     settle,
+                    settling: Attempted::No,
                     span: tracing::Span::none(),
                 }
             }
         };
-        match finished.settle {
-            Settle::Done => self.settled((delivery, finished, Ok(()))),
+        let mut finished = finished;
+        match (
+            finished.settle,
+            std::mem::replace(&mut finished.settling, Attempted::No),
+        ) {
+            (Settle::Done, _) => self.settled((delivery, finished, Ok(()))),
+            // Answered inside the handler's future.
+            (_, Attempted::Done(result)) => self.settled((delivery, finished, result)),
             // Settled off the handler slot; `settle_done` accounts for it when done.
-            _ => self.push_settle(delivery, finished),
+            (_, Attempted::Waiting(future)) => self.push_settling(delivery, finished, future),
+            (_, Attempted::No) => self.push_settle(delivery, finished),
         }
     }
 
     /// Start settling `delivery` as `finished.settle` says, alongside the loop.
     fn push_settle(&mut self, delivery: Delivery, finished: Finished) {
-        let settle = finished.settle;
         // The handle alone (one `Arc`), not a copy of the message.
-        let handle = delivery.acker().clone();
+        let future = settle_future(delivery.acker().clone(), finished.settle);
+        self.push_settling(delivery, finished, future);
+    }
+
+    /// Poll `future`, a settle of `delivery`, alongside the loop.
+    fn push_settling(
+        &mut self,
+        delivery: Delivery,
+        finished: Finished,
+        future: BoxFuture<Result<()>>,
+    ) {
         let id = self.settle_items.insert((delivery, finished));
-        self.settling.push(Box::pin(async move {
-            let result = match settle {
-                Settle::Ack => handle.ack().await,
-                Settle::Nack(delay) => handle.nack(delay).await,
-                Settle::Release => handle.release(None).await,
-                Settle::Done => Ok(()),
-            };
-            let result = match (settle, result) {
-                // Given back already (its lease ran out, or the handler settled it
-                // before it was cancelled): nothing was lost.
-                (Settle::Nack(_) | Settle::Release, Err(e))
-                    if matches!(e.kind(), ErrorKind::LeaseExpired | ErrorKind::AlreadyAcked) =>
-                {
-                    Ok(())
-                }
-                (_, other) => other,
-            };
-            (id, result)
-        }));
+        self.settling.push(KeyedSettle { id, future });
     }
 
     /// A settle from `settling` answered.
@@ -814,12 +868,29 @@ where
     if !span.is_disabled() {
         span.record("outcome", outcome.as_str());
     }
+    // Start the ack or nack here, in the poll that finished the handler: an
+    // in-process backend answers at once, and the worker then has nothing left to
+    // schedule for this delivery (no settle to push, poll and account for apart). A
+    // backend that has to ask over the network answers `Pending`; the future sent
+    // is handed to the worker as it is (never started twice), and the handler's
+    // slot frees all the same.
+    let settling = match settle {
+        Settle::Ack | Settle::Nack(_) => {
+            let mut future = settle_future(acker, settle);
+            match poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await {
+                Poll::Ready(result) => Attempted::Done(result),
+                Poll::Pending => Attempted::Waiting(future),
+            }
+        }
+        Settle::Done | Settle::Release => Attempted::No,
+    };
     Finished {
         outcome,
         error: result.err().map(|e| Arc::from(e.to_string())),
         elapsed,
         panicked,
         settle,
+        settling,
         span,
     }
 }

@@ -392,7 +392,7 @@ where
             let wait = st.config.poll_wait;
             receiving = Some(Box::pin(async move { consumer.receive(max, wait).await }));
         }
-        let can_start = st.running.len() < st.config.concurrency && st.pending.has_startable();
+        let can_start = st.can_start();
 
         tokio::select! {
             biased;
@@ -402,35 +402,29 @@ where
             }
             Some(joined) = st.running.next(), if !st.running.is_empty() => {
                 st.finish(joined);
-            }
-            ready = poll_fn(|cx| service.poll_ready(cx)), if can_start => {
-                // Start as many as there are free slots while the service stays ready,
-                // before the next poll of the running ones: the handlers of a batch
-                // then run (and their acks go out) together.
-                let mut ready = ready.map_err(Into::into);
-                loop {
-                    if let Err(e) = ready {
-                        fatal = Some(Error::new(ErrorKind::Backend, "the handler service failed its readiness check").with_source(e));
-                        break;
-                    }
-                    if let Some(delivery) = st.pending.pop() {
-                        let now = Instant::now();
-                        if st.pacing.may_start(&delivery, now) {
-                            st.start(&mut service, delivery, now);
-                        } else {
-                            st.release_unstarted(delivery);
-                        }
-                    }
-                    if st.running.len() >= st.config.concurrency || !st.pending.has_startable() {
-                        break;
-                    }
-                    match poll_fn(|cx| service.poll_ready(cx)).now_or_never() {
-                        Some(next) => ready = next.map_err(Into::into),
-                        // Not ready yet: the select polls it again with this task's waker.
-                        None => break,
+                // The others that finished in the same round, then the free slots
+                // refilled, in this one pass: a delivery costs one turn of the loop
+                // (and one poll of the shutdown future), not two. Polling without
+                // this task's waker here is safe: the loop polls both again with it
+                // before it can sleep.
+                for _ in 0..st.running.len() {
+                    match st.running.next().now_or_never() {
+                        Some(Some(joined)) => st.finish(joined),
+                        _ => break,
                     }
                 }
-                if fatal.is_some() {
+                if st.can_start() {
+                    if let Some(ready) = poll_fn(|cx| service.poll_ready(cx)).now_or_never() {
+                        if let Err(e) = st.fill(&mut service, ready.map_err(Into::into)) {
+                            fatal = Some(e);
+                            break;
+                        }
+                    }
+                }
+            }
+            ready = poll_fn(|cx| service.poll_ready(cx)), if can_start => {
+                if let Err(e) = st.fill(&mut service, ready.map_err(Into::into)) {
+                    fatal = Some(e);
                     break;
                 }
             }
@@ -585,6 +579,49 @@ where
 }
 
 impl<C: Consumer + 'static> State<C> {
+    /// Whether a slot is free and a delivery may take it.
+    fn can_start(&self) -> bool {
+        self.running.len() < self.config.concurrency && self.pending.has_startable()
+    }
+
+    /// Start as many as there are free slots while the service stays ready, before
+    /// the next poll of the running ones: the handlers of a batch then run (and
+    /// their acks go out) together. `ready` is the service's answer to the poll
+    /// that found it ready; an error there stops the worker.
+    fn fill<S>(&mut self, service: &mut S, ready: std::result::Result<(), BoxError>) -> Result<()>
+    where
+        S: Service<Delivery, Response = ()>,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        let mut ready = ready;
+        loop {
+            if let Err(e) = ready {
+                return Err(Error::new(
+                    ErrorKind::Backend,
+                    "the handler service failed its readiness check",
+                )
+                .with_source(e));
+            }
+            if let Some(delivery) = self.pending.pop() {
+                let now = Instant::now();
+                if self.pacing.may_start(&delivery, now) {
+                    self.start(service, delivery, now);
+                } else {
+                    self.release_unstarted(delivery);
+                }
+            }
+            if !self.can_start() {
+                return Ok(());
+            }
+            match poll_fn(|cx| service.poll_ready(cx)).now_or_never() {
+                Some(next) => ready = next.map_err(Into::into),
+                // Not ready yet: the loop polls it again with this task's waker.
+                None => return Ok(()),
+            }
+        }
+    }
+
     fn start<S>(&mut self, service: &mut S, delivery: Delivery, now: Instant)
     where
         S: Service<Delivery, Response = ()>,

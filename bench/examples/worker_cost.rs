@@ -15,11 +15,16 @@
 //! - `worker`: the `Worker` with the default stack the bench runs (ExtendVisibility +
 //!   RetryToDlq + CatchPanic + Timeout);
 //! - `worker-events`: the same with a `subscribe`d event receiver, as the bench
-//!   counts its deliveries.
+//!   counts its deliveries;
+//! - `keyed`: the `Worker` with `ordered_by_key`, the bare handler, concurrency 8 and
+//!   `--prefetch P` (default 5000), over a read-ahead consumer that hands out
+//!   everything it holds, like a Kafka partition (the memory backend withholds a
+//!   key's later messages while one is in flight, so the worker never sees them):
+//!   N deliveries over 8 keys, so every pick has up to P waiting behind busy keys.
 //!
 //! Per-delivery cost: run twice (N and 2N) and divide the difference by N, which
 //! cancels the fixed costs (runtime, worker start and shutdown). `--concurrency C`
-//! sets the Worker's concurrency (default 1).
+//! sets the Worker's concurrency (default 1; `keyed`: 8).
 
 #![allow(clippy::unwrap_used)]
 
@@ -32,7 +37,10 @@ use ferrymq_core::middleware::{
     handler_fn, CatchPanicLayer, ExtendVisibilityLayer, Outcome, RetryToDlqLayer,
 };
 use ferrymq_core::worker::Worker;
-use ferrymq_core::{BoxError, Consumer, Delivery, Message, Producer};
+use ferrymq_core::{
+    Ack, AckHandle, BoxError, Capabilities, Consumer, Delivery, DeliveryMeta, Depth, Message,
+    Producer,
+};
 use tower::util::BoxService;
 use tower::ServiceBuilder;
 
@@ -50,10 +58,13 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let mode = args.next().unwrap_or_else(|| "worker".into());
     let n: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(20_000);
-    let mut concurrency = 1;
+    let mut concurrency = if mode == "keyed" { 8 } else { 1 };
+    let mut prefetch = 5000;
     while let Some(a) = args.next() {
         if a == "--concurrency" {
             concurrency = args.next().and_then(|s| s.parse().ok()).unwrap_or(1);
+        } else if a == "--prefetch" {
+            prefetch = args.next().and_then(|s| s.parse().ok()).unwrap_or(5000);
         }
     }
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -68,6 +79,13 @@ fn main() {
     let dlq = MemoryConfig::new(format!("{queue}-dlq"))
         .producer()
         .unwrap();
+    if mode == "keyed" {
+        let consumer = ReadAhead::new(n, 8);
+        let handled = measured_keyed(&rt, n, concurrency, prefetch, consumer);
+        assert_eq!(handled, n, "handled");
+        eprintln!("{mode}: {n} deliveries handled");
+        return;
+    }
     rt.block_on(async {
         let mut sent = 0;
         while sent < n {
@@ -161,5 +179,114 @@ fn measured(
             }
             other => panic!("unknown mode {other:?} (traits, bare, worker, worker-events)"),
         }
+    })
+}
+
+/// A consumer that hands out whatever it holds, keys or not (a Kafka partition read
+/// ahead), so that per-key order is the worker's job alone.
+#[derive(Debug)]
+struct ReadAhead {
+    ready: std::sync::Mutex<std::collections::VecDeque<Delivery>>,
+    caps: Capabilities,
+}
+
+#[derive(Debug)]
+struct NoopAck;
+
+#[async_trait::async_trait]
+impl Ack for NoopAck {
+    async fn ack(&self) -> ferrymq_core::Result<()> {
+        Ok(())
+    }
+    async fn nack(&self, _: Option<Duration>) -> ferrymq_core::Result<()> {
+        Ok(())
+    }
+    async fn extend(&self, _: Duration) -> ferrymq_core::Result<()> {
+        Ok(())
+    }
+}
+
+impl ReadAhead {
+    fn new(n: u64, keys: u64) -> Self {
+        let queue: Arc<str> = "read-ahead".into();
+        let ready = (0..n)
+            .map(|i| {
+                let message = Message::new(payload(100, i)).key(format!("k{}", i % keys));
+                let meta =
+                    DeliveryMeta::new(i.to_string(), 1, std::time::SystemTime::now(), queue.clone());
+                Delivery::new(message, meta, AckHandle::new(NoopAck))
+            })
+            .collect();
+        let mut caps = Capabilities::minimal("read-ahead");
+        caps.max_batch = 1000;
+        ReadAhead {
+            ready: std::sync::Mutex::new(ready),
+            caps,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Consumer for ReadAhead {
+    async fn receive(&self, max: usize, wait: Duration) -> ferrymq_core::Result<Vec<Delivery>> {
+        let batch: Vec<Delivery> = {
+            let mut ready = self.ready.lock().unwrap();
+            let n = max.min(ready.len());
+            ready.drain(..n).collect()
+        };
+        if batch.is_empty() {
+            tokio::time::sleep(wait).await;
+        }
+        Ok(batch)
+    }
+    async fn depth(&self) -> ferrymq_core::Result<Depth> {
+        Err(ferrymq_core::Error::new(
+            ferrymq_core::ErrorKind::Unsupported,
+            "no depth",
+        ))
+    }
+    async fn close(&self) -> ferrymq_core::Result<()> {
+        Ok(())
+    }
+    fn queue(&self) -> &str {
+        "read-ahead"
+    }
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+}
+
+#[inline(never)]
+fn measured_keyed(
+    rt: &tokio::runtime::Runtime,
+    n: u64,
+    concurrency: usize,
+    prefetch: usize,
+    consumer: ReadAhead,
+) -> u64 {
+    rt.block_on(async move {
+        let count = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(tokio::sync::Notify::new());
+        let (c2, d2) = (count.clone(), done.clone());
+        let handler = handler_fn(move |d: Delivery| {
+            let (count, done) = (c2.clone(), d2.clone());
+            async move {
+                handle(d.payload());
+                if count.fetch_add(1, Ordering::Relaxed) + 1 == n {
+                    done.notify_one();
+                }
+                Ok::<_, BoxError>(())
+            }
+        });
+        let summary = Worker::new(consumer)
+            .concurrency(concurrency)
+            .prefetch(prefetch)
+            .ordered_by_key(true)
+            .depth_interval(None)
+            .run_until(handler, async move { done.notified().await })
+            .await
+            .unwrap();
+        assert_eq!(summary.failed, 0);
+        count.load(Ordering::Relaxed)
     })
 }

@@ -98,15 +98,15 @@ async fn work(
         let Ok(Ok(event)) = tokio::time::timeout_at(deadline, events.recv()).await else {
             break;
         };
-        let id = event.message.decode_json::<Order>().map_or(0, |o| o.id);
+        let id = event.message().decode_json::<Order>().map_or(0, |o| o.id);
         println!(
             "  order {id}  attempt {}  {:<13} {}",
-            event.meta.attempt,
+            event.attempt(),
             event.outcome.to_string(),
             event.error.as_deref().unwrap_or("")
         );
         if matches!(event.outcome, Outcome::Succeeded | Outcome::DeadLettered) {
-            finals.push((id, event.outcome, event.meta.attempt));
+            finals.push((id, event.outcome, event.attempt()));
         }
     }
     let _ = stop.send(());

@@ -207,7 +207,7 @@ async fn main() -> ferrymq::Result<ExitCode> {
             Ok(Ok(e)) => e,
         };
         let id = event
-            .message
+            .message()
             .decode_json::<Order>()
             .map_or(0, |o: Order| o.id);
         let error = event.error.as_deref().unwrap_or("");
@@ -220,7 +220,7 @@ async fn main() -> ferrymq::Result<ExitCode> {
         }
         println!(
             "  order {id:>2}  attempt {}  {:<13} {:>5} ms  {error}",
-            event.meta.attempt,
+            event.attempt(),
             event.outcome.to_string(),
             event.elapsed.as_millis()
         );

@@ -327,7 +327,7 @@ pub async fn run_worker(
                 Ok(event) => {
                     return Err(anyhow!(
                         "delivery {} ended {:?}: {}",
-                        event.meta.id,
+                        event.meta().id,
                         event.outcome,
                         event.error.as_deref().unwrap_or_default()
                     ))

@@ -319,7 +319,7 @@ fn received(
 }
 
 fn on_invoice_event(e: &WorkerEvent, tally: &mut Tally, clock: &Clock, quiet: bool) {
-    let order: Option<Order> = e.message.decode_json().ok();
+    let order: Option<Order> = e.message().decode_json().ok();
     let id = order
         .as_ref()
         .map_or("?", |o| o.order_id.as_str())
@@ -334,7 +334,7 @@ fn on_invoice_event(e: &WorkerEvent, tally: &mut Tally, clock: &Clock, quiet: bo
                 .map_or(String::new(), |o| money(o.total_cents, &o.currency));
             format!(
                 "ok     {id} invoiced ({amount}, attempt {}, {} ms)",
-                e.meta.attempt,
+                e.attempt(),
                 e.elapsed.as_millis()
             )
         }
@@ -342,7 +342,7 @@ fn on_invoice_event(e: &WorkerEvent, tally: &mut Tally, clock: &Clock, quiet: bo
             tally.retries += 1;
             format!(
                 "retry  {id} attempt {} failed: {error}; redelivery in {} ms",
-                e.meta.attempt,
+                e.attempt(),
                 after.as_millis()
             )
         }
@@ -351,7 +351,7 @@ fn on_invoice_event(e: &WorkerEvent, tally: &mut Tally, clock: &Clock, quiet: bo
             tally.dead_lettered.push(id.clone());
             format!(
                 "DLQ    {id} dead-lettered after {} attempts: {error}",
-                e.meta.attempt
+                e.attempt()
             )
         }
         Outcome::Deduplicated => {
@@ -368,7 +368,7 @@ fn on_invoice_event(e: &WorkerEvent, tally: &mut Tally, clock: &Clock, quiet: bo
 }
 
 fn on_email_event(e: &WorkerEvent, tally: &mut Tally, clock: &Clock, quiet: bool) {
-    let invoice: Option<Invoice> = e.message.decode_json().ok();
+    let invoice: Option<Invoice> = e.message().decode_json().ok();
     let line = match (&e.outcome, &invoice) {
         (Outcome::Succeeded, Some(inv)) => {
             tally.emailed += 1;

@@ -35,8 +35,10 @@
 //!   never exceed `concurrency + prefetch`; nothing is received beyond that. Receives
 //!   come in batches, once the prefetched buffer has drained to half.
 //! - **Acks off the handler slot**: a handler's slot frees when it returns; the
-//!   worker's ack or nack runs alongside the next handlers (so a networked backend can
-//!   batch them), and graceful shutdown waits for every one of them.
+//!   worker's ack or nack is started in that same poll (an in-process backend answers
+//!   at once, and nothing more is scheduled for the delivery) and otherwise runs
+//!   alongside the next handlers (so a networked backend can batch them); graceful
+//!   shutdown waits for every one of them.
 //! - **Settling**: a handler returning `Ok` with its delivery unsettled gets it acked;
 //!   an `Err` gets it nacked (after `nack_delay`). Middleware that settle themselves
 //!   ([`RetryToDlq`](crate::middleware::RetryToDlq), [`Dedup`](crate::middleware::Dedup))
@@ -49,7 +51,9 @@
 //!   [`Worker::handler_tasks`] (a tokio task each, spread over the runtime's threads)
 //!   or move the work to `spawn_blocking`.
 //! - **Per-key order** (opt-in): deliveries with the same key run one at a time in
-//!   receive order; different keys run in parallel.
+//!   receive order; different keys run in parallel. A delivery whose key is busy waits
+//!   in its key's own queue, so picking the next one to start costs the same whatever
+//!   the prefetch holds for busy keys.
 //! - **Graceful shutdown**: when the shutdown future completes, receiving stops (the
 //!   consumer is closed), deliveries received but not started are
 //!   [released](crate::Delivery::release) all at once, running handlers get until the
@@ -82,6 +86,7 @@ pub mod autoscale;
 mod builder;
 mod events;
 mod health;
+mod pending;
 mod run;
 mod summary;
 

@@ -1,10 +1,10 @@
 //! The worker loop.
 
-use std::collections::{HashSet, VecDeque};
 use std::future::{poll_fn, Future};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::future::{FutureExt, OptionFuture};
@@ -17,6 +17,7 @@ use tracing::Instrument;
 
 use super::autoscale::{self, Autoscaler, Load};
 use super::builder::{Config, Worker};
+use super::pending::Pending;
 use super::{WorkerEvent, WorkerSummary};
 use crate::consumer::Consumer;
 use crate::delivery::Delivery;
@@ -34,7 +35,19 @@ struct Finished {
     /// settle it itself: awaiting an ack would hold a handler slot for a round trip
     /// (and keep the backend's ack batching to `concurrency` acks at most).
     settle: Settle,
+    /// The settle, when the handler's future already tried it.
+    settling: Attempted,
     span: tracing::Span,
+}
+
+/// How far a settle got inside the handler's future.
+enum Attempted {
+    /// Not tried: the worker starts it.
+    No,
+    /// Answered on its first poll (an in-process backend), with the result.
+    Done(Result<()>),
+    /// Sent, not answered: the worker polls it alongside the next handlers.
+    Waiting(BoxFuture<Result<()>>),
 }
 
 impl Finished {
@@ -46,6 +59,7 @@ impl Finished {
             elapsed: Duration::ZERO,
             panicked: false,
             settle: Settle::Release,
+            settling: Attempted::No,
             span: tracing::Span::none(),
         }
     }
@@ -68,6 +82,45 @@ type Settled = (Delivery, Finished, Result<()>);
 /// A settle on its way answers with its key in `State::settle_items` and its result.
 type Settling = (usize, Result<()>);
 
+/// A settle in `State::settling`: its key in `State::settle_items` and its future
+/// (no second box around the first).
+struct KeyedSettle {
+    id: usize,
+    future: BoxFuture<Result<()>>,
+}
+
+impl Future for KeyedSettle {
+    type Output = Settling;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Settling> {
+        let id = self.id;
+        self.future.as_mut().poll(cx).map(|result| (id, result))
+    }
+}
+
+/// The settle `settle` asks for, as a future of its own (`'static`: it holds a clone
+/// of the handle, one `Arc`), with the errors that lose nothing mapped to `Ok`.
+fn settle_future(handle: crate::delivery::AckHandle, settle: Settle) -> BoxFuture<Result<()>> {
+    Box::pin(async move {
+        let result = match settle {
+            Settle::Ack => handle.ack().await,
+            Settle::Nack(delay) => handle.nack(delay).await,
+            Settle::Release => handle.release(None).await,
+            Settle::Done => Ok(()),
+        };
+        match (settle, result) {
+            // Given back already (its lease ran out, or the handler settled it
+            // before it was cancelled): nothing was lost.
+            (Settle::Nack(_) | Settle::Release, Err(e))
+                if matches!(e.kind(), ErrorKind::LeaseExpired | ErrorKind::AlreadyAcked) =>
+            {
+                Ok(())
+            }
+            (_, other) => other,
+        }
+    })
+}
+
 /// A handler answers with its key in `State::in_flight` and its report (an error
 /// only for a handler in a task of its own that was cancelled or panicked outside
 /// the handler).
@@ -80,8 +133,8 @@ struct State<C> {
     queue: Arc<str>,
     events: tokio::sync::broadcast::Sender<WorkerEvent>,
     summary: WorkerSummary,
-    /// Received, not started.
-    pending: VecDeque<Delivery>,
+    /// Received, not started (and, with per-key order, which of them may start).
+    pending: Pending,
     /// Started: the delivery, and the abort handle of its task when handlers run in
     /// tasks of their own. The key is the handler's id in `running`.
     in_flight: Slab<(Delivery, Option<AbortHandle>)>,
@@ -91,12 +144,11 @@ struct State<C> {
     /// Handled (or given back unstarted), being acked, nacked or released. Their
     /// leases count against the capacity like running and pending ones, so this set
     /// is bounded by `concurrency + prefetch`.
-    settling: FuturesUnordered<BoxFuture<Settling>>,
+    settling: FuturesUnordered<KeyedSettle>,
     /// The delivery and report of each settle in `settling`, by id: kept out of the
     /// future so that one which never answers can still be accounted for at the
     /// shutdown deadline.
     settle_items: Slab<(Delivery, Finished)>,
-    busy_keys: HashSet<String>,
     metrics: Metrics,
     pacing: Pacing,
 }
@@ -299,18 +351,18 @@ where
         t
     });
     let _depth_gauge = spawn_depth_gauge(&consumer, &config, &queue);
+    let pending = Pending::new(config.ordered_by_key);
     let mut st = State {
         consumer,
         config,
         queue,
         events,
         summary: WorkerSummary::default(),
-        pending: VecDeque::new(),
+        pending,
         in_flight: Slab::new(),
         running: FuturesUnordered::new(),
         settling: FuturesUnordered::new(),
         settle_items: Slab::new(),
-        busy_keys: HashSet::new(),
         metrics,
         pacing,
     };
@@ -340,7 +392,7 @@ where
             let wait = st.config.poll_wait;
             receiving = Some(Box::pin(async move { consumer.receive(max, wait).await }));
         }
-        let can_start = st.running.len() < st.config.concurrency && st.startable().is_some();
+        let can_start = st.can_start();
 
         tokio::select! {
             biased;
@@ -350,37 +402,29 @@ where
             }
             Some(joined) = st.running.next(), if !st.running.is_empty() => {
                 st.finish(joined);
-            }
-            ready = poll_fn(|cx| service.poll_ready(cx)), if can_start => {
-                // Start as many as there are free slots while the service stays ready,
-                // before the next poll of the running ones: the handlers of a batch
-                // then run (and their acks go out) together.
-                let mut ready = ready.map_err(Into::into);
-                loop {
-                    if let Err(e) = ready {
-                        fatal = Some(Error::new(ErrorKind::Backend, "the handler service failed its readiness check").with_source(e));
-                        break;
-                    }
-                    if let Some(index) = st.startable() {
-                        if let Some(delivery) = st.pending.remove(index) {
-                            let now = Instant::now();
-                            if st.pacing.may_start(&delivery, now) {
-                                st.start(&mut service, delivery, now);
-                            } else {
-                                st.release_unstarted(delivery);
-                            }
-                        }
-                    }
-                    if st.running.len() >= st.config.concurrency || st.startable().is_none() {
-                        break;
-                    }
-                    match poll_fn(|cx| service.poll_ready(cx)).now_or_never() {
-                        Some(next) => ready = next.map_err(Into::into),
-                        // Not ready yet: the select polls it again with this task's waker.
-                        None => break,
+                // The others that finished in the same round, then the free slots
+                // refilled, in this one pass: a delivery costs one turn of the loop
+                // (and one poll of the shutdown future), not two. Polling without
+                // this task's waker here is safe: the loop polls both again with it
+                // before it can sleep.
+                for _ in 0..st.running.len() {
+                    match st.running.next().now_or_never() {
+                        Some(Some(joined)) => st.finish(joined),
+                        _ => break,
                     }
                 }
-                if fatal.is_some() {
+                if st.can_start() {
+                    if let Some(ready) = poll_fn(|cx| service.poll_ready(cx)).now_or_never() {
+                        if let Err(e) = st.fill(&mut service, ready.map_err(Into::into)) {
+                            fatal = Some(e);
+                            break;
+                        }
+                    }
+                }
+            }
+            ready = poll_fn(|cx| service.poll_ready(cx)), if can_start => {
+                if let Err(e) = st.fill(&mut service, ready.map_err(Into::into)) {
+                    fatal = Some(e);
                     break;
                 }
             }
@@ -412,7 +456,9 @@ where
                         let n = deliveries.len() as u64;
                         st.summary.received += n;
                         st.metrics.received.increment(n);
-                        st.pending.extend(deliveries);
+                        for delivery in deliveries {
+                            st.pending.push(delivery);
+                        }
                     }
                     Err(e) if e.kind() == ErrorKind::Closed => {
                         tracing::info!(queue = %st.queue, "consumer closed; worker stopping");
@@ -464,7 +510,7 @@ where
     // 2: release what was received but not started, all at once (settled alongside
     // the running handlers), so other consumers get it now rather than after its
     // visibility timeout.
-    for delivery in std::mem::take(&mut st.pending) {
+    for delivery in st.pending.drain() {
         st.push_settle(delivery, Finished::unstarted());
     }
     // 3: let running handlers finish, and every ack, nack and release complete, up
@@ -533,14 +579,47 @@ where
 }
 
 impl<C: Consumer + 'static> State<C> {
-    /// Index of the first pending delivery that may start now.
-    fn startable(&self) -> Option<usize> {
-        if !self.config.ordered_by_key || self.busy_keys.is_empty() {
-            return (!self.pending.is_empty()).then_some(0);
+    /// Whether a slot is free and a delivery may take it.
+    fn can_start(&self) -> bool {
+        self.running.len() < self.config.concurrency && self.pending.has_startable()
+    }
+
+    /// Start as many as there are free slots while the service stays ready, before
+    /// the next poll of the running ones: the handlers of a batch then run (and
+    /// their acks go out) together. `ready` is the service's answer to the poll
+    /// that found it ready; an error there stops the worker.
+    fn fill<S>(&mut self, service: &mut S, ready: std::result::Result<(), BoxError>) -> Result<()>
+    where
+        S: Service<Delivery, Response = ()>,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        let mut ready = ready;
+        loop {
+            if let Err(e) = ready {
+                return Err(Error::new(
+                    ErrorKind::Backend,
+                    "the handler service failed its readiness check",
+                )
+                .with_source(e));
+            }
+            if let Some(delivery) = self.pending.pop() {
+                let now = Instant::now();
+                if self.pacing.may_start(&delivery, now) {
+                    self.start(service, delivery, now);
+                } else {
+                    self.release_unstarted(delivery);
+                }
+            }
+            if !self.can_start() {
+                return Ok(());
+            }
+            match poll_fn(|cx| service.poll_ready(cx)).now_or_never() {
+                Some(next) => ready = next.map_err(Into::into),
+                // Not ready yet: the loop polls it again with this task's waker.
+                None => return Ok(()),
+            }
         }
-        self.pending
-            .iter()
-            .position(|d| d.key().map_or(true, |k| !self.busy_keys.contains(k)))
     }
 
     fn start<S>(&mut self, service: &mut S, delivery: Delivery, now: Instant)
@@ -549,11 +628,6 @@ impl<C: Consumer + 'static> State<C> {
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
     {
-        if self.config.ordered_by_key {
-            if let Some(key) = delivery.key() {
-                self.busy_keys.insert(key.to_string());
-            }
-        }
         // `info_span!` formats nothing (not even the id) when no subscriber wants it.
         let span = tracing::info_span!(
             "ferrymq.delivery",
@@ -578,6 +652,7 @@ impl<C: Consumer + 'static> State<C> {
                     elapsed: Duration::ZERO,
                     panicked: true,
                     settle: Settle::Nack(self.config.nack_delay),
+                    settling: Attempted::No,
                     span,
                 };
                 self.push_settle(delivery, finished);
@@ -638,6 +713,7 @@ impl<C: Consumer + 'static> State<C> {
                     elapsed: Duration::ZERO,
                     panicked: false,
                     settle: Settle::Release,
+                    settling: Attempted::No,
                     span: tracing::Span::none(),
                 }),
             ));
@@ -666,42 +742,41 @@ impl<C: Consumer + 'static> State<C> {
                     elapsed: Duration::ZERO,
                     panicked: e.is_panic(),
                     settle,
+                    settling: Attempted::No,
                     span: tracing::Span::none(),
                 }
             }
         };
-        match finished.settle {
-            Settle::Done => self.settled((delivery, finished, Ok(()))),
+        let mut finished = finished;
+        match (
+            finished.settle,
+            std::mem::replace(&mut finished.settling, Attempted::No),
+        ) {
+            (Settle::Done, _) => self.settled((delivery, finished, Ok(()))),
+            // Answered inside the handler's future.
+            (_, Attempted::Done(result)) => self.settled((delivery, finished, result)),
             // Settled off the handler slot; `settle_done` accounts for it when done.
-            _ => self.push_settle(delivery, finished),
+            (_, Attempted::Waiting(future)) => self.push_settling(delivery, finished, future),
+            (_, Attempted::No) => self.push_settle(delivery, finished),
         }
     }
 
     /// Start settling `delivery` as `finished.settle` says, alongside the loop.
     fn push_settle(&mut self, delivery: Delivery, finished: Finished) {
-        let settle = finished.settle;
         // The handle alone (one `Arc`), not a copy of the message.
-        let handle = delivery.acker().clone();
+        let future = settle_future(delivery.acker().clone(), finished.settle);
+        self.push_settling(delivery, finished, future);
+    }
+
+    /// Poll `future`, a settle of `delivery`, alongside the loop.
+    fn push_settling(
+        &mut self,
+        delivery: Delivery,
+        finished: Finished,
+        future: BoxFuture<Result<()>>,
+    ) {
         let id = self.settle_items.insert((delivery, finished));
-        self.settling.push(Box::pin(async move {
-            let result = match settle {
-                Settle::Ack => handle.ack().await,
-                Settle::Nack(delay) => handle.nack(delay).await,
-                Settle::Release => handle.release(None).await,
-                Settle::Done => Ok(()),
-            };
-            let result = match (settle, result) {
-                // Given back already (its lease ran out, or the handler settled it
-                // before it was cancelled): nothing was lost.
-                (Settle::Nack(_) | Settle::Release, Err(e))
-                    if matches!(e.kind(), ErrorKind::LeaseExpired | ErrorKind::AlreadyAcked) =>
-                {
-                    Ok(())
-                }
-                (_, other) => other,
-            };
-            (id, result)
-        }));
+        self.settling.push(KeyedSettle { id, future });
     }
 
     /// A settle from `settling` answered.
@@ -721,7 +796,7 @@ impl<C: Consumer + 'static> State<C> {
 
     /// Account for a delivery whose handler finished and whose settle completed.
     fn settled(&mut self, (delivery, mut finished, result): Settled) {
-        self.release_key(&delivery);
+        self.pending.key_done(&delivery);
         if !matches!(finished.settle, Settle::Release) {
             self.pacing.observe(finished.elapsed);
         }
@@ -752,43 +827,27 @@ impl<C: Consumer + 'static> State<C> {
         self.metrics
             .handler_seconds(finished.outcome)
             .record(finished.elapsed.as_secs_f64());
-        self.report(
-            &delivery,
-            finished.outcome,
-            finished.error,
-            finished.elapsed,
-        );
-    }
-
-    fn release_key(&mut self, delivery: &Delivery) {
-        if self.config.ordered_by_key {
-            if let Some(key) = delivery.key() {
-                self.busy_keys.remove(key);
-            }
-        }
+        self.report(delivery, finished.outcome, finished.error, finished.elapsed);
     }
 
     /// Count, measure and broadcast one outcome.
+    /// The event takes the delivery itself (the worker is done with it): no copy of
+    /// its metadata or message is made, and none is dropped afterwards.
     fn report(
         &mut self,
-        delivery: &Delivery,
+        delivery: Delivery,
         outcome: Outcome,
         error: Option<Arc<str>>,
         elapsed: Duration,
     ) {
         self.summary.count(outcome);
         self.metrics.outcome(outcome).increment(1);
-        // Cloning the message for an event nobody listens to is pure waste.
         if self.events.receiver_count() == 0 {
             return;
         }
-        let _ = self.events.send(WorkerEvent {
-            outcome,
-            meta: delivery.meta().clone(),
-            message: delivery.message().clone(),
-            error,
-            elapsed,
-        });
+        let _ = self
+            .events
+            .send(WorkerEvent::new(outcome, delivery, error, elapsed));
     }
 }
 
@@ -846,12 +905,29 @@ where
     if !span.is_disabled() {
         span.record("outcome", outcome.as_str());
     }
+    // Start the ack or nack here, in the poll that finished the handler: an
+    // in-process backend answers at once, and the worker then has nothing left to
+    // schedule for this delivery (no settle to push, poll and account for apart). A
+    // backend that has to ask over the network answers `Pending`; the future sent
+    // is handed to the worker as it is (never started twice), and the handler's
+    // slot frees all the same.
+    let settling = match settle {
+        Settle::Ack | Settle::Nack(_) => {
+            let mut future = settle_future(acker, settle);
+            match poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await {
+                Poll::Ready(result) => Attempted::Done(result),
+                Poll::Pending => Attempted::Waiting(future),
+            }
+        }
+        Settle::Done | Settle::Release => Attempted::No,
+    };
     Finished {
         outcome,
         error: result.err().map(|e| Arc::from(e.to_string())),
         elapsed,
         panicked,
         settle,
+        settling,
         span,
     }
 }

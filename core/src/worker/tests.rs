@@ -64,8 +64,8 @@ async fn acks_on_ok_nacks_on_err_and_broadcasts_events() {
     while let Ok(e) = events.try_recv() {
         got.push((
             e.outcome,
-            String::from_utf8_lossy(e.message.payload()).into_owned(),
-            e.meta.attempt,
+            String::from_utf8_lossy(e.payload()).into_owned(),
+            e.attempt(),
             e.error.map(|e| e.to_string()),
         ));
     }
@@ -425,6 +425,101 @@ async fn per_key_order_holds_with_concurrency_8_and_keys_run_in_parallel() {
         peak.load(Ordering::SeqCst),
         8,
         "different keys ran in parallel"
+    );
+}
+
+/// A large prefetch behind one hot key: the hot key's deliveries wait in their own
+/// queue (they are never scanned again on each start), the other keys and the
+/// keyless deliveries behind them run in parallel alongside the hot key, and every
+/// key is still handled one at a time in receive order.
+#[tokio::test(start_paused = true)]
+async fn per_key_order_and_parallelism_hold_with_a_large_prefetch_behind_a_hot_key() {
+    let (hot, cold_keys, per_cold, keyless) = (400u32, 16usize, 25u32, 40u32);
+    let mut messages: Vec<Message> = (0..hot)
+        .map(|seq| Message::new(seq.to_string()).key("key-hot"))
+        .collect();
+    for seq in 0..per_cold {
+        for k in 0..cold_keys {
+            messages.push(Message::new(seq.to_string()).key(format!("key-{k}")));
+        }
+    }
+    messages.extend((0..keyless).map(|seq| Message::new(seq.to_string())));
+    let total = messages.len();
+    let consumer = Unordered::new(messages);
+    let acks = consumer.acks.clone();
+    // (key, seq, finished at) in completion order; per key, how many run now.
+    let log: Arc<Mutex<Vec<(String, u32, tokio::time::Instant)>>> = Arc::default();
+    let running_per_key: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let (running, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let svc = {
+        let (log, per_key) = (log.clone(), running_per_key.clone());
+        let (running, peak) = (running.clone(), peak.clone());
+        handler_fn(move |d: Delivery| {
+            let (log, per_key) = (log.clone(), per_key.clone());
+            let (running, peak) = (running.clone(), peak.clone());
+            async move {
+                let key = d.key().unwrap_or("").to_string();
+                if !key.is_empty() {
+                    let mut per_key = per_key.lock().unwrap();
+                    let n = per_key.entry(key.clone()).or_default();
+                    if *n != 0 {
+                        return Err(format!("two deliveries of {key} ran at once").into());
+                    }
+                    *n += 1;
+                }
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                let seq: u32 = body(&d).parse()?;
+                tokio::time::sleep(Duration::from_millis(10 + u64::from(seq % 7))).await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                if !key.is_empty() {
+                    *per_key.lock().unwrap().get_mut(&key).unwrap() -= 1;
+                }
+                log.lock()
+                    .unwrap()
+                    .push((key, seq, tokio::time::Instant::now()));
+                Ok::<_, BoxError>(())
+            }
+        })
+    };
+    let summary = Worker::new(consumer)
+        .concurrency(8)
+        .prefetch(5000)
+        .ordered_by_key(true)
+        .run_until(svc, tokio::time::sleep(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert_eq!(summary.succeeded, total as u64);
+    assert_eq!(acks.acks.load(Ordering::SeqCst), total);
+    let log = log.lock().unwrap();
+    assert_eq!(log.len(), total);
+    let mut next: HashMap<&str, u32> = HashMap::new();
+    for (key, seq, _) in log.iter().filter(|(k, _, _)| !k.is_empty()) {
+        let expected = next.entry(key).or_default();
+        assert_eq!(*seq, *expected, "{key} out of order");
+        *expected += 1;
+    }
+    assert_eq!(next.len(), cold_keys + 1);
+    assert_eq!(
+        peak.load(Ordering::SeqCst),
+        8,
+        "different keys ran in parallel"
+    );
+    // The others did not wait behind the hot key: they were all done while it had
+    // most of its 400 (at 10+ ms each, one at a time) still to go.
+    let last_other = log
+        .iter()
+        .filter(|(k, _, _)| k != "key-hot")
+        .map(|(_, _, at)| *at)
+        .max()
+        .unwrap();
+    let hot_done_by_then = log
+        .iter()
+        .filter(|(k, _, at)| k == "key-hot" && *at <= last_other)
+        .count();
+    assert!(
+        hot_done_by_then < hot as usize / 2,
+        "{hot_done_by_then} of the hot key's {hot} were done before the other keys finished"
     );
 }
 

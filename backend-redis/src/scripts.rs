@@ -348,14 +348,17 @@ return out
 /// recognised by being still in the stream.
 ///
 /// KEYS: leases, revoked, ready streams (level 0 first)
-/// ARGV: group, n, the n delivery counters, then per level: level, k, k stream ids
-/// (ids in the same order as the counters).
+/// ARGV: group, n, the n delivery counters in one argument (decimal, each followed
+/// by a comma), then per level: level, k, k stream ids (ids in the same order as the
+/// counters). The counters are one argument because only the slow path reads them:
+/// each argument costs the server ~0.1 µs to hand to Lua, as much as an `XACK`'s
+/// work per id.
 /// Returns n when all were acked, else 1 (acked) or 0 (lease gone) per entry.
 const ACK: &str = r#"
 local group = ARGV[1]
 local n = tonumber(ARGV[2])
 local segs = {}
-local i, idx = 3 + n, 0
+local i, idx = 4, 0
 while i <= #ARGV do
   local k = tonumber(ARGV[i + 1])
   segs[#segs + 1] = {tonumber(ARGV[i]), i + 2, idx, k}
@@ -406,6 +409,8 @@ if not has_leases and not has_revoked then
 end
 
 -- Slow path, entry by entry (entries the fast path finished count as acked).
+local counts = {}
+for c in string.gmatch(ARGV[3], '(%d+),') do counts[#counts + 1] = tonumber(c) end
 local res = {}
 for si, seg in ipairs(segs) do
   local lvl, key = seg[1], KEYS[3 + seg[1]]
@@ -413,7 +418,7 @@ for si, seg in ipairs(segs) do
     local at = seg[3] + j + 1
     local argi = seg[2] + j
     local id = ARGV[argi]
-    local count = tonumber(ARGV[2 + at])
+    local count = counts[at]
     if done_upto[si] and argi <= done_upto[si] then
       res[at] = 1
     elseif broken and broken[1] == si and argi >= broken[2] and argi <= broken[3] then

@@ -6,6 +6,7 @@
 //! bumps the counter, so a stale handle gets `LeaseExpired` instead of acking a
 //! message another consumer is working on.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,10 +74,12 @@ async fn flush(shared: &Shared, batch: &[AckItem]) -> Result<Vec<bool>> {
     for k in &keys.ready {
         cmd.arg(k);
     }
-    cmd.arg(&shared.config.group).arg(batch.len());
+    let mut counts = String::with_capacity(batch.len() * 2);
     for &i in &order {
-        cmd.arg(batch[i].deliveries);
+        // Writing to a String cannot fail.
+        let _ = write!(counts, "{},", batch[i].deliveries);
     }
+    cmd.arg(&shared.config.group).arg(batch.len()).arg(counts);
     let mut start = 0;
     while start < order.len() {
         let level = batch[order[start]].level;

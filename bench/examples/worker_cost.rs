@@ -212,8 +212,12 @@ impl ReadAhead {
         let ready = (0..n)
             .map(|i| {
                 let message = Message::new(payload(100, i)).key(format!("k{}", i % keys));
-                let meta =
-                    DeliveryMeta::new(i.to_string(), 1, std::time::SystemTime::now(), queue.clone());
+                let meta = DeliveryMeta::new(
+                    i.to_string(),
+                    1,
+                    std::time::SystemTime::now(),
+                    queue.clone(),
+                );
                 Delivery::new(message, meta, AckHandle::new(NoopAck))
             })
             .collect();

@@ -173,14 +173,19 @@ struct State<C> {
 /// could be handling; sizing the prefetch costs nothing.
 struct Pacing {
     visibility: Option<Duration>,
+    /// The largest [`start_margin`](Pacing::start_margin) can be (half the
+    /// visibility timeout): a lease with that much left needs no closer look.
+    most_margin: Duration,
     /// Moving average of handler time, in seconds; `None` before the first one.
     handler_secs: Option<f64>,
 }
 
 impl Pacing {
     fn new(visibility: Option<Duration>) -> Self {
+        let visibility = visibility.filter(|v| !v.is_zero());
         Pacing {
-            visibility: visibility.filter(|v| !v.is_zero()),
+            visibility,
+            most_margin: visibility.map_or(Duration::ZERO, |v| v / 2),
             handler_secs: None,
         }
     }
@@ -239,7 +244,12 @@ impl Pacing {
             return false;
         }
         match acker.lease_deadline() {
-            Some(deadline) => deadline.saturating_duration_since(now) >= self.start_margin(),
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(now);
+                // Most leases start with far more left than any margin: skip its
+                // floating-point arithmetic for those.
+                left >= self.most_margin || left >= self.start_margin()
+            }
             None => true,
         }
     }

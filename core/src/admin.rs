@@ -2,7 +2,7 @@
 //! purge, peek, redrive, lag, offset reset.
 //!
 //! One object-safe trait for every backend. Each method answers
-//! [`ErrorKind::Unsupported`] unless the backend implements it, so a tool built on
+//! [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported) unless the backend implements it, so a tool built on
 //! [`Admin`] (the `ferry queue …` commands) works everywhere and says plainly what a
 //! broker cannot do. An `Admin` is bound to one queue, the one its URL names, like a
 //! producer or a consumer.

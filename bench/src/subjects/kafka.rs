@@ -303,8 +303,7 @@ impl Subject for FerryKafka {
     async fn produce(&self, env: &Env, n: u64, size: usize) -> Result<Sample> {
         let cfg = ferry_config(env, &env.queue_name(self.name))?;
         let kp = cfg.producer().await?;
-        kp.inner()
-            .client()
+        kp.client()
             .fetch_metadata(Some(&cfg.topic), Duration::from_secs(10))?;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let producer: Box<dyn Producer> = Box::new(kp);

@@ -86,16 +86,17 @@ async fn a_dropped_send_future_still_completes_the_others() {
             .map(|i| Message::new(format!("{tag}-{i}")))
             .collect::<Vec<_>>()
     };
-    let dropped = p.send_batch(batch("dropped"));
+    // `send_batch` is a boxed future: dropping it drops the send.
+    let mut dropped = p.send_batch(batch("dropped"));
     let others = join_all((0..4).map(|b| p.send_batch(batch(&format!("kept{b}")))));
     let single = p.send(Message::new("single"));
-    tokio::pin!(dropped);
     // One poll hands all 100 records to librdkafka; no report can be back yet.
     tokio::select! {
         biased;
         _ = &mut dropped => panic!("delivered without a round trip"),
         _ = std::future::ready(()) => {}
     }
+    drop(dropped);
     let (others, single) = tokio::join!(others, single);
     single.unwrap();
     for results in others {
@@ -103,7 +104,6 @@ async fn a_dropped_send_future_still_completes_the_others() {
             r.unwrap();
         }
     }
-    drop(dropped);
     p.send(Message::new("after")).await.unwrap();
     let c = cfg.consumer().await.unwrap();
     let got = receive_n(&c, 502, WAIT).await;

@@ -479,6 +479,47 @@ impl RawKafka {
         Ok(c)
     }
 
+    /// Produce `n` records through a `FutureProducer`, every send in flight at once,
+    /// then await every future: the raw subject before the bulk producer, kept for
+    /// comparison (`FERRYMQ_BENCH_RAW_KAFKA=future`).
+    async fn produce_all_futures(
+        p: &FutureProducer,
+        topic: &str,
+        n: u64,
+        size: usize,
+    ) -> Result<()> {
+        let mut pending = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let body = payload(size, i);
+            let mut record: FutureRecord<'_, (), [u8]> = FutureRecord::to(topic).payload(&body);
+            loop {
+                match p.send_result(record) {
+                    Ok(f) => {
+                        pending.push(f);
+                        break;
+                    }
+                    Err((e, back)) => {
+                        if e.rdkafka_error_code()
+                            != Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
+                        {
+                            bail!("produce: {e}");
+                        }
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+            }
+        }
+        for f in pending {
+            match f.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => bail!("delivery: {e}"),
+                Err(_) => bail!("delivery report lost"),
+            }
+        }
+        Ok(())
+    }
+
     /// Produce `n` records with every send in flight at once, then wait until every
     /// delivery report has been counted.
     async fn produce_all(p: &BulkProducer, topic: &str, n: u64, size: usize) -> Result<()> {
@@ -558,6 +599,16 @@ impl Subject for RawKafka {
         let broker = env.kafka()?;
         let topic = env.queue_name(self.name());
         broker.create(std::slice::from_ref(&topic)).await?;
+        if std::env::var("FERRYMQ_BENCH_RAW_KAFKA").as_deref() == Ok("future") {
+            let p = Self::producer(broker, &topic).await?;
+            let start = Instant::now();
+            Self::produce_all_futures(&p, &topic, n, size).await?;
+            let elapsed = start.elapsed();
+            p.flush(Timeout::After(Duration::from_secs(10)))?;
+            drop(p);
+            broker.delete(&[topic]).await;
+            return Ok(Sample::throughput(n, elapsed));
+        }
         let p = Self::bulk_producer(broker, &topic).await?;
         let start = Instant::now();
         Self::produce_all(&p, &topic, n, size).await?;

@@ -51,7 +51,11 @@
 //! exceed `max_record_bytes` (the broker's `message.max.bytes`). A report that
 //! timed out or failed after the request left (librdkafka's "possibly persisted")
 //! is `OutcomeUnknown`; librdkafka's local queue staying full for 5 s is
-//! `QueueFull`; a broker quota is `Throttled`. `close` flushes.
+//! `QueueFull`; a broker quota is `Throttled`. `close` flushes. Delivery reports
+//! are routed to their batch by ferrymq's producer context: one registration and
+//! one wake-up per `send_batch` (a `send` is a batch of one), not a boxed future per
+//! record. [`KafkaProducer::client`] is the librdkafka client, for metadata and
+//! statistics; records go through the `Producer` trait.
 //!
 //! ## Consumer: commits and revokes
 //!

@@ -3,17 +3,21 @@
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use ferrymq_core::depth::Depth;
 use ferrymq_core::{Capabilities, Error, ErrorKind, Message, Producer, Result, SendReceipt};
+use rdkafka::client::{Client, ClientContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::future_producer::OwnedDeliveryResult;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
+use rdkafka::message::{Message as _, OwnedHeaders};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
+};
 use rdkafka::util::Timeout;
+use rdkafka::ClientConfig;
+use tokio::sync::oneshot;
 
 use crate::admin::{ensure_topics, lag_depth, LazyLag};
 use crate::capabilities;
@@ -24,10 +28,182 @@ use crate::record::{self, unix_ms, unix_ms_ceil, with_header, H_ENQUEUED_AT, H_N
 /// (`queue.buffering.max.messages` / `.kbytes`) before `QueueFull`.
 const ENQUEUE_WAIT: Duration = Duration::from_secs(5);
 
+/// Bits of a delivery opaque holding a record's index in its batch; the bits above
+/// name the batch's slot in the [`Registry`].
+const INDEX_BITS: u32 = usize::BITS / 2;
+/// Most records one registered batch holds; a longer `send_batch` registers one
+/// batch per this many records.
+const MAX_BATCH: usize = 1 << INDEX_BITS;
+/// Most batches in flight at once (slots above this would not fit the opaque).
+const MAX_SLOTS: usize = usize::MAX >> INDEX_BITS;
+
+/// One record's delivery report: where it landed, or librdkafka's error.
+type Report = std::result::Result<(i32, i64), KafkaError>;
+
+/// The delivery reports of one batch, filled in by librdkafka's poll thread.
+struct Batch {
+    /// One per record of the batch, by index; `None` until its report came (and for
+    /// a record never handed to librdkafka).
+    reports: Vec<Option<Report>>,
+    /// Reports received so far.
+    received: usize,
+    /// Records handed to librdkafka; known once the batch is sealed. Reports can
+    /// arrive before that, while later records still wait for room in the queue.
+    handed: Option<usize>,
+    /// Wakes the batch's `send_batch` once every report is in.
+    done: oneshot::Sender<Vec<Option<Report>>>,
+}
+
+/// The batches in flight, by slot. A slot is freed only once every record handed
+/// to librdkafka from it has had its report (librdkafka reports each record once,
+/// purges and timeouts included), so no report can reach a later batch that reused
+/// the slot.
+#[derive(Default)]
+struct Registry {
+    slots: Vec<Option<Batch>>,
+    free: Vec<usize>,
+}
+
+type Finished = (oneshot::Sender<Vec<Option<Report>>>, Vec<Option<Report>>);
+
+impl Registry {
+    /// A slot for a batch of `len` (at most [`MAX_BATCH`]) records, or `None` when
+    /// [`MAX_SLOTS`] batches are in flight.
+    fn register(&mut self, len: usize) -> Option<(usize, oneshot::Receiver<Vec<Option<Report>>>)> {
+        let (done, rx) = oneshot::channel();
+        let batch = Batch {
+            reports: std::iter::repeat_with(|| None).take(len).collect(),
+            received: 0,
+            handed: None,
+            done,
+        };
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot] = Some(batch);
+                slot
+            }
+            None if self.slots.len() < MAX_SLOTS => {
+                self.slots.push(Some(batch));
+                self.slots.len() - 1
+            }
+            None => return None,
+        };
+        Some((slot, rx))
+    }
+
+    /// A report for the record `opaque` names; the batch, when it was its last.
+    fn report(&mut self, opaque: usize, report: Report) -> Option<Finished> {
+        let slot = opaque >> INDEX_BITS;
+        let index = opaque & (MAX_BATCH - 1);
+        let batch = self.slots.get_mut(slot)?.as_mut()?;
+        let entry = batch.reports.get_mut(index)?;
+        if entry.is_none() {
+            *entry = Some(report);
+            batch.received += 1;
+        }
+        self.finish_if_done(slot)
+    }
+
+    /// Every record of `slot` that will be reported has been handed to librdkafka:
+    /// `handed` of them.
+    fn seal(&mut self, slot: usize, handed: usize) -> Option<Finished> {
+        let batch = self.slots.get_mut(slot)?.as_mut()?;
+        batch.handed = Some(handed);
+        self.finish_if_done(slot)
+    }
+
+    fn finish_if_done(&mut self, slot: usize) -> Option<Finished> {
+        let entry = self.slots.get_mut(slot)?;
+        let complete = entry
+            .as_ref()
+            .is_some_and(|b| b.handed.is_some_and(|h| b.received >= h));
+        if !complete {
+            return None;
+        }
+        let batch = entry.take()?;
+        self.free.push(slot);
+        Some((batch.done, batch.reports))
+    }
+
+    #[cfg(test)]
+    fn in_flight(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_some()).count()
+    }
+}
+
+fn lock(registry: &Mutex<Registry>) -> MutexGuard<'_, Registry> {
+    // The registry is consistent after every method: a panic elsewhere while it was
+    // held leaves nothing half-done.
+    registry.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn wake(finished: Option<Finished>) {
+    if let Some((done, reports)) = finished {
+        // A `send_batch` dropped before its reports came has no receiver: nothing
+        // to wake.
+        let _ = done.send(reports);
+    }
+}
+
+/// ferrymq's librdkafka producer context: it routes each delivery report to the
+/// batch that produced the record — one registration and one wake-up per
+/// `send_batch`, instead of a boxed channel and a wake-up per record.
+pub struct DeliveryContext {
+    registry: Mutex<Registry>,
+}
+
+impl std::fmt::Debug for DeliveryContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeliveryContext").finish_non_exhaustive()
+    }
+}
+
+impl ClientContext for DeliveryContext {}
+
+impl ProducerContext for DeliveryContext {
+    /// The batch's slot (high bits) and the record's index in it (low bits).
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        let report = match result {
+            Ok(m) => Ok((m.partition(), m.offset())),
+            Err((e, _)) => Err(e.clone()),
+        };
+        let finished = lock(&self.registry).report(opaque, report);
+        wake(finished);
+    }
+}
+
+/// Seals a registered batch when dropped, so a `send_batch` cancelled while it was
+/// still handing records to librdkafka frees its slot once those records are
+/// reported.
+struct Registration<'s> {
+    registry: &'s Mutex<Registry>,
+    slot: usize,
+    handed: usize,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        let finished = lock(self.registry).seal(self.slot, self.handed);
+        wake(finished);
+    }
+}
+
+/// One record for [`Sender::produce_many`].
+pub(crate) struct Outgoing<'a> {
+    pub topic: &'a str,
+    pub key: Option<&'a str>,
+    pub payload: &'a [u8],
+    /// `None`: no header list at all, so librdkafka allocates (and later frees)
+    /// nothing for headers, which the common header-less send saves per record.
+    pub headers: Option<OwnedHeaders>,
+}
+
 /// A librdkafka producer configured for ferrymq: idempotent, `acks=all`, Java's
 /// murmur2 partitioner. Shared by [`KafkaProducer`] and the consumer's retry copies.
 pub(crate) struct Sender {
-    pub producer: FutureProducer,
+    producer: ThreadedProducer<DeliveryContext>,
     pub cfg: Arc<KafkaConfig>,
 }
 
@@ -39,88 +215,140 @@ impl std::fmt::Debug for Sender {
     }
 }
 
+/// The producer settings ferrymq relies on (the passthrough properties applied
+/// last).
+pub(crate) fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = cfg.base_client_config();
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        // Java-compatible placement of keyed records; keyless ones spread at random.
+        .set("partitioner", "murmur2_random")
+        .set(
+            "message.timeout.ms",
+            cfg.send_timeout.as_millis().to_string(),
+        )
+        .set("message.max.bytes", cfg.max_record_bytes.to_string())
+        .set("linger.ms", "2");
+    cfg.apply_overrides(&mut c);
+    c
+}
+
 impl Sender {
     pub fn new(cfg: Arc<KafkaConfig>) -> Result<Self> {
-        let mut c = cfg.base_client_config();
-        c.set("enable.idempotence", "true")
-            .set("acks", "all")
-            // Java-compatible placement of keyed records; keyless ones spread at random.
-            .set("partitioner", "murmur2_random")
-            .set(
-                "message.timeout.ms",
-                cfg.send_timeout.as_millis().to_string(),
-            )
-            .set("message.max.bytes", cfg.max_record_bytes.to_string())
-            .set("linger.ms", "2");
-        cfg.apply_overrides(&mut c);
-        let producer: FutureProducer = c.create().map_err(|e| config_error("producer", e))?;
+        let context = DeliveryContext {
+            registry: Mutex::new(Registry::default()),
+        };
+        let producer = producer_config(&cfg)
+            .create_with_context(context)
+            .map_err(|e| config_error("producer", e))?;
         Ok(Sender { producer, cfg })
     }
 
-    /// Hand one record to librdkafka (waiting for room in its local queue up to
-    /// [`ENQUEUE_WAIT`]); the future resolves with the delivery report.
-    pub async fn enqueue(
+    /// Hand every record to librdkafka (waiting for room in its local queue up to
+    /// [`ENQUEUE_WAIT`] per record), then wait for their delivery reports: one result
+    /// per record, in order, `None` where the record is `None`. Records travel in few
+    /// requests; the batch costs one registration and one wake-up.
+    ///
+    /// Cancel-safe in the sense that matters: a dropped call leaves librdkafka
+    /// delivering what it was handed, and its slot is freed once that is reported.
+    pub async fn produce_many(
         &self,
-        topic: &str,
-        key: Option<&str>,
-        payload: &[u8],
-        headers: OwnedHeaders,
-    ) -> Result<DeliveryFuture> {
-        self.enqueue_with(topic, key, payload, Some(headers)).await
+        mut records: Vec<Option<Outgoing<'_>>>,
+    ) -> Vec<Option<Result<(i32, i64)>>> {
+        let registry = &self.producer.context().registry;
+        let mut out: Vec<Option<Result<(i32, i64)>>> = std::iter::repeat_with(|| None)
+            .take(records.len())
+            .collect();
+        let mut waits = Vec::with_capacity(records.len().div_ceil(MAX_BATCH));
+        for (chunk_no, chunk) in records.chunks_mut(MAX_BATCH).enumerate() {
+            let base = chunk_no * MAX_BATCH;
+            let Some((slot, rx)) = lock(registry).register(chunk.len()) else {
+                for (i, r) in chunk.iter().enumerate() {
+                    if r.is_some() {
+                        out[base + i] = Some(Err(Error::new(
+                            ErrorKind::QueueFull,
+                            format!(
+                                "more than {MAX_SLOTS} sends are in flight on this producer;                                  nothing was produced"
+                            ),
+                        )));
+                    }
+                }
+                continue;
+            };
+            let mut registration = Registration {
+                registry,
+                slot,
+                handed: 0,
+            };
+            for (i, r) in chunk.iter_mut().enumerate() {
+                let Some(r) = r else { continue };
+                match self.enqueue(r, (slot << INDEX_BITS) | i).await {
+                    Ok(()) => registration.handed += 1,
+                    Err(e) => out[base + i] = Some(Err(e)),
+                }
+            }
+            drop(registration);
+            waits.push((base, rx));
+        }
+        for (base, rx) in waits {
+            // An error: the producer went away (its registry with it) before every
+            // report came; what is left unreported is filled in below.
+            if let Ok(reports) = rx.await {
+                for (i, report) in reports.into_iter().enumerate() {
+                    if let (Some(report), Some(r)) = (report, &records[base + i]) {
+                        out[base + i] = Some(report.map_err(|e| delivery_error(r.topic, e)));
+                    }
+                }
+            }
+        }
+        for (o, r) in out.iter_mut().zip(&records) {
+            if let (None, Some(r)) = (&o, r) {
+                *o = Some(Err(Error::new(
+                    ErrorKind::OutcomeUnknown,
+                    format!(
+                        "the producer of {:?} went away before the delivery report",
+                        r.topic
+                    ),
+                )));
+            }
+        }
+        out
     }
 
-    /// [`enqueue`](Self::enqueue), with no header list at all when `headers` is
-    /// `None`: librdkafka then allocates (and later frees) nothing for headers,
-    /// which the common header-less send saves per record.
-    pub async fn enqueue_with(
-        &self,
-        topic: &str,
-        key: Option<&str>,
-        payload: &[u8],
-        headers: Option<OwnedHeaders>,
-    ) -> Result<DeliveryFuture> {
-        let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic).payload(payload);
-        if let Some(h) = headers {
+    /// Hand one record to librdkafka, waiting for room in its local queue up to
+    /// [`ENQUEUE_WAIT`]. The clock is only read once the queue is full, not per
+    /// record.
+    async fn enqueue(&self, r: &mut Outgoing<'_>, opaque: usize) -> Result<()> {
+        let mut record: BaseRecord<'_, str, [u8], usize> =
+            BaseRecord::with_opaque_to(r.topic, opaque).payload(r.payload);
+        if let Some(h) = r.headers.take() {
             record = record.headers(h);
         }
-        if let Some(k) = key {
+        if let Some(k) = r.key {
             record = record.key(k);
         }
-        // The deadline is only read once librdkafka's queue is full: the clock is
-        // not read per record.
         let mut deadline = None;
         loop {
-            match self.producer.send_result(record) {
-                Ok(f) => return Ok(f),
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     let now = tokio::time::Instant::now();
                     let until = *deadline.get_or_insert(now + ENQUEUE_WAIT);
                     if now >= until {
                         return Err(enqueue_error(
-                            topic,
+                            r.topic,
                             KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
                         ));
                     }
                     record = back;
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                Err((e, _)) => return Err(enqueue_error(topic, e)),
+                Err((e, _)) => return Err(enqueue_error(r.topic, e)),
             }
         }
     }
 
-    /// Wait for a delivery report: `(partition, offset)`.
-    pub async fn delivered(&self, topic: &str, f: DeliveryFuture) -> Result<(i32, i64)> {
-        match f.await {
-            Ok(result) => delivery_result(topic, result),
-            Err(_) => Err(Error::new(
-                ErrorKind::OutcomeUnknown,
-                format!("the producer of {topic:?} went away before the delivery report"),
-            )),
-        }
-    }
-
-    /// Produce and wait for the broker's acknowledgement.
+    /// Produce one record and wait for the broker's acknowledgement.
     pub async fn produce(
         &self,
         topic: &str,
@@ -128,8 +356,13 @@ impl Sender {
         payload: &[u8],
         headers: OwnedHeaders,
     ) -> Result<(i32, i64)> {
-        let f = self.enqueue(topic, key, payload, headers).await?;
-        self.delivered(topic, f).await
+        let record = Outgoing {
+            topic,
+            key,
+            payload,
+            headers: Some(headers),
+        };
+        first(self.produce_many(vec![Some(record)]).await, topic)
     }
 
     /// Topic and headers of `message`: the queue's topic, or for a delayed message
@@ -212,12 +445,14 @@ fn enqueue_error(topic: &str, e: KafkaError) -> Error {
     Error::new(kind, format!("{why}; nothing was produced")).with_source(e)
 }
 
-/// A delivery report: the record's position, or what we know of its fate.
-fn delivery_result(topic: &str, result: OwnedDeliveryResult) -> Result<(i32, i64)> {
-    match result {
-        Ok(d) => Ok((d.partition, d.offset)),
-        Err((e, _)) => Err(delivery_error(topic, e)),
-    }
+/// The one result of a one-record [`Sender::produce_many`].
+fn first(results: Vec<Option<Result<(i32, i64)>>>, topic: &str) -> Result<(i32, i64)> {
+    results.into_iter().next().flatten().unwrap_or_else(|| {
+        Err(Error::new(
+            ErrorKind::OutcomeUnknown,
+            format!("no delivery report for the record to {topic:?}"),
+        ))
+    })
 }
 
 fn delivery_error(topic: &str, e: KafkaError) -> Error {
@@ -304,55 +539,67 @@ impl KafkaProducer {
         self.sender.route(message)
     }
 
-    async fn enqueue(&self, message: &Message) -> Result<(Cow<'_, str>, usize, DeliveryFuture)> {
-        let (topic, index, headers) = self.prepare(message)?;
-        let f = self
-            .sender
-            .enqueue_with(&topic, message.get_key(), message.payload(), headers)
-            .await?;
-        Ok((topic, index, f))
+    /// The underlying librdkafka client, for what ferrymq does not wrap (metadata,
+    /// watermarks, statistics). Not the producer itself: its delivery reports are
+    /// routed to ferrymq's pending sends, so records must go through
+    /// [`Producer::send`] / [`Producer::send_batch`].
+    pub fn client(&self) -> &Client<DeliveryContext> {
+        self.sender.producer.client()
     }
+}
 
-    async fn finish(
-        &self,
-        topic: Cow<'_, str>,
-        index: usize,
-        f: DeliveryFuture,
-    ) -> Result<SendReceipt> {
-        let (p, o) = self.sender.delivered(&topic, f).await?;
-        Ok(SendReceipt::new(record::record_id(index, &topic, p, o)))
-    }
-
-    /// The underlying librdkafka producer, for what ferrymq does not wrap.
-    pub fn inner(&self) -> &FutureProducer {
-        &self.sender.producer
-    }
+/// A receipt for a record of the queue's topic (`index` 0) or of a tier.
+fn receipt(index: usize, topic: &str, (p, o): (i32, i64)) -> SendReceipt {
+    SendReceipt::new(record::record_id(index, topic, p, o))
 }
 
 #[async_trait]
 impl Producer for KafkaProducer {
     async fn send(&self, message: Message) -> Result<SendReceipt> {
         self.check_open()?;
-        let (topic, index, f) = self.enqueue(&message).await?;
-        self.finish(topic, index, f).await
+        let (topic, index, headers) = self.prepare(&message)?;
+        let record = Outgoing {
+            topic: &topic,
+            key: message.get_key(),
+            payload: message.payload(),
+            headers,
+        };
+        let result = first(self.sender.produce_many(vec![Some(record)]).await, &topic);
+        Ok(receipt(index, &topic, result?))
     }
 
     /// Every entry is handed to librdkafka first (so they travel in few requests),
-    /// then every delivery report is awaited; one result per entry.
+    /// then every delivery report is awaited; one result per entry, in order.
     async fn send_batch(&self, messages: Vec<Message>) -> Result<Vec<Result<SendReceipt>>> {
         self.check_open()?;
-        let mut pending = Vec::with_capacity(messages.len());
-        for m in &messages {
-            pending.push(self.enqueue(m).await);
-        }
-        let mut out = Vec::with_capacity(pending.len());
-        for p in pending {
-            out.push(match p {
-                Ok((topic, index, f)) => self.finish(topic, index, f).await,
-                Err(e) => Err(e),
-            });
-        }
-        Ok(out)
+        let mut routes: Vec<_> = messages.iter().map(|m| self.prepare(m)).collect();
+        let records = routes
+            .iter_mut()
+            .zip(&messages)
+            .map(|(route, m)| {
+                route.as_mut().ok().map(|(topic, _, headers)| Outgoing {
+                    topic,
+                    key: m.get_key(),
+                    payload: m.payload(),
+                    headers: headers.take(),
+                })
+            })
+            .collect();
+        let reports = self.sender.produce_many(records).await;
+        Ok(routes
+            .into_iter()
+            .zip(reports)
+            .map(|(route, report)| {
+                let (topic, index, _) = route?;
+                let position = report.unwrap_or_else(|| {
+                    Err(Error::new(
+                        ErrorKind::OutcomeUnknown,
+                        format!("no delivery report for the record to {topic:?}"),
+                    ))
+                })?;
+                Ok(receipt(index, &topic, position))
+            })
+            .collect())
     }
 
     async fn flush(&self) -> Result<()> {
@@ -385,5 +632,132 @@ impl Producer for KafkaProducer {
 
     fn capabilities(&self) -> &Capabilities {
         &self.caps
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use rdkafka::mocking::MockCluster;
+
+    fn ok(partition: i32, offset: i64) -> Report {
+        Ok((partition, offset))
+    }
+
+    fn positions(reports: Vec<Option<Report>>) -> Vec<Option<(i32, i64)>> {
+        reports
+            .into_iter()
+            .map(|r| r.and_then(|r| r.ok()))
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_completes_with_its_last_report_whether_it_comes_before_or_after_the_seal() {
+        let mut reg = Registry::default();
+        // Reports first (librdkafka was faster than the rest of the enqueue), seal last.
+        let (a, mut rx_a) = reg.register(3).unwrap();
+        assert!(reg.report((a << INDEX_BITS) | 2, ok(0, 12)).is_none());
+        assert!(reg.report(a << INDEX_BITS, ok(0, 10)).is_none());
+        // Index 1 was never handed to librdkafka (refused locally): sealed with 2.
+        let (tx, reports) = reg.seal(a, 2).unwrap();
+        tx.send(reports).unwrap();
+        assert_eq!(
+            positions(rx_a.try_recv().unwrap()),
+            [Some((0, 10)), None, Some((0, 12))]
+        );
+        // Seal first, reports last, out of order.
+        let (b, mut rx_b) = reg.register(2).unwrap();
+        assert_eq!(b, a, "the freed slot is reused");
+        assert!(reg.seal(b, 2).is_none());
+        assert!(reg.report((b << INDEX_BITS) | 1, ok(1, 5)).is_none());
+        let (tx, reports) = reg.report(b << INDEX_BITS, ok(2, 7)).unwrap();
+        tx.send(reports).unwrap();
+        assert_eq!(
+            positions(rx_b.try_recv().unwrap()),
+            [Some((2, 7)), Some((1, 5))]
+        );
+        assert_eq!(reg.in_flight(), 0);
+    }
+
+    #[test]
+    fn reports_reach_only_their_own_batch() {
+        let mut reg = Registry::default();
+        let (a, _rx_a) = reg.register(1).unwrap();
+        let (b, mut rx_b) = reg.register(2).unwrap();
+        assert_ne!(a, b);
+        assert!(reg.seal(a, 1).is_none());
+        assert!(reg.seal(b, 2).is_none());
+        // Unknown slots and indexes past the batch are ignored, not misfiled.
+        assert!(reg.report(7 << INDEX_BITS, ok(0, 1)).is_none());
+        assert!(reg.report((a << INDEX_BITS) | 5, ok(0, 1)).is_none());
+        assert!(reg.report(b << INDEX_BITS, ok(0, 1)).is_none());
+        let (tx, reports) = reg.report((b << INDEX_BITS) | 1, ok(0, 2)).unwrap();
+        tx.send(reports).unwrap();
+        assert_eq!(
+            positions(rx_b.try_recv().unwrap()),
+            [Some((0, 1)), Some((0, 2))]
+        );
+        assert_eq!(reg.in_flight(), 1, "a still waits for its report");
+        // A batch with nothing handed to librdkafka completes when sealed.
+        let (c, _rx_c) = reg.register(3).unwrap();
+        assert!(reg.seal(c, 0).is_some());
+        assert_eq!(reg.in_flight(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_send_batch_dropped_while_the_queue_is_full_frees_its_slot_and_others_complete() {
+        let mock = MockCluster::new(1).unwrap();
+        mock.create_topic("full", 1, 1).unwrap();
+        let cfg = KafkaConfig::from_url(&format!(
+            "kafka://{}/full?create=false&partitions=1&send_timeout=20s\
+             &rdkafka.queue.buffering.max.messages=10",
+            mock.bootstrap_servers()
+        ))
+        .unwrap();
+        let sender = Sender::new(Arc::new(cfg)).unwrap();
+        let registry = &sender.producer.context().registry;
+        sender
+            .produce("full", None, b"warm", OwnedHeaders::new())
+            .await
+            .unwrap();
+        mock.broker_down(1).unwrap();
+        let payloads: Vec<Vec<u8>> = (0..30).map(|i| format!("m{i}").into_bytes()).collect();
+        let records = payloads
+            .iter()
+            .map(|p| {
+                Some(Outgoing {
+                    topic: "full",
+                    key: None,
+                    payload: p,
+                    headers: None,
+                })
+            })
+            .collect();
+        // The first 10 fill librdkafka's queue; the 11th waits for room: cancel it there.
+        let cancelled =
+            tokio::time::timeout(Duration::from_millis(300), sender.produce_many(records)).await;
+        assert!(cancelled.is_err(), "the queue never filled");
+        assert_eq!(
+            lock(registry).in_flight(),
+            1,
+            "the 10 handed records are pending"
+        );
+        mock.broker_up(1).unwrap();
+        // Another send on the same producer completes meanwhile.
+        let p = sender
+            .produce("full", None, b"after", OwnedHeaders::new())
+            .await
+            .unwrap();
+        assert_eq!(p.0, 0);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while lock(registry).in_flight() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the cancelled batch's slot was never freed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

@@ -6,9 +6,12 @@
 //! timer starts) and reads them with a group of its own; the topics are deleted
 //! after each run.
 //!
-//! - `raw-kafka`: a `FutureProducer` (idempotent, `acks=all`: ferrymq's guarantees)
-//!   with every send of the run in flight at once, awaited at the end (librdkafka
-//!   batches them); a `BaseConsumer` poll loop on a thread of its own that handles
+//! - `raw-kafka`: a `ThreadedProducer` with ferrymq-kafka's producer settings
+//!   (idempotent, `acks=all`: ferrymq's guarantees; the same partitioner, linger,
+//!   message timeout and size limit) whose context counts delivery reports — no
+//!   future per record — with every send of the run in flight at once, done when
+//!   every report is counted (librdkafka batches them; the latency workload awaits a
+//!   `FutureProducer::send` per record); a `BaseConsumer` poll loop on a thread of its own that handles
 //!   each record, `store_offset`s it, and lets librdkafka commit the stored offsets
 //!   every 500 ms (at-least-once, the usual expert loop). One poll loop, whatever
 //!   the concurrency: that is how one consumes Kafka fastest.
@@ -21,15 +24,19 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use async_trait::async_trait;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, FutureProducer, FutureRecord, Producer as _, ProducerContext,
+    ThreadedProducer,
+};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Message as _};
 use tokio::task::JoinSet;
@@ -303,8 +310,7 @@ impl Subject for FerryKafka {
     async fn produce(&self, env: &Env, n: u64, size: usize) -> Result<Sample> {
         let cfg = ferry_config(env, &env.queue_name(self.name))?;
         let kp = cfg.producer().await?;
-        kp.inner()
-            .client()
+        kp.client()
             .fetch_metadata(Some(&cfg.topic), Duration::from_secs(10))?;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let producer: Box<dyn Producer> = Box::new(kp);
@@ -367,18 +373,82 @@ impl Subject for FerryKafka {
 /// Raw rdkafka, the way an expert writes it.
 pub struct RawKafka;
 
+type BulkProducer = ThreadedProducer<Counted>;
+
+/// Counts delivery reports and wakes the producing task once all it expects are in.
+#[derive(Default)]
+struct Counted {
+    reported: AtomicU64,
+    expected: AtomicU64,
+    error: Mutex<Option<String>>,
+    all_reported: tokio::sync::Notify,
+}
+
+impl Counted {
+    fn expect(&self, n: u64) {
+        self.reported.store(0, Ordering::Release);
+        self.expected.store(n, Ordering::Release);
+    }
+
+    fn first_error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl ClientContext for Counted {}
+
+impl ProducerContext for Counted {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            self.error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert_with(|| e.to_string());
+        }
+        let reported = self.reported.fetch_add(1, Ordering::AcqRel) + 1;
+        if reported == self.expected.load(Ordering::Acquire) {
+            // notify_one keeps a permit, so a waiter that registers later still wakes.
+            self.all_reported.notify_one();
+        }
+    }
+}
+
 impl RawKafka {
+    /// The producer settings of ferrymq-kafka's (idempotent, `acks=all`, the same
+    /// partitioner, linger, message timeout and size limit), so raw and ferrymq
+    /// differ only in the code driving librdkafka.
+    fn producer_config(broker: &KafkaBroker) -> ClientConfig {
+        let mut c = broker.client();
+        c.set("client.id", "raw")
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("partitioner", "murmur2_random")
+            .set("message.timeout.ms", "30000")
+            .set("message.max.bytes", "1048588")
+            .set("linger.ms", "2");
+        c
+    }
+
     /// A producer connected to the broker with the topic's metadata loaded (and
     /// its idempotent producer id, asked for once connected), so the timed run does
     /// not pay for the connection — the ferrymq subjects' producers are as warm, a
     /// consumer having joined after them.
     async fn producer(broker: &KafkaBroker, topic: &str) -> Result<FutureProducer> {
-        let p: FutureProducer = broker
-            .client()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "2")
-            .create()?;
+        let p: FutureProducer = Self::producer_config(broker).create()?;
+        p.client()
+            .fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok(p)
+    }
+
+    /// The bulk producer an expert writes: a `ThreadedProducer` whose context
+    /// counts delivery reports (no future, no allocation per record), as warm as
+    /// [`producer`](Self::producer).
+    async fn bulk_producer(broker: &KafkaBroker, topic: &str) -> Result<BulkProducer> {
+        let p: BulkProducer =
+            Self::producer_config(broker).create_with_context(Counted::default())?;
         p.client()
             .fetch_metadata(Some(topic), Duration::from_secs(10))?;
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -409,8 +479,15 @@ impl RawKafka {
         Ok(c)
     }
 
-    /// Produce `n` records with every send in flight at once, then await them all.
-    async fn produce_all(p: &FutureProducer, topic: &str, n: u64, size: usize) -> Result<()> {
+    /// Produce `n` records through a `FutureProducer`, every send in flight at once,
+    /// then await every future: the raw subject before the bulk producer, kept for
+    /// comparison (`FERRYMQ_BENCH_RAW_KAFKA=future`).
+    async fn produce_all_futures(
+        p: &FutureProducer,
+        topic: &str,
+        n: u64,
+        size: usize,
+    ) -> Result<()> {
         let mut pending = Vec::with_capacity(n as usize);
         for i in 0..n {
             let body = payload(size, i);
@@ -439,6 +516,36 @@ impl RawKafka {
                 Ok(Err((e, _))) => bail!("delivery: {e}"),
                 Err(_) => bail!("delivery report lost"),
             }
+        }
+        Ok(())
+    }
+
+    /// Produce `n` records with every send in flight at once, then wait until every
+    /// delivery report has been counted.
+    async fn produce_all(p: &BulkProducer, topic: &str, n: u64, size: usize) -> Result<()> {
+        let counted = p.context();
+        counted.expect(n);
+        for i in 0..n {
+            let body = payload(size, i);
+            let mut record: BaseRecord<'_, (), [u8], ()> = BaseRecord::to(topic).payload(&body);
+            loop {
+                match p.send(record) {
+                    Ok(()) => break,
+                    Err((e, back)) => {
+                        if e.rdkafka_error_code()
+                            != Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
+                        {
+                            bail!("produce: {e}");
+                        }
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+            }
+        }
+        counted.all_reported.notified().await;
+        if let Some(e) = counted.first_error() {
+            bail!("delivery: {e}");
         }
         Ok(())
     }
@@ -477,8 +584,9 @@ impl Subject for RawKafka {
         Role::Raw
     }
     fn describe(&self) -> String {
-        "rdkafka FutureProducer (idempotent, acks=all, linger.ms=2) with every send in flight, \
-         awaited at the end; one BaseConsumer poll loop on its own thread: handle, \
+        "rdkafka ThreadedProducer with ferrymq-kafka's producer settings (idempotent, acks=all, \
+         murmur2_random, linger.ms=2) and a context counting delivery reports, every send in \
+         flight, done when all are counted (latency: FutureProducer::send per record); one BaseConsumer poll loop on its own thread: handle, \
          store_offset, auto commit of stored offsets every 500 ms"
             .into()
     }
@@ -491,7 +599,17 @@ impl Subject for RawKafka {
         let broker = env.kafka()?;
         let topic = env.queue_name(self.name());
         broker.create(std::slice::from_ref(&topic)).await?;
-        let p = Self::producer(broker, &topic).await?;
+        if std::env::var("FERRYMQ_BENCH_RAW_KAFKA").as_deref() == Ok("future") {
+            let p = Self::producer(broker, &topic).await?;
+            let start = Instant::now();
+            Self::produce_all_futures(&p, &topic, n, size).await?;
+            let elapsed = start.elapsed();
+            p.flush(Timeout::After(Duration::from_secs(10)))?;
+            drop(p);
+            broker.delete(&[topic]).await;
+            return Ok(Sample::throughput(n, elapsed));
+        }
+        let p = Self::bulk_producer(broker, &topic).await?;
         let start = Instant::now();
         Self::produce_all(&p, &topic, n, size).await?;
         let elapsed = start.elapsed();
@@ -505,7 +623,7 @@ impl Subject for RawKafka {
         let broker = env.kafka()?;
         let topic = env.queue_name(self.name());
         broker.create(std::slice::from_ref(&topic)).await?;
-        let p = Self::producer(broker, &topic).await?;
+        let p = Self::bulk_producer(broker, &topic).await?;
         let c = Self::consumer(broker, &topic)?;
         let progress = Progress::new(n);
         let mut tasks = JoinSet::new();

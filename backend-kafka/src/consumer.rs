@@ -933,6 +933,17 @@ fn leave(consumer: BaseConsumer<Ctx>) {
     drop(consumer);
 }
 
+/// A `group.instance.id` no other consumer uses (random, 128 bits): static
+/// membership for this consumer's lifetime only (see `connect`). `kind`: 0 for the
+/// queue's member, 1 for the tiers' (another group, but kept apart anyway).
+fn instance_id(kind: usize) -> String {
+    format!(
+        "ferrymq-{:016x}{:016x}-{kind}",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    )
+}
+
 /// Settles one delivery: ack marks it done, nack produces a retry copy first.
 struct KafkaAck {
     shared: Arc<Shared>,
@@ -1144,6 +1155,18 @@ impl KafkaConsumer {
                 // rebalance of the group until its session times out: 10 s rather
                 // than the default 45 s.
                 .set("session.timeout.ms", "10000")
+                // Static membership, under an id of this consumer alone: after a
+                // broker outage longer than the session timeout librdkafka drops
+                // its member id and joins anew, while the restarted coordinator
+                // has reloaded the old member from its log and waits out that
+                // member's session (10 s) before the rebalance can finish — no
+                // delivery for that long after the broker is back. Rejoining under
+                // the same instance id replaces the old member at once. Nothing
+                // else changes: `leave` unsubscribes first, and librdkafka sends
+                // a static member's LeaveGroup on unsubscribe (only on a bare
+                // close does it skip it), so a closing member still hands its
+                // partitions on at once; a dead one is dropped after its session.
+                .set("group.instance.id", instance_id(kind))
                 .set("enable.partition.eof", "false");
             cfg.apply_overrides(&mut c);
             let consumer: BaseConsumer<Ctx> = c

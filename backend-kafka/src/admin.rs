@@ -703,7 +703,7 @@ fn peek_blocking(cfg: &KafkaConfig, lag: &BaseConsumer, max: usize) -> Result<Ve
                     let r = Received::parse(&m, 0);
                     got.push((
                         r.enqueued_at,
-                        Peeked::new(r.id.clone(), Some(r.enqueued_at), r.message()),
+                        Peeked::new(r.id(&cfg.topic), Some(r.enqueued_at), r.message()),
                     ));
                 }
                 if o + 1 >= *end || *taken >= want {

@@ -11,7 +11,7 @@
 //!   under the state lock when the partition is revoked. A handle whose flag is
 //!   cleared answers `LeaseExpired`.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -36,8 +36,8 @@ use crate::config::KafkaConfig;
 use crate::producer::{config_error, Sender};
 use crate::progress::{self, Progress};
 use crate::record::{
-    self, unix_ms, unix_ms_ceil, with_header, Received, H_ATTEMPT, H_ENQUEUED_AT, H_ID,
-    H_NOT_BEFORE,
+    self, unix_ms, unix_ms_ceil, with_header, PayloadArena, Received, H_ATTEMPT, H_ENQUEUED_AT,
+    H_ID, H_NOT_BEFORE,
 };
 
 /// How long one poll waits when librdkafka has nothing: also the longest a resume
@@ -84,19 +84,51 @@ impl std::hash::Hasher for TpHasher {
 
 struct Requeued {
     due: Instant,
-    record: Arc<Received>,
+    record: Received,
     attempt: u32,
+}
+
+/// A partition's polled, not-done offsets: ascending (records are polled in
+/// offset order), each with a done flag, the done ones dropped from the front.
+/// Cheaper than a `BTreeSet` for this shape (appends at the back, acks mostly near
+/// the front): no node allocations, one binary search per ack.
+#[derive(Default)]
+struct Outstanding {
+    offsets: VecDeque<(i64, bool)>,
+}
+
+impl Outstanding {
+    /// Append `offset`, above every offset held.
+    fn push(&mut self, offset: i64) {
+        debug_assert!(self.offsets.back().map_or(true, |(o, _)| *o < offset));
+        self.offsets.push_back((offset, false));
+    }
+
+    /// Mark `offset` done (no-op when it is not held).
+    fn done(&mut self, offset: i64) {
+        if let Ok(i) = self.offsets.binary_search_by_key(&offset, |(o, _)| *o) {
+            self.offsets[i].1 = true;
+        }
+        while self.offsets.front().is_some_and(|(_, d)| *d) {
+            self.offsets.pop_front();
+        }
+    }
+
+    /// The offsets not done, ascending.
+    fn undone(&self) -> impl Iterator<Item = i64> + '_ {
+        self.offsets.iter().filter(|(_, d)| !d).map(|(o, _)| *o)
+    }
 }
 
 struct Part {
     /// This assignment's epoch: cleared when the partition is revoked.
     live: Arc<AtomicBool>,
     /// Polled, not handed out, in offset order.
-    buffered: VecDeque<Arc<Received>>,
+    buffered: VecDeque<Received>,
     /// Released (or dropped) deliveries, to be handed out again in this session.
     requeued: Vec<Requeued>,
     /// Polled and not done.
-    outstanding: BTreeSet<i64>,
+    outstanding: Outstanding,
     /// Ordered mode, queue topic: per key, its records handed out or re-queued (the
     /// key's next record waits while this is non-zero).
     blocked: HashMap<String, usize>,
@@ -122,7 +154,7 @@ impl Part {
             live: Arc::new(AtomicBool::new(true)),
             buffered: VecDeque::new(),
             requeued: Vec::new(),
-            outstanding: BTreeSet::new(),
+            outstanding: Outstanding::default(),
             blocked: HashMap::new(),
             handed_out: 0,
             next_fetch: -1,
@@ -142,7 +174,7 @@ impl Part {
         if self.next_fetch < 0 {
             return None;
         }
-        let mut undone = progress::ranges(self.outstanding.iter().copied());
+        let mut undone = progress::ranges(self.outstanding.undone());
         let mut end = self.next_fetch;
         if let Some(prev) = &self.prev {
             // Not fetched again yet: the previous owner's not-done ranges still count.
@@ -382,16 +414,17 @@ impl Shared {
         self: &Arc<Self>,
         tp: Tp,
         live: &Arc<AtomicBool>,
-        record: Arc<Received>,
+        record: Received,
         attempt: u32,
     ) -> Delivery {
+        let topic = &self.topics[tp.topic];
         let meta = DeliveryMeta::new(
-            record.id.clone(),
+            record.id(topic),
             attempt,
             record.enqueued_at,
             self.queue.clone(),
         )
-        .with_position(record.position.clone());
+        .with_position(record.position(topic));
         let message = record.message();
         let ack = KafkaAck {
             shared: self.clone(),
@@ -411,7 +444,7 @@ impl Shared {
         if st.closing.is_some() || st.finished {
             return Err(Error::closed("consumer"));
         }
-        let mut out: Vec<(Tp, Arc<AtomicBool>, Arc<Received>, u32)> = Vec::new();
+        let mut out: Vec<(Tp, Arc<AtomicBool>, Received, u32)> = Vec::with_capacity(max.min(1024));
         let mut next_due: Option<Duration> = None;
         let mut soonest = |d: Duration| {
             next_due = Some(next_due.map_or(d, |n: Duration| n.min(d)));
@@ -504,7 +537,7 @@ impl Shared {
         let Some(part) = st.parts.get_mut(&tp).filter(|p| Arc::ptr_eq(&p.live, live)) else {
             return Err(lease_gone());
         };
-        part.outstanding.remove(&offset);
+        part.outstanding.done(offset);
         if let Some(k) = key {
             if let Some(n) = part.blocked.get_mut(k) {
                 *n = n.saturating_sub(1);
@@ -535,7 +568,7 @@ impl Shared {
         &self,
         tp: Tp,
         live: &Arc<AtomicBool>,
-        record: &Arc<Received>,
+        record: &Received,
         attempt: u32,
         after: Duration,
     ) -> Result<()> {
@@ -618,8 +651,8 @@ impl Shared {
                     continue;
                 }
             }
-            part.outstanding.insert(r.offset);
-            part.buffered.push_back(Arc::new(r));
+            part.outstanding.push(r.offset);
+            part.buffered.push_back(r);
         }
         drop(st);
         self.notify.notify_waiters();
@@ -812,14 +845,19 @@ impl Committer {
 
 /// Poll one member: up to [`POLL_BATCH`] records, waiting at most `wait` for the
 /// first.
-fn poll_into(shared: &Shared, consumer: &BaseConsumer<Ctx>, mut wait: Duration) {
+fn poll_into(
+    shared: &Shared,
+    consumer: &BaseConsumer<Ctx>,
+    mut wait: Duration,
+    arena: &mut PayloadArena,
+) {
     let mut batch = Vec::new();
     while batch.len() < POLL_BATCH {
         match consumer.poll(wait) {
             Some(Ok(m)) => {
                 let topic = rdkafka::Message::topic(&m);
                 if let Some(i) = shared.topic_index(topic) {
-                    batch.push(Received::parse(&m, i));
+                    batch.push(Received::parse_in(&m, i, arena));
                 }
             }
             Some(Err(e)) => {
@@ -838,6 +876,7 @@ fn poll_into(shared: &Shared, consumer: &BaseConsumer<Ctx>, mut wait: Duration) 
 /// slow the handlers are.
 fn poll_thread(shared: Arc<Shared>, main: BaseConsumer<Ctx>, retry: Option<BaseConsumer<Ctx>>) {
     let mut commits = [Committer::new(), Committer::new()];
+    let mut arena = PayloadArena::default();
     loop {
         match &retry {
             Some(r) => {
@@ -845,11 +884,11 @@ fn poll_thread(shared: Arc<Shared>, main: BaseConsumer<Ctx>, retry: Option<BaseC
                 // looked at between (its records are due seconds later anyway): a
                 // record of the queue is handed on the moment it arrives, not after
                 // the tier member's wait.
-                poll_into(&shared, &main, POLL_WAIT);
-                poll_into(&shared, r, Duration::ZERO);
+                poll_into(&shared, &main, POLL_WAIT, &mut arena);
+                poll_into(&shared, r, Duration::ZERO, &mut arena);
                 shared.maintain(r, 1, &mut commits[1]);
             }
-            None => poll_into(&shared, &main, POLL_WAIT),
+            None => poll_into(&shared, &main, POLL_WAIT, &mut arena),
         }
         shared.maintain(&main, 0, &mut commits[0]);
         let leave = {
@@ -894,12 +933,23 @@ fn leave(consumer: BaseConsumer<Ctx>) {
     drop(consumer);
 }
 
+/// A `group.instance.id` no other consumer uses (random, 128 bits): static
+/// membership for this consumer's lifetime only (see `connect`). `kind`: 0 for the
+/// queue's member, 1 for the tiers' (another group, but kept apart anyway).
+fn instance_id(kind: usize) -> String {
+    format!(
+        "ferrymq-{:016x}{:016x}-{kind}",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    )
+}
+
 /// Settles one delivery: ack marks it done, nack produces a retry copy first.
 struct KafkaAck {
     shared: Arc<Shared>,
     tp: Tp,
     live: Arc<AtomicBool>,
-    record: Arc<Received>,
+    record: Received,
     attempt: u32,
     settled: AtomicBool,
 }
@@ -907,7 +957,8 @@ struct KafkaAck {
 impl fmt::Debug for KafkaAck {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KafkaAck")
-            .field("position", &self.record.position)
+            .field("partition", &self.record.partition)
+            .field("offset", &self.record.offset)
             .field("attempt", &self.attempt)
             .finish()
     }
@@ -981,7 +1032,7 @@ impl Ack for KafkaAck {
         let due = now.checked_add(delay).unwrap_or(now);
         let r = &self.record;
         let headers = record::user_headers(&r.headers);
-        let headers = with_header(headers, H_ID, &r.id);
+        let headers = with_header(headers, H_ID, &r.id(&self.shared.topics[self.tp.topic]));
         let headers = with_header(headers, H_ENQUEUED_AT, &unix_ms(r.enqueued_at).to_string());
         let headers = with_header(headers, H_ATTEMPT, &attempt.to_string());
         let headers = with_header(headers, H_NOT_BEFORE, &unix_ms_ceil(due).to_string());
@@ -1104,6 +1155,18 @@ impl KafkaConsumer {
                 // rebalance of the group until its session times out: 10 s rather
                 // than the default 45 s.
                 .set("session.timeout.ms", "10000")
+                // Static membership, under an id of this consumer alone: after a
+                // broker outage longer than the session timeout librdkafka drops
+                // its member id and joins anew, while the restarted coordinator
+                // has reloaded the old member from its log and waits out that
+                // member's session (10 s) before the rebalance can finish — no
+                // delivery for that long after the broker is back. Rejoining under
+                // the same instance id replaces the old member at once. Nothing
+                // else changes: `leave` unsubscribes first, and librdkafka sends
+                // a static member's LeaveGroup on unsubscribe (only on a bare
+                // close does it skip it), so a closing member still hands its
+                // partitions on at once; a dead one is dropped after its session.
+                .set("group.instance.id", instance_id(kind))
                 .set("enable.partition.eof", "false");
             cfg.apply_overrides(&mut c);
             let consumer: BaseConsumer<Ctx> = c

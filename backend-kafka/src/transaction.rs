@@ -563,12 +563,12 @@ impl ExactlyOnce {
 
     fn delivery(&self, r: &Received, attempt: u32) -> Delivery {
         let meta = DeliveryMeta::new(
-            r.id.clone(),
+            r.id(&self.input.topic),
             attempt,
             r.enqueued_at,
             Arc::from(self.input.topic.as_str()),
         )
-        .with_position(r.position.clone());
+        .with_position(r.position(&self.input.topic));
         Delivery::new(r.message(), meta, AckHandle::new(TxSettled))
     }
 
@@ -588,7 +588,11 @@ impl ExactlyOnce {
         let headers = with_header(headers, reserved::FAILURE_REASON, &reason);
         let headers = with_header(headers, reserved::ORIGIN_QUEUE, &self.input.topic);
         let headers = with_header(headers, reserved::ATTEMPTS, &self.max_attempts.to_string());
-        let headers = with_header(headers, reserved::ORIGIN_MESSAGE_ID, &r.id);
+        let headers = with_header(
+            headers,
+            reserved::ORIGIN_MESSAGE_ID,
+            &r.id(&self.input.topic),
+        );
         let headers = with_header(headers, reserved::DEAD_LETTERED_AT, &now);
         Output {
             topic: topic.to_string(),
@@ -1114,11 +1118,10 @@ mod tests {
             payload: Bytes::new(),
             key: None,
             headers: ferrymq_core::Headers::new(),
-            id: String::new(),
+            id_header: None,
             attempt: 1,
             enqueued_at: SystemTime::now(),
             not_before: None,
-            position: String::new(),
         };
         let batch = [rec(0, 5), rec(1, 9), rec(0, 6), rec(0, 7), rec(1, 10)];
         assert_eq!(

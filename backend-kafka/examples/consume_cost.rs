@@ -1,0 +1,230 @@
+//! The consumer alone: a backlog produced once (untimed), then drained by fresh
+//! groups in turn — raw rdkafka (a `BaseConsumer` loop with `store_offset` and a
+//! 500 ms auto commit, as the bench's raw subject), ferrymq-kafka through the
+//! traits (`receive(100)` shared by C tasks, concurrent acks per batch) and the
+//! Worker (the bench's middleware stack) — interleaved over rounds, so the
+//! bench's e2e figure can be split into its consumer part. Each figure is
+//! records/s from the consumer's join to the last ack; medians are printed.
+//!
+//! ```text
+//! scripts/kafka.sh start 9330
+//! KAFKA_BROKERS=127.0.0.1:9330 cargo run --release -p ferrymq-kafka --example consume_cost
+//! ```
+//!
+//! Env: `KAFKA_BROKERS` (required), `N` (records, default 100,000), `SIZE` (100),
+//! `ROUNDS` (3), `MODES` (`raw,traits1,traits4,worker1,worker4`), `PARAMS` (more
+//! URL parameters for the ferrymq consumers).
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferrymq_core::middleware::{
+    handler_fn, CatchPanicLayer, ExtendVisibilityLayer, Outcome, RetryToDlqLayer,
+};
+use ferrymq_core::worker::Worker;
+use ferrymq_core::{BoxError, Consumer, Delivery, Message, Producer};
+use ferrymq_kafka::KafkaConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::ClientConfig;
+use tower::util::BoxService;
+use tower::ServiceBuilder;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("consume_cost: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn raw(brokers: &str, topic: &str, group: &str, n: u64) -> Result<f64, BoxError> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "500")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .create()?;
+    c.subscribe(&[topic])?;
+    while c.assignment()?.count() == 0 {
+        if let Some(Err(e)) = c.poll(Duration::from_millis(50)) {
+            return Err(e.into());
+        }
+    }
+    let start = Instant::now();
+    let mut got = 0u64;
+    let mut sum = 0u64;
+    while got < n {
+        if let Some(m) = c.poll(Duration::from_millis(100)) {
+            let m = m?;
+            sum = sum.wrapping_add(rdkafka::Message::payload(&m).map_or(0, |p| p.len() as u64));
+            c.store_offset_from_message(&m)?;
+            got += 1;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    std::hint::black_box(sum);
+    let _ = c.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
+    Ok(n as f64 / secs)
+}
+
+async fn traits(cfg: &KafkaConfig, n: u64, c: usize) -> Result<f64, BoxError> {
+    let consumer: Arc<Box<dyn Consumer>> = Arc::new(Box::new(cfg.consumer().await?));
+    let count = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..c {
+        let (consumer, count) = (consumer.clone(), count.clone());
+        tasks.spawn(async move {
+            while count.load(Ordering::Acquire) < n {
+                let batch = consumer.receive(100, Duration::from_millis(100)).await?;
+                for d in &batch {
+                    std::hint::black_box(d.payload().len());
+                }
+                futures::future::try_join_all(batch.iter().map(|d| d.ack())).await?;
+                count.fetch_add(batch.len() as u64, Ordering::AcqRel);
+            }
+            Ok::<(), ferrymq_core::Error>(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    consumer.close().await?;
+    Ok(n as f64 / secs)
+}
+
+async fn worker(cfg: &KafkaConfig, n: u64, c: usize) -> Result<f64, BoxError> {
+    let consumer: Box<dyn Consumer> = Box::new(cfg.consumer().await?);
+    let dlq: Box<dyn Producer> = Box::new(cfg.for_topic(&cfg.dlq_topic())?.producer().await?);
+    let capabilities = consumer.capabilities().clone();
+    let worker = Worker::new(consumer).concurrency(c);
+    let mut events = worker.subscribe();
+    let done = Arc::new(tokio::sync::Notify::new());
+    let d2 = done.clone();
+    let counter = tokio::spawn(async move {
+        let mut ok = 0u64;
+        loop {
+            match events.recv().await {
+                Ok(e) if e.outcome == Outcome::Succeeded => ok += 1,
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(k)) => ok += k,
+                Err(_) => break,
+            }
+            if ok >= n {
+                d2.notify_one();
+                break;
+            }
+        }
+    });
+    let service: BoxService<Delivery, (), BoxError> = ServiceBuilder::new()
+        .boxed()
+        .layer(ExtendVisibilityLayer::from_capabilities(&capabilities))
+        .layer(RetryToDlqLayer::new(dlq).max_attempts(5))
+        .layer(CatchPanicLayer::new())
+        .timeout(Duration::from_secs(30))
+        .service(handler_fn(|d: Delivery| async move {
+            std::hint::black_box(d.payload().len());
+            Ok::<_, BoxError>(())
+        }));
+    let start = Instant::now();
+    let summary = worker
+        .run_until(service, async move { done.notified().await })
+        .await?;
+    let secs = start.elapsed().as_secs_f64();
+    let _ = counter.await;
+    if summary.failed > 0 {
+        return Err(format!("worker: {summary}").into());
+    }
+    Ok(n as f64 / secs)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+async fn run() -> Result<(), BoxError> {
+    let brokers = std::env::var("KAFKA_BROKERS").map_err(|_| "set KAFKA_BROKERS=host:port")?;
+    let n = env_or("N", 100_000);
+    let size = env_or("SIZE", 100) as usize;
+    let rounds = env_or("ROUNDS", 3);
+    let modes =
+        std::env::var("MODES").unwrap_or_else(|_| "raw,traits1,traits4,worker1,worker4".into());
+    let params = std::env::var("PARAMS")
+        .map(|p| format!("&{p}"))
+        .unwrap_or_default();
+    let topic = format!(
+        "consume-cost-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    let url = |group: &str| {
+        format!(
+            "kafka://{brokers}/{topic}?partitions=3&commit_interval=500ms&group={group}{params}"
+        )
+    };
+    let base = KafkaConfig::from_url(&url("producer"))?;
+    let producer = base.producer().await?;
+    let body = vec![b'x'; size];
+    let mut sent = 0u64;
+    while sent < n {
+        let k = 1000.min(n - sent);
+        let batch: Vec<Message> = (0..k).map(|_| Message::new(body.clone())).collect();
+        for r in producer.send_batch(batch).await? {
+            r?;
+        }
+        sent += k;
+    }
+    producer.close().await?;
+    let modes: Vec<&str> = modes.split(',').collect();
+    let mut results: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    for round in 0..rounds {
+        for (i, mode) in modes.iter().enumerate() {
+            let group = format!("{topic}-{mode}-{round}");
+            let cfg = KafkaConfig::from_url(&url(&group))?;
+            let rate = match *mode {
+                "raw" => {
+                    let (b, t, g) = (brokers.clone(), topic.clone(), group.clone());
+                    tokio::task::spawn_blocking(move || {
+                        raw(&b, &t, &g, n).map_err(|e| e.to_string())
+                    })
+                    .await??
+                }
+                "traits1" => traits(&cfg, n, 1).await?,
+                "traits4" => traits(&cfg, n, 4).await?,
+                "worker1" => worker(&cfg, n, 1).await?,
+                "worker4" => worker(&cfg, n, 4).await?,
+                other => return Err(format!("unknown mode {other}").into()),
+            };
+            println!("round {round} {mode}: {rate:.0} records/s");
+            results[i].push(rate);
+        }
+    }
+    let raw_median = modes
+        .iter()
+        .position(|m| *m == "raw")
+        .map(|i| median(&mut results[i].clone()));
+    for (i, mode) in modes.iter().enumerate() {
+        let m = median(&mut results[i]);
+        let ratio = raw_median.map_or(String::new(), |r| format!(" ({:.2}x raw)", m / r));
+        println!("median {mode}: {m:.0} records/s{ratio}");
+    }
+    ferrymq_core::admin::Admin::delete(&base.admin()?).await?;
+    Ok(())
+}

@@ -315,6 +315,11 @@ pub async fn run_worker(
     if let Some(n) = prefetch {
         worker = worker.prefetch(n);
     }
+    // For experiments only (the published results use the default): each handler in a
+    // task of its own, so a Worker can use more than the one core its loop runs on.
+    if std::env::var("FERRYMQ_BENCH_WORKER_HANDLER_TASKS").as_deref() == Ok("1") {
+        worker = worker.handler_tasks(true);
+    }
     let mut events = worker.subscribe();
     let counted = progress.clone();
     let counter = tokio::spawn(async move {

@@ -49,7 +49,9 @@
 //!   ([`Capabilities::dedup_window`](crate::Capabilities::dedup_window) is set and
 //!   longer than the lease — memory, Redis, SQS FIFO) the message is enqueued
 //!   exactly once; elsewhere (Kafka, SQS standard) a run can be duplicated only in
-//!   that crash window, never lost. This is the gap of BullMQ's older scheduler
+//!   that crash window, never lost. A send that is merely slow is no such window:
+//!   while it is under way the scheduler renews its claim every third of the
+//!   lease, so nobody takes a live scheduler's run over. This is the gap of BullMQ's older scheduler
 //!   (bull #871: the next run recorded, then the job created in a second step —
 //!   a crash between them stopped the schedule for good).
 //! - **Catch-up is bounded and chosen per schedule** ([`CatchUp`]): after downtime

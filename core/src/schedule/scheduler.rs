@@ -13,7 +13,8 @@ use super::store::{
     ClaimOutcome, ClaimRequest, ScheduleDef, ScheduleEntry, ScheduleStore, Upserted,
 };
 use crate::error::{Error, ErrorKind, Result};
-use crate::producer::Producer;
+use crate::message::Message;
+use crate::producer::{Producer, SendReceipt};
 
 /// Longest lease a scheduler takes on a run: an hour.
 pub const MAX_LEASE: Duration = Duration::from_secs(3600);
@@ -244,6 +245,50 @@ impl Scheduler {
         Ok(summary)
     }
 
+    /// Send one claimed run, renewing the claim every third of the lease while the
+    /// send is under way. A send slower than the lease (a broker that is slow to
+    /// answer, a producer's first send waiting for metadata) is not a crash: without
+    /// the renewal another scheduler would take the claim over and send the run
+    /// again, which a backend without dedup enqueues twice — and with every send
+    /// slower than the lease, the schedulers would hand one run round for ever.
+    /// A claim lost all the same (the store did not answer within the lease) is
+    /// logged; the send is still awaited, and `complete` then finds the claim gone.
+    async fn send_holding_claim(
+        &self,
+        id: &str,
+        request: &ClaimRequest,
+        run: DateTime<Utc>,
+        message: Message,
+    ) -> Result<SendReceipt> {
+        let send = self.producer.send(message);
+        tokio::pin!(send);
+        let every = (self.lease / 3).max(Duration::from_millis(1));
+        let mut renewal = request.clone();
+        let mut holding = true;
+        loop {
+            tokio::select! {
+                biased;
+                sent = &mut send => return sent,
+                () = tokio::time::sleep(every), if holding => {
+                    renewal.now = self.clock.now();
+                    // A claim of the caller's own is renewed by claiming it again.
+                    match self.store.claim(id, &renewal).await {
+                        Ok(ClaimOutcome::Won(p)) if p.run == run && p.owner == self.owner => {}
+                        other => {
+                            holding = false;
+                            tracing::warn!(
+                                schedule = %id,
+                                answer = ?other,
+                                "scheduler: the claim could not be renewed during a slow send; \
+                                 another scheduler may send this run again"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Deal with every due run of one schedule.
     async fn drive(&self, mut entry: ScheduleEntry, report: &mut TickReport) {
         let id = entry.def.id().to_string();
@@ -300,7 +345,10 @@ impl Scheduler {
                 at: claim.run,
             };
             if claim.enqueue {
-                match self.producer.send(entry.def.message_for(claim.run)).await {
+                match self
+                    .send_holding_claim(&id, &request, claim.run, entry.def.message_for(claim.run))
+                    .await
+                {
                     Ok(receipt) if receipt.duplicate => report.duplicates.push(done),
                     Ok(_) => report.enqueued.push(done),
                     Err(e) if e.kind() == ErrorKind::OutcomeUnknown => {

@@ -655,3 +655,75 @@ async fn an_unknown_send_outcome_is_resent_under_the_same_dedup_id() {
     assert_eq!((e.state.cursor, e.state.pending), (at(1), None));
     assert_eq!(runs_of(&drain(&consumer).await, "o"), minutes(1..=1));
 }
+
+/// A producer whose every send takes `delay`, over a queue that does not
+/// deduplicate: what a scheduler sees on Kafka or SQS standard with a slow broker.
+struct SlowNoDedup {
+    inner: MemoryProducer,
+    caps: crate::Capabilities,
+    delay: Duration,
+}
+
+#[async_trait]
+impl Producer for SlowNoDedup {
+    async fn send(&self, message: crate::Message) -> Result<crate::SendReceipt> {
+        tokio::time::sleep(self.delay).await;
+        // No dedup on this "broker": the dedup id is dropped before the send.
+        let mut plain = crate::Message::new(message.payload().clone());
+        *plain.headers_mut() = message.headers().clone();
+        self.inner.send(plain).await
+    }
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+    async fn depth(&self) -> Result<crate::depth::Depth> {
+        self.inner.depth().await
+    }
+    fn queue(&self) -> &str {
+        self.inner.queue()
+    }
+    fn capabilities(&self) -> &crate::Capabilities {
+        &self.caps
+    }
+}
+
+/// A send slower than the lease is not a crash: the scheduler holds its claim for
+/// as long as its send takes, so on a backend without dedup no other scheduler
+/// takes the run over and sends it a second time.
+#[tokio::test(start_paused = true)]
+async fn a_send_slower_than_the_lease_keeps_its_claim() {
+    let cfg = queue("slow-send");
+    let (_, consumer) = connect(&cfg);
+    let store = Yielding(MemoryScheduleStore::new());
+    let clock = Clock::tokio_at(t0());
+    let lease = Duration::from_secs(1);
+    let slow = || {
+        let inner = connect(&cfg).0;
+        let mut caps = inner.capabilities().clone();
+        caps.dedup_window = None;
+        let producer = SlowNoDedup {
+            inner,
+            caps,
+            delay: lease * 3,
+        };
+        Scheduler::new(producer, store.clone())
+            .clock(clock.clone())
+            .lease(lease)
+            .poll_interval(Duration::from_millis(100))
+    };
+    slow().upsert(minutely("s")).await.unwrap();
+    let running: Vec<Running> = (0..3).map(|_| spawn(slow())).collect();
+    tokio::time::sleep(Duration::from_secs(5 * 60 + 30)).await;
+    for r in running {
+        r.stop().await;
+    }
+    let runs = runs_of(&drain(&consumer).await, "s");
+    // Compared by count first: the broken way enqueues one run thousands of times.
+    assert_eq!(
+        runs.len(),
+        5,
+        "runs enqueued: {:?}",
+        &runs[..runs.len().min(8)]
+    );
+    assert_eq!(runs, minutes(1..=5));
+}

@@ -189,11 +189,14 @@ async fn main() -> ferrymq::Result<ExitCode> {
             seen.max_running_per_key
         ),
     );
+    // Overlap is what proves it: wall-clock against summed handler time (printed
+    // above) depends on the broker's round trips and the machine's load, and a
+    // busy CI machine running six examples side by side made that comparison fail.
     checks.check(
-        seen.max_running > 1 && elapsed < seen.busy,
+        seen.max_running > 1,
         format!(
-            "keys ran in parallel (peak {} handlers at once; {elapsed:.0?} < {:.0?})",
-            seen.max_running, seen.busy
+            "keys ran in parallel (peak {} handlers at once)",
+            seen.max_running
         ),
     );
     checks.check(depth.total() == 0, "the queue is empty afterwards");

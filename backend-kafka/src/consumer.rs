@@ -624,12 +624,18 @@ impl Shared {
         if records.is_empty() {
             return;
         }
+        let wall = SystemTime::now();
         let mut st = self.lock();
-        for r in records {
+        for mut r in records {
             let tp = Tp {
                 topic: r.topic_index,
                 partition: r.partition,
             };
+            let tier = r
+                .topic_index
+                .checked_sub(1)
+                .and_then(|i| self.cfg.retry_tiers.get(i).copied());
+            r.not_before = record::bounded_not_before(r.not_before, tier, wall);
             let Some(part) = st.parts.get_mut(&tp) else {
                 continue;
             };

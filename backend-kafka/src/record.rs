@@ -248,6 +248,23 @@ impl Received {
     }
 }
 
+/// A polled record's not-before as far as ferrymq honours it (`tier`: the delay of
+/// the tier topic it came from, `None` for the queue's own topic).
+///
+/// On the queue's topic there is none: ferrymq puts delays and retries on the
+/// tiers, so a not-before there was written by someone else, and honouring it
+/// would hold the whole partition — with a far-future value, for good. On a tier
+/// it is at most the tier's delay from `now`: a later one (poison, or a producer
+/// whose clock is far ahead) waits that long instead of until its time.
+pub fn bounded_not_before(
+    not_before: Option<SystemTime>,
+    tier: Option<Duration>,
+    now: SystemTime,
+) -> Option<SystemTime> {
+    let (t, tier) = (not_before?, tier?);
+    Some(t.min(now.checked_add(tier).unwrap_or(now)))
+}
+
 /// A record's id: `partition/offset` in the queue's own topic,
 /// `topic/partition/offset` elsewhere (a delayed send's first record, on a tier).
 pub fn record_id(topic_index: usize, topic: &str, partition: i32, offset: i64) -> String {
@@ -296,6 +313,26 @@ mod tests {
         for (p, c) in payloads.iter().zip(&cloned) {
             assert_eq!(&p[..], &c[..]);
         }
+    }
+
+    #[test]
+    fn a_not_before_is_bounded_by_its_tier_and_dropped_on_the_queue_topic() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let tier = Duration::from_secs(5);
+        let soon = now + Duration::from_secs(2);
+        let far = now + Duration::from_secs(1_000 * 365 * 24 * 3600);
+        assert_eq!(bounded_not_before(Some(soon), Some(tier), now), Some(soon));
+        assert_eq!(
+            bounded_not_before(Some(far), Some(tier), now),
+            Some(now + tier)
+        );
+        assert_eq!(bounded_not_before(Some(far), None, now), None);
+        assert_eq!(bounded_not_before(None, Some(tier), now), None);
+        // A huge tier never overflows the arithmetic.
+        assert_eq!(
+            bounded_not_before(Some(far), Some(Duration::MAX), now),
+            Some(far.min(now))
+        );
     }
 
     #[test]

@@ -676,6 +676,16 @@ pub fn rss_kib(pid: u32) -> Option<(u64, u64)> {
 // A redis-server of our own, and what it holds
 // ---------------------------------------------------------------------------------
 
+/// A loopback port nobody listens on now, for a server of a test's own: a fixed
+/// port collides with whatever else runs on the machine (another suite, a
+/// developer's own Redis) and fails the run for nothing.
+pub fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free loopback port: {e}"))
+}
+
 /// A `redis-server` child on a fixed port, data in a temp dir of its own; killed
 /// (SIGKILL) and its dir removed on drop. Restartable on the same dir (AOF replay).
 #[derive(Debug)]

@@ -20,7 +20,7 @@
 //! what `everysec` risks is a crash of the machine (power, kernel), which a test
 //! cannot stage — there, up to ~1 s of acknowledged sends (2 s when the disk stalls).
 //!
-//! Needs `redis-server` on PATH; starts its own on ports 6412 and 6413.
+//! Needs `redis-server` on PATH; starts its own on free loopback ports.
 
 #![allow(clippy::unwrap_used)]
 
@@ -253,7 +253,7 @@ fn print(fsync: &str, f: &Figures) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appendfsync_always_keeps_every_acknowledged_send_and_ack_across_kill_9() {
-    let f = kill_redis_mid_run("always", 6412).await;
+    let f = kill_redis_mid_run("always", chaos_worker::free_port().unwrap()).await;
     print("always", &f);
     assert!(
         f.sent_ok > 100,
@@ -270,7 +270,7 @@ async fn appendfsync_always_keeps_every_acknowledged_send_and_ack_across_kill_9(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appendfsync_everysec_loss_across_kill_9_is_measured_and_bounded() {
-    let f = kill_redis_mid_run("everysec", 6413).await;
+    let f = kill_redis_mid_run("everysec", chaos_worker::free_port().unwrap()).await;
     print("everysec", &f);
     assert!(
         f.sent_ok > 100,

@@ -14,7 +14,7 @@
 //! until the queue is empty.
 //!
 //! Needs `redis-server` on PATH (`scripts/redis.sh start` installs it); starts its own
-//! on port 6410. `CHAOS_SEED=n` replays a run's choices (printed).
+//! on a free loopback port. `CHAOS_SEED=n` replays a run's choices (printed).
 
 #![allow(clippy::unwrap_used)]
 
@@ -34,7 +34,6 @@ use ferrymq_redis::RedisConfig;
 use rand::{Rng, SeedableRng};
 
 const TOTAL: u64 = 20_000;
-const PORT: u16 = 6410;
 const CONCURRENCY: usize = 8;
 const PREFETCH: usize = 16;
 /// Deliveries one worker holds at most: running, waiting for a slot, or settling.
@@ -76,7 +75,7 @@ fn kill_9_of_worker_processes_loses_nothing_and_explains_every_duplicate() {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand::random::<u64>);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let server = RedisServer::start(PORT, &[]).unwrap();
+    let server = RedisServer::start(chaos_worker::free_port().unwrap(), &[]).unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -5,7 +5,7 @@
 //! than a few however many workers died), the steady worker's RSS bounded. The long
 //! run is `scripts/soak.sh` (20 minutes, 1M messages), not part of the suite.
 //!
-//! Needs `redis-server` on PATH; starts its own on port 6411.
+//! Needs `redis-server` on PATH; starts its own on a free loopback port.
 
 #![allow(clippy::unwrap_used)]
 
@@ -30,7 +30,7 @@ fn one_minute_soak_of_churning_workers_stays_bounded() {
     let options = SoakOptions {
         duration: Duration::from_secs(60),
         messages: 50_000,
-        port: 6411,
+        port: soak::chaos_worker::free_port().unwrap(),
         ..SoakOptions::default()
     };
     let report = run_soak(&options, &WorkerCommand::test_binary("chaos_worker_child")).unwrap();

@@ -25,8 +25,8 @@ use ferrymq_core::{BoxError, Message, Producer};
 use ferrymq_kafka::KafkaConfig;
 use futures::stream::{FuturesUnordered, StreamExt as _};
 use rdkafka::client::ClientContext;
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer as _, ProducerContext};
 use rdkafka::producer::ThreadedProducer;
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer as _, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 use rdkafka::ClientConfig;
@@ -139,20 +139,26 @@ async fn ferry(cfg: &KafkaConfig, n: u64, size: usize) -> Result<f64, BoxError> 
     tokio::time::sleep(Duration::from_millis(200)).await;
     let producer: Box<dyn Producer> = Box::new(kp);
     let start = Instant::now();
-    let mut batches = Vec::new();
-    let mut sent = 0;
-    while sent < n {
-        let k = 100.min(n - sent);
-        batches.push(
-            (0..k)
-                .map(|i| Message::new(payload(size, sent + i)))
-                .collect::<Vec<_>>(),
-        );
-        sent += k;
-    }
-    let mut inflight: FuturesUnordered<_> = batches
+    // Each batch built when its send starts (see the bench's produce_pipelined);
+    // EAGER=1 builds every message before the first send, as the bench once did.
+    let eager = std::env::var("EAGER").is_ok_and(|v| v == "1");
+    let build = |b: u64| {
+        let first = b * 100;
+        (first..n.min(first + 100))
+            .map(|i| Message::new(payload(size, i)))
+            .collect::<Vec<_>>()
+    };
+    let built: Vec<Option<Vec<Message>>> = (0..n.div_ceil(100))
+        .map(|b| eager.then(|| build(b)))
+        .collect();
+    let producer = producer.as_ref();
+    let mut inflight: FuturesUnordered<_> = built
         .into_iter()
-        .map(|b| producer.send_batch(b))
+        .enumerate()
+        .map(|(b, batch)| async move {
+            let batch = batch.unwrap_or_else(|| build(b as u64));
+            producer.send_batch(batch).await
+        })
         .collect();
     while let Some(results) = inflight.next().await {
         for r in results? {
@@ -183,9 +189,7 @@ async fn run() -> Result<(), BoxError> {
         std::process::id(),
         rand::random::<u32>()
     );
-    let cfg = KafkaConfig::from_url(&format!(
-        "kafka://{brokers}/{topic}?partitions=3{params}"
-    ))?;
+    let cfg = KafkaConfig::from_url(&format!("kafka://{brokers}/{topic}?partitions=3{params}"))?;
     // Creates the topic (and its tiers) once, for both subjects.
     cfg.producer().await?.close().await?;
     let modes: Vec<&str> = modes.split(',').collect();

@@ -660,8 +660,11 @@ fn position_id(partition: i32, offset: i64) -> String {
     at -= 1;
     buf[at] = b'/';
     put(&mut buf, &mut at, i64::from(partition));
-    // Only ASCII digits, '-' and '/' were written.
-    String::from_utf8_lossy(&buf[at..]).into_owned()
+    // Only ASCII was written: each byte is its char (no UTF-8 check to pay for).
+    let digits = &buf[at..];
+    let mut id = String::with_capacity(digits.len());
+    id.extend(digits.iter().map(|&b| char::from(b)));
+    id
 }
 
 #[async_trait]

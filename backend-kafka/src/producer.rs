@@ -28,11 +28,6 @@ use crate::record::{self, unix_ms, unix_ms_ceil, with_header, H_ENQUEUED_AT, H_N
 /// (`queue.buffering.max.messages` / `.kbytes`) before `QueueFull`.
 const ENQUEUE_WAIT: Duration = Duration::from_secs(5);
 
-/// How often the one batch waiting for room in librdkafka's queue tries again: a
-/// full queue of the default 100,000 records drains for ~100 ms, so a retry every
-/// millisecond keeps it fed without spinning.
-const ROOM_RETRY: Duration = Duration::from_millis(1);
-
 /// Bits of a delivery opaque holding a record's index in its batch; the bits above
 /// name the batch's slot in the [`Registry`].
 const INDEX_BITS: u32 = usize::BITS / 2;
@@ -255,11 +250,6 @@ impl Pending<'_> {
 /// murmur2 partitioner. Shared by [`KafkaProducer`] and the consumer's retry copies.
 pub(crate) struct Sender {
     producer: ThreadedProducer<DeliveryContext>,
-    /// Held by the batch waiting for room in librdkafka's full queue; the other
-    /// batches that met the full queue wait here in turn (tokio's mutex is FIFO)
-    /// instead of each retrying on a timer of its own — a thousand batches in flight
-    /// each retrying every few milliseconds cost more CPU than the records did.
-    room: tokio::sync::Mutex<()>,
     pub cfg: Arc<KafkaConfig>,
 }
 
@@ -297,11 +287,7 @@ impl Sender {
         let producer = producer_config(&cfg)
             .create_with_context(context)
             .map_err(|e| config_error("producer", e))?;
-        Ok(Sender {
-            producer,
-            room: tokio::sync::Mutex::new(()),
-            cfg,
-        })
+        Ok(Sender { producer, cfg })
     }
 
     /// Hand every record to librdkafka (waiting for room in its local queue up to
@@ -347,18 +333,13 @@ impl Sender {
                 slot,
                 handed: 0,
             };
-            // Once this batch met a full queue it keeps its turn at the gate for
-            // the rest of the chunk: its records go in order, without queueing
-            // again behind later batches.
-            let mut turn = None;
             for (i, r) in chunk.iter_mut().enumerate() {
                 let Some(r) = r else { continue };
-                match self.enqueue(r, (slot << INDEX_BITS) | i, &mut turn).await {
+                match self.enqueue(r, (slot << INDEX_BITS) | i).await {
                     Ok(()) => registration.handed += 1,
                     Err(e) => out[base + i] = Some(Err(e)),
                 }
             }
-            drop(turn);
             drop(registration);
             waits.push((base, rx));
         }
@@ -373,15 +354,9 @@ impl Sender {
     }
 
     /// Hand one record to librdkafka, waiting for room in its local queue up to
-    /// [`ENQUEUE_WAIT`]: first for this batch's turn at the [`room`](Self::room)
-    /// gate (kept in `turn` for the batch's later records), then retrying every
-    /// [`ROOM_RETRY`]. The clock is only read once the queue is full, not per record.
-    async fn enqueue<'g>(
-        &'g self,
-        r: &mut Outgoing<'_, '_>,
-        opaque: usize,
-        turn: &mut Option<tokio::sync::MutexGuard<'g, ()>>,
-    ) -> Result<()> {
+    /// [`ENQUEUE_WAIT`]. The clock is only read once the queue is full, not per
+    /// record.
+    async fn enqueue(&self, r: &mut Outgoing<'_, '_>, opaque: usize) -> Result<()> {
         let mut record: BaseRecord<'_, str, [u8], usize> =
             BaseRecord::with_opaque_to(r.topic, opaque).payload(r.payload);
         if let Some(h) = r.headers.take() {
@@ -395,30 +370,16 @@ impl Sender {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    let until = *deadline.get_or_insert_with(|| {
-                        let now = tokio::time::Instant::now();
-                        now.checked_add(ENQUEUE_WAIT).unwrap_or(now)
-                    });
-                    let full = || {
-                        enqueue_error(
+                    let now = tokio::time::Instant::now();
+                    let until = *deadline.get_or_insert(now + ENQUEUE_WAIT);
+                    if now >= until {
+                        return Err(enqueue_error(
                             r.topic,
                             KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
-                        )
-                    };
-                    if turn.is_none() {
-                        // Tried again at once when the turn comes: the batch before
-                        // may have left room.
-                        match tokio::time::timeout_at(until, self.room.lock()).await {
-                            Ok(guard) => *turn = Some(guard),
-                            Err(_) => return Err(full()),
-                        }
-                    } else {
-                        if tokio::time::Instant::now() >= until {
-                            return Err(full());
-                        }
-                        tokio::time::sleep(ROOM_RETRY).await;
+                        ));
                     }
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 Err((e, _)) => return Err(enqueue_error(r.topic, e)),
             }

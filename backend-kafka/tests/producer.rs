@@ -127,11 +127,12 @@ async fn a_dropped_send_future_still_completes_the_others() {
 }
 
 /// More batches in flight than librdkafka's local queue holds (50 records): the
-/// batches that meet the full queue wait their turn and every record is produced
-/// once, each receipt naming where its own record landed, and a partition's
-/// records of one batch stay in the batch's order.
+/// batches that meet the full queue wait for room and every record is produced
+/// once, each receipt naming where its own record landed (the messages are freed
+/// once handed over, before their reports), and a key's records of one batch stay
+/// in the batch's order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batches_beyond_a_full_local_queue_wait_their_turn_and_all_land_once() {
+async fn batches_beyond_a_full_local_queue_wait_for_room_and_all_land_once() {
     let cfg = config("full", "rdkafka.queue.buffering.max.messages=50");
     let p = cfg.producer().await.unwrap();
     let batches = (0..20).map(|b| {

@@ -190,14 +190,60 @@ impl Drop for Registration<'_> {
     }
 }
 
-/// One record for [`Sender::produce_many`].
-pub(crate) struct Outgoing<'a> {
-    pub topic: &'a str,
-    pub key: Option<&'a str>,
-    pub payload: &'a [u8],
+/// One record for [`Sender::produce_many`]: the topic borrowed for as long as the
+/// results need it (`'t`), key and payload only until librdkafka copied them (`'p`).
+pub(crate) struct Outgoing<'t, 'p> {
+    pub topic: &'t str,
+    pub key: Option<&'p str>,
+    pub payload: &'p [u8],
     /// `None`: no header list at all, so librdkafka allocates (and later frees)
     /// nothing for headers, which the common header-less send saves per record.
     pub headers: Option<OwnedHeaders>,
+}
+
+/// Records handed to librdkafka whose delivery reports are still to come: what
+/// [`Sender::hand_over`] leaves for [`Pending::reports`]. It borrows nothing of the
+/// records but their topics, so the caller can free the messages (librdkafka holds
+/// copies) while the broker round trip runs.
+pub(crate) struct Pending<'t> {
+    /// The record's topic, `None` where there is no record.
+    topics: Vec<Option<&'t str>>,
+    /// Results known already (refused locally), by record.
+    out: Vec<Option<Result<(i32, i64)>>>,
+    /// A registered batch's first record and its reports' receiver.
+    waits: Vec<(usize, oneshot::Receiver<Vec<Option<Report>>>)>,
+}
+
+impl Pending<'_> {
+    /// Wait for the delivery reports: one result per record, in order, `None`
+    /// where the record is `None`.
+    pub async fn reports(self) -> Vec<Option<Result<(i32, i64)>>> {
+        let Pending {
+            topics,
+            mut out,
+            waits,
+        } = self;
+        for (base, rx) in waits {
+            // An error: the producer went away (its registry with it) before every
+            // report came; what is left unreported is filled in below.
+            if let Ok(reports) = rx.await {
+                for (i, report) in reports.into_iter().enumerate() {
+                    if let (Some(report), Some(Some(topic))) = (report, topics.get(base + i)) {
+                        out[base + i] = Some(report.map_err(|e| delivery_error(topic, e)));
+                    }
+                }
+            }
+        }
+        for (o, topic) in out.iter_mut().zip(&topics) {
+            if let (None, Some(topic)) = (&o, topic) {
+                *o = Some(Err(Error::new(
+                    ErrorKind::OutcomeUnknown,
+                    format!("the producer of {topic:?} went away before the delivery report"),
+                )));
+            }
+        }
+        out
+    }
 }
 
 /// A librdkafka producer configured for ferrymq: idempotent, `acks=all`, Java's
@@ -253,8 +299,14 @@ impl Sender {
     /// delivering what it was handed, and its slot is freed once that is reported.
     pub async fn produce_many(
         &self,
-        mut records: Vec<Option<Outgoing<'_>>>,
+        records: Vec<Option<Outgoing<'_, '_>>>,
     ) -> Vec<Option<Result<(i32, i64)>>> {
+        self.hand_over(records).await.reports().await
+    }
+
+    /// The first half of [`produce_many`](Self::produce_many): every record handed
+    /// to librdkafka (or refused), the records dropped.
+    pub async fn hand_over<'t>(&self, mut records: Vec<Option<Outgoing<'t, '_>>>) -> Pending<'t> {
         let registry = &self.producer.context().registry;
         let mut out: Vec<Option<Result<(i32, i64)>>> = std::iter::repeat_with(|| None)
             .take(records.len())
@@ -268,7 +320,8 @@ impl Sender {
                         out[base + i] = Some(Err(Error::new(
                             ErrorKind::QueueFull,
                             format!(
-                                "more than {MAX_SLOTS} sends are in flight on this producer;                                  nothing was produced"
+                                "more than {MAX_SLOTS} sends are in flight on this producer; \
+                                 nothing was produced"
                             ),
                         )));
                     }
@@ -290,35 +343,20 @@ impl Sender {
             drop(registration);
             waits.push((base, rx));
         }
-        for (base, rx) in waits {
-            // An error: the producer went away (its registry with it) before every
-            // report came; what is left unreported is filled in below.
-            if let Ok(reports) = rx.await {
-                for (i, report) in reports.into_iter().enumerate() {
-                    if let (Some(report), Some(r)) = (report, &records[base + i]) {
-                        out[base + i] = Some(report.map_err(|e| delivery_error(r.topic, e)));
-                    }
-                }
-            }
+        Pending {
+            topics: records
+                .iter()
+                .map(|r| r.as_ref().map(|r| r.topic))
+                .collect(),
+            out,
+            waits,
         }
-        for (o, r) in out.iter_mut().zip(&records) {
-            if let (None, Some(r)) = (&o, r) {
-                *o = Some(Err(Error::new(
-                    ErrorKind::OutcomeUnknown,
-                    format!(
-                        "the producer of {:?} went away before the delivery report",
-                        r.topic
-                    ),
-                )));
-            }
-        }
-        out
     }
 
     /// Hand one record to librdkafka, waiting for room in its local queue up to
     /// [`ENQUEUE_WAIT`]. The clock is only read once the queue is full, not per
     /// record.
-    async fn enqueue(&self, r: &mut Outgoing<'_>, opaque: usize) -> Result<()> {
+    async fn enqueue(&self, r: &mut Outgoing<'_, '_>, opaque: usize) -> Result<()> {
         let mut record: BaseRecord<'_, str, [u8], usize> =
             BaseRecord::with_opaque_to(r.topic, opaque).payload(r.payload);
         if let Some(h) = r.headers.take() {
@@ -550,7 +588,44 @@ impl KafkaProducer {
 
 /// A receipt for a record of the queue's topic (`index` 0) or of a tier.
 fn receipt(index: usize, topic: &str, (p, o): (i32, i64)) -> SendReceipt {
-    SendReceipt::new(record::record_id(index, topic, p, o))
+    if index == 0 {
+        SendReceipt::new(position_id(p, o))
+    } else {
+        SendReceipt::new(record::record_id(index, topic, p, o))
+    }
+}
+
+/// `partition/offset` — [`record::record_id`] of a record of the queue's topic —
+/// written digit by digit into one allocation of its exact length: `write!`
+/// through `fmt` cost more than the allocation, once per record sent.
+fn position_id(partition: i32, offset: i64) -> String {
+    // An i32 takes at most 11 characters, an i64 20, the slash 1.
+    fn put(buf: &mut [u8; 32], at: &mut usize, v: i64) {
+        let mut n = v.unsigned_abs();
+        loop {
+            *at -= 1;
+            buf[*at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        if v < 0 {
+            *at -= 1;
+            buf[*at] = b'-';
+        }
+    }
+    let mut buf = [0u8; 32];
+    let mut at = buf.len();
+    put(&mut buf, &mut at, offset);
+    at -= 1;
+    buf[at] = b'/';
+    put(&mut buf, &mut at, i64::from(partition));
+    // Only ASCII digits, '-' and '/' were written, so the check passes (at a few
+    // instructions for a short ASCII run; a push per char cost ~15 each).
+    std::str::from_utf8(&buf[at..])
+        .map(str::to_owned)
+        .unwrap_or_default()
 }
 
 #[async_trait]
@@ -585,7 +660,11 @@ impl Producer for KafkaProducer {
                 })
             })
             .collect();
-        let reports = self.sender.produce_many(records).await;
+        let pending = self.sender.hand_over(records).await;
+        // librdkafka holds copies of everything handed over: the payloads go back to
+        // the allocator now, while they are hot, instead of after the round trip.
+        drop(messages);
+        let reports = pending.reports().await;
         Ok(routes
             .into_iter()
             .zip(reports)
@@ -679,6 +758,21 @@ mod tests {
             [Some((2, 7)), Some((1, 5))]
         );
         assert_eq!(reg.in_flight(), 0);
+    }
+
+    #[test]
+    fn receipt_ids_are_the_record_ids() {
+        for (p, o) in [
+            (0, 0),
+            (2, 12_345),
+            (i32::MAX, i64::MAX),
+            (i32::MIN, i64::MIN),
+            (-1, -1001),
+        ] {
+            assert_eq!(position_id(p, o), record::record_id(0, "t", p, o));
+            assert_eq!(receipt(0, "t", (p, o)).id, record::record_id(0, "t", p, o));
+        }
+        assert_eq!(receipt(2, "t.retry-5s", (1, 7)).id, "t.retry-5s/1/7");
     }
 
     #[test]

@@ -125,3 +125,52 @@ async fn a_dropped_send_future_still_completes_the_others() {
     p.close().await.unwrap();
     cleanup(&cfg).await;
 }
+
+/// More batches in flight than librdkafka's local queue holds (50 records): the
+/// batches that meet the full queue wait for room and every record is produced
+/// once, each receipt naming where its own record landed (the messages are freed
+/// once handed over, before their reports), and a key's records of one batch stay
+/// in the batch's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_beyond_a_full_local_queue_wait_for_room_and_all_land_once() {
+    let cfg = config("full", "rdkafka.queue.buffering.max.messages=50");
+    let p = cfg.producer().await.unwrap();
+    let batches = (0..20).map(|b| {
+        p.send_batch(
+            (0..100)
+                .map(|i| Message::new(format!("b{b:02}-{i:03}")).key(format!("k{}", i % 7)))
+                .collect(),
+        )
+    });
+    let mut receipts = HashMap::new();
+    for (b, results) in join_all(batches).await.into_iter().enumerate() {
+        for (i, r) in results.unwrap().into_iter().enumerate() {
+            let id = r.unwrap_or_else(|e| panic!("b{b:02}-{i:03}: {e}")).id;
+            receipts.insert(format!("b{b:02}-{i:03}"), id);
+        }
+    }
+    assert_eq!(receipts.len(), 2000);
+    let c = cfg.consumer().await.unwrap();
+    let got = receive_n(&c, 2000, Duration::from_secs(30)).await;
+    let mut seen = HashMap::new();
+    let mut last: HashMap<(String, String), String> = HashMap::new();
+    for d in &got {
+        let body = String::from_utf8(d.payload().to_vec()).unwrap();
+        assert_eq!(receipts.get(&body), Some(&d.id().to_string()), "{body}");
+        *seen.entry(body.clone()).or_insert(0) += 1;
+        // Same batch, same key: one partition, in the order of the batch.
+        let (batch, _) = body.split_once('-').unwrap();
+        let key = (batch.to_string(), d.key().unwrap_or_default().to_string());
+        if let Some(prev) = last.insert(key, body.clone()) {
+            assert!(prev < body, "{prev} after {body}");
+        }
+    }
+    assert_eq!(seen.len(), 2000);
+    assert!(seen.values().all(|&n| n == 1), "a record twice");
+    for d in &got {
+        d.ack().await.unwrap();
+    }
+    c.close().await.unwrap();
+    p.close().await.unwrap();
+    cleanup(&cfg).await;
+}

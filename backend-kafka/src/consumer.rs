@@ -22,6 +22,7 @@ use ferrymq_core::depth::Depth;
 use ferrymq_core::time::deadline_in;
 use ferrymq_core::{
     Ack, AckHandle, Capabilities, Consumer, Delivery, DeliveryMeta, Error, ErrorKind, Result,
+    Settle,
 };
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
@@ -533,9 +534,28 @@ impl Shared {
     /// Mark a handed-out record done (acked, or its retry copy confirmed); in
     /// ordered mode its key's next record may go out now.
     fn done(&self, tp: Tp, live: &Arc<AtomicBool>, offset: i64, key: Option<&str>) -> Result<()> {
+        self.done_if(tp, live, offset, key, false)
+            .unwrap_or_else(|| Err(lease_gone()))
+    }
+
+    /// [`Shared::done`], unless `open_only` and the consumer is closing: then
+    /// nothing is done and `None` returned (the settle must take the async path,
+    /// which waits for the final commit). Checked under the same lock as the
+    /// settle, so a close that begins later counts this delivery as settled.
+    fn done_if(
+        &self,
+        tp: Tp,
+        live: &Arc<AtomicBool>,
+        offset: i64,
+        key: Option<&str>,
+        open_only: bool,
+    ) -> Option<Result<()>> {
         let mut st = self.lock();
+        if open_only && st.closing.is_some() {
+            return None;
+        }
         let Some(part) = st.parts.get_mut(&tp).filter(|p| Arc::ptr_eq(&p.live, live)) else {
-            return Err(lease_gone());
+            return Some(Err(lease_gone()));
         };
         part.outstanding.done(offset);
         if let Some(k) = key {
@@ -558,7 +578,7 @@ impl Shared {
         if unblocked {
             self.notify.notify_waiters();
         }
-        Ok(())
+        Some(Ok(()))
     }
 
     /// Give a handed-out record back: delivered again in this session after
@@ -1078,6 +1098,29 @@ impl Ack for KafkaAck {
 
     fn is_live(&self) -> bool {
         self.live.load(AtomicOrdering::Acquire)
+    }
+
+    /// An ack (while not closing) and an extend need no I/O: done here, so they
+    /// cost no boxed future. A nack may produce a retry copy, a release is rare,
+    /// and an ack while closing waits for the final commit: those go async.
+    fn settle_now(&self, op: Settle) -> Option<Result<()>> {
+        match op {
+            Settle::Ack => {
+                let r = self.shared.done_if(
+                    self.tp,
+                    &self.live,
+                    self.record.offset,
+                    self.record.key.as_deref(),
+                    true,
+                )?;
+                if r.is_ok() {
+                    self.settled.store(true, AtomicOrdering::Release);
+                }
+                Some(r)
+            }
+            Settle::Extend(_) => Some(self.check_live()),
+            _ => None,
+        }
     }
 }
 

@@ -111,7 +111,16 @@ impl Outstanding {
 
     /// Mark `offset` done (no-op when it is not held).
     fn done(&mut self, offset: i64) {
-        if let Ok(i) = self.offsets.binary_search_by_key(&offset, |(o, _)| *o) {
+        // A partition's offsets are mostly contiguous (gaps only from compaction or
+        // transaction markers), so `offset - first` is usually its index: tried
+        // first, the binary search (1.5% of a Worker's thread) only when it misses.
+        let guess = self
+            .offsets
+            .front()
+            .and_then(|(first, _)| usize::try_from(offset.checked_sub(*first)?).ok())
+            .filter(|&i| self.offsets.get(i).is_some_and(|(o, _)| *o == offset));
+        let found = guess.or_else(|| self.offsets.binary_search_by_key(&offset, |(o, _)| *o).ok());
+        if let Some(i) = found {
             self.offsets[i].1 = true;
         }
         while self.offsets.front().is_some_and(|(_, d)| *d) {
@@ -1382,5 +1391,32 @@ impl Consumer for KafkaConsumer {
 
     fn capabilities(&self) -> &Capabilities {
         &self.shared.caps
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Outstanding;
+
+    #[test]
+    fn outstanding_marks_the_right_offset_also_across_gaps() {
+        let mut o = Outstanding::default();
+        // Contiguous, then gaps (compaction, transaction markers).
+        for off in [10, 11, 12, 13, 20, 21, 25, 40] {
+            o.push(off);
+        }
+        for off in [12, 21, 40, 99, 5] {
+            o.done(off);
+        }
+        assert_eq!(o.undone().collect::<Vec<_>>(), [10, 11, 13, 20, 25]);
+        o.done(10);
+        o.done(11);
+        // The front moved: the watermark stops at the first record not done.
+        assert_eq!(o.undone().next(), Some(13));
+        for off in [25, 13, 20] {
+            o.done(off);
+        }
+        assert_eq!(o.undone().count(), 0);
+        assert!(o.offsets.is_empty());
     }
 }

@@ -1223,13 +1223,16 @@ impl KafkaConsumer {
                 // close does it skip it), so a closing member still hands its
                 // partitions on at once; a dead one is dropped after its session.
                 .set("group.instance.id", instance_id(kind))
-                .set("enable.partition.eof", "false")
+                .set("enable.partition.eof", "false");
+            if kind == 0 {
                 // A partition resumed (its buffer drained) is fetched only with the
                 // broker's next Fetch; while the others are caught up, the one in
                 // flight is a long poll held up to this long. librdkafka's 500 ms
                 // default stalled a resumed partition that long, cutting a drain of
                 // a backlog (consume_cost traits1) from ~190k to ~60k records/s.
-                .set("fetch.wait.max.ms", FETCH_WAIT_MS);
+                // Not for the tiers' member: its records are due seconds later.
+                c.set("fetch.wait.max.ms", FETCH_WAIT_MS);
+            }
             cfg.apply_overrides(&mut c);
             let consumer: BaseConsumer<Ctx> = c
                 .create_with_context(Ctx {

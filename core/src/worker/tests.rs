@@ -156,18 +156,25 @@ impl Consumer for CountingReceives {
 
 #[test]
 fn the_default_prefetch_is_bounded_by_the_concurrency() {
-    assert_eq!(run::default_prefetch(1), 128);
-    assert_eq!(run::default_prefetch(64), 128);
-    assert_eq!(run::default_prefetch(100), 200);
-    assert_eq!(run::default_prefetch(usize::MAX), usize::MAX);
+    // A backend answering 10 a call (SQS) keeps the floor of 128.
+    assert_eq!(run::default_prefetch(1, 10), 128);
+    assert_eq!(run::default_prefetch(64, 10), 128);
+    assert_eq!(run::default_prefetch(100, 10), 200);
+    // Large receive batches: Redis's 1,000; memory and Kafka (10,000) 1,024.
+    assert_eq!(run::default_prefetch(1, 1000), 1000);
+    assert_eq!(run::default_prefetch(1, 10_000), 1024);
+    assert_eq!(run::default_prefetch(1, 200), 200);
+    assert_eq!(run::default_prefetch(600, 10_000), 1200);
+    assert_eq!(run::default_prefetch(usize::MAX, 1000), usize::MAX);
 }
 
 #[tokio::test(start_paused = true)]
 async fn default_prefetch_receives_in_batches_and_stays_bounded() {
     let (p, c) = queue("worker-batched-receive").connect().unwrap();
-    for i in 0..400 {
+    for i in 0..2400 {
         p.send(Message::new(format!("{i}"))).await.unwrap();
     }
+    let c_max_batch = c.capabilities().max_batch;
     let counting = Arc::new(CountingReceives {
         inner: c,
         calls: AtomicUsize::new(0),
@@ -191,12 +198,12 @@ async fn default_prefetch_receives_in_batches_and_stays_bounded() {
     let summary = Worker::from_arc(counting.clone())
         .concurrency(2)
         .close_consumer(false)
-        .run_until(svc, tokio::time::sleep(Duration::from_secs(10)))
+        .run_until(svc, tokio::time::sleep(Duration::from_secs(20)))
         .await
         .unwrap();
     watcher.await.unwrap();
-    assert_eq!(summary.succeeded, 400);
-    let bound = 2 + run::default_prefetch(2);
+    assert_eq!(summary.succeeded, 2400);
+    let bound = 2 + run::default_prefetch(2, c_max_batch);
     assert_eq!(
         max_leased.load(Ordering::SeqCst),
         bound,
@@ -206,7 +213,7 @@ async fn default_prefetch_receives_in_batches_and_stays_bounded() {
     // Refilled at half the prefetch: ~16 deliveries a receive, not one.
     let nonempty = counting.nonempty.load(Ordering::SeqCst);
     assert!(
-        nonempty <= 400 / 16 + 2,
+        nonempty <= 2400 / 16 + 2,
         "{nonempty} receives brought deliveries: not batched"
     );
 }
@@ -867,8 +874,11 @@ async fn a_permanent_receive_error_leaves_the_health_stopped_with_it() {
 #[tokio::test(start_paused = true)]
 async fn autoscale_grows_on_a_burst_and_shrinks_back_when_it_is_drained() {
     let (p, c) = queue("worker-autoscale").connect().unwrap();
+    // The prefetch this case was written for (the default before issue 11's
+    // batch-sized floor): its growth steps are judged against it.
     let worker = Worker::new(c)
         .autoscale(1..=16)
+        .prefetch(128)
         .poll_wait(Duration::from_millis(100));
     let health = worker.health();
     let handled = Arc::new(Mutex::new(HashMap::<String, usize>::new()));

@@ -571,7 +571,8 @@ pub async fn slow_handler_worker_handles_each_once_c1(ctx: &Context) -> CaseResu
 }
 
 /// A worker with the default settings but `concurrency(4)`, whose handlers are slow
-/// enough that the default prefetch (32) would keep deliveries waiting for twice the
+/// enough that a prefetch of 32 (below every default: 128 and up, 1,024 on backends
+/// with large receive batches) would keep deliveries waiting for twice the
 /// visibility timeout: every message is handled exactly once, and the queue is empty
 /// at the end.
 ///
@@ -584,7 +585,8 @@ pub async fn slow_handler_worker_handles_each_once_c4(ctx: &Context) -> CaseResu
 }
 
 async fn slow_handler_each_once(ctx: &Context, concurrency: usize) -> CaseResult {
-    /// The default prefetch at these concurrencies.
+    /// Below the Worker's default prefetch at any concurrency, so the case can fail
+    /// whatever the default is: a larger prefetch only waits longer.
     const DEFAULT_PREFETCH: u32 = 32;
     let visibility = ctx
         .visibility()

@@ -2,6 +2,7 @@
 //! and garbage or hostile values (another tool, a mirror of a tier topic, a bug in
 //! a producer of another language): each is delivered, none blocks its partition,
 //! nothing panics.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

@@ -571,7 +571,7 @@ pub async fn slow_handler_worker_handles_each_once_c1(ctx: &Context) -> CaseResu
 }
 
 /// A worker with the default settings but `concurrency(4)`, whose handlers are slow
-/// enough that a prefetch of 32 (below every default: 128 and up, 1,024 on backends
+/// enough that a prefetch of 32 (below every default: 128 and up, 512 on backends
 /// with large receive batches) would keep deliveries waiting for twice the
 /// visibility timeout: every message is handled exactly once, and the queue is empty
 /// at the end.

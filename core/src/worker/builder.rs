@@ -50,7 +50,7 @@ impl<C> std::fmt::Debug for Worker<C> {
 }
 
 impl<C: Consumer + 'static> Worker<C> {
-    /// A worker on `consumer`: concurrency 1, prefetch 128 to 1,024 by the backend's batch size (see [`prefetch`](Worker::prefetch)), 1 s long polls,
+    /// A worker on `consumer`: concurrency 1, prefetch 128 to 512 by the backend's batch size (see [`prefetch`](Worker::prefetch)), 1 s long polls,
     /// no per-key ordering, 30 s shutdown timeout, failed deliveries nacked without
     /// delay, depth gauge every 15 s.
     pub fn new(consumer: C) -> Self {
@@ -124,7 +124,7 @@ impl<C: Consumer + 'static> Worker<C> {
 
     /// At most `n` received deliveries wait for a free handler slot (default: twice
     /// the concurrency, at least 128, and at least the backend's `max_batch` up to
-    /// 1,024: Redis 1,000, memory and Kafka 1,024, SQS 128 — a batch-sized prefetch
+    /// 512: Redis, memory and Kafka 512, SQS 128 — a batch-sized prefetch
     /// keeps receives large while acks are on the wire). The worker receives again only once fewer than
     /// half of them are left, and then in one batch (up to the backend's `max_batch`)
     /// for the room there is, so a networked backend sees one receive per batch rather

@@ -870,7 +870,10 @@ impl<C: Consumer + 'static> State<C> {
 /// paid by hundreds of messages. The floor follows `max_batch` because the worker's
 /// acks hold room too: with 128, a Redis worker's ~40–60 acks on the wire left
 /// receives of ~50 (its handlers then waited on every receive round trip: 0.65–0.78
-/// of the raw client at c=1, against 0.82–0.87 with 1,024; issue 11). A backend that returns 10 a
+/// of the raw client at c=1, against 0.82–0.94 with 512 or 1,024; issue 11). The cap
+/// is 512, not 1,024: each prefetched Redis delivery added ~4 KiB to the consumer's
+/// peak RSS (16.7 MiB at 128, 18.2 at 512, 20.5 at 1,024, over issue 11's 20 MiB
+/// bound), and 512 did as well as 1,024 on throughput. A backend that returns 10 a
 /// call (SQS) keeps 128. The pacing still bounds it by time, so slow handlers
 /// prefetch less.
 pub(super) fn default_prefetch(concurrency: usize, max_batch: usize) -> usize {
@@ -884,7 +887,7 @@ pub(super) fn default_prefetch(concurrency: usize, max_batch: usize) -> usize {
 pub(super) const DEFAULT_MIN_PREFETCH: usize = 128;
 
 /// The default prefetch a backend with large receive batches gets at least.
-pub(super) const DEFAULT_BATCH_PREFETCH: usize = 1024;
+pub(super) const DEFAULT_BATCH_PREFETCH: usize = 512;
 
 /// Runs one delivery through the service and reports what the worker has left to do
 /// with it. `started` is when the worker started it (read anew when `None`: the

@@ -160,9 +160,10 @@ fn the_default_prefetch_is_bounded_by_the_concurrency() {
     assert_eq!(run::default_prefetch(1, 10), 128);
     assert_eq!(run::default_prefetch(64, 10), 128);
     assert_eq!(run::default_prefetch(100, 10), 200);
-    // Large receive batches: Redis's 1,000; memory and Kafka (10,000) 1,024.
-    assert_eq!(run::default_prefetch(1, 1000), 1000);
-    assert_eq!(run::default_prefetch(1, 10_000), 1024);
+    // Large receive batches (Redis 1,000, memory and Kafka 10,000): 512.
+    assert_eq!(run::default_prefetch(1, 1000), 512);
+    assert_eq!(run::default_prefetch(1, 10_000), 512);
+    assert_eq!(run::default_prefetch(1, 300), 300);
     assert_eq!(run::default_prefetch(1, 200), 200);
     assert_eq!(run::default_prefetch(600, 10_000), 1200);
     assert_eq!(run::default_prefetch(usize::MAX, 1000), usize::MAX);

@@ -48,6 +48,9 @@ const POLL_WAIT: Duration = Duration::from_millis(20);
 /// resumed partition waits for its first records. An idle member sends a Fetch
 /// this often.
 const FETCH_WAIT_MS: &str = "50";
+/// How long librdkafka backs off a partition's fetch while its queue is full
+/// (see `connect`).
+const FETCH_QUEUE_BACKOFF_MS: &str = "10";
 /// Records taken from librdkafka per lock of the shared state.
 const POLL_BATCH: usize = 128;
 
@@ -702,6 +705,7 @@ impl Shared {
     fn maintain(&self, consumer: &BaseConsumer<Ctx>, kind: usize, commits: &mut Committer) {
         let mut pause = TopicPartitionList::new();
         let mut resume = TopicPartitionList::new();
+        let mut restart = TopicPartitionList::new();
         let mut store = Vec::new();
         // Commit points are worked out only when a commit is due: a point costs a
         // walk over the partition's outstanding records (for the metadata), too
@@ -735,6 +739,11 @@ impl Shared {
                 if want != part.paused {
                     let list = if want { &mut pause } else { &mut resume };
                     list.add_partition(&self.topics[tp.topic], tp.partition);
+                    if !want && part.next_fetch >= 0 {
+                        let _ = restart
+                            .add_partition(&self.topics[tp.topic], tp.partition)
+                            .set_offset(Offset::Offset(part.next_fetch));
+                    }
                     part.paused = want;
                 }
                 if dirty {
@@ -759,6 +768,17 @@ impl Shared {
         if resume.count() > 0 {
             if let Err(e) = consumer.resume(&resume) {
                 tracing::debug!(error = %e, "resume failed");
+            }
+        }
+        if restart.count() > 0 {
+            // librdkafka handles a resume on its main thread and neither wakes the
+            // broker thread nor clears a fetch backoff: with every partition of the
+            // member paused, that thread sleeps on (up to 1 s) before it fetches a
+            // resumed partition. A seek to where the partition stands anyway (the
+            // offset after the last record polled, where the pause left
+            // librdkafka's position) restarts its fetcher, which does both.
+            if let Err(e) = consumer.seek_partitions(restart, Duration::ZERO) {
+                tracing::debug!(error = %e, "restarting the fetch of resumed partitions failed");
             }
         }
         if !store.is_empty() {
@@ -1238,6 +1258,12 @@ impl KafkaConsumer {
                 // a backlog (consume_cost traits1) from ~190k to ~60k records/s.
                 // Not for the tiers' member: its records are due seconds later.
                 c.set("fetch.wait.max.ms", FETCH_WAIT_MS);
+                // While librdkafka's queue holds `queued.min.messages` (shared by
+                // all partitions: any backlog of small records reaches the default
+                // 100,000), each partition fetched is backed off this long, and it
+                // stays idle that long even once drained: the default 1 s stalled a
+                // backlog's drain for a second at a time.
+                c.set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
             }
             cfg.apply_overrides(&mut c);
             let consumer: BaseConsumer<Ctx> = c

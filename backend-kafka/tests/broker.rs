@@ -348,3 +348,48 @@ async fn backpressure_pauses_and_loses_nothing() {
     c.close().await.unwrap();
     cleanup(&cfg).await;
 }
+
+/// A backlog drains without stalls once librdkafka's own queue has filled.
+/// librdkafka backs a partition's fetch off for `fetch.queue.backoff.ms` (1 s by
+/// default) whenever its consumer queue holds `queued.min.messages` (shared by
+/// all partitions): a partition that then ran dry, or was resumed after a pause
+/// for backpressure, sat idle for up to that second. The defaults of 100,000
+/// messages are reached by any backlog of small records; here 1,000 make 60,000
+/// records enough. Stalled, they took ~24 s (a stall per refill); now ~1 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_partition_is_fetched_at_once() {
+    let cfg = config(
+        "resume",
+        "partitions=3&buffer=1000&rdkafka.queued.min.messages=1000",
+    );
+    let p = cfg.producer().await.unwrap();
+    let n = 60_000;
+    for chunk in 0..(n / 1000) {
+        let batch: Vec<Message> = (0..1000)
+            .map(|i| Message::new(format!("{}", chunk * 1000 + i)))
+            .collect();
+        for r in p.send_batch(batch).await.unwrap() {
+            r.unwrap();
+        }
+    }
+    let c = cfg.consumer().await.unwrap();
+    let started = std::time::Instant::now();
+    let mut got = 0;
+    // Generous against a loaded machine, and far below the stalled drain.
+    let limit = Duration::from_secs(10);
+    while got < n && started.elapsed() < limit {
+        let batch = c.receive(100, Duration::from_millis(200)).await.unwrap();
+        for d in &batch {
+            d.ack().await.unwrap();
+        }
+        got += batch.len();
+    }
+    let took = started.elapsed();
+    assert_eq!(
+        got, n,
+        "only {got} of {n} records in {took:?}: partitions wait before they are fetched again"
+    );
+    eprintln!("{n} records in {took:?}");
+    c.close().await.unwrap();
+    cleanup(&cfg).await;
+}

@@ -117,6 +117,9 @@ async fn worker(cfg: &KafkaConfig, n: u64, c: usize) -> Result<f64, BoxError> {
     let mut events = worker.subscribe();
     let done = Arc::new(tokio::sync::Notify::new());
     let d2 = done.clone();
+    let start = Instant::now();
+    // Timed at the last success, like the traits modes (not the worker's
+    // shutdown: its commit and leaving the group come after).
     let counter = tokio::spawn(async move {
         let mut ok = 0u64;
         loop {
@@ -131,6 +134,7 @@ async fn worker(cfg: &KafkaConfig, n: u64, c: usize) -> Result<f64, BoxError> {
                 break;
             }
         }
+        start.elapsed()
     });
     let service: BoxService<Delivery, (), BoxError> = ServiceBuilder::new()
         .boxed()
@@ -142,12 +146,10 @@ async fn worker(cfg: &KafkaConfig, n: u64, c: usize) -> Result<f64, BoxError> {
             std::hint::black_box(d.payload().len());
             Ok::<_, BoxError>(())
         }));
-    let start = Instant::now();
     let summary = worker
         .run_until(service, async move { done.notified().await })
         .await?;
-    let secs = start.elapsed().as_secs_f64();
-    let _ = counter.await;
+    let secs = counter.await?.as_secs_f64();
     if summary.failed > 0 {
         return Err(format!("worker: {summary}").into());
     }

@@ -300,6 +300,22 @@ impl AckHandle {
         outcome
     }
 
+    /// [`ack`](AckHandle::ack) without a future, where the backend can settle
+    /// without waiting (an in-process queue, a Kafka offset marked done): its
+    /// result, or `None` when the backend has to wait — then nothing happened
+    /// and `ack` must be awaited. The worker acks through this first: a boxed
+    /// future per delivery was a tenth of its own cost on such backends.
+    pub(crate) fn try_ack_now(&self) -> Option<Result<()>> {
+        let guard = match self.begin() {
+            Ok(guard) => guard,
+            Err(e) => return Some(Err(e)),
+        };
+        // `None`: the guard, dropped unfinished, leaves the handle pending.
+        let outcome = self.shared.backend.settle_now(Settle::Ack)?;
+        self.finish(guard, &outcome, ACKED);
+        Some(outcome)
+    }
+
     /// Redeliver no sooner than `redeliver_after` (now when `None`); counts as a
     /// failed attempt.
     pub async fn nack(&self, redeliver_after: Option<Duration>) -> Result<()> {

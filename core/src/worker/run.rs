@@ -935,16 +935,22 @@ where
     // schedule for this delivery (no settle to push, poll and account for apart). A
     // backend that has to ask over the network answers `Pending`; the future sent
     // is handed to the worker as it is (never started twice), and the handler's
-    // slot frees all the same.
-    let settling = match settle {
-        Settle::Ack | Settle::Nack(_) => {
+    // slot frees all the same. An ack the backend settles without waiting needs
+    // no future at all.
+    let acked_now = match settle {
+        Settle::Ack => acker.try_ack_now(),
+        _ => None,
+    };
+    let settling = match (settle, acked_now) {
+        (_, Some(result)) => Attempted::Done(result),
+        (Settle::Ack | Settle::Nack(_), None) => {
             let mut future = settle_future(acker, settle);
             match poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await {
                 Poll::Ready(result) => Attempted::Done(result),
                 Poll::Pending => Attempted::Waiting(future),
             }
         }
-        Settle::Done | Settle::Release => Attempted::No,
+        (Settle::Done | Settle::Release, None) => Attempted::No,
     };
     Finished {
         outcome,

@@ -489,50 +489,58 @@ impl Shared {
                 if part.revoking {
                     continue;
                 }
-                let picked = if let Some(idx) = part.requeued.iter().position(|r| r.due <= now) {
-                    let r = part.requeued.swap_remove(idx);
-                    Some((r.record, r.attempt))
-                } else {
-                    for r in &part.requeued {
-                        soonest(r.due.saturating_duration_since(now));
-                    }
-                    if self.ordered && tp.topic == 0 {
-                        // The first record whose key has nothing in flight (keyless
-                        // records promise no order).
-                        let blocked = &part.blocked;
-                        let idx = part.buffered.iter().position(|r| {
-                            r.key.as_ref().map_or(true, |k| !blocked.contains_key(k))
-                        });
-                        let picked = idx.and_then(|i| part.buffered.remove(i));
-                        if let Some(r) = &picked {
-                            if let Some(k) = &r.key {
-                                *part.blocked.entry(k.clone()).or_default() += 1;
+                // This partition's share of what is left to take in this pass,
+                // taken with one lookup of its state (a lookup per record, a
+                // cache miss each, was 3 % of a drain).
+                let share = (max - taken).div_ceil(n - i);
+                let live = part.live.clone();
+                for _ in 0..share {
+                    let picked = if let Some(idx) = part.requeued.iter().position(|r| r.due <= now)
+                    {
+                        let r = part.requeued.swap_remove(idx);
+                        Some((r.record, r.attempt))
+                    } else {
+                        for r in &part.requeued {
+                            soonest(r.due.saturating_duration_since(now));
+                        }
+                        if self.ordered && tp.topic == 0 {
+                            // The first record whose key has nothing in flight (keyless
+                            // records promise no order).
+                            let blocked = &part.blocked;
+                            let idx = part.buffered.iter().position(|r| {
+                                r.key.as_ref().map_or(true, |k| !blocked.contains_key(k))
+                            });
+                            let picked = idx.and_then(|i| part.buffered.remove(i));
+                            if let Some(r) = &picked {
+                                if let Some(k) = &r.key {
+                                    *part.blocked.entry(k.clone()).or_default() += 1;
+                                }
+                            }
+                            picked.map(|r| {
+                                let a = r.attempt;
+                                (r, a)
+                            })
+                        } else {
+                            match part.buffered.front() {
+                                Some(front) => match front.not_before {
+                                    Some(t) if t > wall => {
+                                        soonest(t.duration_since(wall).unwrap_or_default());
+                                        None
+                                    }
+                                    _ => part.buffered.pop_front().map(|r| {
+                                        let a = r.attempt;
+                                        (r, a)
+                                    }),
+                                },
+                                None => None,
                             }
                         }
-                        picked.map(|r| {
-                            let a = r.attempt;
-                            (r, a)
-                        })
-                    } else {
-                        match part.buffered.front() {
-                            Some(front) => match front.not_before {
-                                Some(t) if t > wall => {
-                                    soonest(t.duration_since(wall).unwrap_or_default());
-                                    None
-                                }
-                                _ => part.buffered.pop_front().map(|r| {
-                                    let a = r.attempt;
-                                    (r, a)
-                                }),
-                            },
-                            None => None,
-                        }
-                    }
-                };
-                if let Some((record, attempt)) = picked {
+                    };
+                    let Some((record, attempt)) = picked else {
+                        break;
+                    };
                     part.handed_out += 1;
-                    let live = part.live.clone();
-                    out.push((tp, live, record, attempt));
+                    out.push((tp, live.clone(), record, attempt));
                     taken += 1;
                     progress = true;
                 }

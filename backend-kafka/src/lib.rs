@@ -63,7 +63,11 @@
 //!   the member exceed `max.poll.interval.ms` (tested with 6 s and a handler of 8 s).
 //!   Records go into a per-partition buffer; a partition is paused when its buffer
 //!   holds `buffer` records (resumed below half), while it is being revoked, and —
-//!   on a tier — while its head is not due yet.
+//!   on a tier — while its head is not due yet. A resume is followed by a seek to
+//!   where the partition stands (librdkafka's broker thread, with every partition
+//!   paused, otherwise sleeps up to a second before fetching it), and the queue's
+//!   member sets `fetch.queue.backoff.ms=10` (librdkafka's 1 s backoff, taken once
+//!   its shared queue holds `queued.min.messages`, stalled a backlog's drain).
 //! - Every record polled and not done is *outstanding*. An ack marks its offset
 //!   done; a partition's commit position is its smallest outstanding offset (or the
 //!   next offset to fetch when none is): an out-of-order ack never commits past an

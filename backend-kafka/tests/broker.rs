@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{cleanup, config, receive_n, WAIT};
+use common::{cleanup, config, produce_backlog, receive_n, WAIT};
 use ferrymq_core::{Consumer, ErrorKind, Message, Producer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -362,16 +362,8 @@ async fn a_resumed_partition_is_fetched_at_once() {
         "resume",
         "partitions=3&buffer=1000&rdkafka.queued.min.messages=1000",
     );
-    let p = cfg.producer().await.unwrap();
     let n = 60_000;
-    for chunk in 0..(n / 1000) {
-        let batch: Vec<Message> = (0..1000)
-            .map(|i| Message::new(format!("{}", chunk * 1000 + i)))
-            .collect();
-        for r in p.send_batch(batch).await.unwrap() {
-            r.unwrap();
-        }
-    }
+    produce_backlog(&cfg, n).await;
     let c = cfg.consumer().await.unwrap();
     let started = std::time::Instant::now();
     let mut got = 0;
@@ -406,15 +398,8 @@ async fn a_worker_drains_a_backlog_without_fetch_stalls() {
     use ferrymq_core::worker::Worker;
     use std::sync::{Arc, Mutex};
     let cfg = config("drain", "partitions=3&commit_interval=500ms");
-    let p = cfg.producer().await.unwrap();
     let n: u64 = 100_000;
-    let body = vec![b'x'; 100];
-    for _ in 0..(n / 1000) {
-        let batch: Vec<Message> = (0..1000).map(|_| Message::new(body.clone())).collect();
-        for r in p.send_batch(batch).await.unwrap() {
-            r.unwrap();
-        }
-    }
+    produce_backlog(&cfg, 100_000).await;
     let c = cfg.consumer().await.unwrap();
     // (records handled, when the last one was, the longest wait between two)
     let progress = Arc::new(Mutex::new((

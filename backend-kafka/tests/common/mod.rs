@@ -77,3 +77,19 @@ pub async fn receive_n(c: &dyn Consumer, n: usize, within: Duration) -> Vec<Deli
 pub async fn cleanup(cfg: &KafkaConfig) {
     let _ = cfg.admin().expect("admin").delete().await;
 }
+
+/// Produce a backlog of `n` records of 100 bytes, numbered in their first
+/// digits, in batches of 1,000 (each entry's result checked).
+pub async fn produce_backlog(cfg: &KafkaConfig, n: usize) {
+    use ferrymq_core::{Message, Producer};
+    let p = cfg.producer().await.expect("producer");
+    for start in (0..n).step_by(1000) {
+        let batch: Vec<Message> = (start..n.min(start + 1000))
+            .map(|i| Message::new(format!("{i:<100}")))
+            .collect();
+        for r in p.send_batch(batch).await.expect("send_batch") {
+            r.expect("record produced");
+        }
+    }
+    p.close().await.expect("producer closed");
+}

@@ -243,7 +243,12 @@ impl Received {
         }
         if self.topic_index == 0 {
             let mut buf = StackStr::default();
-            if write!(buf, "{}/{}", self.partition, self.offset).is_ok() {
+            let (mut p, mut o) = (itoa::Buffer::new(), itoa::Buffer::new());
+            let written = buf
+                .write_str(p.format(self.partition))
+                .and_then(|()| buf.write_str("/"))
+                .and_then(|()| buf.write_str(o.format(self.offset)));
+            if written.is_ok() {
                 return MessageId::from(buf.as_str());
             }
         }
@@ -332,15 +337,23 @@ pub fn record_id(topic_index: usize, topic: &str, partition: i32, offset: i64) -
 /// one allocation of the right size: `format!` guesses small and grows, and this
 /// runs for every record sent and received.
 pub fn position(topic: &str, partition: i32, offset: i64) -> String {
-    use std::fmt::Write as _;
     // A partition takes at most 11 characters, an offset 20, the slashes 2.
     let mut s = String::with_capacity(topic.len() + 33);
     if !topic.is_empty() {
         s.push_str(topic);
         s.push('/');
     }
-    let _ = write!(s, "{partition}/{offset}");
+    push_partition_offset(&mut s, partition, offset);
     s
+}
+
+/// Append `partition/offset`. The digits come from `itoa`: `write!` through
+/// `core::fmt` cost ~500 instructions per record for an id and a position, a
+/// third of everything a receive did per record.
+pub fn push_partition_offset(s: &mut String, partition: i32, offset: i64) {
+    s.push_str(itoa::Buffer::new().format(partition));
+    s.push('/');
+    s.push_str(itoa::Buffer::new().format(offset));
 }
 
 #[cfg(test)]
@@ -403,6 +416,11 @@ mod tests {
             not_before: None,
         };
         assert_eq!(r.message_id("t").as_str(), r.id("t"));
+        assert_eq!(r.id("t"), "2147483647/9223372036854775807");
+        assert_eq!(
+            position("t", i32::MIN, i64::MIN),
+            "t/-2147483648/-9223372036854775808"
+        );
         r.partition = -1;
         r.offset = 0;
         assert_eq!(r.message_id("t").as_str(), "-1/0");

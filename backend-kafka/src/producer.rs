@@ -588,20 +588,7 @@ impl KafkaProducer {
 
 /// A receipt for a record of the queue's topic (`index` 0) or of a tier.
 fn receipt(index: usize, topic: &str, (p, o): (i32, i64)) -> SendReceipt {
-    if index == 0 {
-        SendReceipt::new(position_id(p, o))
-    } else {
-        SendReceipt::new(record::record_id(index, topic, p, o))
-    }
-}
-
-/// `partition/offset` — [`record::record_id`] of a record of the queue's topic —
-/// in one allocation of the size it needs (an i32 takes at most 11 characters, an
-/// i64 20, the slash 1).
-fn position_id(partition: i32, offset: i64) -> String {
-    let mut s = String::with_capacity(32);
-    record::push_partition_offset(&mut s, partition, offset);
-    s
+    SendReceipt::new(record::record_id(index, topic, p, o))
 }
 
 #[async_trait]
@@ -745,7 +732,6 @@ mod tests {
             (i32::MIN, i64::MIN),
             (-1, -1001),
         ] {
-            assert_eq!(position_id(p, o), record::record_id(0, "t", p, o));
             assert_eq!(receipt(0, "t", (p, o)).id, record::record_id(0, "t", p, o));
         }
         assert_eq!(receipt(2, "t.retry-5s", (1, 7)).id, "t.retry-5s/1/7");

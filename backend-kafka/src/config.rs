@@ -96,13 +96,19 @@ pub struct KafkaConfig {
     /// settled.
     #[serde(with = "humantime_serde", default = "defaults::close_timeout")]
     pub close_timeout: Duration,
-    /// Records buffered per partition before the partition is paused (default
-    /// 5000; memory is up to `buffer` × record size per assigned partition).
+    /// Records buffered per partition, polled and not handed out yet (default
+    /// 5000). Behind it librdkafka prefetches up to 4 × `buffer` records (at most
+    /// 8 MiB) for each partition of the queue's topic, so memory is up to
+    /// 5 × `buffer` × record size per assigned partition.
     ///
-    /// Not small: pausing a partition makes librdkafka drop what it had prefetched
-    /// for it and fetch it again on resume, so a buffer that fills every few
-    /// milliseconds costs most of the throughput (measured with the bench, e2e at
-    /// concurrency 1: 17k records/s with 1000, 62k with 5000).
+    /// A full buffer stops the reading of its partition's librdkafka queue (each
+    /// partition of the queue's topic has one of its own) until receivers take
+    /// from it. The retry tiers, and the queue's topic in `retry_mode=ordered`,
+    /// share one queue instead, and a full buffer pauses its partition: that makes
+    /// librdkafka drop what it had prefetched for it and fetch it again on resume,
+    /// so there a buffer that fills every few milliseconds costs most of the
+    /// throughput (measured with the bench, e2e at concurrency 1: 17k records/s
+    /// with 1000, 62k with 5000).
     #[serde(default = "defaults::buffer")]
     pub buffer: usize,
     /// `consumer()` waits this long for the group to assign partitions.

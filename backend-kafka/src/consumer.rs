@@ -14,7 +14,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -25,7 +25,10 @@ use ferrymq_core::{
     Settle,
 };
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
+use rdkafka::consumer::{
+    base_consumer::PartitionQueue, BaseConsumer, CommitMode, Consumer as _, ConsumerContext,
+    Rebalance,
+};
 use rdkafka::error::KafkaResult;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{watch, Notify};
@@ -51,6 +54,19 @@ const FETCH_WAIT_MS: &str = "50";
 /// How long librdkafka backs off a partition's fetch while its queue is full
 /// (see `connect`).
 const FETCH_QUEUE_BACKOFF_MS: &str = "10";
+/// librdkafka's prefetch per split partition (see [`split_queue`]), in records:
+/// this many buffers' worth (20,000 records for the default buffer). A quarter as
+/// much ran the drain of a backlog of small records at ~60 % of this rate in one
+/// run (consume_cost traits1), waiting on fetches.
+const PREFETCH_BUFFERS: usize = 4;
+/// ...and in KiB: with large records the bound that counts.
+const PREFETCH_KIB: &str = "8192";
+
+/// `queued.min.messages` for a split member (librdkafka's limit: 10,000,000).
+fn prefetch_records(buffer: usize) -> usize {
+    buffer.saturating_mul(PREFETCH_BUFFERS).clamp(1, 10_000_000)
+}
+
 /// Records taken from librdkafka per lock of the shared state.
 const POLL_BATCH: usize = 128;
 
@@ -140,6 +156,11 @@ impl Outstanding {
 struct Part {
     /// This assignment's epoch: cleared when the partition is revoked.
     live: Arc<AtomicBool>,
+    /// The partition has a librdkafka queue of its own (see [`split_queue`]): the
+    /// poll thread reads it only while `buffered` has room, and never pauses the
+    /// partition. Otherwise (the tiers, ordered mode, a split that failed) its
+    /// records come through the member's shared queue, and a full buffer pauses it.
+    split: bool,
     /// Polled, not handed out, in offset order.
     buffered: VecDeque<Received>,
     /// Released (or dropped) deliveries, to be handed out again in this session.
@@ -169,6 +190,7 @@ impl Part {
     fn new() -> Self {
         Part {
             live: Arc::new(AtomicBool::new(true)),
+            split: false,
             buffered: VecDeque::new(),
             requeued: Vec::new(),
             outstanding: Outstanding::default(),
@@ -182,6 +204,31 @@ impl Part {
             paused: false,
             revoking: false,
         }
+    }
+
+    /// Take a polled record into the buffer (outstanding from now on), unless the
+    /// partition is being revoked, we hold it already, or the previous owner's
+    /// commit metadata says it was done.
+    fn admit(&mut self, r: Received) -> Admitted {
+        if self.revoking || (self.next_fetch >= 0 && r.offset < self.next_fetch) {
+            // Revoked meanwhile, or a re-fetch of what we hold already.
+            return Admitted::Dropped;
+        }
+        self.next_fetch = r.offset + 1;
+        if let Some(prev) = &self.prev {
+            let done = prev.is_done(r.offset);
+            if r.offset + 1 >= prev.end {
+                self.prev = None;
+            }
+            if done {
+                // Processed before the restart: never handed out again.
+                self.skipped += 1;
+                return Admitted::SkippedAsDone;
+            }
+        }
+        self.outstanding.push(r.offset);
+        self.buffered.push_back(r);
+        Admitted::Buffered
     }
 
     /// What to commit: the first record not done (where a restart must begin),
@@ -206,6 +253,15 @@ impl Part {
         let pos = undone.first().map_or(end, |r| r.0);
         Some((pos, progress::encode(pos, end, &undone)))
     }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Admitted {
+    Buffered,
+    /// Done before, by the partition's previous owner (its commit metadata).
+    SkippedAsDone,
+    /// Revoked meanwhile, or a re-fetch of a record held already.
+    Dropped,
 }
 
 #[derive(Default)]
@@ -244,6 +300,14 @@ pub(crate) struct Shared {
     /// New records, revokes and close wake receivers.
     notify: Notify,
     sender: Arc<Sender>,
+    /// The partition queues of the main member (see [`split_queue`]): read by the
+    /// poll thread alone (rebalance callbacks, which add and drop them, run on it
+    /// too), so never contended.
+    queues: Mutex<HashMap<Tp, PartitionQueue<Ctx>, TpHash>>,
+    /// Wakes the poll thread: records on one of its queues, room in a split
+    /// partition's buffer. Shared with librdkafka's wake-up callbacks, which must
+    /// not own `Shared` (the queues are in it).
+    poll_wake: Arc<PollWake>,
     /// Set with `State::closing`: lets a settle skip the lock (and the close
     /// check) while the consumer is not closing.
     closing: AtomicBool,
@@ -261,9 +325,7 @@ impl fmt::Debug for Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock leaves consistent data (every step is
-        // completed before anything can panic), so a poisoned lock is used as is.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     fn topic_index(&self, name: &str) -> Option<usize> {
@@ -305,7 +367,15 @@ impl Shared {
         }
     }
 
-    fn on_assign(&self, consumer: &BaseConsumer<Ctx>, tpl: &TopicPartitionList, kind: usize) {
+    /// `splitter`: the member whose partitions get queues of their own (see
+    /// [`split_queue`]), split here, before librdkafka starts fetching them.
+    fn on_assign(
+        &self,
+        consumer: &BaseConsumer<Ctx>,
+        tpl: &TopicPartitionList,
+        kind: usize,
+        splitter: Option<Arc<BaseConsumer<Ctx>>>,
+    ) {
         let tps = self.tps(tpl);
         tracing::debug!(topic = %self.cfg.topic, kind, partitions = ?tps, "assigned");
         // The previous owner's progress above the watermark, from the commit metadata.
@@ -341,11 +411,27 @@ impl Shared {
                 }
             }
         }
+        let mut split = Vec::new();
+        if let Some(c) = &splitter {
+            let mut queues = lock(&self.queues);
+            for tp in &tps {
+                if !queues.contains_key(tp) {
+                    let topic = &self.topics[tp.topic];
+                    if let Some(q) = split_queue(c, topic, tp.partition, &self.poll_wake) {
+                        queues.insert(*tp, q);
+                    }
+                }
+                if queues.contains_key(tp) {
+                    split.push(*tp);
+                }
+            }
+        }
         let mut st = self.lock();
         for tp in tps {
             if let std::collections::hash_map::Entry::Vacant(v) = st.parts.entry(tp) {
                 let mut part = Part::new();
                 part.prev = progress.remove(&tp);
+                part.split = split.contains(&tp);
                 v.insert(part);
                 st.order.push(tp);
             }
@@ -419,6 +505,12 @@ impl Shared {
             }
             st.order.retain(|tp| !tps.contains(tp));
         }
+        {
+            let mut queues = lock(&self.queues);
+            for tp in &tps {
+                queues.remove(tp);
+            }
+        }
         if lost {
             tracing::warn!(topic = %self.cfg.topic, "assignment lost: nothing committed for the lost partitions");
             return;
@@ -457,7 +549,8 @@ impl Shared {
     /// Take up to `max` deliverable records, round robin over partitions; or the
     /// time until the next one is due.
     fn take(self: &Arc<Self>, max: usize) -> Result<(Vec<Delivery>, Option<Duration>)> {
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         if st.closing.is_some() || st.finished {
             return Err(Error::closed("consumer"));
         }
@@ -475,6 +568,7 @@ impl Shared {
         let start = st.rr;
         st.rr = st.rr.wrapping_add(1);
         let mut progress = true;
+        let mut refill = false;
         let mut taken = 0usize;
         while taken < max && progress {
             progress = false;
@@ -493,6 +587,7 @@ impl Shared {
                 // taken with one lookup of its state (a lookup per record, a
                 // cache miss each, was 3 % of a drain).
                 let share = (max - taken).div_ceil(n - i);
+                let before = part.buffered.len();
                 let live = part.live.clone();
                 for _ in 0..share {
                     let picked = if let Some(idx) = part.requeued.iter().position(|r| r.due <= now)
@@ -544,10 +639,18 @@ impl Shared {
                     taken += 1;
                     progress = true;
                 }
+                // A split partition's buffer is refilled by the poll thread, which
+                // sleeps while every buffer is full: wake it once there is room for
+                // a batch, well before this one runs dry.
+                let half = self.cfg.buffer / 2;
+                refill |= part.split && before > half && part.buffered.len() <= half;
             }
         }
         st.handed_out += taken;
-        drop(st);
+        drop(guard);
+        if refill {
+            self.poll_wake.wake();
+        }
         let deliveries = out
             .into_iter()
             .map(|(tp, live, record, attempt)| self.delivery(tp, &live, record, attempt))
@@ -669,43 +772,37 @@ impl Shared {
             return;
         }
         let wall = SystemTime::now();
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         for mut r in records {
             let tp = Tp {
                 topic: r.topic_index,
                 partition: r.partition,
             };
-            let tier = r
-                .topic_index
-                .checked_sub(1)
-                .and_then(|i| self.cfg.retry_tiers.get(i).copied());
-            r.not_before = record::bounded_not_before(r.not_before, tier, wall);
+            self.bound_not_before(&mut r, wall);
             let Some(part) = st.parts.get_mut(&tp) else {
                 continue;
             };
-            if part.revoking || (part.next_fetch >= 0 && r.offset < part.next_fetch) {
-                // Revoked meanwhile, or a re-fetch of what we hold already.
-                continue;
+            if part.admit(r) == Admitted::SkippedAsDone {
+                st.skipped += 1;
+                st.dirty[usize::from(tp.topic > 0)] = true;
             }
-            part.next_fetch = r.offset + 1;
-            if let Some(prev) = &part.prev {
-                let done = prev.is_done(r.offset);
-                if r.offset + 1 >= prev.end {
-                    part.prev = None;
-                }
-                if done {
-                    // Processed before the restart: never handed out again.
-                    part.skipped += 1;
-                    st.skipped += 1;
-                    st.dirty[usize::from(tp.topic > 0)] = true;
-                    continue;
-                }
-            }
-            part.outstanding.push(r.offset);
-            part.buffered.push_back(r);
         }
-        drop(st);
+        drop(guard);
         self.notify.notify_waiters();
+    }
+
+    /// A tier record's not-before time, bounded by its tier (see
+    /// [`record::bounded_not_before`]).
+    fn bound_not_before(&self, r: &mut Received, wall: SystemTime) {
+        r.not_before = record::bounded_not_before(r.not_before, self.tier_of(r.topic_index), wall);
+    }
+
+    /// The delay of topic number `topic` (0: the queue's topic, none).
+    fn tier_of(&self, topic: usize) -> Option<Duration> {
+        topic
+            .checked_sub(1)
+            .and_then(|i| self.cfg.retry_tiers.get(i).copied())
     }
 
     /// Pause partitions that are full, revoking, or whose head is not due yet;
@@ -743,7 +840,10 @@ impl Shared {
                 // Too many not-done ranges for the commit metadata: stop fetching
                 // until the watermark catches up.
                 let gappy = part.ranges > progress::MAX_RANGES;
-                let want = part.revoking || head_waits || full || gappy;
+                // A partition with a queue of its own is never paused: receivers
+                // stop taking from it instead (a pause would throw away what
+                // librdkafka prefetched, to be fetched again on resume).
+                let want = !part.split && (part.revoking || head_waits || full || gappy);
                 if want != part.paused {
                     let list = if want { &mut pause } else { &mut resume };
                     list.add_partition(&self.topics[tp.topic], tp.partition);
@@ -839,10 +939,50 @@ impl Shared {
             st.pending_commit[kind].clear();
             st.order.retain(|tp| usize::from(tp.topic > 0) != kind);
         }
+        if kind == 0 {
+            lock(&self.queues).clear();
+        }
         if lost {
             return;
         }
         self.commit_now(consumer, &positions, "close");
+    }
+}
+
+/// A panic while holding one of the consumer's locks leaves consistent data
+/// (every step is completed before anything can panic), so a poisoned lock is
+/// used as is.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the poll thread sleeps on between rounds that found nothing: set by
+/// librdkafka (a queue of the poll thread's turned non-empty) and by receivers
+/// (room in a split partition's buffer). A flag, so a wake-up between the round
+/// and the sleep is not lost.
+#[derive(Default)]
+struct PollWake {
+    woken: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl PollWake {
+    fn wake(&self) {
+        *lock(&self.woken) = true;
+        self.cv.notify_one();
+    }
+
+    /// Sleep until woken or `limit` passed.
+    fn wait(&self, limit: Duration) {
+        let mut woken = lock(&self.woken);
+        if !*woken {
+            woken = self
+                .cv
+                .wait_timeout(woken, limit)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        *woken = false;
     }
 }
 
@@ -859,6 +999,9 @@ pub(crate) struct Ctx {
     shared: Arc<Shared>,
     /// 0: the member reading the queue's topic; 1: the one reading its tiers.
     kind: usize,
+    /// The member itself, when its partitions get queues of their own (see
+    /// [`split_queue`]); set once it is created. Weak: the member owns this.
+    splitter: OnceLock<Weak<BaseConsumer<Ctx>>>,
 }
 
 impl ClientContext for Ctx {}
@@ -866,7 +1009,10 @@ impl ClientContext for Ctx {}
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Assign(tpl) => self.shared.on_assign(consumer, tpl, self.kind),
+            Rebalance::Assign(tpl) => {
+                let splitter = self.splitter.get().and_then(Weak::upgrade);
+                self.shared.on_assign(consumer, tpl, self.kind, splitter);
+            }
             Rebalance::Revoke(tpl) => self.shared.on_revoke(consumer, tpl),
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
@@ -910,17 +1056,12 @@ impl Committer {
     }
 }
 
-/// Poll one member: up to [`POLL_BATCH`] records, waiting at most `wait` for the
-/// first.
-fn poll_into(
-    shared: &Shared,
-    consumer: &BaseConsumer<Ctx>,
-    mut wait: Duration,
-    arena: &mut PayloadArena,
-) {
+/// Poll one member's shared queue (serving its callbacks): up to [`POLL_BATCH`]
+/// records. Returns how many there were.
+fn poll_into(shared: &Shared, consumer: &BaseConsumer<Ctx>, arena: &mut PayloadArena) -> usize {
     let mut batch = Vec::new();
     while batch.len() < POLL_BATCH {
-        match consumer.poll(wait) {
+        match consumer.poll(Duration::ZERO) {
             Some(Ok(m)) => {
                 let topic = rdkafka::Message::topic(&m);
                 if let Some(i) = shared.topic_index(topic) {
@@ -933,29 +1074,69 @@ fn poll_into(
             }
             None => break,
         }
-        wait = Duration::ZERO;
     }
+    let n = batch.len();
     shared.push(batch);
+    n
+}
+
+/// Read the split partitions' queues: up to [`POLL_BATCH`] records from each
+/// whose buffer has room for them (none while it is revoked or its commit
+/// metadata full). Returns how many there were.
+fn pull_split(shared: &Shared, arena: &mut PayloadArena) -> usize {
+    let cap = shared.cfg.buffer;
+    let open: Vec<(Tp, usize)> = {
+        let st = shared.lock();
+        st.parts
+            .iter()
+            .filter(|(_, p)| p.split && !p.revoking && p.ranges <= progress::MAX_RANGES)
+            .map(|(tp, p)| (*tp, cap.saturating_sub(p.buffered.len()).min(POLL_BATCH)))
+            .filter(|(_, room)| *room > 0)
+            .collect()
+    };
+    if open.is_empty() {
+        return 0;
+    }
+    let mut batch = Vec::new();
+    {
+        let queues = lock(&shared.queues);
+        for (tp, room) in open {
+            let Some(queue) = queues.get(&tp) else {
+                continue;
+            };
+            for _ in 0..room {
+                match queue.poll(Duration::ZERO) {
+                    Some(Ok(m)) => batch.push(Received::parse_in(&m, tp.topic, arena)),
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "partition queue poll error");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+    let n = batch.len();
+    shared.push(batch);
+    n
 }
 
 /// The poll thread: serves both members (the queue's topic in group G, the tiers
 /// in group `G.retry`), so neither ever exceeds `max.poll.interval.ms` however
 /// slow the handlers are.
-fn poll_thread(shared: Arc<Shared>, main: BaseConsumer<Ctx>, retry: Option<BaseConsumer<Ctx>>) {
+fn poll_thread(
+    shared: Arc<Shared>,
+    main: Arc<BaseConsumer<Ctx>>,
+    retry: Option<Arc<BaseConsumer<Ctx>>>,
+) {
     let mut commits = [Committer::new(), Committer::new()];
     let mut arena = PayloadArena::default();
     loop {
-        match &retry {
-            Some(r) => {
-                // The queue's member waits for records; the tier member is only
-                // looked at between (its records are due seconds later anyway): a
-                // record of the queue is handed on the moment it arrives, not after
-                // the tier member's wait.
-                poll_into(&shared, &main, POLL_WAIT, &mut arena);
-                poll_into(&shared, r, Duration::ZERO, &mut arena);
-                shared.maintain(r, 1, &mut commits[1]);
-            }
-            None => poll_into(&shared, &main, POLL_WAIT, &mut arena),
+        let mut got = poll_into(&shared, &main, &mut arena);
+        got += pull_split(&shared, &mut arena);
+        if let Some(r) = &retry {
+            got += poll_into(&shared, r, &mut arena);
+            shared.maintain(r, 1, &mut commits[1]);
         }
         shared.maintain(&main, 0, &mut commits[0]);
         let leave = {
@@ -967,6 +1148,12 @@ fn poll_thread(shared: Arc<Shared>, main: BaseConsumer<Ctx>, retry: Option<BaseC
         };
         if leave {
             break;
+        }
+        if got == 0 {
+            // Every queue was empty (or every buffer full): sleep until one of
+            // them has records (or a buffer room), bounded, so commits, resumes
+            // and the close check still run.
+            shared.poll_wake.wait(POLL_WAIT);
         }
     }
     shared.final_commit(&main, 0);
@@ -983,12 +1170,37 @@ fn poll_thread(shared: Arc<Shared>, main: BaseConsumer<Ctx>, retry: Option<BaseC
     shared.notify.notify_waiters();
 }
 
+/// Give a newly assigned partition a librdkafka queue of its own (before its
+/// fetch starts, so none of its records is on the member's shared queue), waking
+/// the poll thread when it turns non-empty.
+///
+/// Why: with every partition on the shared queue, backpressure meant pausing a
+/// full partition, and a pause throws away what librdkafka had prefetched for it
+/// (up to a fetch response, thousands of small records), fetched again after the
+/// resume — that cost a backlog's drain through the traits ~40 % of its rate
+/// (consume_cost traits1 0.41× raw, 0.70× with a buffer that never filled). A
+/// queue of its own is simply not read while the partition's buffer is full;
+/// librdkafka stops fetching for it at `queued.min.messages`. The split
+/// lasts the client's life (librdkafka never forwards the partition to the
+/// shared queue again), so every later assignment of it splits as well.
+fn split_queue(
+    consumer: &Arc<BaseConsumer<Ctx>>,
+    topic: &str,
+    partition: i32,
+    wake: &Arc<PollWake>,
+) -> Option<PartitionQueue<Ctx>> {
+    let mut queue = consumer.split_partition_queue(topic, partition)?;
+    let wake = wake.clone();
+    queue.set_nonempty_callback(move || wake.wake());
+    Some(queue)
+}
+
 /// Leave the group: unsubscribe first (librdkafka revokes, and sends LeaveGroup
 /// unless a JoinGroup is in flight), serve the callbacks until nothing is
 /// assigned (bounded), then close. A member that closes mid-rebalance may still
 /// skip the LeaveGroup; the short `session.timeout.ms` bounds how long the group
 /// waits for it.
-fn leave(consumer: BaseConsumer<Ctx>) {
+fn leave(consumer: Arc<BaseConsumer<Ctx>>) {
     consumer.unsubscribe();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while std::time::Instant::now() < deadline {
@@ -1222,6 +1434,8 @@ impl KafkaConsumer {
             state: Mutex::new(State::default()),
             settled: Condvar::new(),
             notify: Notify::new(),
+            queues: Mutex::new(HashMap::default()),
+            poll_wake: Arc::new(PollWake::default()),
             closing: AtomicBool::new(false),
             joined_tx,
             finished_tx,
@@ -1229,7 +1443,11 @@ impl KafkaConsumer {
         });
         let lag = LazyLag::new(cfg.clone());
 
-        let member = |group: String, topics: &[String], kind: usize| -> Result<BaseConsumer<Ctx>> {
+        let member = |group: String,
+                      topics: &[String],
+                      kind: usize,
+                      split: bool|
+         -> Result<Arc<BaseConsumer<Ctx>>> {
             let mut c = cfg.base_client_config();
             c.set("group.id", group)
                 .set("partition.assignment.strategy", "cooperative-sticky")
@@ -1273,13 +1491,33 @@ impl KafkaConsumer {
                 // backlog's drain for a second at a time.
                 c.set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
             }
+            if split {
+                // Each split partition's queue is a queue of its own to librdkafka,
+                // which prefetches up to these limits into each (not one shared
+                // 100,000 records / 64 MiB for the member): ahead of the partition's
+                // buffer, enough for a drain not to wait on fetches.
+                c.set(
+                    "queued.min.messages",
+                    prefetch_records(cfg.buffer).to_string(),
+                )
+                .set("queued.max.messages.kbytes", PREFETCH_KIB);
+            }
             cfg.apply_overrides(&mut c);
-            let consumer: BaseConsumer<Ctx> = c
+            let mut consumer: BaseConsumer<Ctx> = c
                 .create_with_context(Ctx {
                     shared: shared.clone(),
                     kind,
+                    splitter: OnceLock::new(),
                 })
                 .map_err(|e| config_error("consumer", e))?;
+            // Records (of partitions not split) and callbacks on the shared queue
+            // wake the poll thread.
+            let wake = shared.poll_wake.clone();
+            consumer.set_nonempty_callback(move || wake.wake());
+            let consumer = Arc::new(consumer);
+            if split {
+                let _ = consumer.context().splitter.set(Arc::downgrade(&consumer));
+            }
             let names: Vec<&str> = topics.iter().map(String::as_str).collect();
             consumer
                 .subscribe(&names)
@@ -1290,9 +1528,11 @@ impl KafkaConsumer {
         // One member for both would let the sticky assignor balance partition
         // *counts* across all topics — one member could get every tier partition
         // and the other every partition of the queue.
-        let main = member(cfg.group(), &shared.topics[..1], 0)?;
+        // Ordered mode looks past a blocked key's records in the buffer, so it keeps
+        // the polled buffer (and pauses) rather than taking only what it hands out.
+        let main = member(cfg.group(), &shared.topics[..1], 0, !shared.ordered)?;
         let retry = if shared.topics.len() > 1 {
-            Some(member(cfg.retry_group(), &shared.topics[1..], 1)?)
+            Some(member(cfg.retry_group(), &shared.topics[1..], 1, false)?)
         } else {
             None
         };

@@ -234,7 +234,9 @@ async fn nack_retry_copy_keeps_id_and_enqueue_time_and_counts_the_attempt() {
     let waited = nacked_at.elapsed();
     assert!(
         waited >= Duration::from_secs(2),
-        "redelivered early: {waited:?}"
+        "redelivered early: {waited:?} (attempt {}, at {:?})",
+        d2.attempt(),
+        d2.meta().position
     );
     assert!(
         waited < Duration::from_secs(5),
@@ -287,8 +289,10 @@ async fn delayed_send_waits_on_a_tier() {
     let later = receive_n(&c, 1, WAIT).await.remove(0);
     assert!(
         sent.elapsed() >= Duration::from_secs(2),
-        "{:?}",
-        sent.elapsed()
+        "{:?}: {:?} at {:?}",
+        sent.elapsed(),
+        later.payload(),
+        later.meta().position
     );
     assert_eq!(later.payload().as_ref(), b"later");
     assert_eq!(later.id(), r.id);

@@ -197,3 +197,86 @@ async fn a_slow_handler_never_exceeds_max_poll_interval() {
     c.close().await.unwrap();
     cleanup(&cfg).await;
 }
+
+/// A partition handed to another member and back is read again, through a queue
+/// of its own once more. A partition of the queue's topic gets a librdkafka queue
+/// of its own on assignment, and librdkafka never forwards it to the shared queue
+/// again: a member that dropped that queue on revoke and did not split it anew on
+/// the next assignment would never see the partition's records again (and the
+/// group would not move it elsewhere either).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partition_revoked_and_assigned_back_is_read_again() {
+    let cfg = config("back", "partitions=4");
+    let p = cfg.producer().await.unwrap();
+    let a = cfg.consumer().await.unwrap();
+    assert_eq!(main(&a.assignment()).len(), 4);
+    let b = cfg.consumer().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while main(&a.assignment()).len() == 4 || main(&b.assignment()).is_empty() {
+        assert!(Instant::now() < deadline, "b never got a partition");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Records on every partition while b holds some of them.
+    let send = |from: usize| {
+        let p = &p;
+        async move {
+            for i in from..from + 200 {
+                p.send(Message::new(format!("{i}")).key(format!("key-{i}")))
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    send(0).await;
+    let on_a = count_on(&a, 200).await.len();
+    let got_b = receive_n(&b, 200 - on_a, WAIT).await;
+    assert!(!got_b.is_empty(), "b read its partitions");
+    for d in &got_b {
+        d.ack().await.unwrap();
+    }
+    b.close().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while main(&a.assignment()).len() < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the partitions never came back to a"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Every partition, the returned ones too, is read by a again.
+    send(200).await;
+    let again = receive_n(&a, 200, WAIT).await;
+    let payloads: HashSet<String> = again
+        .iter()
+        .map(|d| String::from_utf8_lossy(d.payload()).into_owned())
+        .collect();
+    let want: HashSet<String> = (200..400).map(|i| i.to_string()).collect();
+    assert_eq!(payloads, want);
+    let partitions: HashSet<&str> = again
+        .iter()
+        .map(|d| d.id().split('/').next().unwrap())
+        .collect();
+    assert_eq!(partitions.len(), 4, "records of all four partitions");
+    for d in &again {
+        d.ack().await.unwrap();
+    }
+    a.close().await.unwrap();
+    cleanup(&cfg).await;
+}
+
+/// Receive and ack what `c` has of the first `n` records (until it has nothing
+/// for a second).
+async fn count_on(c: &ferrymq_kafka::KafkaConsumer, n: usize) -> Vec<String> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let ds = c.receive(n, Duration::from_secs(1)).await.unwrap();
+        if ds.is_empty() {
+            break;
+        }
+        for d in ds {
+            got.push(String::from_utf8_lossy(d.payload()).into_owned());
+            d.ack().await.unwrap();
+        }
+    }
+    got
+}

@@ -103,11 +103,11 @@ pub struct KafkaConfig {
     ///
     /// A full buffer stops the reading of its partition's librdkafka queue (each
     /// partition of the queue's topic has one of its own) until receivers take
-    /// from it. The retry tiers, and the queue's topic in `retry_mode=ordered`,
-    /// share one queue instead, and a full buffer pauses its partition: that makes
-    /// librdkafka drop what it had prefetched for it and fetch it again on resume,
-    /// so there a buffer that fills every few milliseconds costs most of the
-    /// throughput (measured with the bench, e2e at concurrency 1: 17k records/s
+    /// from it. The retry tiers share one queue instead, and a full buffer pauses
+    /// its partition: that makes librdkafka drop what it had prefetched for it and
+    /// fetch it again on resume, so there a buffer that fills every few
+    /// milliseconds costs most of the throughput (measured with the bench, e2e at
+    /// concurrency 1, when the queue's topic was read that way too: 17k records/s
     /// with 1000, 62k with 5000).
     #[serde(default = "defaults::buffer")]
     pub buffer: usize,

@@ -158,7 +158,7 @@ struct Part {
     live: Arc<AtomicBool>,
     /// The partition has a librdkafka queue of its own (see [`split_queue`]): the
     /// poll thread reads it only while `buffered` has room, and never pauses the
-    /// partition. Otherwise (the tiers, ordered mode, a split that failed) its
+    /// partition. Otherwise (the tiers, a split that failed) its
     /// records come through the member's shared queue, and a full buffer pauses it.
     split: bool,
     /// Polled, not handed out, in offset order.
@@ -1528,9 +1528,7 @@ impl KafkaConsumer {
         // One member for both would let the sticky assignor balance partition
         // *counts* across all topics — one member could get every tier partition
         // and the other every partition of the queue.
-        // Ordered mode looks past a blocked key's records in the buffer, so it keeps
-        // the polled buffer (and pauses) rather than taking only what it hands out.
-        let main = member(cfg.group(), &shared.topics[..1], 0, !shared.ordered)?;
+        let main = member(cfg.group(), &shared.topics[..1], 0, true)?;
         let retry = if shared.topics.len() > 1 {
             Some(member(cfg.retry_group(), &shared.topics[1..], 1, false)?)
         } else {

@@ -70,8 +70,7 @@
 //!   partition. A pause drops what librdkafka had prefetched for the partition,
 //!   fetched again on resume; with it a backlog's drain through the traits ran at
 //!   ~0.45× raw rdkafka, without it at ~0.7× (`examples/consume_cost.rs`).
-//!   The tiers, and the queue's topic in `retry_mode=ordered`, share their member's
-//!   queue: there a partition is paused when its buffer holds `buffer` records
+//!   The tiers share their member's queue: there a partition is paused when its buffer holds `buffer` records
 //!   (resumed below half), while it is being revoked, and — on a tier — while its
 //!   head is not due yet. A resume is followed by a seek to
 //!   where the partition stands (librdkafka's broker thread, with every partition
@@ -141,8 +140,8 @@
 //! before is done), and a nack keeps the record in place — not done, so never
 //! committed past — and delivers it again after the delay, before any later record
 //! of its key (attempt + 1, counted in memory). Records of other keys in the
-//! partition keep flowing; the partition pauses when its buffer (`buffer`) is full
-//! of records waiting behind blocked keys. No retry copy is produced, so a crash
+//! partition keep flowing; the partition stops being read when its buffer
+//! (`buffer`) is full of records waiting behind blocked keys. No retry copy is produced, so a crash
 //! replays the nacked record from the committed watermark with attempt 1. Delayed
 //! *sends* still go through the tiers in both modes (they are out of order by
 //! definition). A release behaves as in the tiered mode, and also keeps its key

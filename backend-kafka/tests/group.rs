@@ -280,3 +280,76 @@ async fn count_on(c: &ferrymq_kafka::KafkaConsumer, n: usize) -> Vec<String> {
     }
     got
 }
+
+/// Two members of one group with different settings (a tiny buffer and a fast
+/// commit against the defaults), both busy when one of them leaves mid-stream:
+/// every record is processed, and none twice — the leaver's acked records were
+/// committed on revoke, and what it held unsettled it had acked before closing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn members_with_different_settings_share_a_group_and_a_leave_loses_nothing() {
+    let small = config(
+        "mixed",
+        "partitions=6&buffer=10&commit_interval=50ms&revoke_grace=2s",
+    );
+    let mut large = small.clone();
+    large.buffer = 5000;
+    large.commit_interval = Duration::from_secs(2);
+    let n = 6000;
+    common::produce_backlog(&small, n).await;
+    let a = Arc::new(small.consumer().await.unwrap());
+    let b = Arc::new(large.consumer().await.unwrap());
+    let seen = Arc::new(Mutex::new(vec![0u32; n]));
+    let record = |seen: &Arc<Mutex<Vec<u32>>>, d: &ferrymq_core::Delivery| {
+        let text = String::from_utf8_lossy(d.payload());
+        let i: usize = text.trim().parse().unwrap();
+        seen.lock().unwrap()[i] += 1;
+    };
+    // a works slowly until it has handled 500 records, then closes (after acking
+    // everything it was handed); b goes on until every record is seen.
+    let a_task = {
+        let (a, seen) = (a.clone(), seen.clone());
+        tokio::spawn(async move {
+            let mut handled = 0;
+            while handled < 500 {
+                for d in a.receive(20, Duration::from_millis(200)).await.unwrap() {
+                    record(&seen, &d);
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    d.ack().await.unwrap();
+                    handled += 1;
+                }
+            }
+            a.close().await.unwrap();
+            a.closed().await.unwrap();
+            handled
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = seen.lock().unwrap().iter().all(|&c| c > 0);
+        if done && a_task.is_finished() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not every record was processed");
+        for d in b.receive(100, Duration::from_millis(200)).await.unwrap() {
+            record(&seen, &d);
+            d.ack().await.unwrap();
+        }
+    }
+    let handled_by_a = a_task.await.unwrap();
+    // Nothing more comes to b once all is done.
+    assert!(b
+        .receive(1, Duration::from_millis(1000))
+        .await
+        .unwrap()
+        .is_empty());
+    let seen = seen.lock().unwrap();
+    let twice: Vec<usize> = (0..n).filter(|&i| seen[i] > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "{} records processed twice (a handled {handled_by_a}): first {:?}",
+        twice.len(),
+        &twice[..twice.len().min(10)]
+    );
+    b.close().await.unwrap();
+    cleanup(&small).await;
+}

@@ -342,8 +342,10 @@ async fn members_with_different_settings_share_a_group_and_a_leave_loses_nothing
         .await
         .unwrap()
         .is_empty());
-    let seen = seen.lock().unwrap();
-    let twice: Vec<usize> = (0..n).filter(|&i| seen[i] > 1).collect();
+    let twice: Vec<usize> = {
+        let seen = seen.lock().unwrap();
+        (0..n).filter(|&i| seen[i] > 1).collect()
+    };
     assert!(
         twice.is_empty(),
         "{} records processed twice (a handled {handled_by_a}): first {:?}",

@@ -805,8 +805,8 @@ impl Shared {
             .and_then(|i| self.cfg.retry_tiers.get(i).copied())
     }
 
-    /// Pause partitions that are full, revoking, or whose head is not due yet;
-    /// resume the others. Store the watermarks that moved.
+    /// Pause the shared queue's partitions that are full, revoking, or whose head
+    /// is not due yet; resume the others. Store the watermarks that moved.
     fn maintain(&self, consumer: &BaseConsumer<Ctx>, kind: usize, commits: &mut Committer) {
         let mut pause = TopicPartitionList::new();
         let mut resume = TopicPartitionList::new();
@@ -840,9 +840,9 @@ impl Shared {
                 // Too many not-done ranges for the commit metadata: stop fetching
                 // until the watermark catches up.
                 let gappy = part.ranges > progress::MAX_RANGES;
-                // A partition with a queue of its own is never paused: receivers
-                // stop taking from it instead (a pause would throw away what
-                // librdkafka prefetched, to be fetched again on resume).
+                // A partition with a queue of its own is never paused: the poll
+                // thread stops reading that queue instead (a pause would throw away
+                // what librdkafka prefetched, to be fetched again on resume).
                 let want = !part.split && (part.revoking || head_waits || full || gappy);
                 if want != part.paused {
                     let list = if want { &mut pause } else { &mut resume };

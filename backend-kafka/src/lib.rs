@@ -76,7 +76,8 @@
 //!   where the partition stands (librdkafka's broker thread, with every partition
 //!   paused, otherwise sleeps up to a second before fetching it), and the queue's
 //!   member sets `fetch.queue.backoff.ms=10` (librdkafka's 1 s backoff, taken once
-//!   its shared queue holds `queued.min.messages`, stalled a backlog's drain).
+//!   a partition's queue holds `queued.min.messages`, stalled a backlog's drain:
+//!   the partition, drained meanwhile, sat out the rest of the second).
 //! - Every record polled and not done is *outstanding*. An ack marks its offset
 //!   done; a partition's commit position is its smallest outstanding offset (or the
 //!   next offset to fetch when none is): an out-of-order ack never commits past an

@@ -415,15 +415,14 @@ impl Shared {
         if let Some(c) = &splitter {
             let mut queues = lock(&self.queues);
             for tp in &tps {
-                if !queues.contains_key(tp) {
+                if let std::collections::hash_map::Entry::Vacant(v) = queues.entry(*tp) {
                     let topic = &self.topics[tp.topic];
-                    if let Some(q) = split_queue(c, topic, tp.partition, &self.poll_wake) {
-                        queues.insert(*tp, q);
-                    }
+                    match split_queue(c, topic, tp.partition, &self.poll_wake) {
+                        Some(q) => v.insert(q),
+                        None => continue,
+                    };
                 }
-                if queues.contains_key(tp) {
-                    split.push(*tp);
-                }
+                split.push(*tp);
             }
         }
         let mut st = self.lock();
@@ -795,14 +794,11 @@ impl Shared {
     /// A tier record's not-before time, bounded by its tier (see
     /// [`record::bounded_not_before`]).
     fn bound_not_before(&self, r: &mut Received, wall: SystemTime) {
-        r.not_before = record::bounded_not_before(r.not_before, self.tier_of(r.topic_index), wall);
-    }
-
-    /// The delay of topic number `topic` (0: the queue's topic, none).
-    fn tier_of(&self, topic: usize) -> Option<Duration> {
-        topic
+        let tier = r
+            .topic_index
             .checked_sub(1)
-            .and_then(|i| self.cfg.retry_tiers.get(i).copied())
+            .and_then(|i| self.cfg.retry_tiers.get(i).copied());
+        r.not_before = record::bounded_not_before(r.not_before, tier, wall);
     }
 
     /// Pause the shared queue's partitions that are full, revoking, or whose head

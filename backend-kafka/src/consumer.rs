@@ -37,7 +37,7 @@ use tokio::time::Instant;
 use crate::admin::{ensure_topics, kafka_error, lag_depth, LazyLag};
 use crate::capabilities;
 use crate::config::KafkaConfig;
-use crate::producer::{config_error, Sender};
+use crate::producer::{config_error, Outgoing, Sender};
 use crate::progress::{self, Progress};
 use crate::record::{
     self, unix_ms, unix_ms_ceil, with_header, PayloadArena, Received, H_ATTEMPT, H_ENQUEUED_AT,
@@ -1314,7 +1314,12 @@ impl Ack for KafkaAck {
         let topic = cfg.tier_topic(tier);
         self.shared
             .sender
-            .produce(&topic, r.key.as_deref(), &r.payload, headers)
+            .produce(Outgoing {
+                topic: &topic,
+                key: r.key.as_deref(),
+                payload: &r.payload,
+                headers: Some(headers),
+            })
             .await?;
         let done = self
             .shared

@@ -28,7 +28,7 @@ async fn round_trip_with_key_headers_and_receipt() {
     assert_eq!(d.key(), Some("k1"));
     let hs: Vec<_> = d.headers().iter().collect();
     assert_eq!(hs, [("a", "1"), ("b", "2")]);
-    assert_eq!(d.id(), r.id);
+    assert_eq!(d.id(), r.id());
     assert_eq!(d.attempt(), 1);
     assert!(d.capabilities().is_some());
     d.ack().await.unwrap();
@@ -106,9 +106,9 @@ async fn same_key_same_partition_as_java_murmur2() {
         let a = p.send(Message::new("a").key(key.clone())).await.unwrap();
         let b = p.send(Message::new("b").key(key.clone())).await.unwrap();
         let part = |id: &str| id.split('/').next().unwrap().parse::<i32>().unwrap();
-        assert_eq!(part(&a.id), part(&b.id), "{key}");
+        assert_eq!(part(a.id()), part(b.id()), "{key}");
         assert_eq!(
-            part(&a.id),
+            part(a.id()),
             java_partition(&key, 7),
             "{key}: not where Java puts it"
         );
@@ -295,7 +295,7 @@ async fn delayed_send_waits_on_a_tier() {
         later.meta().position
     );
     assert_eq!(later.payload().as_ref(), b"later");
-    assert_eq!(later.id(), r.id);
+    assert_eq!(later.id(), r.id());
     later.ack().await.unwrap();
     let e = p
         .send(Message::new("too late").delay(Duration::from_secs(60)))

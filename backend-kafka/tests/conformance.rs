@@ -202,8 +202,8 @@ async fn kafka_same_key_same_partition_as_java_murmur2(ctx: &Context) -> CaseRes
     let p = cfg.producer().await?;
     for i in 0..30 {
         let key = format!("customer-{i}");
-        let a = partition_of(&p.send(Message::new("1").key(key.clone())).await?.id)?;
-        let b = partition_of(&p.send(Message::new("2").key(key.clone())).await?.id)?;
+        let a = partition_of(p.send(Message::new("1").key(key.clone())).await?.id())?;
+        let b = partition_of(p.send(Message::new("2").key(key.clone())).await?.id())?;
         let java = (java_murmur2(key.as_bytes()) & 0x7fff_ffff) % 5;
         ensure!(a == b, "{key}: partitions {a} and {b}");
         ensure!(

@@ -47,7 +47,7 @@ async fn a_batch_whose_records_partly_fail_gets_per_entry_results_in_order() {
         match i % 3 {
             1 if i == 4 => assert_eq!(r.unwrap_err().kind(), ErrorKind::TooLarge),
             0 | 1 => {
-                receipts.insert(format!("ok-{i}"), r.unwrap().id);
+                receipts.insert(format!("ok-{i}"), r.unwrap().into_id());
             }
             _ => {
                 let e = r.unwrap_err();
@@ -145,7 +145,9 @@ async fn batches_beyond_a_full_local_queue_wait_for_room_and_all_land_once() {
     let mut receipts = HashMap::new();
     for (b, results) in join_all(batches).await.into_iter().enumerate() {
         for (i, r) in results.unwrap().into_iter().enumerate() {
-            let id = r.unwrap_or_else(|e| panic!("b{b:02}-{i:03}: {e}")).id;
+            let id = r
+                .unwrap_or_else(|e| panic!("b{b:02}-{i:03}: {e}"))
+                .into_id();
             receipts.insert(format!("b{b:02}-{i:03}"), id);
         }
     }

@@ -39,7 +39,7 @@ async fn oversize_message_is_too_large_and_nothing_is_enqueued() {
     assert_eq!(p.depth().await.unwrap().waiting, 1);
     // The dedup id of a refused message was not claimed.
     let r = p.send(Message::new("ok").dedup_id("z")).await.unwrap();
-    assert!(!r.duplicate);
+    assert!(!r.is_duplicate());
 }
 
 #[tokio::test]

@@ -23,7 +23,7 @@ async fn send_receive_ack_removes_entries() {
         )
         .await
         .unwrap();
-    assert!(!receipt.id.is_empty() && !receipt.duplicate);
+    assert!(!receipt.id().is_empty() && !receipt.is_duplicate());
     let ds = c.receive(10, WAIT).await.unwrap();
     assert_eq!(ds.len(), 1);
     let d = &ds[0];
@@ -31,7 +31,7 @@ async fn send_receive_ack_removes_entries() {
     assert_eq!(d.headers().get("event-type"), Some("greeting"));
     assert_eq!(d.key(), Some("k1"));
     assert_eq!(d.attempt(), 1);
-    assert_eq!(d.id(), receipt.id);
+    assert_eq!(d.id(), receipt.id());
     assert_eq!(&*d.meta().queue, cfg.queue.as_str());
     assert!(d.meta().enqueued_at >= before && d.meta().enqueued_at <= SystemTime::now());
     let depth = c.depth().await.unwrap();
@@ -55,7 +55,7 @@ async fn batch_send_receive_ack_in_bulk() {
     let msgs: Vec<Message> = (0..500).map(|i| Message::new(format!("m{i}"))).collect();
     let results = p.send_batch(msgs).await.unwrap();
     assert_eq!(results.len(), 500);
-    let ids: HashSet<String> = results.into_iter().map(|r| r.unwrap().id).collect();
+    let ids: HashSet<String> = results.into_iter().map(|r| r.unwrap().into_id()).collect();
     assert_eq!(ids.len(), 500, "ids are unique");
     assert_eq!(p.depth().await.unwrap().waiting, 500);
     let mut seen = HashSet::new();
@@ -113,7 +113,7 @@ async fn batch_with_bad_entries_fails_them_alone() {
 #[tokio::test]
 async fn unacked_delivery_is_redelivered_with_attempt_plus_one() {
     let (p, c, _) = connect("vis", "visibility=500ms").await;
-    let id = p.send(Message::new("x")).await.unwrap().id;
+    let id = p.send(Message::new("x")).await.unwrap().into_id();
     let first = c.receive(1, WAIT).await.unwrap().remove(0);
     assert_eq!(first.attempt(), 1);
     let t0 = Instant::now();
@@ -244,7 +244,7 @@ async fn nack_now_and_later_carry_the_attempt() {
         .send(Message::new("x").header("h", "v").priority(1))
         .await
         .unwrap()
-        .id;
+        .into_id();
     let d = c.receive(1, WAIT).await.unwrap().remove(0);
     assert_eq!(d.attempt(), 1);
     d.nack(None).await.unwrap();
@@ -294,7 +294,7 @@ async fn delayed_send_is_not_delivered_early() {
     assert!(waited >= Duration::from_millis(790), "{waited:?}");
     assert!(waited < Duration::from_millis(2500), "{waited:?}");
     assert_eq!(d.payload().as_ref(), b"later");
-    assert_eq!(d.id(), r.id);
+    assert_eq!(d.id(), r.id());
     assert_eq!(d.attempt(), 1);
     assert!(d.message().get_delay().is_none());
     d.ack().await.unwrap();
@@ -340,9 +340,9 @@ async fn dedup_window_drops_duplicates() {
     let (p, c, _) = connect("dedup", "dedup_window=700ms").await;
     let a = p.send(Message::new("a").dedup_id("order-1")).await.unwrap();
     let b = p.send(Message::new("b").dedup_id("order-1")).await.unwrap();
-    assert!(!a.duplicate);
-    assert!(b.duplicate);
-    assert_eq!(b.id, a.id, "the duplicate names the original");
+    assert!(!a.is_duplicate());
+    assert!(b.is_duplicate());
+    assert_eq!(b.id(), a.id(), "the duplicate names the original");
     let batch = p
         .send_batch(vec![
             Message::new("c").dedup_id("order-2"),
@@ -350,8 +350,8 @@ async fn dedup_window_drops_duplicates() {
         ])
         .await
         .unwrap();
-    assert!(!batch[0].as_ref().unwrap().duplicate);
-    assert!(batch[1].as_ref().unwrap().duplicate);
+    assert!(!batch[0].as_ref().unwrap().is_duplicate());
+    assert!(batch[1].as_ref().unwrap().is_duplicate());
     // A delayed message dedups too.
     let e = p
         .send(
@@ -361,11 +361,11 @@ async fn dedup_window_drops_duplicates() {
         )
         .await
         .unwrap();
-    assert!(e.duplicate);
+    assert!(e.is_duplicate());
     assert_eq!(p.depth().await.unwrap().waiting, 2);
     tokio::time::sleep(Duration::from_millis(750)).await;
     let f = p.send(Message::new("f").dedup_id("order-1")).await.unwrap();
-    assert!(!f.duplicate, "window passed");
+    assert!(!f.is_duplicate(), "window passed");
     let mut got = Vec::new();
     while got.len() < 3 {
         for d in c.receive(10, WAIT).await.unwrap() {
@@ -429,7 +429,7 @@ async fn max_deliveries_dead_letters_with_reason_and_redrive() {
         .send(Message::new("poison").header("x", "1"))
         .await
         .unwrap()
-        .id;
+        .into_id();
     let d1 = c.receive(1, WAIT).await.unwrap().remove(0);
     assert_eq!(d1.attempt(), 1);
     drop(d1); // timeout

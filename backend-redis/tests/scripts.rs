@@ -42,8 +42,8 @@ async fn craft_deliveries(c: &RedisConsumer, queue: &str, id: &str, count: u64) 
 #[tokio::test]
 async fn nack_and_ack_of_a_message_delivered_over_8000_times() {
     let (p, c, cfg) = connect("many", "visibility=200ms").await;
-    let a = p.send(Message::new("nack-me")).await.unwrap().id;
-    let b = p.send(Message::new("ack-me")).await.unwrap().id;
+    let a = p.send(Message::new("nack-me")).await.unwrap().into_id();
+    let b = p.send(Message::new("ack-me")).await.unwrap().into_id();
     assert_eq!(c.receive(10, WAIT).await.unwrap().len(), 2);
     craft_deliveries(&c, &cfg.queue, &a, 9000).await;
     craft_deliveries(&c, &cfg.queue, &b, 9000).await;
@@ -67,8 +67,8 @@ async fn nack_and_ack_of_a_message_delivered_over_8000_times() {
 #[tokio::test]
 async fn dead_letter_of_a_message_delivered_over_8000_times() {
     let (p, c, cfg) = connect("manydlq", "visibility=200ms&max_deliveries=9001").await;
-    let by_reclaim = p.send(Message::new("timed out")).await.unwrap().id;
-    let by_nack = p.send(Message::new("nacked")).await.unwrap().id;
+    let by_reclaim = p.send(Message::new("timed out")).await.unwrap().into_id();
+    let by_nack = p.send(Message::new("nacked")).await.unwrap().into_id();
     assert_eq!(c.receive(10, WAIT).await.unwrap().len(), 2);
     // The reclaim finds the 9002nd delivery over the limit: dead-lettered there.
     craft_deliveries(&c, &cfg.queue, &by_reclaim, 9001).await;
@@ -138,7 +138,7 @@ async fn poison_in_the_delayed_set_is_moved_aside() {
         .send(Message::new("good").delay(Duration::from_millis(100)))
         .await
         .unwrap()
-        .id;
+        .into_id();
     let mut r = raw().await;
     let due: f64 = r.zscore(key(&cfg.queue, "delayed"), &good).await.unwrap();
     // Due right after "good": the promotion meets it in the same pass.

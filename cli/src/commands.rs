@@ -114,13 +114,13 @@ pub async fn send(args: SendArgs) -> Result<()> {
             message = message.priority(p);
         }
         let receipt = producer.send(message).await?;
-        if receipt.duplicate {
+        if receipt.is_duplicate() {
             println!(
                 "duplicate of {} (dropped by the broker's dedup window)",
-                receipt.id
+                receipt.id()
             );
         } else {
-            println!("sent {}", receipt.id);
+            println!("sent {}", receipt.id());
         }
     }
     producer.close().await

@@ -1,5 +1,8 @@
 //! The sending side.
 
+use std::fmt;
+use std::sync::OnceLock;
+
 use async_trait::async_trait;
 
 use crate::capabilities::Capabilities;
@@ -8,21 +11,44 @@ use crate::error::Result;
 use crate::message::Message;
 
 /// What the backend said about one accepted message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
+///
+/// The id is the backend's name for the message, the same one its consumer's
+/// [`Delivery::id`](crate::Delivery::id) gives. A backend whose ids are positions in a
+/// log (Kafka's partition and offset) makes receipts with
+/// [`SendReceipt::at_position`]: the id is only formatted when [`id`](Self::id) is
+/// first called, so a producer that ignores its receipts pays neither the formatting
+/// nor an allocation per message.
+///
+/// ```
+/// use ferrymq_core::SendReceipt;
+///
+/// let r = SendReceipt::at_position(2, 1_041);
+/// assert_eq!(r.id(), "2/1041");
+/// assert_eq!(r, SendReceipt::new("2/1041"));
+/// assert!(!r.is_duplicate());
+/// ```
+#[derive(Clone)]
 pub struct SendReceipt {
-    /// The backend's id for the message (empty where the backend assigns none).
-    pub id: String,
-    /// The message had a dedup id already seen in the dedup window: it was accepted
-    /// and dropped (only reported by backends that know; others say `false`).
-    pub duplicate: bool,
+    id: ReceiptId,
+    duplicate: bool,
+}
+
+#[derive(Clone)]
+enum ReceiptId {
+    Text(String),
+    /// `partition/offset`, formatted on first use.
+    Position {
+        partition: i32,
+        offset: i64,
+        text: OnceLock<String>,
+    },
 }
 
 impl SendReceipt {
     /// A receipt for a newly enqueued message.
     pub fn new(id: impl Into<String>) -> Self {
         SendReceipt {
-            id: id.into(),
+            id: ReceiptId::Text(id.into()),
             duplicate: false,
         }
     }
@@ -30,9 +56,72 @@ impl SendReceipt {
     /// A receipt for a message dropped as a duplicate.
     pub fn duplicate(id: impl Into<String>) -> Self {
         SendReceipt {
-            id: id.into(),
+            id: ReceiptId::Text(id.into()),
             duplicate: true,
         }
+    }
+
+    /// A receipt for a message written at `offset` of `partition`; its id is
+    /// `partition/offset`.
+    pub fn at_position(partition: i32, offset: i64) -> Self {
+        SendReceipt {
+            id: ReceiptId::Position {
+                partition,
+                offset,
+                text: OnceLock::new(),
+            },
+            duplicate: false,
+        }
+    }
+
+    /// The backend's id for the message (empty where the backend assigns none).
+    pub fn id(&self) -> &str {
+        match &self.id {
+            ReceiptId::Text(id) => id,
+            ReceiptId::Position {
+                partition,
+                offset,
+                text,
+            } => text.get_or_init(|| format!("{partition}/{offset}")),
+        }
+    }
+
+    /// The id, owned.
+    pub fn into_id(self) -> String {
+        match self.id {
+            ReceiptId::Text(id) => id,
+            ReceiptId::Position {
+                partition,
+                offset,
+                text,
+            } => text
+                .into_inner()
+                .unwrap_or_else(|| format!("{partition}/{offset}")),
+        }
+    }
+
+    /// Whether the message had a dedup id already seen in the dedup window, so it
+    /// was accepted and dropped (only reported by backends that know; others say
+    /// `false`).
+    pub fn is_duplicate(&self) -> bool {
+        self.duplicate
+    }
+}
+
+impl PartialEq for SendReceipt {
+    fn eq(&self, other: &Self) -> bool {
+        self.duplicate == other.duplicate && self.id() == other.id()
+    }
+}
+
+impl Eq for SendReceipt {}
+
+impl fmt::Debug for SendReceipt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SendReceipt")
+            .field("id", &self.id())
+            .field("duplicate", &self.duplicate)
+            .finish()
     }
 }
 

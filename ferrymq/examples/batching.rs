@@ -130,7 +130,7 @@ async fn main() -> ferrymq::Result<ExitCode> {
     while let Some(joined) = tasks.join_next().await {
         if let Ok((_, Ok(receipt), at)) = joined {
             own_results += 1;
-            *sent_ids.entry(receipt.id).or_default() += 1;
+            *sent_ids.entry(receipt.into_id()).or_default() += 1;
             let t = at - started;
             first_back = Some(first_back.map_or(t, |f| f.min(t)));
         }
@@ -167,7 +167,7 @@ async fn main() -> ferrymq::Result<ExitCode> {
     let started = Instant::now();
     let receipt = producer.send(Message::new("lone")).await?;
     let waited = started.elapsed();
-    *sent_ids.entry(receipt.id).or_default() += 1;
+    *sent_ids.entry(receipt.into_id()).or_default() += 1;
     let lone = taken(&batches);
     println!("  went out after {waited:.0?} in a batch of sizes {lone:?}");
     checks.check(
@@ -199,7 +199,7 @@ async fn main() -> ferrymq::Result<ExitCode> {
     while let Some(joined) = tasks.join_next().await {
         if let Ok(Ok(receipt)) = joined {
             late_ok += 1;
-            *sent_ids.entry(receipt.id).or_default() += 1;
+            *sent_ids.entry(receipt.into_id()).or_default() += 1;
         }
     }
     let closed_in = started.elapsed();

@@ -205,7 +205,7 @@ async fn main() -> ferrymq::Result<ExitCode> {
             "  moved {} -> {} (new id {})",
             d.id(),
             orders.queue(),
-            receipt.id
+            receipt.id()
         );
         redriven += 1;
     }

@@ -297,7 +297,7 @@ async fn redrive_command(args: RedriveArgs, to: &str) -> Result<()> {
                         "moved {} -> {} as {}  (reason: {})",
                         from.id(),
                         target.queue(),
-                        receipt.id,
+                        receipt.id(),
                         from.headers().get(reserved::FAILURE_REASON).unwrap_or("-")
                     ),
                 );

@@ -225,7 +225,7 @@ pub async fn redrive(
                     unsent.extend(batch);
                     break 'receiving;
                 }
-                Ok(receipt) if receipt.duplicate => {
+                Ok(receipt) if receipt.is_duplicate() => {
                     progress(Step::HeldBack { from: &d });
                     report.held_back += 1;
                     held_ids.insert(d.id().to_string());
@@ -233,7 +233,7 @@ pub async fn redrive(
                 }
                 Ok(receipt) => match d.ack().await {
                     Ok(()) => {
-                        sent.insert(receipt.id.clone());
+                        sent.insert(receipt.id().to_string());
                         report.moved += 1;
                         progress(Step::Moved {
                             from: &d,
@@ -248,7 +248,7 @@ pub async fn redrive(
                                  so it is now in both queues: {}",
                                 d.id(),
                                 target.queue(),
-                                receipt.id,
+                                receipt.id(),
                                 e.message()
                             ),
                         ));

@@ -62,7 +62,10 @@ pub async fn delayed_send_not_visible_early(ctx: &Context) -> CaseResult {
 pub async fn duplicate_dedup_id_delivered_once(ctx: &Context) -> CaseResult {
     let (_, p, c) = ctx.fresh().await?;
     let first = send(&*p, Message::new("first").dedup_id("order-1")).await?;
-    assert!(!first.duplicate, "a first send reported as a duplicate");
+    assert!(
+        !first.is_duplicate(),
+        "a first send reported as a duplicate"
+    );
     send(&*p, Message::new("second").dedup_id("order-1")).await?;
     send(&*p, Message::new("other").dedup_id("order-2")).await?;
     let batch = bounded(

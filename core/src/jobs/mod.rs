@@ -279,10 +279,10 @@ where
 {
     let id = job_id_of(&message, None).map(str::to_string);
     let receipt = producer.send(message).await?;
-    if receipt.duplicate {
+    if receipt.is_duplicate() {
         return Ok(receipt);
     }
-    let id = id.unwrap_or_else(|| receipt.id.clone());
+    let id = id.unwrap_or_else(|| receipt.id().to_string());
     if id.is_empty() {
         return Ok(receipt);
     }

@@ -235,7 +235,7 @@ impl Config {
                     )
                 })?;
                 let receipt = producer.producer().send(message).await?;
-                tracing::info!(queue = %queue, flow = parent, duplicate = receipt.duplicate, "flow complete: parent sent");
+                tracing::info!(queue = %queue, flow = parent, duplicate = receipt.is_duplicate(), "flow complete: parent sent");
                 flows.store.parent_sent(parent).await
             }
         }

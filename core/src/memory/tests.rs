@@ -219,24 +219,22 @@ async fn dedup_window() {
     let (p, c) = cfg.connect().unwrap();
     let first = p.send(Message::new("1").dedup_id("x")).await.unwrap();
     let second = p.send(Message::new("2").dedup_id("x")).await.unwrap();
-    assert!(!first.duplicate && second.duplicate);
-    assert_eq!(first.id, second.id);
+    assert!(!first.is_duplicate() && second.is_duplicate());
+    assert_eq!(first.id(), second.id());
     let d = one(&c).await.unwrap();
     d.ack().await.unwrap();
     // Still deduplicated after delete, inside the window (like SQS FIFO).
-    assert!(
-        p.send(Message::new("3").dedup_id("x"))
-            .await
-            .unwrap()
-            .duplicate
-    );
+    assert!(p
+        .send(Message::new("3").dedup_id("x"))
+        .await
+        .unwrap()
+        .is_duplicate());
     tokio::time::advance(Duration::from_secs(60)).await;
-    assert!(
-        !p.send(Message::new("4").dedup_id("x"))
-            .await
-            .unwrap()
-            .duplicate
-    );
+    assert!(!p
+        .send(Message::new("4").dedup_id("x"))
+        .await
+        .unwrap()
+        .is_duplicate());
     assert_eq!(payload(&one(&c).await.unwrap()), "4");
 }
 
@@ -460,7 +458,7 @@ async fn any_duration_leaves_the_queue_consistent() {
                 match p.send(m).await {
                     Ok(r) => {
                         assert!(d <= MAX_DELAY, "a delay of {d:?} was accepted");
-                        accepted.insert(r.id);
+                        accepted.insert(r.into_id());
                     }
                     Err(e) => {
                         assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");

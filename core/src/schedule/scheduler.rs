@@ -349,7 +349,7 @@ impl Scheduler {
                     .send_holding_claim(&id, &request, claim.run, entry.def.message_for(claim.run))
                     .await
                 {
-                    Ok(receipt) if receipt.duplicate => report.duplicates.push(done),
+                    Ok(receipt) if receipt.is_duplicate() => report.duplicates.push(done),
                     Ok(_) => report.enqueued.push(done),
                     Err(e) if e.kind() == ErrorKind::OutcomeUnknown => {
                         // May be on the queue: keep the claim, and send the same run

@@ -89,7 +89,7 @@ async fn flushes_on_size() {
             Duration::ZERO,
             "full batches go out without lingering"
         );
-        ids.push(r.unwrap().id);
+        ids.push(r.unwrap().into_id());
     }
     assert_eq!(batches.load(Ordering::SeqCst), 2);
     ids.sort();

@@ -262,11 +262,11 @@ impl RetryConfig {
             // The DLQ said it dropped the copy: acking now would leave the message in
             // neither queue. `dead_letter_message` sends no dedup id, so this takes a
             // DLQ deduplicating on something else; it is a failed publish all the same.
-            Ok(receipt) if receipt.duplicate => Err(Error::new(
+            Ok(receipt) if receipt.is_duplicate() => Err(Error::new(
                 ErrorKind::Backend,
                 format!(
                     "the DLQ answered that it dropped the copy as a duplicate (receipt {:?})",
-                    receipt.id
+                    receipt.id()
                 ),
             )),
             other => other,

@@ -121,10 +121,7 @@ async fn poison_reaches_the_dlq_after_exactly_n_attempts_with_headers() {
     assert_eq!(h.get(reserved::FAILURE_REASON), Some("gateway timeout #3"));
     assert_eq!(h.get(reserved::ORIGIN_QUEUE), Some(s.producer.queue()));
     assert_eq!(h.get(reserved::ATTEMPTS), Some("3"));
-    assert_eq!(
-        h.get(reserved::ORIGIN_MESSAGE_ID),
-        Some(receipt.id.as_str())
-    );
+    assert_eq!(h.get(reserved::ORIGIN_MESSAGE_ID), Some(receipt.id()));
     // Backoff 1 s then 2 s: the first failure was 3 s before the dead-lettering, which
     // shows it survived two redeliveries.
     let first = parse_rfc3339(h.get(reserved::FIRST_FAILURE_AT).unwrap()).unwrap();
@@ -408,7 +405,7 @@ async fn a_redriven_message_that_fails_again_is_dead_lettered_again() {
     tokio::time::advance(Duration::from_secs(150)).await;
     let copy = redrive_copy(&dead);
     assert_eq!(copy.get_dedup_id(), Some("order-7"), "restored on redrive");
-    assert!(!s.producer.send(copy).await.unwrap().duplicate);
+    assert!(!s.producer.send(copy).await.unwrap().is_duplicate());
     dead.ack().await.unwrap();
     // It fails again.
     let d = s.consumer.receive(1, NOW).await.unwrap().remove(0);

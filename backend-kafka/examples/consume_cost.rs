@@ -1,7 +1,7 @@
 //! The consumer alone: a backlog produced once (untimed), then drained by fresh
 //! groups in turn — raw rdkafka (a `BaseConsumer` loop with `store_offset` and a
 //! 500 ms auto commit, as the bench's raw subject), ferrymq-kafka through the
-//! traits (`receive(100)` shared by C tasks, concurrent acks per batch) and the
+//! traits (`receive(100)` shared by C tasks, `Delivery::ack_all` per batch) and the
 //! Worker (the bench's middleware stack) — interleaved over rounds, so the
 //! bench's e2e figure can be split into its consumer part. Each figure is
 //! records/s from the consumer's join to the last ack; medians are printed.
@@ -13,7 +13,10 @@
 //!
 //! Env: `KAFKA_BROKERS` (required), `N` (records, default 100,000), `SIZE` (100),
 //! `ROUNDS` (3), `MODES` (`raw,traits1,traits4,worker1,worker4`), `PARAMS` (more
-//! URL parameters for the ferrymq consumers).
+//! URL parameters for the ferrymq consumers), `TOPIC` (drain this topic, which holds
+//! at least `N` records already, instead of producing a backlog and deleting it
+//! after: to profile the consumers alone, e.g. `valgrind --tool=callgrind` at two
+//! `N`; `KEEP=1` keeps the backlog's topic and prints its name).
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -95,7 +98,7 @@ async fn traits(cfg: &KafkaConfig, n: u64, c: usize) -> Result<f64, BoxError> {
                 for d in &batch {
                     std::hint::black_box(d.payload().len());
                 }
-                futures::future::try_join_all(batch.iter().map(|d| d.ack())).await?;
+                Delivery::ack_all(&batch).await?;
                 count.fetch_add(batch.len() as u64, Ordering::AcqRel);
             }
             Ok::<(), ferrymq_core::Error>(())
@@ -171,34 +174,41 @@ async fn run() -> Result<(), BoxError> {
     let params = std::env::var("PARAMS")
         .map(|p| format!("&{p}"))
         .unwrap_or_default();
-    let topic = format!(
-        "consume-cost-{}-{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    );
+    let run_id = rand::random::<u32>();
+    let given = std::env::var("TOPIC").ok().filter(|t| !t.is_empty());
+    let topic = given.clone().unwrap_or_else(|| {
+        format!(
+            "consume-cost-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        )
+    });
     let url = |group: &str| {
         format!(
             "kafka://{brokers}/{topic}?partitions=3&commit_interval=500ms&group={group}{params}"
         )
     };
     let base = KafkaConfig::from_url(&url("producer"))?;
-    let producer = base.producer().await?;
-    let body = vec![b'x'; size];
-    let mut sent = 0u64;
-    while sent < n {
-        let k = 1000.min(n - sent);
-        let batch: Vec<Message> = (0..k).map(|_| Message::new(body.clone())).collect();
-        for r in producer.send_batch(batch).await? {
-            r?;
+    if given.is_none() {
+        let producer = base.producer().await?;
+        let body = vec![b'x'; size];
+        let mut sent = 0u64;
+        while sent < n {
+            let k = 1000.min(n - sent);
+            let batch: Vec<Message> = (0..k).map(|_| Message::new(body.clone())).collect();
+            for r in producer.send_batch(batch).await? {
+                r?;
+            }
+            sent += k;
         }
-        sent += k;
+        producer.close().await?;
     }
-    producer.close().await?;
     let modes: Vec<&str> = modes.split(',').collect();
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     for round in 0..rounds {
         for (i, mode) in modes.iter().enumerate() {
-            let group = format!("{topic}-{mode}-{round}");
+            // A new group per run too: a kept topic is drained again from the start.
+            let group = format!("{topic}-{mode}-{round}-{run_id:08x}");
             let cfg = KafkaConfig::from_url(&url(&group))?;
             let rate = match *mode {
                 "raw" => {
@@ -227,6 +237,10 @@ async fn run() -> Result<(), BoxError> {
         let ratio = raw_median.map_or(String::new(), |r| format!(" ({:.2}x raw)", m / r));
         println!("median {mode}: {m:.0} records/s{ratio}");
     }
-    ferrymq_core::admin::Admin::delete(&base.admin()?).await?;
+    if std::env::var("KEEP").is_ok_and(|v| v == "1") {
+        println!("kept topic {topic}");
+    } else if given.is_none() {
+        ferrymq_core::admin::Admin::delete(&base.admin()?).await?;
+    }
     Ok(())
 }

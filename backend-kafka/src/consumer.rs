@@ -21,8 +21,8 @@ use async_trait::async_trait;
 use ferrymq_core::depth::Depth;
 use ferrymq_core::time::deadline_in;
 use ferrymq_core::{
-    Ack, AckHandle, Capabilities, Consumer, Delivery, DeliveryMeta, Error, ErrorKind, Result,
-    Settle,
+    Ack, AckHandle, Capabilities, Consumer, Delivery, DeliveryMeta, Error, ErrorKind, Position,
+    Result, Settle,
 };
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{
@@ -291,7 +291,7 @@ pub(crate) struct Shared {
     cfg: Arc<KafkaConfig>,
     /// `retry_mode=ordered`: one record per key in flight, nacks redelivered in place.
     ordered: bool,
-    topics: Vec<String>,
+    topics: Vec<Arc<str>>,
     queue: Arc<str>,
     caps: Arc<Capabilities>,
     state: Mutex<State>,
@@ -329,7 +329,7 @@ impl Shared {
     }
 
     fn topic_index(&self, name: &str) -> Option<usize> {
-        self.topics.iter().position(|t| t == name)
+        self.topics.iter().position(|t| &**t == name)
     }
 
     fn tps(&self, tpl: &TopicPartitionList) -> Vec<Tp> {
@@ -532,7 +532,11 @@ impl Shared {
             record.enqueued_at,
             self.queue.clone(),
         )
-        .with_position(record.position(topic));
+        .with_position(Position::in_log(
+            topic.clone(),
+            record.partition,
+            record.offset,
+        ));
         let message = record.message();
         let ack = KafkaAck {
             shared: self.clone(),
@@ -1422,14 +1426,16 @@ impl KafkaConsumer {
             ensure_topics(&cfg).await?;
         }
         let cfg = Arc::new(cfg);
-        let mut topics = vec![cfg.topic.clone()];
-        topics.extend(cfg.tier_topics());
+        let topics: Vec<Arc<str>> = std::iter::once(cfg.topic.clone())
+            .chain(cfg.tier_topics())
+            .map(Arc::from)
+            .collect();
         let (joined_tx, mut joined_rx) = watch::channel(false);
         let (finished_tx, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             ordered: cfg.retry_mode == crate::RetryMode::Ordered,
             caps: Arc::new(capabilities(&cfg)),
-            queue: Arc::from(cfg.topic.as_str()),
+            queue: topics[0].clone(),
             sender: Arc::new(Sender::new(cfg.clone())?),
             topics,
             state: Mutex::new(State::default()),
@@ -1445,7 +1451,7 @@ impl KafkaConsumer {
         let lag = LazyLag::new(cfg.clone());
 
         let member = |group: String,
-                      topics: &[String],
+                      topics: &[Arc<str>],
                       kind: usize,
                       split: bool|
          -> Result<Arc<BaseConsumer<Ctx>>> {
@@ -1519,7 +1525,7 @@ impl KafkaConsumer {
             if split {
                 let _ = consumer.context().splitter.set(Arc::downgrade(&consumer));
             }
-            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            let names: Vec<&str> = topics.iter().map(|t| &**t).collect();
             consumer
                 .subscribe(&names)
                 .map_err(|e| kafka_error("subscribing", e))?;
@@ -1584,7 +1590,7 @@ impl KafkaConsumer {
         let mut v: Vec<(String, i32)> = st
             .parts
             .keys()
-            .map(|tp| (self.shared.topics[tp.topic].clone(), tp.partition))
+            .map(|tp| (self.shared.topics[tp.topic].to_string(), tp.partition))
             .collect();
         v.sort();
         v

@@ -13,6 +13,7 @@ use crate::capabilities::Capabilities;
 use crate::error::{Error, ErrorKind, Result};
 use crate::id::MessageId;
 use crate::message::{Headers, Message};
+use crate::position::Position;
 
 /// Settles one delivery on its backend. Backends implement this; users call the
 /// methods on [`Delivery`] or [`AckHandle`], which add the once-only bookkeeping and
@@ -397,8 +398,9 @@ pub struct DeliveryMeta {
     pub enqueued_at: SystemTime,
     /// The queue (or topic) it was received from.
     pub queue: Arc<str>,
-    /// Backend position such as `partition/offset`, where the backend has one.
-    pub position: Option<String>,
+    /// Backend position such as `topic/partition/offset`, where the backend has
+    /// one; a [`Position`] reads as a `str`.
+    pub position: Option<Position>,
 }
 
 impl DeliveryMeta {
@@ -419,7 +421,7 @@ impl DeliveryMeta {
     }
 
     /// Set the backend position.
-    pub fn with_position(mut self, position: impl Into<String>) -> Self {
+    pub fn with_position(mut self, position: impl Into<Position>) -> Self {
         self.position = Some(position.into());
         self
     }
@@ -611,6 +613,61 @@ impl Delivery {
     /// Acknowledge: the message is removed for good.
     pub async fn ack(&self) -> Result<()> {
         self.acker.ack().await
+    }
+
+    /// Acknowledge every delivery of a batch: those the backend settles without
+    /// waiting (a Kafka offset marked done, the in-process queue) at once, the rest
+    /// concurrently. Every delivery is tried; the error of the first that failed,
+    /// in batch order, is returned.
+    ///
+    /// Why not `try_join_all(batch.iter().map(|d| d.ack()))`: that allocates a
+    /// task per delivery, and stops at the first error while later deliveries
+    /// may be acked or not. On Kafka the task cost twice the ack itself.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use ferrymq_core::{memory::MemoryConfig, Consumer, Delivery, Message, Producer};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> ferrymq_core::Result<()> {
+    /// let (producer, consumer) = MemoryConfig::new("doc-ack-all").connect()?;
+    /// producer
+    ///     .send_batch((0..10).map(|i| Message::new(format!("m{i}"))).collect())
+    ///     .await?;
+    /// let batch = consumer.receive(10, Duration::from_secs(1)).await?;
+    /// Delivery::ack_all(&batch).await?;
+    /// assert!(batch.iter().all(|d| !d.acker().is_live()));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn ack_all(batch: &[Delivery]) -> Result<()> {
+        let mut failed: Option<(usize, Error)> = None;
+        let mut keep_first = |i: usize, e: Error| {
+            if failed.as_ref().map_or(true, |(at, _)| i < *at) {
+                failed = Some((i, e));
+            }
+        };
+        let mut waiting = Vec::new();
+        for (i, d) in batch.iter().enumerate() {
+            match d.acker.try_ack_now() {
+                Some(Ok(())) => {}
+                Some(Err(e)) => keep_first(i, e),
+                None => waiting.push(i),
+            }
+        }
+        if !waiting.is_empty() {
+            let acks = waiting
+                .iter()
+                .filter_map(|&i| batch.get(i))
+                .map(Delivery::ack);
+            let results = futures::future::join_all(acks).await;
+            for (&i, r) in waiting.iter().zip(results) {
+                if let Err(e) = r {
+                    keep_first(i, e);
+                }
+            }
+        }
+        failed.map_or(Ok(()), |(_, e)| Err(e))
     }
 
     /// Negative-acknowledge: redeliver no sooner than `redeliver_after`.

@@ -35,6 +35,7 @@ pub mod jobs;
 pub mod memory;
 pub mod message;
 pub mod middleware;
+mod position;
 pub mod producer;
 pub mod schedule;
 pub mod time;
@@ -48,6 +49,7 @@ pub use depth::Depth;
 pub use error::{BoxError, Error, ErrorKind, Result};
 pub use id::MessageId;
 pub use message::{reserved, Headers, Message};
+pub use position::Position;
 pub use producer::{Producer, SendReceipt};
 pub use worker::{Worker, WorkerSummary};
 

@@ -4,15 +4,16 @@
 //! One driver serves every backend; only the connector differs. Producing is
 //! `send_batch` of [`BATCH`] messages at a time; consuming is `receive(BATCH, 100 ms)`
 //! on a consumer shared by `concurrency` tasks, each handling its batch in order and
-//! then settling it with concurrent `Delivery::ack` calls (so a backend on a
-//! multiplexed connection can pipeline them).
+//! then settling it with `Delivery::ack_all` (at once where the backend settles
+//! without waiting, concurrent acks otherwise, so a backend on a multiplexed
+//! connection can pipeline them).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use async_trait::async_trait;
-use futures::future::{try_join_all, BoxFuture};
+use futures::future::BoxFuture;
 use tokio::task::JoinSet;
 
 use ferrymq_core::middleware::{
@@ -67,7 +68,7 @@ impl FerryTraits {
                 })
             }),
             "ferrymq_core::memory through Box<dyn Producer>/Box<dyn Consumer>: send_batch(100); \
-             receive(100) shared by N tasks, concurrent Delivery::ack per batch"
+             receive(100) shared by N tasks, Delivery::ack_all per batch"
                 .into(),
         )
     }
@@ -147,7 +148,7 @@ pub async fn consume_loop(
             }
             handle(d.payload());
         }
-        try_join_all(batch.iter().map(|d| d.ack())).await?;
+        Delivery::ack_all(&batch).await?;
         if record_latency {
             progress.record_latencies(lat);
         }
@@ -275,7 +276,7 @@ impl FerryTraits {
                 })
             }),
             "ferrymq-redis (defaults) through Box<dyn Producer>/Box<dyn Consumer>: send_batch(100); \
-             receive(100) shared by N tasks, concurrent Delivery::ack per batch"
+             receive(100) shared by N tasks, Delivery::ack_all per batch"
                 .into(),
         )
     }

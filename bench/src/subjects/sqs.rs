@@ -152,7 +152,7 @@ fn connector(opened: Arc<Mutex<Vec<String>>>) -> super::ferry::Connector {
 
 const TRAITS: &str = "ferrymq-sqs (defaults, standard queue) through Box<dyn Producer>/Box<dyn \
                       Consumer>: send_batch(100) (SendMessageBatch of 10, 5 in flight); \
-                      receive(100) shared by N tasks, concurrent Delivery::ack per batch \
+                      receive(100) shared by N tasks, Delivery::ack_all per batch \
                       (DeleteMessageBatch via the ack batcher)";
 
 impl OnSqs {

@@ -696,3 +696,22 @@ async fn a_deleted_and_dropped_queue_is_freed_with_deliveries_out() {
     assert_eq!(d.ack().await.unwrap_err().kind(), ErrorKind::LeaseExpired);
     assert!(d.acker().is_settled() && !d.acker().is_acked());
 }
+
+#[tokio::test(start_paused = true)]
+async fn ack_all_acks_every_delivery_and_reports_the_first_failure() {
+    let (p, c) = config().connect().unwrap();
+    for i in 0..4 {
+        p.send(Message::new(format!("m{i}"))).await.unwrap();
+    }
+    let batch = c.receive(4, NOW).await.unwrap();
+    assert_eq!(batch.len(), 4);
+    // Settled twice: the second is refused, the others are acked all the same.
+    batch[2].ack().await.unwrap();
+    let e = Delivery::ack_all(&batch).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AlreadyAcked);
+    assert!(batch.iter().all(|d| !d.acker().is_live()));
+    // Nothing comes back after the visibility timeout: all four were acked.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert!(c.receive(4, NOW).await.unwrap().is_empty());
+    Delivery::ack_all(&[]).await.unwrap();
+}

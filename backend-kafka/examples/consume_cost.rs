@@ -16,7 +16,9 @@
 //! URL parameters for the ferrymq consumers), `TOPIC` (drain this topic, which holds
 //! at least `N` records already, instead of producing a backlog and deleting it
 //! after: to profile the consumers alone, e.g. `valgrind --tool=callgrind` at two
-//! `N`; `KEEP=1` keeps the backlog's topic and prints its name).
+//! `N`; `KEEP=1` keeps the backlog's topic and prints its name), `EVENTS` (`0`: the
+//! Worker modes count successes in the handler instead of from the Worker's events,
+//! which subscribing makes it publish).
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -117,42 +119,59 @@ async fn worker(cfg: &KafkaConfig, n: u64, c: usize) -> Result<f64, BoxError> {
     let dlq: Box<dyn Producer> = Box::new(cfg.for_topic(&cfg.dlq_topic())?.producer().await?);
     let capabilities = consumer.capabilities().clone();
     let worker = Worker::new(consumer).concurrency(c);
-    let mut events = worker.subscribe();
     let done = Arc::new(tokio::sync::Notify::new());
-    let d2 = done.clone();
     let start = Instant::now();
     // Timed at the last success, like the traits modes (not the worker's
-    // shutdown: its commit and leaving the group come after).
-    let counter = tokio::spawn(async move {
-        let mut ok = 0u64;
-        loop {
-            match events.recv().await {
-                Ok(e) if e.outcome == Outcome::Succeeded => ok += 1,
-                Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(k)) => ok += k,
-                Err(_) => break,
+    // shutdown: its commit and leaving the group come after): counted from the
+    // worker's events as the bench does, or with EVENTS=0 in the handler, so
+    // the events' own cost can be told apart.
+    let by_events = std::env::var("EVENTS").map_or(true, |v| v != "0");
+    let handled = Arc::new(AtomicU64::new(0));
+    let finished = Arc::new(std::sync::OnceLock::new());
+    let counter = if by_events {
+        let mut events = worker.subscribe();
+        let (d2, finished) = (done.clone(), finished.clone());
+        Some(tokio::spawn(async move {
+            let mut ok = 0u64;
+            loop {
+                match events.recv().await {
+                    Ok(e) if e.outcome == Outcome::Succeeded => ok += 1,
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(k)) => ok += k,
+                    Err(_) => break,
+                }
+                if ok >= n {
+                    let _ = finished.set(start.elapsed());
+                    d2.notify_one();
+                    break;
+                }
             }
-            if ok >= n {
-                d2.notify_one();
-                break;
-            }
-        }
-        start.elapsed()
-    });
+        }))
+    } else {
+        None
+    };
+    let (seen, d3, f3) = (handled.clone(), done.clone(), finished.clone());
     let service: BoxService<Delivery, (), BoxError> = ServiceBuilder::new()
         .boxed()
         .layer(ExtendVisibilityLayer::from_capabilities(&capabilities))
         .layer(RetryToDlqLayer::new(dlq).max_attempts(5))
         .layer(CatchPanicLayer::new())
         .timeout(Duration::from_secs(30))
-        .service(handler_fn(|d: Delivery| async move {
+        .service(handler_fn(move |d: Delivery| {
             std::hint::black_box(d.payload().len());
-            Ok::<_, BoxError>(())
+            if !by_events && seen.fetch_add(1, Ordering::AcqRel) + 1 == n {
+                let _ = f3.set(start.elapsed());
+                d3.notify_one();
+            }
+            async { Ok::<_, BoxError>(()) }
         }));
     let summary = worker
         .run_until(service, async move { done.notified().await })
         .await?;
-    let secs = counter.await?.as_secs_f64();
+    if let Some(counter) = counter {
+        counter.await?;
+    }
+    let secs = finished.get().ok_or("worker: stopped early")?.as_secs_f64();
     if summary.failed > 0 {
         return Err(format!("worker: {summary}").into());
     }

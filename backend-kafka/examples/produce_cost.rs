@@ -12,7 +12,8 @@
 //! ```
 //!
 //! Env: `KAFKA_BROKERS` (required), `N` (records per run, default 200,000), `SIZE`
-//! (100), `ROUNDS` (3), `MODES` (`raw,ferry`), `RAW` (more `key=value,…` librdkafka
+//! (100), `ROUNDS` (3), `MODES` (`raw,ferry`; also `future`: raw rdkafka with a
+//! result per record, a `FutureProducer` with every `DeliveryFuture` awaited), `RAW` (more `key=value,…` librdkafka
 //! properties for the raw producer only), `PARAMS` (more URL parameters for
 //! ferrymq's producer).
 
@@ -24,9 +25,10 @@ use bytes::Bytes;
 use ferrymq_core::{BoxError, Message, Producer};
 use ferrymq_kafka::KafkaConfig;
 use futures::stream::{FuturesUnordered, StreamExt as _};
+use futures::FutureExt as _;
 use rdkafka::client::ClientContext;
-use rdkafka::producer::ThreadedProducer;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer as _, ProducerContext};
+use rdkafka::producer::{FutureProducer, FutureRecord, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 use rdkafka::ClientConfig;
@@ -80,9 +82,8 @@ impl ProducerContext for Counted {
     }
 }
 
-/// The bench's raw-kafka produce: ferrymq's producer settings, a context counting
-/// reports, every record in flight, a 1 ms sleep when librdkafka's queue is full.
-async fn raw(brokers: &str, topic: &str, n: u64, size: usize) -> Result<f64, BoxError> {
+/// ferrymq's producer settings for the raw subjects, plus `RAW`'s.
+fn raw_config(brokers: &str) -> Result<ClientConfig, BoxError> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", brokers)
         .set("client.id", "raw")
@@ -98,7 +99,14 @@ async fn raw(brokers: &str, topic: &str, n: u64, size: usize) -> Result<f64, Box
             c.set(k, v);
         }
     }
-    let p: ThreadedProducer<Counted> = c.create_with_context(Counted::default())?;
+    Ok(c)
+}
+
+/// The bench's raw-kafka produce: ferrymq's producer settings, a context counting
+/// reports, every record in flight, a 1 ms sleep when librdkafka's queue is full.
+async fn raw(brokers: &str, topic: &str, n: u64, size: usize) -> Result<f64, BoxError> {
+    let p: ThreadedProducer<Counted> =
+        raw_config(brokers)?.create_with_context(Counted::default())?;
     p.client()
         .fetch_metadata(Some(topic), Duration::from_secs(10))?;
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -127,6 +135,49 @@ async fn raw(brokers: &str, topic: &str, n: u64, size: usize) -> Result<f64, Box
     if counted.failed.load(Ordering::Acquire) > 0 {
         return Err("raw: failed deliveries".into());
     }
+    p.flush(Timeout::After(Duration::from_secs(10)))?;
+    Ok(n as f64 / secs)
+}
+
+/// raw rdkafka with a result per record, as ferrymq's `send_batch` gives: a
+/// `FutureProducer` (`send_result`, every record in flight, a 1 ms sleep when
+/// librdkafka's queue is full), each `DeliveryFuture` awaited.
+async fn raw_future(brokers: &str, topic: &str, n: u64, size: usize) -> Result<f64, BoxError> {
+    let mut c = raw_config(brokers)?;
+    c.set("client.id", "raw-future");
+    let p: FutureProducer = c.create()?;
+    p.client()
+        .fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let start = Instant::now();
+    let mut inflight = FuturesUnordered::new();
+    for i in 0..n {
+        let body = payload(size, i);
+        let mut record: FutureRecord<'_, (), [u8]> = FutureRecord::to(topic).payload(&body);
+        loop {
+            match p.send_result(record) {
+                Ok(delivery) => {
+                    inflight.push(delivery);
+                    break;
+                }
+                Err((e, back)) => {
+                    if e.rdkafka_error_code() != Some(RDKafkaErrorCode::QueueFull) {
+                        return Err(e.into());
+                    }
+                    record = back;
+                    // Collect what was reported meanwhile, then wait for room.
+                    while let Some(Some(r)) = inflight.next().now_or_never() {
+                        r?.map_err(|(e, _)| e)?;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+    }
+    while let Some(r) = inflight.next().await {
+        r?.map_err(|(e, _)| e)?;
+    }
+    let secs = start.elapsed().as_secs_f64();
     p.flush(Timeout::After(Duration::from_secs(10)))?;
     Ok(n as f64 / secs)
 }
@@ -198,6 +249,7 @@ async fn run() -> Result<(), BoxError> {
         for (i, mode) in modes.iter().enumerate() {
             let rate = match *mode {
                 "raw" => raw(&brokers, &topic, n, size).await?,
+                "future" => raw_future(&brokers, &topic, n, size).await?,
                 "ferry" => ferry(&cfg, n, size).await?,
                 other => return Err(format!("unknown mode {other}").into()),
             };

@@ -72,7 +72,7 @@ impl Registry {
     fn register(&mut self, len: usize) -> Option<(usize, oneshot::Receiver<Vec<Option<Report>>>)> {
         let (done, rx) = oneshot::channel();
         let batch = Batch {
-            reports: std::iter::repeat_with(|| None).take(len).collect(),
+            reports: unreported(len).collect(),
             received: 0,
             handed: None,
             done,
@@ -349,9 +349,7 @@ impl Pending {
         if let [Some(_)] = self.chunks.as_slice() {
             // The common case, one chunk: its reports are the batch's.
             if let Some(Some(rx)) = self.chunks.pop() {
-                return rx
-                    .await
-                    .unwrap_or_else(|_| std::iter::repeat_with(|| None).take(self.len).collect());
+                return rx.await.unwrap_or_else(|_| unreported(self.len).collect());
             }
         }
         let mut out = Vec::with_capacity(self.len);
@@ -360,13 +358,18 @@ impl Pending {
             match chunk {
                 Some(rx) => match rx.await {
                     Ok(reports) => out.extend(reports),
-                    Err(_) => out.extend(std::iter::repeat_with(|| None).take(chunk_len)),
+                    Err(_) => out.extend(unreported(chunk_len)),
                 },
-                None => out.extend(std::iter::repeat_with(|| None).take(chunk_len)),
+                None => out.extend(unreported(chunk_len)),
             }
         }
         out
     }
+}
+
+/// `n` reports not (yet) received.
+fn unreported(n: usize) -> impl Iterator<Item = Option<Report>> {
+    std::iter::repeat_with(|| None).take(n)
 }
 
 /// A delivery report (or its absence) as the result of a send to `topic`.

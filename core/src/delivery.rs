@@ -652,16 +652,12 @@ impl Delivery {
             match d.acker.try_ack_now() {
                 Some(Ok(())) => {}
                 Some(Err(e)) => keep_first(i, e),
-                None => waiting.push(i),
+                None => waiting.push((i, d)),
             }
         }
         if !waiting.is_empty() {
-            let acks = waiting
-                .iter()
-                .filter_map(|&i| batch.get(i))
-                .map(Delivery::ack);
-            let results = futures::future::join_all(acks).await;
-            for (&i, r) in waiting.iter().zip(results) {
+            let results = futures::future::join_all(waiting.iter().map(|(_, d)| d.ack())).await;
+            for (&(i, _), r) in waiting.iter().zip(results) {
                 if let Err(e) = r {
                     keep_first(i, e);
                 }

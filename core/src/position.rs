@@ -30,7 +30,8 @@ pub struct Position(Repr);
 enum Repr {
     Text(String),
     Log {
-        topic: Arc<str>,
+        /// `None`: the position is `partition/offset` alone (a send receipt's id).
+        topic: Option<Arc<str>>,
         partition: i32,
         offset: i64,
         text: OnceLock<String>,
@@ -41,6 +42,16 @@ impl Position {
     /// `topic/partition/offset` in a partitioned log (`partition/offset` when
     /// `topic` is empty), formatted on first use.
     pub fn in_log(topic: Arc<str>, partition: i32, offset: i64) -> Self {
+        Self::log(Some(topic), partition, offset)
+    }
+
+    /// `partition/offset`, formatted on first use (what
+    /// [`SendReceipt::at_position`](crate::SendReceipt::at_position) keeps).
+    pub(crate) fn in_partition(partition: i32, offset: i64) -> Self {
+        Self::log(None, partition, offset)
+    }
+
+    fn log(topic: Option<Arc<str>>, partition: i32, offset: i64) -> Self {
         Position(Repr::Log {
             topic,
             partition,
@@ -58,16 +69,15 @@ impl Position {
                 partition,
                 offset,
                 text,
-            } => text.get_or_init(|| log_text(topic, *partition, *offset)),
+            } => text.get_or_init(|| log_text(topic.as_deref(), *partition, *offset)),
         }
     }
 }
 
-fn log_text(topic: &str, partition: i32, offset: i64) -> String {
-    if topic.is_empty() {
-        format!("{partition}/{offset}")
-    } else {
-        format!("{topic}/{partition}/{offset}")
+fn log_text(topic: Option<&str>, partition: i32, offset: i64) -> String {
+    match topic.filter(|t| !t.is_empty()) {
+        Some(topic) => format!("{topic}/{partition}/{offset}"),
+        None => format!("{partition}/{offset}"),
     }
 }
 
@@ -94,7 +104,7 @@ impl From<Position> for String {
                 text,
             } => text
                 .into_inner()
-                .unwrap_or_else(|| log_text(&topic, partition, offset)),
+                .unwrap_or_else(|| log_text(topic.as_deref(), partition, offset)),
         }
     }
 }

@@ -1,14 +1,12 @@
 //! The sending side.
 
-use std::fmt;
-use std::sync::OnceLock;
-
 use async_trait::async_trait;
 
 use crate::capabilities::Capabilities;
 use crate::depth::Depth;
 use crate::error::Result;
 use crate::message::Message;
+use crate::position::Position;
 
 /// What the backend said about one accepted message.
 ///
@@ -27,28 +25,19 @@ use crate::message::Message;
 /// assert_eq!(r, SendReceipt::new("2/1041"));
 /// assert!(!r.is_duplicate());
 /// ```
-#[derive(Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendReceipt {
-    id: ReceiptId,
+    /// Text as the backend gave it, or a partition and offset formatted on first
+    /// use: the lazy formatting [`Position`] has.
+    id: Position,
     duplicate: bool,
-}
-
-#[derive(Clone)]
-enum ReceiptId {
-    Text(String),
-    /// `partition/offset`, formatted on first use.
-    Position {
-        partition: i32,
-        offset: i64,
-        text: OnceLock<String>,
-    },
 }
 
 impl SendReceipt {
     /// A receipt for a newly enqueued message.
     pub fn new(id: impl Into<String>) -> Self {
         SendReceipt {
-            id: ReceiptId::Text(id.into()),
+            id: Position::from(id.into()),
             duplicate: false,
         }
     }
@@ -56,7 +45,7 @@ impl SendReceipt {
     /// A receipt for a message dropped as a duplicate.
     pub fn duplicate(id: impl Into<String>) -> Self {
         SendReceipt {
-            id: ReceiptId::Text(id.into()),
+            id: Position::from(id.into()),
             duplicate: true,
         }
     }
@@ -65,39 +54,19 @@ impl SendReceipt {
     /// `partition/offset`.
     pub fn at_position(partition: i32, offset: i64) -> Self {
         SendReceipt {
-            id: ReceiptId::Position {
-                partition,
-                offset,
-                text: OnceLock::new(),
-            },
+            id: Position::in_partition(partition, offset),
             duplicate: false,
         }
     }
 
     /// The backend's id for the message (empty where the backend assigns none).
     pub fn id(&self) -> &str {
-        match &self.id {
-            ReceiptId::Text(id) => id,
-            ReceiptId::Position {
-                partition,
-                offset,
-                text,
-            } => text.get_or_init(|| format!("{partition}/{offset}")),
-        }
+        self.id.as_str()
     }
 
     /// The id, owned.
     pub fn into_id(self) -> String {
-        match self.id {
-            ReceiptId::Text(id) => id,
-            ReceiptId::Position {
-                partition,
-                offset,
-                text,
-            } => text
-                .into_inner()
-                .unwrap_or_else(|| format!("{partition}/{offset}")),
-        }
+        String::from(self.id)
     }
 
     /// Whether the message had a dedup id already seen in the dedup window, so it
@@ -105,23 +74,6 @@ impl SendReceipt {
     /// `false`).
     pub fn is_duplicate(&self) -> bool {
         self.duplicate
-    }
-}
-
-impl PartialEq for SendReceipt {
-    fn eq(&self, other: &Self) -> bool {
-        self.duplicate == other.duplicate && self.id() == other.id()
-    }
-}
-
-impl Eq for SendReceipt {}
-
-impl fmt::Debug for SendReceipt {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SendReceipt")
-            .field("id", &self.id())
-            .field("duplicate", &self.duplicate)
-            .finish()
     }
 }
 

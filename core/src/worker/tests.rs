@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
+use super::run::EVENT_BATCH;
 use super::*;
 use crate::memory::MemoryConsumer;
 use crate::middleware::testing::{queue, CountingAck};
@@ -1444,4 +1445,51 @@ async fn a_stale_prefetched_delivery_is_released_without_spending_an_attempt() {
     assert_eq!(summary.expired, 1, "{summary}");
     assert_eq!(*attempts.lock().unwrap(), vec![1], "{summary}");
     assert_eq!(p.depth().await.unwrap().total(), 0);
+}
+
+/// Events are sent in batches, but none is held back while the worker waits: a
+/// listener sees the first outcome while the worker is still running (idle, with
+/// nothing else received), and a burst of more than a batch arrives whole, in the
+/// order the deliveries finished, without lagging.
+#[tokio::test(start_paused = true)]
+async fn events_reach_a_listener_while_the_worker_waits_and_a_burst_arrives_whole() {
+    let (p, c) = queue("worker-event-batches").connect().unwrap();
+    p.send(Message::new("first")).await.unwrap();
+    let worker = Worker::new(c).concurrency(1);
+    let mut events = worker.subscribe();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(worker.run_until(
+        handler_fn(|_: Delivery| async { Ok::<_, BoxError>(()) }),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let first = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("the event of a finished delivery was held back while the worker waited")
+        .unwrap();
+    assert_eq!(&first.payload()[..], b"first");
+    assert!(!run.is_finished());
+
+    let burst = 3 * EVENT_BATCH + 5;
+    for i in 0..burst {
+        p.send(Message::new(format!("m-{i}"))).await.unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < burst {
+        let e = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .expect("a burst's last events were held back")
+            .expect("the listener lagged");
+        assert_eq!(e.outcome, Outcome::Succeeded);
+        got.push(String::from_utf8_lossy(e.payload()).into_owned());
+    }
+    let sent: Vec<String> = (0..burst).map(|i| format!("m-{i}")).collect();
+    assert_eq!(
+        got, sent,
+        "concurrency 1 on a FIFO queue: events in delivery order"
+    );
+    let _ = stop_tx.send(());
+    let summary = run.await.unwrap().unwrap();
+    assert_eq!(summary.succeeded as usize, burst + 1);
 }

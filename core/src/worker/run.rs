@@ -431,7 +431,11 @@ where
                 }
                 if st.can_start() {
                     if let Some(ready) = poll_fn(|cx| service.poll_ready(cx)).now_or_never() {
-                        if let Err(e) = st.fill(&mut service, ready.map_err(Into::into)) {
+                        let filled = match ready {
+                            Ok(()) => poll_fn(|cx| Poll::Ready(st.fill(cx, &mut service))).await,
+                            Err(e) => Err(not_ready(e.into())),
+                        };
+                        if let Err(e) = filled {
                             fatal = Some(e);
                             break;
                         }
@@ -439,7 +443,11 @@ where
                 }
             }
             ready = poll_fn(|cx| service.poll_ready(cx)), if can_start => {
-                if let Err(e) = st.fill(&mut service, ready.map_err(Into::into)) {
+                let filled = match ready {
+                    Ok(()) => poll_fn(|cx| Poll::Ready(st.fill(cx, &mut service))).await,
+                    Err(e) => Err(not_ready(e.into())),
+                };
+                if let Err(e) = filled {
                     fatal = Some(e);
                     break;
                 }
@@ -609,27 +617,20 @@ impl<C: Consumer + 'static> State<C> {
 
     /// Start as many as there are free slots while the service stays ready, before
     /// the next poll of the running ones: the handlers of a batch then run (and
-    /// their acks go out) together. `ready` is the service's answer to the poll
-    /// that found it ready; an error there stops the worker.
-    fn fill<S>(&mut self, service: &mut S, ready: std::result::Result<(), BoxError>) -> Result<()>
+    /// their acks go out) together. The service has just been found ready; a
+    /// readiness error after that stops the worker. `cx`: the worker task's, for
+    /// the first poll of each handler (see [`State::start`]).
+    fn fill<S>(&mut self, cx: &mut Context<'_>, service: &mut S) -> Result<()>
     where
         S: Service<Delivery, Response = ()>,
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
     {
-        let mut ready = ready;
         loop {
-            if let Err(e) = ready {
-                return Err(Error::new(
-                    ErrorKind::Backend,
-                    "the handler service failed its readiness check",
-                )
-                .with_source(e));
-            }
             if let Some(delivery) = self.pending.pop() {
                 let now = Instant::now();
                 if self.pacing.may_start(&delivery, now) {
-                    self.start(service, delivery, now);
+                    self.start(cx, service, delivery, now);
                 } else {
                     self.release_unstarted(delivery);
                 }
@@ -638,14 +639,15 @@ impl<C: Consumer + 'static> State<C> {
                 return Ok(());
             }
             match poll_fn(|cx| service.poll_ready(cx)).now_or_never() {
-                Some(next) => ready = next.map_err(Into::into),
+                Some(Ok(())) => {}
+                Some(Err(e)) => return Err(not_ready(e.into())),
                 // Not ready yet: the loop polls it again with this task's waker.
                 None => return Ok(()),
             }
         }
     }
 
-    fn start<S>(&mut self, service: &mut S, delivery: Delivery, now: Instant)
+    fn start<S>(&mut self, cx: &mut Context<'_>, service: &mut S, delivery: Delivery, now: Instant)
     where
         S: Service<Delivery, Response = ()>,
         S::Error: Into<BoxError>,
@@ -697,14 +699,23 @@ impl<C: Consumer + 'static> State<C> {
         } else {
             entry.insert((delivery, None));
             let handling = handle(acker, future, nack_delay, Some(now), span.clone());
-            if span.is_disabled() {
-                self.running
-                    .push(Box::pin(async move { (id, Ok(handling.await)) }));
+            let mut running: BoxFuture<Joined> = if span.is_disabled() {
+                Box::pin(async move { (id, Ok(handling.await)) })
             } else {
-                self.running.push(Box::pin(
-                    async move { (id, Ok(handling.await)) }.instrument(span),
-                ));
+                Box::pin(async move { (id, Ok(handling.await)) }.instrument(span))
+            };
+            // Its first poll here, in the turn that started it: a handler that
+            // finishes without waiting (most fast ones do) is finished and its ack
+            // sent now, and never enters `running` (whose task allocation and
+            // ready-queue turn cost a Kafka worker ~800 instructions a delivery).
+            // One that waits registered this task's waker; `running` polls it
+            // again with its own, which replaces it.
+            self.metrics.in_flight.set(self.in_flight.len() as f64);
+            match running.as_mut().poll(cx) {
+                Poll::Ready(joined) => self.finish(joined),
+                Poll::Pending => self.running.push(running),
             }
+            return;
         }
         self.metrics.in_flight.set(self.in_flight.len() as f64);
     }
@@ -896,6 +907,15 @@ impl<C: Consumer + 'static> State<C> {
 /// sixteenth of the channel's capacity, so a listener that keeps up never lags
 /// because of the batching.
 pub(super) const EVENT_BATCH: usize = 64;
+
+/// The error that stops the worker when its service fails a readiness check.
+fn not_ready(e: BoxError) -> Error {
+    Error::new(
+        ErrorKind::Backend,
+        "the handler service failed its readiness check",
+    )
+    .with_source(e)
+}
 
 /// The prefetch when none is set: twice the concurrency, at least 128, raised to the
 /// backend's `max_batch` up to [`DEFAULT_BATCH_PREFETCH`] — enough that receives come

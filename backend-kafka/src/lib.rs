@@ -85,6 +85,11 @@
 //!   poll thread stores moved positions (`store_offsets`) and commits them every
 //!   `commit_interval` (`commit_consumer_state`, not librdkafka's auto commit, whose
 //!   commit-on-unassign made closing members skip their LeaveGroup).
+//!   An ack does not take the consumer's state lock (which the poll thread holds
+//!   to push records, and receivers to take them): it appends to a small inbox
+//!   that the next state lock applies in one go. While a revoke or a close is
+//!   under way, settles take the state lock instead, so the revoke's commit and
+//!   the close's count are exact.
 //! - **Beyond the watermark**: each commit carries, in its metadata, which records
 //!   above the watermark are already done (`fmq1:<span>:<gap>+<len>,…`, run-length
 //!   deltas of the not-done ranges, kept under 3800 bytes — the broker allows 4096 —

@@ -132,6 +132,64 @@ async fn an_ack_after_revoke_is_lease_expired_and_the_record_goes_to_the_new_own
     cleanup(&cfg).await;
 }
 
+/// Acks that race a revoke: each either counted in the revoke's commit (never
+/// delivered to the new owner) or answered `LeaseExpired` (delivered to it), and
+/// every record is processed somewhere. What an ack's fast path must keep: it does
+/// not take the state lock (see `Inbox` in the consumer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acks_racing_a_revoke_are_either_committed_or_lease_expired_and_nothing_is_lost() {
+    let cfg = config("revoke-race", "partitions=2&revoke_grace=300ms");
+    let n = 2000;
+    common::produce_backlog(&cfg, n).await;
+    let a = Arc::new(cfg.consumer().await.unwrap());
+    let held = receive_n(&*a, n, WAIT).await;
+    // Ack one by one, a little at a time, while b joins and takes a partition.
+    let acker = tokio::spawn(async move {
+        let (mut ok, mut expired) = (HashSet::new(), HashSet::new());
+        for d in held {
+            let id = d.id().to_string();
+            match d.ack().await {
+                Ok(()) => ok.insert(id),
+                Err(e) if e.kind() == ErrorKind::LeaseExpired => expired.insert(id),
+                Err(e) => panic!("ack: {e}"),
+            };
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        (ok, expired)
+    });
+    let b = cfg.consumer().await.unwrap();
+    let (ok, expired) = acker.await.unwrap();
+    assert_eq!(ok.len() + expired.len(), n);
+    // Everything b gets, until it has been quiet for a second.
+    let mut got = HashSet::new();
+    loop {
+        let batch = b.receive(100, Duration::from_secs(1)).await.unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        for d in batch {
+            assert!(got.insert(d.id().to_string()), "b got {} twice", d.id());
+            d.ack().await.unwrap();
+        }
+    }
+    let replayed: Vec<_> = got.intersection(&ok).collect();
+    assert!(
+        replayed.is_empty(),
+        "acked before the revoke, replayed to b: {replayed:?}"
+    );
+    assert_eq!(
+        got, expired,
+        "b gets exactly what a's acks were too late for"
+    );
+    assert!(
+        !expired.is_empty(),
+        "no ack was late for the revoke: the race was not run"
+    );
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    cleanup(&cfg).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn close_keeps_membership_until_handed_out_deliveries_settle() {
     let cfg = config("close", "partitions=1&close_timeout=10s");

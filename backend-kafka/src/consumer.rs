@@ -231,6 +231,12 @@ impl Part {
         Admitted::Buffered
     }
 
+    /// A handed-out record is done.
+    fn done(&mut self, offset: i64) {
+        self.outstanding.done(offset);
+        self.handed_out = self.handed_out.saturating_sub(1);
+    }
+
     /// What to commit: the first record not done (where a restart must begin),
     /// and the metadata naming what is done above it. `None` before anything was
     /// polled in this assignment (the committed offset is still right then).
@@ -304,8 +310,6 @@ struct Inbox {
     /// A revoke is under way: settles take the state lock (so the revoke's
     /// grace wait is woken, and what it commits is exact).
     revoking: bool,
-    /// The consumer is closing: an ack must wait for the final commit.
-    closing: bool,
 }
 
 pub(crate) struct Shared {
@@ -331,8 +335,8 @@ pub(crate) struct Shared {
     /// partition's buffer. Shared with librdkafka's wake-up callbacks, which must
     /// not own `Shared` (the queues are in it).
     poll_wake: Arc<PollWake>,
-    /// Set with `State::closing`: lets a settle skip the lock (and the close
-    /// check) while the consumer is not closing.
+    /// Set with `State::closing`, under the inbox's lock: lets a settle skip the
+    /// state lock (and the close check) while the consumer is not closing.
     closing: AtomicBool,
     joined_tx: watch::Sender<bool>,
     finished_tx: watch::Sender<bool>,
@@ -365,22 +369,19 @@ impl Shared {
             }
             std::mem::swap(&mut inbox.acks, &mut st.drained);
         }
-        let mut acks = std::mem::take(&mut st.drained);
         let mut current: Option<(Tp, &mut Part)> = None;
-        for &(tp, offset) in &acks {
+        for &(tp, offset) in &st.drained {
             // Runs of one partition's acks look it up once.
             if current.as_ref().map_or(true, |(t, _)| *t != tp) {
                 current = st.parts.get_mut(&tp).map(|p| (tp, p));
                 st.dirty[usize::from(tp.topic > 0)] = true;
             }
             if let Some((_, part)) = current.as_mut() {
-                part.outstanding.done(offset);
-                part.handed_out = part.handed_out.saturating_sub(1);
+                part.done(offset);
             }
         }
-        st.handed_out = st.handed_out.saturating_sub(acks.len());
-        acks.clear();
-        st.drained = acks;
+        st.handed_out = st.handed_out.saturating_sub(st.drained.len());
+        st.drained.clear();
         guard
     }
 
@@ -392,7 +393,8 @@ impl Shared {
             return None;
         }
         let mut inbox = lock(&self.inbox);
-        if inbox.revoking || inbox.closing {
+        // A close must count this ack, and the ack wait for the final commit.
+        if inbox.revoking || self.closing.load(AtomicOrdering::Acquire) {
             return None;
         }
         // Cleared before a revoke unfences the inbox: stale handles see it here.
@@ -765,7 +767,7 @@ impl Shared {
         let Some(part) = st.parts.get_mut(&tp).filter(|p| Arc::ptr_eq(&p.live, live)) else {
             return Some(Err(lease_gone()));
         };
-        part.outstanding.done(offset);
+        part.done(offset);
         if let Some(k) = key {
             if let Some(n) = part.blocked.get_mut(k) {
                 *n = n.saturating_sub(1);
@@ -775,7 +777,6 @@ impl Shared {
             }
         }
         let unblocked = self.ordered && key.is_some();
-        part.handed_out = part.handed_out.saturating_sub(1);
         let wake = part.revoking || st.closing.is_some();
         st.handed_out = st.handed_out.saturating_sub(1);
         st.dirty[usize::from(tp.topic > 0)] = true;
@@ -1661,10 +1662,11 @@ impl KafkaConsumer {
     fn begin_close(&self, timeout: Duration) -> bool {
         let nothing_out = {
             // From here on an ack takes the state lock, and so counts for the close.
-            let mut st = self.shared.lock_fencing(|inbox| inbox.closing = true);
+            let mut st = self
+                .shared
+                .lock_fencing(|_| self.shared.closing.store(true, AtomicOrdering::Release));
             if st.closing.is_none() {
                 st.closing = Some(deadline_in(timeout));
-                self.shared.closing.store(true, AtomicOrdering::Release);
             }
             st.handed_out == 0
         };

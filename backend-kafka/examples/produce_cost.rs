@@ -182,6 +182,117 @@ async fn raw_future(brokers: &str, topic: &str, n: u64, size: usize) -> Result<f
     Ok(n as f64 / secs)
 }
 
+/// The floor of a producer that gives a result per record, as `send_batch` does:
+/// the raw `ThreadedProducer`, its delivery opaque the record's index, each
+/// report stored in its record's slot (an atomic, no lock), one wake-up per
+/// batch of 100 once its last report came, and every batch in flight, built
+/// when its send starts (as the `ferry` mode's are). Nothing else ferrymq does
+/// (no `Message`, no routing, no size checks, no receipts): no producer with
+/// per-record results can beat it.
+async fn floor(brokers: &str, topic: &str, n: u64, size: usize) -> Result<f64, BoxError> {
+    let mut c = raw_config(brokers)?;
+    c.set("client.id", "floor");
+    let batches = n.div_ceil(100) as usize;
+    let ctx = Slots {
+        offsets: (0..n)
+            .map(|_| std::sync::atomic::AtomicI64::new(-1))
+            .collect(),
+        left: (0..batches)
+            .map(|b| {
+                let len = n.min(b as u64 * 100 + 100) - b as u64 * 100;
+                std::sync::atomic::AtomicU32::new(len as u32)
+            })
+            .collect(),
+        wake: (0..batches).map(|_| std::sync::Mutex::new(None)).collect(),
+    };
+    let p: ThreadedProducer<Slots> = c.create_with_context(ctx)?;
+    p.client()
+        .fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let p = &p;
+    let start = Instant::now();
+    let mut inflight: FuturesUnordered<_> = (0..batches)
+        .map(|b| async move {
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            *p.context().wake[b]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(tx);
+            let first = b as u64 * 100;
+            let bodies: Vec<Bytes> = (first..n.min(first + 100))
+                .map(|i| payload(size, i))
+                .collect();
+            for (i, body) in (first..).zip(&bodies) {
+                let mut record: BaseRecord<'_, (), [u8], usize> =
+                    BaseRecord::with_opaque_to(topic, i as usize).payload(body.as_ref());
+                loop {
+                    match p.send(record) {
+                        Ok(()) => break,
+                        Err((e, back)) => {
+                            if e.rdkafka_error_code() != Some(RDKafkaErrorCode::QueueFull) {
+                                return Err::<u64, BoxError>(e.into());
+                            }
+                            record = back;
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    }
+                }
+            }
+            drop(bodies);
+            rx.await.map_err(|_| "floor: a batch was never reported")?;
+            // The results: one per record, read once.
+            let offsets = &p.context().offsets[first as usize..n.min(first + 100) as usize];
+            let failed = offsets
+                .iter()
+                .filter(|o| o.load(Ordering::Acquire) < 0)
+                .count();
+            Ok(failed as u64)
+        })
+        .collect();
+    while let Some(failed) = inflight.next().await {
+        if failed? > 0 {
+            return Err("floor: failed deliveries".into());
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    p.flush(Timeout::After(Duration::from_secs(10)))?;
+    Ok(n as f64 / secs)
+}
+
+/// The floor's context: a report slot per record, a count of unreported records
+/// and a waker per batch.
+struct Slots {
+    offsets: Vec<std::sync::atomic::AtomicI64>,
+    left: Vec<std::sync::atomic::AtomicU32>,
+    wake: Vec<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>>,
+}
+
+impl ClientContext for Slots {}
+
+impl ProducerContext for Slots {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, index: usize) {
+        use rdkafka::message::Message as _;
+        if let (Ok(m), Some(slot)) = (result, self.offsets.get(index)) {
+            slot.store(m.offset(), Ordering::Release);
+        }
+        let batch = index / 100;
+        let last = self
+            .left
+            .get(batch)
+            .is_some_and(|l| l.fetch_sub(1, Ordering::AcqRel) == 1);
+        if last {
+            let tx = self.wake[batch]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(tx) = tx {
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
 /// The bench's ferrymq-kafka produce: `send_batch(100)`, every batch in flight.
 async fn ferry(cfg: &KafkaConfig, n: u64, size: usize) -> Result<f64, BoxError> {
     let kp = cfg.producer().await?;
@@ -251,6 +362,7 @@ async fn run() -> Result<(), BoxError> {
                 "raw" => raw(&brokers, &topic, n, size).await?,
                 "future" => raw_future(&brokers, &topic, n, size).await?,
                 "ferry" => ferry(&cfg, n, size).await?,
+                "floor" => floor(&brokers, &topic, n, size).await?,
                 other => return Err(format!("unknown mode {other}").into()),
             };
             println!("round {round} {mode}: {rate:.0} msg/s");

@@ -237,22 +237,11 @@ impl Received {
     /// case (a record of the queue's topic: `partition/offset` fits the id's
     /// inline storage): an allocation and a free per delivery less.
     pub fn message_id(&self, topic: &str) -> MessageId {
-        use std::fmt::Write as _;
-        if let Some(id) = &self.id_header {
-            return MessageId::from(id.as_str());
+        match &self.id_header {
+            Some(id) => MessageId::from(id.as_str()),
+            None if self.topic_index == 0 => MessageId::log_position(self.partition, self.offset),
+            None => MessageId::from(self.id(topic)),
         }
-        if self.topic_index == 0 {
-            let mut buf = StackStr::default();
-            let (mut p, mut o) = (itoa::Buffer::new(), itoa::Buffer::new());
-            let written = buf
-                .write_str(p.format(self.partition))
-                .and_then(|()| buf.write_str("/"))
-                .and_then(|()| buf.write_str(o.format(self.offset)));
-            if written.is_ok() {
-                return MessageId::from(buf.as_str());
-            }
-        }
-        MessageId::from(self.id(topic))
     }
 
     /// `topic/partition/offset` of this record (`topic`: the name of its topic).
@@ -285,42 +274,6 @@ pub fn bounded_not_before(
 ) -> Option<SystemTime> {
     let (t, tier) = (not_before?, tier?);
     Some(t.min(now.checked_add(tier).unwrap_or(now)))
-}
-
-/// A string written on the stack: `partition/offset` (at most 32 bytes).
-struct StackStr {
-    buf: [u8; 40],
-    len: usize,
-}
-
-impl Default for StackStr {
-    fn default() -> Self {
-        StackStr {
-            buf: [0; 40],
-            len: 0,
-        }
-    }
-}
-
-impl StackStr {
-    fn as_str(&self) -> &str {
-        self.buf
-            .get(..self.len)
-            .and_then(|b| std::str::from_utf8(b).ok())
-            .unwrap_or_default()
-    }
-}
-
-impl std::fmt::Write for StackStr {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        let end = self.len.checked_add(s.len()).ok_or(std::fmt::Error)?;
-        self.buf
-            .get_mut(self.len..end)
-            .ok_or(std::fmt::Error)?
-            .copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
-    }
 }
 
 /// A record's id: `partition/offset` in the queue's own topic,

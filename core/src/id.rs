@@ -115,25 +115,87 @@ impl From<&MessageId> for MessageId {
 /// The decimal form of a sequence number (always inline).
 impl From<u64> for MessageId {
     fn from(n: u64) -> Self {
-        // Count the digits, then write them from the last; no formatting machinery
-        // (this runs once per delivery on the memory backend).
+        // No formatting machinery: this runs once per delivery on the memory backend.
+        let mut id = Digits::default();
+        id.int(n, false);
+        id.finish()
+            .unwrap_or_else(|| MessageId::from(n.to_string()))
+    }
+}
+
+impl MessageId {
+    /// `partition/offset`: the id of a record in a partitioned log (a Kafka
+    /// record's), written straight into the inline storage — no formatting
+    /// machinery and no allocation when it fits in 22 bytes, as it does for any
+    /// offset below 10^18 on partitions below 1,000.
+    ///
+    /// ```
+    /// use ferrymq_core::MessageId;
+    ///
+    /// assert_eq!(MessageId::log_position(2, 1_042), "2/1042");
+    /// assert_eq!(MessageId::log_position(-1, 0), "-1/0");
+    /// assert_eq!(
+    ///     MessageId::log_position(i32::MAX, i64::MAX),
+    ///     "2147483647/9223372036854775807"
+    /// );
+    /// ```
+    pub fn log_position(partition: i32, offset: i64) -> Self {
+        let mut id = Digits::default();
+        id.int(u64::from(partition.unsigned_abs()), partition < 0);
+        id.byte(b'/');
+        id.int(offset.unsigned_abs(), offset < 0);
+        id.finish()
+            .unwrap_or_else(|| MessageId::from(format!("{partition}/{offset}")))
+    }
+}
+
+/// An inline id being written; `len` past [`INLINE`] once it no longer fits.
+#[derive(Default)]
+struct Digits {
+    bytes: [u8; INLINE],
+    len: usize,
+}
+
+impl Digits {
+    fn byte(&mut self, b: u8) {
+        if let Some(slot) = self.bytes.get_mut(self.len) {
+            *slot = b;
+        }
+        self.len = self.len.saturating_add(1);
+    }
+
+    /// `n` in decimal, with a minus sign when `negative`.
+    fn int(&mut self, n: u64, negative: bool) {
+        if negative {
+            self.byte(b'-');
+        }
+        // Count the digits, then write them from the last.
         let mut len = 1;
         let mut rest = n / 10;
         while rest > 0 {
             len += 1;
             rest /= 10;
         }
-        let mut bytes = [0u8; INLINE];
-        let mut rest = n;
-        for d in bytes.iter_mut().take(len).rev() {
-            *d = b'0' + (rest % 10) as u8;
-            rest /= 10;
+        let end = self.len.saturating_add(len);
+        if let Some(digits) = self.bytes.get_mut(self.len..end) {
+            let mut rest = n;
+            for d in digits.iter_mut().rev() {
+                *d = b'0' + (rest % 10) as u8;
+                rest /= 10;
+            }
         }
-        MessageId(Repr::Inline {
-            // At most 20 digits.
-            len: len as u8,
-            bytes,
-        })
+        self.len = end;
+    }
+
+    /// The id, or `None` when it did not fit.
+    fn finish(self) -> Option<MessageId> {
+        let len = u8::try_from(self.len)
+            .ok()
+            .filter(|&n| usize::from(n) <= INLINE)?;
+        Some(MessageId(Repr::Inline {
+            len,
+            bytes: self.bytes,
+        }))
     }
 }
 
@@ -307,6 +369,25 @@ mod tests {
     fn numbers_format_as_decimal() {
         for n in [0u64, 7, 10, 99, 1_000_000, u64::MAX] {
             assert_eq!(MessageId::from(n), n.to_string());
+        }
+    }
+
+    #[test]
+    fn log_positions_match_their_formatted_string_inline_or_not() {
+        let cases = [
+            (0, 0),
+            (-1, 0),
+            (2, 1_042),
+            (999, 999_999_999_999_999_999), // 22 bytes: the most kept inline
+            (999, i64::MAX),                // 23 bytes
+            (i32::MAX, i64::MAX),
+            (i32::MIN, i64::MIN),
+        ];
+        for (p, o) in cases {
+            let id = MessageId::log_position(p, o);
+            let text = format!("{p}/{o}");
+            assert_eq!(id, text);
+            assert_eq!(matches!(id.0, Repr::Inline { .. }), text.len() <= INLINE);
         }
     }
 

@@ -73,6 +73,20 @@ pub fn current() -> Option<Outcome> {
     OUTCOME.try_with(Cell::get).ok().flatten()
 }
 
+/// Run `f` (one poll of a handler) in a scope that starts with `recorded` (what
+/// the handler's earlier polls recorded), and return its result with what is
+/// recorded at its end: [`scope`] one poll at a time, for a future that is
+/// polled by hand (the worker's) rather than wrapped.
+pub(crate) fn poll_scoped<R>(
+    recorded: Option<Outcome>,
+    f: impl FnOnce() -> R,
+) -> (R, Option<Outcome>) {
+    OUTCOME.sync_scope(Cell::new(recorded), || {
+        let output = f();
+        (output, OUTCOME.try_with(Cell::get).ok().flatten())
+    })
+}
+
 /// Run `future` and return its output together with the outcome recorded inside it.
 pub async fn scope<F: Future>(future: F) -> (F::Output, Option<Outcome>) {
     OUTCOME

@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use futures::future::{FutureExt, OptionFuture};
 use futures::stream::{FuturesUnordered, StreamExt};
+use pin_project_lite::pin_project;
 use slab::Slab;
 use tokio::task::{AbortHandle, JoinError};
 use tokio::time::{sleep, sleep_until, Instant, Sleep};
 use tower::Service;
-use tracing::Instrument;
 
 use super::autoscale::{self, Autoscaler, Load};
 use super::builder::{Config, Worker};
@@ -385,6 +385,7 @@ where
     tracing::info!(queue = %st.queue, concurrency = st.config.concurrency, prefetch, ordered_by_key = st.config.ordered_by_key, "worker started");
 
     let mut receiving: Option<BoxFuture<Result<Vec<Delivery>>>> = None;
+    let mut spare: Spare<S::Future> = None;
     let mut receive_pause: Option<Pin<Box<Sleep>>> = None;
     let mut fatal: Option<Error> = None;
     let shutdown = shutdown.fuse();
@@ -432,7 +433,7 @@ where
                 if st.can_start() {
                     if let Some(ready) = poll_fn(|cx| service.poll_ready(cx)).now_or_never() {
                         let filled = match ready {
-                            Ok(()) => poll_fn(|cx| Poll::Ready(st.fill(cx, &mut service))).await,
+                            Ok(()) => poll_fn(|cx| Poll::Ready(st.fill(cx, &mut service, &mut spare))).await,
                             Err(e) => Err(not_ready(e.into())),
                         };
                         if let Err(e) = filled {
@@ -444,7 +445,7 @@ where
             }
             ready = poll_fn(|cx| service.poll_ready(cx)), if can_start => {
                 let filled = match ready {
-                    Ok(()) => poll_fn(|cx| Poll::Ready(st.fill(cx, &mut service))).await,
+                    Ok(()) => poll_fn(|cx| Poll::Ready(st.fill(cx, &mut service, &mut spare))).await,
                     Err(e) => Err(not_ready(e.into())),
                 };
                 if let Err(e) = filled {
@@ -620,7 +621,12 @@ impl<C: Consumer + 'static> State<C> {
     /// their acks go out) together. The service has just been found ready; a
     /// readiness error after that stops the worker. `cx`: the worker task's, for
     /// the first poll of each handler (see [`State::start`]).
-    fn fill<S>(&mut self, cx: &mut Context<'_>, service: &mut S) -> Result<()>
+    fn fill<S>(
+        &mut self,
+        cx: &mut Context<'_>,
+        service: &mut S,
+        spare: &mut Spare<S::Future>,
+    ) -> Result<()>
     where
         S: Service<Delivery, Response = ()>,
         S::Error: Into<BoxError>,
@@ -630,7 +636,7 @@ impl<C: Consumer + 'static> State<C> {
             if let Some(delivery) = self.pending.pop() {
                 let now = Instant::now();
                 if self.pacing.may_start(&delivery, now) {
-                    self.start(cx, service, delivery, now);
+                    self.start(cx, service, spare, delivery, now);
                 } else {
                     self.release_unstarted(delivery);
                 }
@@ -647,8 +653,14 @@ impl<C: Consumer + 'static> State<C> {
         }
     }
 
-    fn start<S>(&mut self, cx: &mut Context<'_>, service: &mut S, delivery: Delivery, now: Instant)
-    where
+    fn start<S>(
+        &mut self,
+        cx: &mut Context<'_>,
+        service: &mut S,
+        spare: &mut Spare<S::Future>,
+        delivery: Delivery,
+        now: Instant,
+    ) where
         S: Service<Delivery, Response = ()>,
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
@@ -684,36 +696,46 @@ impl<C: Consumer + 'static> State<C> {
                 return;
             }
         };
-        // Box the error right away: the handler future then holds nothing of `S::Error`.
-        let future = future.map(|r| r.map_err(Into::<BoxError>::into));
         let acker = delivery.acker().clone();
         let nack_delay = self.config.nack_delay;
         let entry = self.in_flight.vacant_entry();
         let id = entry.key();
+        let handling = |started| Handling {
+            future,
+            acker: Some(acker),
+            nack_delay,
+            started,
+            span,
+            recorded: None,
+        };
         if self.config.handler_tasks {
-            let task = tokio::spawn(
-                handle(acker, future, nack_delay, None, span.clone()).instrument(span),
-            );
+            let task = tokio::spawn(handling(None));
             entry.insert((delivery, Some(task.abort_handle())));
             self.running.push(Box::pin(async move { (id, task.await) }));
         } else {
             entry.insert((delivery, None));
-            let handling = handle(acker, future, nack_delay, Some(now), span.clone());
-            let mut running: BoxFuture<Joined> = if span.is_disabled() {
-                Box::pin(async move { (id, Ok(handling.await)) })
-            } else {
-                Box::pin(async move { (id, Ok(handling.await)) }.instrument(span))
-            };
+            let mut slot = spare
+                .take()
+                .unwrap_or_else(|| Box::pin(Slot { id, handling: None }));
+            {
+                let mut slot = slot.as_mut().project();
+                *slot.id = id;
+                slot.handling.set(Some(handling(Some(now))));
+            }
             // Its first poll here, in the turn that started it: a handler that
             // finishes without waiting (most fast ones do) is finished and its ack
             // sent now, and never enters `running` (whose task allocation and
-            // ready-queue turn cost a Kafka worker ~800 instructions a delivery).
-            // One that waits registered this task's waker; `running` polls it
-            // again with its own, which replaces it.
+            // ready-queue turn cost a Kafka worker ~800 instructions a delivery);
+            // its box is kept for the next one. One that waits registered this
+            // task's waker; `running` polls it again with its own, which replaces it.
             self.metrics.in_flight.set(self.in_flight.len() as f64);
-            match running.as_mut().poll(cx) {
-                Poll::Ready(joined) => self.finish(joined),
-                Poll::Pending => self.running.push(running),
+            match slot.as_mut().poll(cx) {
+                Poll::Ready(joined) => {
+                    slot.as_mut().project().handling.set(None);
+                    *spare = Some(slot);
+                    self.finish(joined);
+                }
+                Poll::Pending => self.running.push(slot),
             }
             return;
         }
@@ -942,29 +964,102 @@ pub(super) const DEFAULT_MIN_PREFETCH: usize = 128;
 /// The default prefetch a backend with large receive batches gets at least.
 pub(super) const DEFAULT_BATCH_PREFETCH: usize = 512;
 
-/// Runs one delivery through the service and reports what the worker has left to do
-/// with it. `started` is when the worker started it (read anew when `None`: the
-/// handler waited for a task of its own).
-async fn handle<Fut>(
-    acker: crate::delivery::AckHandle,
-    future: Fut,
-    nack_delay: Option<Duration>,
-    started: Option<Instant>,
-    span: tracing::Span,
-) -> Finished
+pin_project! {
+    /// One delivery run through the service, polled by the worker (or, with
+    /// `handler_tasks`, by a task of its own): the handler stack's future inside
+    /// the outcome scope and a panic guard, then, in the poll that finishes it,
+    /// the start of the settle the worker has left to do.
+    ///
+    /// A named future rather than an `async fn` so that the worker can keep the
+    /// box it runs in ([`Slot`]) for the next delivery. A handler that finishes in
+    /// the poll that starts it (most fast ones) then costs no allocation; the box,
+    /// its free and the copy into it cost the memory backend's Worker ~500
+    /// instructions a delivery, a tenth of its whole cost.
+    struct Handling<F> {
+        #[pin]
+        future: F,
+        // `None` once finished.
+        acker: Option<crate::delivery::AckHandle>,
+        nack_delay: Option<Duration>,
+        // When the worker started it; read at the first poll when `None` (the
+        // handler waited for a task of its own).
+        started: Option<Instant>,
+        span: tracing::Span,
+        // What the middleware recorded in the polls so far.
+        recorded: Option<Outcome>,
+    }
+}
+
+impl<F, E> Future for Handling<F>
 where
-    Fut: Future<Output = std::result::Result<(), BoxError>>,
+    F: Future<Output = std::result::Result<(), E>>,
+    E: Into<BoxError>,
 {
-    let started = started.unwrap_or_else(Instant::now);
-    let (result, recorded) = outcome::scope(AssertUnwindSafe(future).catch_unwind()).await;
-    let elapsed = started.elapsed();
-    let (result, mut panicked): (std::result::Result<(), BoxError>, bool) = match result {
-        Ok(r) => (r, false),
-        Err(payload) => (
-            Err(Box::new(HandlerPanicked::from_payload(&*payload))),
-            true,
-        ),
-    };
+    type Output = Finished;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Finished> {
+        let this = self.project();
+        if this.acker.is_none() {
+            // Polled after it finished: it has nothing more to give.
+            return Poll::Pending;
+        }
+        let started = *this.started.get_or_insert_with(Instant::now);
+        let _entered = this.span.enter();
+        let mut future = this.future;
+        let (polled, recorded) = outcome::poll_scoped(*this.recorded, || {
+            catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx)))
+        });
+        *this.recorded = recorded;
+        let (result, panicked) = match polled {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(result)) => (result.map_err(Into::into), false),
+            Err(payload) => {
+                let error: BoxError = Box::new(HandlerPanicked::from_payload(&*payload));
+                (Err(error), true)
+            }
+        };
+        let Some(acker) = this.acker.take() else {
+            return Poll::Pending;
+        };
+        let finished = conclude(
+            Concluding {
+                acker,
+                result,
+                panicked,
+                recorded,
+                elapsed: started.elapsed(),
+                nack_delay: *this.nack_delay,
+                span: this.span.clone(),
+            },
+            cx,
+        );
+        Poll::Ready(finished)
+    }
+}
+
+/// A handler that finished, as [`conclude`] takes it.
+struct Concluding {
+    acker: crate::delivery::AckHandle,
+    result: std::result::Result<(), BoxError>,
+    panicked: bool,
+    recorded: Option<Outcome>,
+    elapsed: Duration,
+    nack_delay: Option<Duration>,
+    span: tracing::Span,
+}
+
+/// What the worker has left to do with a delivery whose handler finished: its
+/// outcome, and its settle, started here (`cx`: the poll that finished it).
+fn conclude(done: Concluding, cx: &mut Context<'_>) -> Finished {
+    let Concluding {
+        acker,
+        result,
+        mut panicked,
+        recorded,
+        elapsed,
+        nack_delay,
+        span,
+    } = done;
     // A CatchPanic layer turns panics into errors before they get here: count those too.
     panicked |= result
         .as_ref()
@@ -998,7 +1093,7 @@ where
         (_, Some(result)) => Attempted::Done(result),
         (Settle::Ack | Settle::Nack(_), None) => {
             let mut future = settle_future(acker, settle);
-            match poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await {
+            match future.as_mut().poll(cx) {
                 Poll::Ready(result) => Attempted::Done(result),
                 Poll::Pending => Attempted::Waiting(future),
             }
@@ -1013,6 +1108,37 @@ where
         settle,
         settling,
         span,
+    }
+}
+
+/// The worker's spare [`Slot`], if it has one.
+type Spare<F> = Option<Pin<Box<Slot<F>>>>;
+
+pin_project! {
+    /// The box a [`Handling`] runs in, with its key in `State::in_flight`. The
+    /// worker keeps one spare: a handler that finishes in the poll that starts it
+    /// gives its box back for the next delivery; one that waits is pushed, box and
+    /// all, into the running set.
+    struct Slot<F> {
+        id: usize,
+        #[pin]
+        handling: Option<Handling<F>>,
+    }
+}
+
+impl<F, E> Future for Slot<F>
+where
+    F: Future<Output = std::result::Result<(), E>>,
+    E: Into<BoxError>,
+{
+    type Output = Joined;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Joined> {
+        let this = self.project();
+        match this.handling.as_pin_mut() {
+            Some(handling) => handling.poll(cx).map(|finished| (*this.id, Ok(finished))),
+            None => Poll::Pending,
+        }
     }
 }
 

@@ -1492,3 +1492,53 @@ async fn events_reach_a_listener_while_the_worker_waits_and_a_burst_arrives_whol
     let summary = run.await.unwrap().unwrap();
     assert_eq!(summary.succeeded as usize, burst + 1);
 }
+
+/// A handler polled more than once keeps what the middleware recorded in an
+/// earlier poll, whether the worker polls it or a task of its own does.
+#[tokio::test(start_paused = true)]
+async fn an_outcome_recorded_before_the_handler_waits_is_the_one_reported() {
+    for tasks in [false, true] {
+        let cfg = queue(&format!("worker-recorded-{tasks}"));
+        let (p, c) = cfg.connect().unwrap();
+        for m in ["record-then-wait", "wait-then-record", "wait-only"] {
+            p.send(Message::new(m)).await.unwrap();
+        }
+        let svc = handler_fn(|d: Delivery| async move {
+            match body(&d).as_str() {
+                "record-then-wait" => {
+                    crate::middleware::outcome::record(Outcome::Deduplicated);
+                    tokio::task::yield_now().await;
+                }
+                "wait-then-record" => {
+                    tokio::task::yield_now().await;
+                    crate::middleware::outcome::record(Outcome::Deduplicated);
+                }
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+            Ok::<(), BoxError>(())
+        });
+        let worker = Worker::new(c).concurrency(3).handler_tasks(tasks);
+        let mut events = worker.subscribe();
+        let summary = run_secs(worker, svc, 2).await;
+        assert_eq!(summary.settled(), 3, "tasks: {tasks}");
+        let mut got = Vec::new();
+        while let Ok(e) = events.try_recv() {
+            got.push((body_of(&e), e.outcome));
+        }
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            got,
+            [
+                ("record-then-wait".to_string(), Outcome::Deduplicated),
+                ("wait-only".to_string(), Outcome::Succeeded),
+                ("wait-then-record".to_string(), Outcome::Deduplicated),
+            ],
+            "tasks: {tasks}"
+        );
+        assert_eq!(p.depth().await.unwrap().total(), 0, "tasks: {tasks}");
+    }
+}
+
+fn body_of(e: &WorkerEvent) -> String {
+    String::from_utf8_lossy(e.payload()).into_owned()
+}

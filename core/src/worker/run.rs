@@ -1010,7 +1010,7 @@ where
             catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx)))
         });
         *this.recorded = recorded;
-        let (result, panicked) = match polled {
+        let (result, mut panicked) = match polled {
             Ok(Poll::Pending) => return Poll::Pending,
             Ok(Poll::Ready(result)) => (result.map_err(Into::into), false),
             Err(payload) => {
@@ -1021,93 +1021,59 @@ where
         let Some(acker) = this.acker.take() else {
             return Poll::Pending;
         };
-        let finished = conclude(
-            Concluding {
-                acker,
-                result,
-                panicked,
-                recorded,
-                elapsed: started.elapsed(),
-                nack_delay: *this.nack_delay,
-                span: this.span.clone(),
-            },
-            cx,
-        );
-        Poll::Ready(finished)
-    }
-}
-
-/// A handler that finished, as [`conclude`] takes it.
-struct Concluding {
-    acker: crate::delivery::AckHandle,
-    result: std::result::Result<(), BoxError>,
-    panicked: bool,
-    recorded: Option<Outcome>,
-    elapsed: Duration,
-    nack_delay: Option<Duration>,
-    span: tracing::Span,
-}
-
-/// What the worker has left to do with a delivery whose handler finished: its
-/// outcome, and its settle, started here (`cx`: the poll that finished it).
-fn conclude(done: Concluding, cx: &mut Context<'_>) -> Finished {
-    let Concluding {
-        acker,
-        result,
-        mut panicked,
-        recorded,
-        elapsed,
-        nack_delay,
-        span,
-    } = done;
-    // A CatchPanic layer turns panics into errors before they get here: count those too.
-    panicked |= result
-        .as_ref()
-        .err()
-        .is_some_and(|e| e.is::<HandlerPanicked>());
-    let settled = acker.is_settled();
-    let (outcome, settle) = match &result {
-        Ok(()) if settled => (recorded.unwrap_or(Outcome::Succeeded), Settle::Done),
-        Ok(()) => (recorded.unwrap_or(Outcome::Succeeded), Settle::Ack),
-        Err(_) if settled => (recorded.unwrap_or(Outcome::Failed), Settle::Done),
-        Err(error) => {
-            tracing::warn!(parent: &span, %error, "handler failed");
-            (Outcome::Failed, Settle::Nack(nack_delay))
-        }
-    };
-    if !span.is_disabled() {
-        span.record("outcome", outcome.as_str());
-    }
-    // Start the ack or nack here, in the poll that finished the handler: an
-    // in-process backend answers at once, and the worker then has nothing left to
-    // schedule for this delivery (no settle to push, poll and account for apart). A
-    // backend that has to ask over the network answers `Pending`; the future sent
-    // is handed to the worker as it is (never started twice), and the handler's
-    // slot frees all the same. An ack the backend settles without waiting needs
-    // no future at all.
-    let acked_now = match settle {
-        Settle::Ack => acker.try_ack_now(),
-        _ => None,
-    };
-    let settling = match (settle, acked_now) {
-        (_, Some(result)) => Attempted::Done(result),
-        (Settle::Ack | Settle::Nack(_), None) => {
-            let mut future = settle_future(acker, settle);
-            match future.as_mut().poll(cx) {
-                Poll::Ready(result) => Attempted::Done(result),
-                Poll::Pending => Attempted::Waiting(future),
+        // Finished: what the worker has left to do with the delivery, its outcome
+        // and its settle, is worked out (and the settle started) in this poll.
+        let (elapsed, nack_delay) = (started.elapsed(), *this.nack_delay);
+        let span = this.span.clone();
+        // A CatchPanic layer turns panics into errors before they get here: count those too.
+        panicked |= result
+            .as_ref()
+            .err()
+            .is_some_and(|e| e.is::<HandlerPanicked>());
+        let settled = acker.is_settled();
+        let (outcome, settle) = match &result {
+            Ok(()) if settled => (recorded.unwrap_or(Outcome::Succeeded), Settle::Done),
+            Ok(()) => (recorded.unwrap_or(Outcome::Succeeded), Settle::Ack),
+            Err(_) if settled => (recorded.unwrap_or(Outcome::Failed), Settle::Done),
+            Err(error) => {
+                tracing::warn!(parent: &span, %error, "handler failed");
+                (Outcome::Failed, Settle::Nack(nack_delay))
             }
+        };
+        if !span.is_disabled() {
+            span.record("outcome", outcome.as_str());
         }
-        (Settle::Done | Settle::Release, None) => Attempted::No,
-    };
-    Finished {
-        outcome,
-        error: result.err().map(|e| Arc::from(e.to_string())),
-        elapsed,
-        panicked,
-        settle,
-        settling,
-        span,
+        // Start the ack or nack here, in the poll that finished the handler: an
+        // in-process backend answers at once, and the worker then has nothing left to
+        // schedule for this delivery (no settle to push, poll and account for apart). A
+        // backend that has to ask over the network answers `Pending`; the future sent
+        // is handed to the worker as it is (never started twice), and the handler's
+        // slot frees all the same. An ack the backend settles without waiting needs
+        // no future at all.
+        let acked_now = match settle {
+            Settle::Ack => acker.try_ack_now(),
+            _ => None,
+        };
+        let settling = match (settle, acked_now) {
+            (_, Some(result)) => Attempted::Done(result),
+            (Settle::Ack | Settle::Nack(_), None) => {
+                let mut future = settle_future(acker, settle);
+                match future.as_mut().poll(cx) {
+                    Poll::Ready(result) => Attempted::Done(result),
+                    Poll::Pending => Attempted::Waiting(future),
+                }
+            }
+            (Settle::Done | Settle::Release, None) => Attempted::No,
+        };
+        Poll::Ready(Finished {
+            outcome,
+            error: result.err().map(|e| Arc::from(e.to_string())),
+            elapsed,
+            panicked,
+            settle,
+            settling,
+            span,
+        })
     }
 }
 
